@@ -1,0 +1,21 @@
+"""Shared test fixtures."""
+
+import os
+import pathlib
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The real horses-or-humans images; present in CI, absent on a fresh user machine.
+SHARED_DATA = pathlib.Path(
+    os.environ.get('HHJAX_SHARED_DATA', ROOT.parent / 'shared' / 'data' / 'horse-or-human'))
+
+
+@pytest.fixture(scope='session')
+def real_data_dir() -> pathlib.Path:
+  """The shared horse-or-human folder (read-only); skips when it is absent."""
+  if not (SHARED_DATA / 'train').is_dir():
+    pytest.skip(f'real images not found at {SHARED_DATA} (optional resource)')
+  return SHARED_DATA
