@@ -1,0 +1,160 @@
+"""Checkpoints of the training state: one small wrapper around orbax's CheckpointManager.
+
+A checkpoint holds one item, `state` (a pytree of arrays: step, params, batch_stats, optimizer
+state, RNG, running metrics), plus JSON metadata (phase, step, the resolved config) and, at the
+end of an epoch, the validation metrics that rank checkpoints. Orbax writes each checkpoint to a
+temporary directory and renames it when complete, so a process killed during a save leaves no
+checkpoint that `latest_step` would return; the leftover temporary directory is removed when the
+next run opens the workdir.
+
+Retention: the last `keep` checkpoints, plus the best one by validation accuracy.
+"""
+
+from collections.abc import Mapping
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint._src.checkpoint_managers import preservation_policy as ocp_policy
+
+BEST_METRIC = 'val_accuracy'
+
+
+def _best_fn(metrics: Mapping[str, float]) -> float:
+  return float(metrics[BEST_METRIC])
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint does not fit the state the current config builds."""
+
+
+def _key_name(entry) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def array_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  """Maps the '.'-joined path of each array leaf to (shape, dtype), as orbax names arrays."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'.'.join(_key_name(k) for k in path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+          for path, leaf in leaves}
+
+
+def _saved_shapes(metadata_tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  is_array = lambda x: hasattr(x, 'shape') and hasattr(x, 'dtype')
+  leaves = jax.tree_util.tree_flatten_with_path(metadata_tree, is_leaf=is_array)[0]
+  return {'.'.join(_key_name(k) for k in path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+          for path, leaf in leaves if is_array(leaf)}
+
+
+def describe_mismatch(saved: Mapping[str, Any], expected: Mapping[str, Any], limit: int = 8
+                      ) -> str | None:
+  """A readable list of differences between two `array_shapes` maps, or None if they agree."""
+  missing = sorted(set(expected) - set(saved))
+  unexpected = sorted(set(saved) - set(expected))
+  wrong = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])
+  lines = []
+  for title, keys, show in (
+      ('in the config but not in the checkpoint', missing, lambda k: k),
+      ('in the checkpoint but not in the config', unexpected, lambda k: k),
+      ('with another shape or dtype (checkpoint vs config)', wrong,
+       lambda k: f'{k}: {saved[k]} vs {expected[k]}')):
+    if keys:
+      lines.append(f'{len(keys)} arrays {title}:')
+      lines += [f'  {show(k)}' for k in keys[:limit]]
+      if len(keys) > limit:
+        lines.append(f'  ... and {len(keys) - limit} more')
+  return '\n'.join(lines) if lines else None
+
+
+class Checkpoints:
+  """Saves and restores the training state in `directory` (usually WORKDIR/checkpoints)."""
+
+  def __init__(self, directory: str | os.PathLike, *, keep: int = 3, read_only: bool = False,
+               async_save: bool = True):
+    self.directory = os.fspath(directory)
+    if read_only and not os.path.isdir(self.directory):
+      raise FileNotFoundError(f'No checkpoints at {self.directory}: train first '
+                              '(python main.py --config=... --workdir=...).')
+    policy = None
+    if not read_only:
+      policy = ocp_policy.AnyPreservationPolicy([
+          ocp_policy.LatestN(n=max(1, keep)),
+          ocp_policy.BestN(get_metric_fn=_best_fn, reverse=False, n=1,
+                           keep_checkpoints_without_metrics=False),
+      ])
+    options = ocp.CheckpointManagerOptions(
+        best_fn=_best_fn, best_mode='max', preservation_policy=policy,
+        # Unfinished saves of a killed run: remove them, never restore them.
+        cleanup_tmp_directories=not read_only,
+        read_only=read_only,
+        enable_async_checkpointing=async_save,
+        create=not read_only)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler()})
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The step with the best validation accuracy (the latest when none has metrics)."""
+    return self._manager.best_step()
+
+  def save(self, step: int, state: Any, info: Mapping[str, Any],
+           metrics: Mapping[str, float] | None = None) -> None:
+    """Saves `state` at `step` with JSON `info`; `metrics` (with 'val_accuracy') rank it."""
+    self._manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+        metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
+        custom_metadata=dict(info), force=True)
+
+  def info(self, step: int) -> dict[str, Any]:
+    """The JSON metadata saved with `step`."""
+    return dict(self._manager.metadata(step).custom_metadata or {})
+
+  def check_fits(self, step: int, abstract_state: Any, hint: str = '') -> None:
+    """Raises CheckpointMismatchError unless the saved arrays match `abstract_state` exactly."""
+    metadata = self._manager.item_metadata(step)['state']
+    if metadata is None:
+      raise CheckpointMismatchError(
+          f'The checkpoint at {self.directory}/{step} has no readable array metadata; it was '
+          'not written by this program or is damaged.')
+    saved = _saved_shapes(metadata.tree if hasattr(metadata, 'tree') else metadata)
+    problem = describe_mismatch(saved, array_shapes(abstract_state))
+    if problem:
+      raise CheckpointMismatchError(
+          f'The checkpoint at {self.directory}/{step} does not fit the current config.\n'
+          f'{hint}{problem}\n'
+          'Use the config the checkpoint was written with, or another --workdir.')
+
+  def restore(self, step: int, abstract_state: Any, hint: str = '') -> Any:
+    """Restores the state saved at `step` into the structure, shapes and shardings given.
+
+    `abstract_state` is a pytree of `jax.ShapeDtypeStruct` (with shardings). The whole tree must
+    match; anything else is an error, never a partial restore.
+    """
+    self.check_fits(step, abstract_state, hint)
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    return restored['state']
+
+  def wait(self) -> None:
+    """Blocks until pending saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
