@@ -1,0 +1,239 @@
+"""Faster lowerings of the model's operations that keep its numerics.
+
+XLA:CPU runs some convolutions far below the machine's matmul rate, and the same
+arithmetic written another way runs much faster (benchmarks/README.md has the figures):
+
+* a stride-1 'VALID' convolution is slow, while the same convolution with explicit
+  zero padding [(0, kh - 1), (0, kw - 1)] followed by a crop to the valid size is fast
+  and gives bit-identical outputs (gradients equal up to float32 summation order);
+* a 1x1 stride-1 convolution is faster as a matrix product over the channel axis;
+* an inference-mode BatchNorm is an affine map per channel, so it folds into the
+  preceding convolution's kernel and a bias (float32 rounding differs slightly);
+* several 1x1 convolutions that read the same tensor run as one convolution with their
+  kernels concatenated, the output split afterwards.
+
+Every function here is pure and works on plain arrays, so the model keeps the parameter
+tree that the Keras weight import fills: the rewrites happen when the model is applied.
+GPU and TPU compilers handle 'VALID' and 1x1 convolutions well, so `resolve_switch`
+turns the CPU rewrites on for the CPU backend only unless a config says otherwise.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+PaddingLike = str | Sequence[tuple[int, int]]
+
+_NHWC_HWIO = ('NHWC', 'HWIO', 'NHWC')
+
+
+def resolve_switch(value: Any, *, name: str = 'switch', backend: str | None = None) -> bool:
+  """Turns a config switch ('auto', 'on'/'off', True/False, None) into a bool.
+
+  'auto' (and None) means on for the CPU backend and off elsewhere: the CPU rewrites
+  help XLA:CPU and are unmeasured elsewhere.
+
+  Args:
+    value: the config value.
+    name: the config field, for the error message.
+    backend: the JAX backend name; defaults to `jax.default_backend()`.
+
+  Returns:
+    Whether the rewrite is on.
+  """
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if value is None or (isinstance(value, str) and value.lower() == 'auto'):
+    return (backend or jax.default_backend()) == 'cpu'
+  if isinstance(value, str) and value.lower() in ('on', 'true', 'yes', '1'):
+    return True
+  if isinstance(value, str) and value.lower() in ('off', 'false', 'no', '0'):
+    return False
+  raise ValueError(
+      f'{name} must be "auto", "on", "off", True or False; found {value!r}.')
+
+
+def _explicit_pads(padding: PaddingLike, in_hw: Sequence[int], kernel_hw: Sequence[int],
+                   strides: Sequence[int]) -> list[tuple[int, int]]:
+  if isinstance(padding, str):
+    return list(lax.padtype_to_pads(tuple(in_hw), tuple(kernel_hw), tuple(strides), padding))
+  return [tuple(p) for p in padding]
+
+
+def conv_1x1_as_matmul(x: Array, kernel: Array, *, precision: Any = None,
+                       preferred_element_type: Any = None) -> Array:
+  """A 1x1 stride-1 convolution (NHWC input, HWIO kernel) as a product over channels."""
+  if kernel.shape[:2] != (1, 1):
+    raise ValueError(f'expected a 1x1 kernel (1, 1, in, out); found shape {kernel.shape}.')
+  return lax.dot_general(
+      x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())),
+      precision=precision, preferred_element_type=preferred_element_type)
+
+
+def conv_valid_as_pad_crop(x: Array, kernel: Array, *, precision: Any = None,
+                           preferred_element_type: Any = None) -> Array:
+  """A stride-1 'VALID' convolution as a padded convolution cropped to the valid size.
+
+  Pads [(0, kh - 1), (0, kw - 1)] at the bottom and right: the first H - kh + 1 rows and
+  W - kw + 1 columns of that output are exactly the valid convolution (the padded cells
+  only enter the rows and columns that the crop drops), and XLA:CPU runs it several
+  times faster.
+
+  Args:
+    x: NHWC input.
+    kernel: HWIO kernel.
+    precision: passed to `lax.conv_general_dilated`.
+    preferred_element_type: passed to `lax.conv_general_dilated`.
+
+  Returns:
+    The NHWC output of the 'VALID' convolution.
+  """
+  kh, kw = kernel.shape[:2]
+  h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  if h < 1 or w < 1:
+    raise ValueError(f'input {x.shape[1:3]} is smaller than kernel {(kh, kw)}.')
+  y = lax.conv_general_dilated(
+      x, kernel, (1, 1), [(0, kh - 1), (0, kw - 1)], dimension_numbers=_NHWC_HWIO,
+      precision=precision, preferred_element_type=preferred_element_type)
+  return y[:, :h, :w, :]
+
+
+def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
+                         padding: PaddingLike, lhs_dilation: Sequence[int] | None = None,
+                         rhs_dilation: Sequence[int] | None = None,
+                         dimension_numbers: Any = None, feature_group_count: int = 1,
+                         batch_group_count: int = 1, precision: Any = None,
+                         preferred_element_type: Any = None) -> Array:
+  """Drop-in for `lax.conv_general_dilated` that picks the fast CPU lowering.
+
+  NHWC/HWIO stride-1 undilated ungrouped convolutions without padding become a matmul
+  (1x1) or pad + crop (larger kernels); every other convolution goes to
+  `lax.conv_general_dilated` unchanged. Pass it as `nn.Conv(conv_general_dilated=...)`.
+  """
+  def fallback():
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        precision=precision, preferred_element_type=preferred_element_type)
+
+  if lhs.ndim != 4 or rhs.ndim != 4:
+    return fallback()
+  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_HWIO)
+  if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc:
+    return fallback()
+  ones = (1, 1)
+  if (tuple(window_strides) != ones or tuple(lhs_dilation or ones) != ones
+      or tuple(rhs_dilation or ones) != ones or feature_group_count != 1
+      or batch_group_count != 1):
+    return fallback()
+  pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], ones)
+  if any(p != (0, 0) for p in pads):
+    return fallback()
+  kwargs = dict(precision=precision, preferred_element_type=preferred_element_type)
+  if rhs.shape[:2] == (1, 1):
+    return conv_1x1_as_matmul(lhs, rhs, **kwargs)
+  return conv_valid_as_pad_crop(lhs, rhs, **kwargs)
+
+
+def fold_bn(kernel: Array, beta: Array, mean: Array, var: Array,
+            epsilon: float = 1e-3) -> tuple[Array, Array]:
+  """Folds an inference-mode BatchNorm without scale into the preceding conv.
+
+  conv(x, k) -> (y - mean) / sqrt(var + eps) + beta equals conv(x, k * s) + (beta - mean * s)
+  with s = 1 / sqrt(var + eps) per output channel. Differentiable: gradients reach
+  `kernel` and `beta` as through the unfolded pair.
+
+  Args:
+    kernel: conv kernel, output channels last (HWIO).
+    beta: BN offset (Keras's beta, Flax's `bias`), [out].
+    mean: BN moving mean, [out].
+    var: BN moving variance, [out].
+    epsilon: BN epsilon (Keras: 1e-3).
+
+  Returns:
+    (folded kernel, bias), same dtypes as `kernel` and `beta`.
+  """
+  s = lax.rsqrt(var + epsilon)
+  return (kernel * s).astype(kernel.dtype), (beta - mean * s).astype(beta.dtype)
+
+
+def merge_kernels(kernels: Sequence[Array]) -> Array:
+  """Concatenates kernels (same input, ...HWI shape) along the output axis."""
+  shapes = {tuple(k.shape[:-1]) for k in kernels}
+  if len(shapes) != 1:
+    raise ValueError('kernels merged into one convolution must agree on all but the '
+                     f'output axis; found shapes {[tuple(k.shape) for k in kernels]}.')
+  return jnp.concatenate(kernels, axis=-1)
+
+
+def split_channels(y: Array, sizes: Sequence[int]) -> list[Array]:
+  """Splits the last axis into consecutive pieces of the given sizes."""
+  if sum(sizes) != y.shape[-1]:
+    raise ValueError(f'sizes {list(sizes)} sum to {sum(sizes)}, but the tensor has '
+                     f'{y.shape[-1]} channels.')
+  offsets = np.cumsum(sizes)[:-1].tolist()
+  return jnp.split(y, offsets, axis=-1)
+
+
+def merged_conv(x: Array, kernels: Sequence[Array], biases: Sequence[Array] | None = None,
+                *, conv=None) -> list[Array]:
+  """Runs several same-shape convolutions of one input as one and splits the result.
+
+  Args:
+    x: NHWC input that every convolution reads.
+    kernels: HWIO kernels with equal H, W, I.
+    biases: optional per-kernel biases (e.g. from `fold_bn`), added before the split.
+    conv: function (x, kernel) -> y; default: a stride-1 'SAME' convolution via
+      `conv_general_dilated` above.
+
+  Returns:
+    One output per kernel, in order.
+  """
+  if conv is None:
+    conv = lambda x, k: conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=_NHWC_HWIO)
+  y = conv(x, merge_kernels(kernels))
+  if biases is not None:
+    y = y + jnp.concatenate(biases, axis=-1).astype(y.dtype)
+  return split_channels(y, [k.shape[-1] for k in kernels])
+
+
+# x / 127.5 - 1 and x / 255 for every uint8 value, rounded as IEEE division (numpy, TF and
+# Keras's preprocess_input): XLA turns a division by a constant into a multiplication by
+# its reciprocal, which is 1 ulp off for about half of the values.
+_NORMALIZE_TABLES = {
+    'inception': np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0),
+    'rescale': np.arange(256, dtype=np.float32) / np.float32(255.0),
+}
+
+
+def normalize_images(images: Array, preprocessing: str = 'inception',
+                     dtype: Any = jnp.float32) -> Array:
+  """Maps uint8 images to the model's input range on the device; floats pass through.
+
+  Sending uint8 moves a quarter of the bytes from host to device. The result is
+  bit-identical to normalising in float32 on the host: 'inception' is x / 127.5 - 1,
+  'rescale' is x / 255.
+
+  Args:
+    images: uint8 [..., H, W, C] in [0, 255], or floats already normalised.
+    preprocessing: 'inception' or 'rescale' (config.data.preprocessing).
+    dtype: the float dtype to return.
+
+  Returns:
+    Float images.
+  """
+  if jnp.issubdtype(images.dtype, jnp.floating):
+    return images.astype(dtype)
+  if images.dtype != jnp.uint8:
+    raise ValueError(f'images must be uint8 or floating point; found {images.dtype}.')
+  if preprocessing not in _NORMALIZE_TABLES:
+    raise ValueError(f'preprocessing must be one of {sorted(_NORMALIZE_TABLES)}; '
+                     f'found {preprocessing!r}.')
+  table = jnp.asarray(_NORMALIZE_TABLES[preprocessing], dtype)
+  return jnp.take(table, images.astype(jnp.int32), axis=0)
