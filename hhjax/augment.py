@@ -1,0 +1,222 @@
+"""Keras `ImageDataGenerator` augmentation as TensorFlow ops, for use inside tf.data.
+
+Keras draws, per image, a rotation, two shifts, a shear and two zooms, builds one affine matrix
+from them (`apply_affine_transform`), resamples the image through it with scipy (bilinear, a pull
+from output to input coordinates, centred on the image centre), then flips. This module builds
+the same 3x3 matrix with the same conventions and resamples with
+`ImageProjectiveTransformV3`, so that a tf.data map can augment without Python per image:
+
+    params = random_transform_params(seed, config.data.augment, height, width)
+    image = apply_transform(image, params, fill_mode='nearest')
+
+Conventions copied from Keras, on purpose:
+  * The matrix acts on (x, y) = (column, row) pixel coordinates and maps output to input.
+  * `tx`, Keras's first translation, moves along columns but is drawn from
+    `height_shift_range` times the image height; `ty` moves along rows and is drawn from
+    `width_shift_range` times the width. (Keras's own naming, kept so that the same parameters
+    mean the same thing here; with the seed's equal ranges on square images it changes nothing.)
+  * The centring offsets are `height / 2 - 0.5` for x and `width / 2 - 0.5` for y.
+  * Shear is in degrees; zoom draws `zx` and `zy` independently from [1 - z, 1 + z].
+  * Flips come after the affine transform.
+
+`apply_transform` matches `ImageDataGenerator.apply_transform` to float32 rounding (about 1e-3
+grey levels) for every `fill_mode` Keras accepts; tests/test_augment.py checks it against Keras.
+"""
+
+from collections.abc import Mapping
+import math
+from typing import Any
+
+import tensorflow as tf
+
+FILL_MODES = ('nearest', 'reflect', 'wrap', 'constant')
+# Coordinates this close to the border count as inside: scipy decides "inside" in float64, and
+# an exact 90 degree rotation must not turn a border row into fill.
+_EDGE_EPS = 1e-6
+
+# The parameter names of Keras's `ImageDataGenerator.apply_transform`.
+PARAM_NAMES = ('theta', 'tx', 'ty', 'shear', 'zx', 'zy', 'flip_horizontal', 'flip_vertical')
+
+
+def zoom_bounds(zoom_range: Any) -> tuple[float, float]:
+  """Keras's reading of `zoom_range`: a float z means [1 - z, 1 + z], a pair means itself."""
+  if isinstance(zoom_range, (int, float)):
+    return 1.0 - float(zoom_range), 1.0 + float(zoom_range)
+  if len(zoom_range) == 2:
+    return float(zoom_range[0]), float(zoom_range[1])
+  raise ValueError(
+      f'zoom_range must be a number or a pair [lower, upper], got {zoom_range!r}.')
+
+
+def check_config(aug: Mapping[str, Any]) -> None:
+  """Fails with a readable message when `config.data.augment` holds an unusable value."""
+  if aug['fill_mode'] not in FILL_MODES:
+    raise ValueError(
+        f"config.data.augment.fill_mode must be one of {FILL_MODES}, got {aug['fill_mode']!r}.")
+  for key in ('rotation_range', 'width_shift_range', 'height_shift_range', 'shear_range'):
+    if not isinstance(aug[key], (int, float)) or aug[key] < 0:
+      raise ValueError(f'config.data.augment.{key} must be a number >= 0, got {aug[key]!r}.')
+  lower, upper = zoom_bounds(aug['zoom_range'])
+  if not 0 < lower <= upper:
+    raise ValueError(
+        f"config.data.augment.zoom_range {aug['zoom_range']!r} gives zooms in "
+        f'[{lower}, {upper}]; they must be positive.')
+
+
+def keras_transform_matrix(theta, tx, ty, shear, zx, zy, height, width) -> tf.Tensor:
+  """The 3x3 matrix of Keras's `apply_affine_transform`, in float64.
+
+  Args:
+    theta: rotation in degrees.
+    tx: translation along x (columns), in pixels.
+    ty: translation along y (rows), in pixels.
+    shear: shear angle in degrees.
+    zx: zoom along x.
+    zy: zoom along y.
+    height: image rows.
+    width: image columns.
+
+  Returns:
+    M such that the output pixel at (x, y) = (column, row) reads the input at M @ (x, y, 1).
+  """
+  f64 = lambda v: tf.cast(v, tf.float64)
+  theta = f64(theta) * (math.pi / 180)
+  shear = f64(shear) * (math.pi / 180)
+  tx, ty, zx, zy = f64(tx), f64(ty), f64(zx), f64(zy)
+  one = tf.ones_like(theta)
+  zero = tf.zeros_like(theta)
+
+  def matrix(rows):
+    return tf.stack([tf.stack(row) for row in rows])
+
+  cos, sin = tf.cos(theta), tf.sin(theta)
+  rotation = matrix([[cos, -sin, zero], [sin, cos, zero], [zero, zero, one]])
+  shift = matrix([[one, zero, tx], [zero, one, ty], [zero, zero, one]])
+  shearing = matrix([[one, -tf.sin(shear), zero], [zero, tf.cos(shear), zero], [zero, zero, one]])
+  zoom = matrix([[zx, zero, zero], [zero, zy, zero], [zero, zero, one]])
+  m = rotation @ shift @ shearing @ zoom
+  # Keras's transform_matrix_offset_center(m, h, w): centre x on h/2 - 0.5 and y on w/2 - 0.5.
+  o_x = f64(height) / 2 - 0.5
+  o_y = f64(width) / 2 - 0.5
+  offset = matrix([[one, zero, o_x * one], [zero, one, o_y * one], [zero, zero, one]])
+  reset = matrix([[one, zero, -o_x * one], [zero, one, -o_y * one], [zero, zero, one]])
+  return offset @ m @ reset
+
+
+def _source_coordinates(m: tf.Tensor, height, width) -> tuple[tf.Tensor, tf.Tensor]:
+  """Input (x, y) coordinates, float64 [height, width] each, read by every output pixel."""
+  ys, xs = tf.meshgrid(tf.range(height, dtype=tf.float64), tf.range(width, dtype=tf.float64),
+                       indexing='ij')
+  return m[0, 0] * xs + m[0, 1] * ys + m[0, 2], m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
+
+
+def _scipy_wrap(coord: tf.Tensor, size) -> tf.Tensor:
+  """scipy.ndimage's mode='wrap' coordinate mapping: period size - 1 (first and last overlap)."""
+  period = tf.cast(size - 1, tf.float64)
+  if_negative = coord + period * (tf.floor(-coord / period) + 1)
+  if_beyond = coord - period * tf.floor(coord / period)
+  coord = tf.where(coord < -_EDGE_EPS, if_negative,
+                   tf.where(coord > period + _EDGE_EPS, if_beyond, coord))
+  return tf.clip_by_value(coord, 0.0, period)
+
+
+def _bilinear_gather(image: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+  """Bilinear samples of image [H, W, C] at in-range float64 coordinates x, y [H', W']."""
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  x0, y0 = tf.floor(x), tf.floor(y)
+  wx = tf.cast(x - x0, image.dtype)[..., None]
+  wy = tf.cast(y - y0, image.dtype)[..., None]
+  x0, y0 = tf.cast(x0, tf.int32), tf.cast(y0, tf.int32)
+  x1, y1 = tf.minimum(x0 + 1, width - 1), tf.minimum(y0 + 1, height - 1)
+  at = lambda yy, xx: tf.gather_nd(image, tf.stack([yy, xx], axis=-1))
+  top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
+  bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
+  return top * (1 - wy) + bottom * wy
+
+
+def apply_transform(image: tf.Tensor, params: Mapping[str, Any], *, fill_mode: str = 'nearest',
+                    cval: float = 0.0) -> tf.Tensor:
+  """Keras's `ImageDataGenerator.apply_transform`, in TensorFlow ops.
+
+  Args:
+    image: float32 [H, W, C].
+    params: any of PARAM_NAMES (Keras's transform_parameters); missing ones are neutral.
+    fill_mode: how pixels read from outside the image are filled, as Keras's argument.
+    cval: the fill value for fill_mode='constant'.
+
+  Returns:
+    The transformed image, float32 [H, W, C].
+  """
+  if fill_mode not in FILL_MODES:
+    raise ValueError(f'fill_mode must be one of {FILL_MODES}, got {fill_mode!r}.')
+  image = tf.convert_to_tensor(image, tf.float32)
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  m = keras_transform_matrix(
+      params.get('theta', 0.0), params.get('tx', 0.0), params.get('ty', 0.0),
+      params.get('shear', 0.0), params.get('zx', 1.0), params.get('zy', 1.0), height, width)
+  if fill_mode == 'wrap':
+    # ImageProjectiveTransformV3's WRAP repeats with period n, scipy's 'wrap' with period n - 1.
+    x, y = _source_coordinates(m, height, width)
+    out = _bilinear_gather(image, _scipy_wrap(x, width), _scipy_wrap(y, height))
+  else:
+    transform = tf.cast(tf.reshape(m, [9])[:8], tf.float32)
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=transform[None], output_shape=tf.stack([height, width]),
+        fill_value=tf.constant(cval, tf.float32), interpolation='BILINEAR',
+        fill_mode=fill_mode.upper())[0]
+    if fill_mode == 'constant':
+      # scipy fills every pixel whose source lies outside the image; V3 would still blend a
+      # border band between the edge pixels and cval.
+      x, y = _source_coordinates(m, height, width)
+      inside = ((x >= -_EDGE_EPS) & (x <= tf.cast(width - 1, tf.float64) + _EDGE_EPS) &
+                (y >= -_EDGE_EPS) & (y <= tf.cast(height - 1, tf.float64) + _EDGE_EPS))
+      out = tf.where(inside[..., None], out, tf.constant(cval, tf.float32))
+  flip_h = tf.cast(params.get('flip_horizontal', False), tf.bool)
+  flip_v = tf.cast(params.get('flip_vertical', False), tf.bool)
+  out = tf.cond(flip_h, lambda: tf.reverse(out, axis=[1]), lambda: out)
+  out = tf.cond(flip_v, lambda: tf.reverse(out, axis=[0]), lambda: out)
+  return tf.ensure_shape(out, image.shape)
+
+
+def _shift_pixels(u: tf.Tensor, shift_range: float, size) -> tf.Tensor:
+  """A Keras shift draw: fractions (< 1) of the image size, else pixels."""
+  shift = (2 * u - 1) * shift_range
+  if shift_range < 1:
+    shift *= tf.cast(size, tf.float32)
+  return shift
+
+
+def random_transform_params(seed: tf.Tensor, aug: Mapping[str, Any], height,
+                            width) -> dict[str, tf.Tensor]:
+  """Keras's `ImageDataGenerator.get_random_transform`, drawn statelessly from `seed`.
+
+  Args:
+    seed: int32/int64 [2], a stateless seed; the same seed gives the same parameters.
+    aug: config.data.augment (Keras's argument names).
+    height: image rows.
+    width: image columns.
+
+  Returns:
+    Keras's transform_parameters: float32 scalars 'theta', 'tx', 'ty', 'shear', 'zx', 'zy'
+    and bool scalars 'flip_horizontal', 'flip_vertical'.
+  """
+  u = tf.random.stateless_uniform([8], seed=seed, dtype=tf.float32)
+  zoom_lo, zoom_hi = zoom_bounds(aug['zoom_range'])
+  return {
+      'theta': (2 * u[0] - 1) * float(aug['rotation_range']),
+      # Keras: tx from height_shift_range x rows, ty from width_shift_range x cols.
+      'tx': _shift_pixels(u[1], float(aug['height_shift_range']), height),
+      'ty': _shift_pixels(u[2], float(aug['width_shift_range']), width),
+      'shear': (2 * u[3] - 1) * float(aug['shear_range']),
+      'zx': zoom_lo + u[4] * (zoom_hi - zoom_lo),
+      'zy': zoom_lo + u[5] * (zoom_hi - zoom_lo),
+      'flip_horizontal': (u[6] < 0.5) & bool(aug['horizontal_flip']),
+      'flip_vertical': (u[7] < 0.5) & bool(aug['vertical_flip']),
+  }
+
+
+def random_augment(image: tf.Tensor, seed: tf.Tensor, aug: Mapping[str, Any]) -> tf.Tensor:
+  """One Keras ImageDataGenerator augmentation of a float32 [H, W, C] image, seeded."""
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  params = random_transform_params(seed, aug, height, width)
+  return apply_transform(image, params, fill_mode=aug['fill_mode'], cval=aug.get('cval', 0.0))
