@@ -40,8 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
   data.image_size = 150
   data.resize_method = 'bilinear'          # 'nearest' mimics Keras flow_from_directory.
   data.preprocessing = 'inception'         # x/127.5 - 1; 'rescale' is x/255 (the seed).
-  data.bad_files = 'error'                 # 'error' or 'skip'.
-  data.shuffle_buffer = 2048
+  data.bad_files = 'error'                 # 'error' or 'skip' unreadable image files.
+  # Decode and resize each image once and keep it in memory (float32: 277 MB for the
+  # horses-or-humans train split at 150 px); then an epoch costs only the augmentation.
+  data.cache_decoded = False
   # Threads for tf.data's parallel map (None: let tf.data decide).
   data.num_parallel_calls = ml_collections.FieldReference(None, field_type=int)
   # Synthetic data for source='fake'.
@@ -59,7 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
   aug.zoom_range = 0.2
   aug.horizontal_flip = True
   aug.vertical_flip = True
-  aug.fill_mode = 'nearest'
+  aug.fill_mode = 'nearest'                # 'nearest', 'reflect', 'wrap' or 'constant'.
+  aug.cval = 0.0                           # Fill value for fill_mode='constant' (Keras cval).
 
   # ---------------------------------------------------------------- model
   config.model = model = ml_collections.ConfigDict()
