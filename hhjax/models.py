@@ -1,0 +1,183 @@
+"""The classifier: Keras's InceptionV3 cut at an endpoint, plus the seed's dense head.
+
+    backbone  InceptionV3 up to config.model.cut ('mixed7' in the seed)
+    head      Flatten (or global average pooling) -> Dense(hidden, relu) -> Dropout
+              -> Dense(1) with a sigmoid for two classes, Dense(num_classes) with a softmax
+              otherwise
+
+The module returns logits; the sigmoid / softmax live in the loss and in `probabilities`.
+Parameters are `{'backbone': ..., 'head': ...}`, so freezing rules read
+`^backbone/mixed6/...` and `^head/...`.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+from absl import logging
+from flax import traverse_util
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from hhjax import inception
+
+HEADS = ('flatten', 'gap')
+
+# Keras Dense: glorot_uniform kernel, zero bias (Flax defaults to lecun_normal).
+_DENSE_KERNEL_INIT = nn.initializers.glorot_uniform()
+_DENSE_BIAS_INIT = nn.initializers.zeros
+
+
+def num_outputs(num_classes: int) -> int:
+  """One sigmoid unit for two classes (as the seed), one softmax unit per class otherwise."""
+  if num_classes < 2:
+    raise ValueError(f'A classifier needs at least 2 classes, got {num_classes}.')
+  return 1 if num_classes == 2 else num_classes
+
+
+class Head(nn.Module):
+  """Flatten / GAP -> Dense(hidden, relu) -> Dropout -> Dense(outputs); returns logits.
+
+  Attributes:
+    outputs: 1 (binary, sigmoid) or the number of classes (softmax).
+    kind: 'flatten' (the seed) or 'gap' (global average pooling, far fewer parameters).
+    hidden: width of the hidden Dense layer; 0 leaves it out.
+    dropout: dropout rate after the hidden layer.
+  """
+  outputs: int
+  kind: str = 'flatten'
+  hidden: int = 1024
+  dropout: float = 0.2
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    if self.kind == 'flatten':
+      x = x.reshape((x.shape[0], -1))   # NHWC row-major, as Keras's Flatten.
+    elif self.kind == 'gap':
+      x = jnp.mean(x, axis=(1, 2))
+    else:
+      raise ValueError(f'config.model.head must be one of {HEADS}, got {self.kind!r}.')
+    if self.hidden:
+      x = nn.Dense(self.hidden, kernel_init=_DENSE_KERNEL_INIT, bias_init=_DENSE_BIAS_INIT,
+                   name='hidden')(x)
+      x = nn.relu(x)
+    if self.dropout:
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(self.outputs, kernel_init=_DENSE_KERNEL_INIT, bias_init=_DENSE_BIAS_INIT,
+                    name='output')(x)
+
+
+class Classifier(nn.Module):
+  """InceptionV3 cut at `cut` and a dense head.
+
+  Attributes:
+    cut: the last InceptionV3 block kept, 'mixed0' ... 'mixed10'.
+    num_classes: number of classes (2 gives one sigmoid output).
+    head: 'flatten' or 'gap'.
+    hidden: hidden Dense width (0: none).
+    dropout: dropout rate of the head.
+  """
+  cut: str = 'mixed7'
+  num_classes: int = 2
+  head: str = 'flatten'
+  hidden: int = 1024
+  dropout: float = 0.2
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False, *,
+               bn_train_from: str | None = None) -> jax.Array:
+    """Logits for images `x` (NHWC float32).
+
+    Args:
+      x: images as the input pipeline produces them.
+      train: dropout on.
+      bn_train_from: None keeps every BatchNorm in inference mode (Keras's frozen layers, and
+        Keras's fine-tuning default here); a block name ('stem', 'mixed0', ...) runs the
+        BatchNorms from that block on with batch statistics and updates their moving
+        averages (apply with `mutable=['batch_stats']`).
+    """
+    features = inception.InceptionV3(final_endpoint=self.cut, name='backbone')(
+        x, train=bn_train_from is not None, train_from=bn_train_from)[self.cut]
+    return Head(num_outputs(self.num_classes), self.head, self.hidden, self.dropout,
+                name='head')(features, train)
+
+
+def check_cut(cut: str) -> None:
+  if cut not in inception.ENDPOINTS:
+    raise ValueError(f'config.model.cut={cut!r} is not an InceptionV3 endpoint; valid cuts are '
+                     f'{list(inception.ENDPOINTS)}.')
+
+
+def backbone_blocks(cut: str) -> tuple[str, ...]:
+  """The backbone's mixed blocks, 'mixed0' ... cut."""
+  check_cut(cut)
+  return inception.ENDPOINTS[:inception.ENDPOINTS.index(cut) + 1]
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> Classifier:
+  """The classifier that `config.model` describes, for `num_classes` classes."""
+  m = config.model
+  check_cut(m.cut)
+  if m.head not in HEADS:
+    raise ValueError(f'config.model.head must be one of {HEADS}, got {m.head!r}.')
+  num_outputs(num_classes)
+  return Classifier(cut=m.cut, num_classes=num_classes, head=m.head, hidden=int(m.hidden),
+                    dropout=float(m.dropout))
+
+
+def probabilities(logits: jax.Array) -> jax.Array:
+  """Class probabilities [batch, num_classes] from the head's logits."""
+  if logits.shape[-1] == 1:
+    p = jax.nn.sigmoid(logits[..., 0])
+    return jnp.stack([1.0 - p, p], axis=-1)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def load_pretrained_backbone(variables: Mapping[str, Any], spec: str, cut: str
+                             ) -> dict[str, Any]:
+  """Returns `variables` with the backbone replaced by pretrained InceptionV3 weights.
+
+  Strict: every backbone array of the model must come from the weights with the same shape,
+  and the weights may hold nothing else except the blocks past `cut` and the ImageNet top,
+  which are left out on purpose. Anything else is an error, not a partial load.
+
+  Args:
+    variables: the model's freshly initialised `{'params', 'batch_stats'}`.
+    spec: 'imagenet', 'imagenet_top', a Keras .h5 file or a converted folder; see
+      `hhjax.keras_import.load_pretrained`.
+    cut: the model's last block.
+  """
+  from hhjax import keras_import  # pylint: disable=g-import-not-at-top
+  # Cutting there drops the blocks past the cut and the ImageNet top, and says so clearly when
+  # the weights end before the cut.
+  _, source = keras_import.load_pretrained(spec, final_endpoint=cut)
+  past_cut = set(inception.ENDPOINTS[inception.ENDPOINTS.index(cut) + 1:]) | {'predictions'}
+  out = {k: dict(v) for k, v in variables.items()}
+  problems = []
+  for collection in ('params', 'batch_stats'):
+    ours = traverse_util.flatten_dict(variables[collection]['backbone'], sep='/')
+    theirs = {k: v for k, v in
+              traverse_util.flatten_dict(source.get(collection, {}), sep='/').items()
+              if k.split('/')[0] not in past_cut}
+    missing = sorted(set(ours) - set(theirs))
+    unexpected = sorted(set(theirs) - set(ours))
+    wrong = sorted(k for k in set(ours) & set(theirs)
+                   if tuple(np.shape(theirs[k])) != tuple(np.shape(ours[k])))
+    for title, keys, show in (
+        ('missing from the weights', missing, lambda k: k),
+        ('in the weights but not in the model', unexpected, lambda k: k),
+        ('of another shape (weights vs model)', wrong,
+         lambda k: f'{k}: {np.shape(theirs[k])} vs {np.shape(ours[k])}')):
+      if keys:
+        problems.append(f'{len(keys)} {collection} {title}: ' +
+                        ', '.join(show(k) for k in keys[:6]) + (' ...' if len(keys) > 6 else ''))
+    if not (missing or unexpected or wrong):
+      loaded = {k: jnp.asarray(theirs[k], dtype=ours[k].dtype) for k in ours}
+      out[collection]['backbone'] = traverse_util.unflatten_dict(loaded, sep='/')
+  if problems:
+    raise ValueError(f'Pretrained weights {spec!r} do not fit the backbone cut at {cut!r}:\n  ' +
+                     '\n  '.join(problems))
+  logging.info('Loaded the backbone (up to %s) from %s.', cut, spec)
+  return out
