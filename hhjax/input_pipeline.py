@@ -178,6 +178,11 @@ def _why_bad(path: str) -> str:
   try:
     if os.path.getsize(path) == 0:
       return 'empty file (0 bytes)'
+    with open(path, 'rb') as f:
+      header = f.read(30)
+    if header[:2] == b'BM' and len(header) == 30 and header[28] in (1, 2, 4):
+      return (f'{header[28]}-bit BMP: TensorFlow decodes BMPs of 8, 24 and 32 bits; convert '
+              'it to PNG')
     decode_image(tf.io.read_file(path))
   except (tf.errors.OpError, OSError) as e:
     return _clean_tf_error(getattr(e, 'message', None) or str(e))
@@ -593,6 +598,8 @@ def create_dataset(config: ml_collections.ConfigDict, split: str, *, start_step:
     batch padded; batches add 'mask' (bool [b]), False on padding.
   """
   training = split == config.data.train_split if training is None else training
+  if start_step < 0:
+    raise ValueError(f'start_step must be >= 0, got {start_step}.')
   if config.data.augment.enabled:
     augment.check_config(config.data.augment)
   if config.data.preprocessing not in PREPROCESSING:

@@ -87,6 +87,7 @@ def _formats():
       'palette.bmp': _pil_bytes(Image.fromarray(_RGB).convert('P'), 'BMP'),
       'palette.gif': _pil_bytes(Image.fromarray(_RGB).convert('P'), 'GIF'),
       'animated.gif': _animated_gif(),
+      'rgb.webp': _pil_bytes(Image.fromarray(_RGB), 'WEBP', lossless=True),
   }
   expected = {}
   for name, data in cases.items():
@@ -189,6 +190,7 @@ BAD_FILES = {
     'notes.txt': b'labels were checked by hand\n',
     'noise.gif': bytes(range(256)) * 4,
     'unsupported.tiff': _pil_bytes(Image.fromarray(_RGB), 'TIFF'),
+    'one_bit.bmp': _pil_bytes(Image.fromarray(_RGB[..., 0] > 128), 'BMP'),
 }
 
 
@@ -208,6 +210,8 @@ def test_bad_files_are_reported_by_path_before_anything_runs(tmp_path):
   for name in BAD_FILES:
     assert name in message
   assert 'zero_bytes.png: empty file (0 bytes)' in message
+  assert 'one_bit.bmp: 1-bit BMP' in message
+  assert 'unsupported.tiff: Unknown image file format' in message
   assert "bad_files='skip'" in message
   with pytest.raises(ValueError, match='truncated.png'):
     input_pipeline.create_dataset(config, 'train', process_count=1, process_index=0)
@@ -219,7 +223,7 @@ def test_skipping_bad_files_warns_with_their_count(tmp_path, caplog):
     info = input_pipeline.dataset_info(config)
   assert f'Skipping {len(BAD_FILES)} file(s)' in caplog.text
   assert 'truncated.jpg' in caplog.text
-  assert info.num_examples == {'train': 11, 'validation': 5}
+  assert info.num_examples == {'train': 11, 'validation': 5}  # the good ones only
   batches = list(input_pipeline.create_dataset(
       config, 'validation', process_count=1, process_index=0).as_numpy_iterator())
   assert sum(b['mask'].sum() for b in batches) == 5
