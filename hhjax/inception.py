@@ -1,0 +1,287 @@
+"""InceptionV3 in Flax linen, computing exactly what `keras.applications.InceptionV3` computes.
+
+The network reads like Keras's `inception_v3.py`: one conv-BN helper (`ConvBN`, Keras's
+`conv2d_bn`) used everywhere, one small module per block kind, and the endpoints named as Keras
+names them (`mixed0` ... `mixed10`, `predictions`).
+
+    Keras                      here
+    conv2d_bn stem layers      stem/conv_1a_3x3 ... stem/conv_4a_3x3
+    mixed0, mixed1, mixed2     InceptionA (35x35 at 299 px)
+    mixed3                     InceptionB (grid reduction)
+    mixed4 ... mixed7          InceptionC (factorized 7x7)
+    mixed8                     InceptionD (grid reduction)
+    mixed9, mixed10            InceptionE (expanded filter banks)
+    predictions                GAP -> Dense(num_classes, softmax)
+
+Inside a block, conv-BN units are named after the variables of Keras's source, numbered along
+each branch (`branch5x5_1` is the 1x1 that feeds `branch5x5_2`); parameter paths look like
+`mixed6/branch7x7_1/conv/kernel` and `mixed6/branch7x7_1/bn/bias`, with BatchNorm statistics at
+`batch_stats/mixed6/branch7x7_1/bn/{mean,var}`.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Keras's endpoint names, in network order.
+ENDPOINTS = tuple(f'mixed{i}' for i in range(11))
+# Where `train_from` may start: the stem, then each mixed block.
+BLOCKS = ('stem',) + ENDPOINTS
+# Keras refuses smaller inputs: the last grid reduction needs at least 3x3 cells.
+MIN_SIZE = 75
+
+# Keras BatchNormalization defaults, which differ from Flax's (epsilon 1e-5).
+BN_EPSILON = 1e-3
+BN_MOMENTUM = 0.99
+
+# Keras's default initializer for Conv2D and Dense kernels (Flax defaults to lecun_normal).
+_KERNEL_INIT = nn.initializers.glorot_uniform()
+
+
+class ConvBN(nn.Module):
+  """Keras's `conv2d_bn`: Conv2D (no bias) -> BatchNormalization (no scale) -> ReLU.
+
+  The single place where a convolution, its BatchNorm and the ReLU are applied, so that
+  alternative lowerings of the same arithmetic can be switched on here for the whole network.
+
+  Attributes:
+    features: output channels (Keras `filters`).
+    kernel_size: (rows, cols), as Keras's `num_row, num_col`.
+    strides: convolution strides.
+    padding: 'SAME' or 'VALID', as Keras's 'same'/'valid'.
+  """
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  padding: str = 'SAME'
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = nn.Conv(self.features, self.kernel_size, strides=self.strides, padding=self.padding,
+                use_bias=False, kernel_init=_KERNEL_INIT, name='conv')(x)
+    # use_fast_variance=False: E[(x - mean)^2] as Keras does, not E[x^2] - mean^2, which loses
+    # digits on activations with a large mean.
+    x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                     use_scale=False, use_fast_variance=False, name='bn')(x)
+    return nn.relu(x)
+
+
+def avg_pool_same(x: jax.Array) -> jax.Array:
+  """Keras's AveragePooling2D((3, 3), strides=(1, 1), padding='same').
+
+  Padded cells are left out of the average (each border cell is the mean of the cells that
+  exist), which Flax's `avg_pool` does only with `count_include_pad=False`.
+  """
+  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding='SAME', count_include_pad=False)
+
+
+def max_pool_reduce(x: jax.Array) -> jax.Array:
+  """Keras's MaxPooling2D((3, 3), strides=(2, 2)) with its default 'valid' padding."""
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
+
+
+class Stem(nn.Module):
+  """The layers before mixed0: five conv-BN units and two max pools."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = ConvBN(32, (3, 3), strides=(2, 2), padding='VALID', name='conv_1a_3x3')(x, train)
+    x = ConvBN(32, (3, 3), padding='VALID', name='conv_2a_3x3')(x, train)
+    x = ConvBN(64, (3, 3), name='conv_2b_3x3')(x, train)
+    x = max_pool_reduce(x)
+    x = ConvBN(80, (1, 1), padding='VALID', name='conv_3b_1x1')(x, train)
+    x = ConvBN(192, (3, 3), padding='VALID', name='conv_4a_3x3')(x, train)
+    return max_pool_reduce(x)
+
+
+class InceptionA(nn.Module):
+  """mixed0-mixed2: 1x1 | 1x1 -> 5x5 | 1x1 -> 3x3 -> 3x3 | avgpool -> 1x1."""
+  pool_features: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    branch1x1 = ConvBN(64, (1, 1), name='branch1x1')(x, train)
+
+    branch5x5 = ConvBN(48, (1, 1), name='branch5x5_1')(x, train)
+    branch5x5 = ConvBN(64, (5, 5), name='branch5x5_2')(branch5x5, train)
+
+    branch3x3dbl = ConvBN(64, (1, 1), name='branch3x3dbl_1')(x, train)
+    branch3x3dbl = ConvBN(96, (3, 3), name='branch3x3dbl_2')(branch3x3dbl, train)
+    branch3x3dbl = ConvBN(96, (3, 3), name='branch3x3dbl_3')(branch3x3dbl, train)
+
+    branch_pool = ConvBN(self.pool_features, (1, 1), name='branch_pool')(avg_pool_same(x), train)
+    return jnp.concatenate([branch1x1, branch5x5, branch3x3dbl, branch_pool], axis=-1)
+
+
+class InceptionB(nn.Module):
+  """mixed3, a grid reduction: 3x3/2 | 1x1 -> 3x3 -> 3x3/2 | maxpool/2."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    branch3x3 = ConvBN(384, (3, 3), strides=(2, 2), padding='VALID', name='branch3x3')(x, train)
+
+    branch3x3dbl = ConvBN(64, (1, 1), name='branch3x3dbl_1')(x, train)
+    branch3x3dbl = ConvBN(96, (3, 3), name='branch3x3dbl_2')(branch3x3dbl, train)
+    branch3x3dbl = ConvBN(96, (3, 3), strides=(2, 2), padding='VALID',
+                          name='branch3x3dbl_3')(branch3x3dbl, train)
+
+    branch_pool = max_pool_reduce(x)
+    return jnp.concatenate([branch3x3, branch3x3dbl, branch_pool], axis=-1)
+
+
+class InceptionC(nn.Module):
+  """mixed4-mixed7: 1x1 | 1x1 -> 1x7 -> 7x1 | 1x1 -> 7x1 -> 1x7 -> 7x1 -> 1x7 | avgpool -> 1x1."""
+  channels_7x7: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    c = self.channels_7x7
+    branch1x1 = ConvBN(192, (1, 1), name='branch1x1')(x, train)
+
+    branch7x7 = ConvBN(c, (1, 1), name='branch7x7_1')(x, train)
+    branch7x7 = ConvBN(c, (1, 7), name='branch7x7_2')(branch7x7, train)
+    branch7x7 = ConvBN(192, (7, 1), name='branch7x7_3')(branch7x7, train)
+
+    branch7x7dbl = ConvBN(c, (1, 1), name='branch7x7dbl_1')(x, train)
+    branch7x7dbl = ConvBN(c, (7, 1), name='branch7x7dbl_2')(branch7x7dbl, train)
+    branch7x7dbl = ConvBN(c, (1, 7), name='branch7x7dbl_3')(branch7x7dbl, train)
+    branch7x7dbl = ConvBN(c, (7, 1), name='branch7x7dbl_4')(branch7x7dbl, train)
+    branch7x7dbl = ConvBN(192, (1, 7), name='branch7x7dbl_5')(branch7x7dbl, train)
+
+    branch_pool = ConvBN(192, (1, 1), name='branch_pool')(avg_pool_same(x), train)
+    return jnp.concatenate([branch1x1, branch7x7, branch7x7dbl, branch_pool], axis=-1)
+
+
+class InceptionD(nn.Module):
+  """mixed8, a grid reduction: 1x1 -> 3x3/2 | 1x1 -> 1x7 -> 7x1 -> 3x3/2 | maxpool/2."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    branch3x3 = ConvBN(192, (1, 1), name='branch3x3_1')(x, train)
+    branch3x3 = ConvBN(320, (3, 3), strides=(2, 2), padding='VALID',
+                       name='branch3x3_2')(branch3x3, train)
+
+    branch7x7x3 = ConvBN(192, (1, 1), name='branch7x7x3_1')(x, train)
+    branch7x7x3 = ConvBN(192, (1, 7), name='branch7x7x3_2')(branch7x7x3, train)
+    branch7x7x3 = ConvBN(192, (7, 1), name='branch7x7x3_3')(branch7x7x3, train)
+    branch7x7x3 = ConvBN(192, (3, 3), strides=(2, 2), padding='VALID',
+                         name='branch7x7x3_4')(branch7x7x3, train)
+
+    branch_pool = max_pool_reduce(x)
+    return jnp.concatenate([branch3x3, branch7x7x3, branch_pool], axis=-1)
+
+
+class InceptionE(nn.Module):
+  """mixed9, mixed10: 1x1 | 1x1 -> (1x3, 3x1) | 1x1 -> 3x3 -> (1x3, 3x1) | avgpool -> 1x1."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    branch1x1 = ConvBN(320, (1, 1), name='branch1x1')(x, train)
+
+    branch3x3 = ConvBN(384, (1, 1), name='branch3x3_1')(x, train)
+    branch3x3_a = ConvBN(384, (1, 3), name='branch3x3_2a')(branch3x3, train)
+    branch3x3_b = ConvBN(384, (3, 1), name='branch3x3_2b')(branch3x3, train)
+
+    branch3x3dbl = ConvBN(448, (1, 1), name='branch3x3dbl_1')(x, train)
+    branch3x3dbl = ConvBN(384, (3, 3), name='branch3x3dbl_2')(branch3x3dbl, train)
+    branch3x3dbl_a = ConvBN(384, (1, 3), name='branch3x3dbl_3a')(branch3x3dbl, train)
+    branch3x3dbl_b = ConvBN(384, (3, 1), name='branch3x3dbl_3b')(branch3x3dbl, train)
+
+    branch_pool = ConvBN(192, (1, 1), name='branch_pool')(avg_pool_same(x), train)
+    # Keras concatenates the split pairs first (mixed9_0, ...); on channels that is the same as
+    # one flat concatenation in this order.
+    return jnp.concatenate([branch1x1, branch3x3_a, branch3x3_b, branch3x3dbl_a, branch3x3dbl_b,
+                            branch_pool], axis=-1)
+
+
+def _make_block(name: str) -> nn.Module:
+  """The block module that computes Keras's endpoint `name`."""
+  i = ENDPOINTS.index(name)
+  if i <= 2:
+    return InceptionA(pool_features=(32, 64, 64)[i], name=name)
+  if i == 3:
+    return InceptionB(name=name)
+  if i <= 7:
+    return InceptionC(channels_7x7=(128, 160, 160, 192)[i - 4], name=name)
+  if i == 8:
+    return InceptionD(name=name)
+  return InceptionE(name=name)
+
+
+class InceptionV3(nn.Module):
+  """Keras's InceptionV3, ending at `final_endpoint`; layers past it are not created.
+
+  Attributes:
+    final_endpoint: the last block built, 'mixed0' ... 'mixed10'.
+    include_top: add global average pooling and Dense(num_classes, softmax) named
+      'predictions' (needs final_endpoint='mixed10').
+    num_classes: outputs of the top.
+  """
+  final_endpoint: str = 'mixed10'
+  include_top: bool = False
+  num_classes: int = 1000
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False, *,
+               train_from: str | None = None) -> dict[str, jax.Array]:
+    """Runs the network.
+
+    Args:
+      x: images, NHWC float32 in [-1, 1] (`x / 127.5 - 1`, Keras's `preprocess_input`), at
+        least 75x75.
+      train: run BatchNorm on batch statistics and update `batch_stats` (apply with
+        `mutable=['batch_stats']`); False uses the moving statistics (inference).
+      train_from: with train=True, only the blocks from this one on ('stem', 'mixed0' ...)
+        use batch statistics; earlier ones stay in inference mode, like Keras layers with
+        `trainable=False`. None means every block.
+
+    Returns:
+      A dict from Keras's endpoint names, 'mixed0' ... final_endpoint (plus 'predictions',
+      the softmax probabilities, with the top), to arrays.
+    """
+    if self.final_endpoint not in ENDPOINTS:
+      raise ValueError(f'final_endpoint must be one of {ENDPOINTS}, got {self.final_endpoint!r}.')
+    if self.include_top and self.final_endpoint != 'mixed10':
+      raise ValueError('include_top=True needs the whole network (final_endpoint="mixed10"), '
+                       f'got final_endpoint={self.final_endpoint!r}.')
+    if train_from is not None and train_from not in BLOCKS:
+      raise ValueError(f'train_from must be None or one of {BLOCKS}, got {train_from!r}.')
+    if x.ndim != 4 or min(x.shape[1:3]) < MIN_SIZE:
+      raise ValueError(f'InceptionV3 expects NHWC images of at least {MIN_SIZE}x{MIN_SIZE}, '
+                       f'got an array of shape {x.shape}.')
+
+    first_trained = BLOCKS.index(train_from) if train_from is not None else 0
+
+    def block_train(name: str) -> bool:
+      return train and BLOCKS.index(name) >= first_trained
+
+    x = Stem(name='stem')(x, block_train('stem'))
+    endpoints = {}
+    for name in ENDPOINTS[:ENDPOINTS.index(self.final_endpoint) + 1]:
+      x = _make_block(name)(x, block_train(name))
+      endpoints[name] = x
+    if self.include_top:
+      x = jnp.mean(x, axis=(1, 2))
+      x = nn.Dense(self.num_classes, kernel_init=_KERNEL_INIT, name='predictions')(x)
+      endpoints['predictions'] = nn.softmax(x)
+    return endpoints
+
+
+def conv_bn_paths(final_endpoint: str = 'mixed10') -> list[str]:
+  """The '/'-joined paths of the ConvBN units up to `final_endpoint`, in call order.
+
+  Call order is Keras's source order: the order in which `inception_v3.py` creates its
+  conv2d_bn layers, and so the order of the suffixes of `conv2d`, `conv2d_1`, ... in a
+  fresh Keras session.
+  """
+  paths = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, ConvBN) and context.method_name == '__call__':
+      paths.append('/'.join(context.module.path))
+    return next_fun(*args, **kwargs)
+
+  model = InceptionV3(final_endpoint=final_endpoint)
+  with nn.intercept_methods(record):
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, MIN_SIZE, MIN_SIZE, 3)))
+  return paths
