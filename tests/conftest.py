@@ -19,3 +19,11 @@ def real_data_dir() -> pathlib.Path:
   if not (SHARED_DATA / 'train').is_dir():
     pytest.skip(f'real images not found at {SHARED_DATA} (optional resource)')
   return SHARED_DATA
+
+
+@pytest.fixture(scope='session')
+def keras_notop_h5(tmp_path_factory) -> pathlib.Path:
+  """A tf_keras InceptionV3 without top (150x150) with random weights, BatchNorm statistics
+  included, saved with `save_weights`: the official notop file's layout. Read-only for tests."""
+  from keras_reference import save_tf_keras_weights  # pylint: disable=g-import-not-at-top
+  return save_tf_keras_weights(tmp_path_factory.mktemp('keras') / 'inception_v3_notop.h5')

@@ -1,0 +1,59 @@
+"""Reference Keras InceptionV3 models with random weights, for the parity tests.
+
+No ImageNet weights are reachable from CI, so the tests compare against Keras itself on random
+weights: every array is drawn again, BatchNorm moving means and (positive) variances included,
+at scales that keep the activations of all eleven blocks of order one.
+"""
+
+import os
+import pathlib
+
+import numpy as np
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+
+def randomize(model, seed: int = 0) -> None:
+  """Draws new values for every weight of a Keras (tf_keras or Keras 3) InceptionV3."""
+  rng = np.random.default_rng(seed)
+  for layer in model.layers:
+    weights = layer.get_weights()
+    if not weights:
+      continue
+    kind = type(layer).__name__
+    if kind == 'Conv2D':
+      kh, kw, cin, _ = weights[0].shape
+      # He-normal: keeps the scale through ReLUs.
+      new = [rng.normal(0.0, np.sqrt(2.0 / (kh * kw * cin)), weights[0].shape)]
+    elif kind == 'BatchNormalization':
+      (c,) = weights[0].shape
+      new = [rng.normal(0.0, 0.2, c),            # beta
+             rng.normal(0.0, 0.2, c),            # moving_mean
+             rng.uniform(0.5, 2.0, c)]           # moving_variance, positive
+    elif kind == 'Dense':
+      new = [rng.normal(0.0, 1.0 / np.sqrt(weights[0].shape[0]), weights[0].shape),
+             rng.normal(0.0, 0.1, weights[1].shape)]
+    else:
+      raise AssertionError(f'unexpected layer with weights: {layer.name} ({kind})')
+    layer.set_weights([w.astype(np.float32) for w in new])
+
+
+def save_tf_keras_weights(path: pathlib.Path, *, include_top: bool = False, size: int = 150,
+                          seed: int = 0) -> pathlib.Path:
+  """A random tf_keras InceptionV3 saved with `save_weights` (the official files' layout)."""
+  import tf_keras  # pylint: disable=g-import-not-at-top
+  model = tf_keras.applications.InceptionV3(
+      weights=None, include_top=include_top, input_shape=(size, size, 3))
+  randomize(model, seed)
+  model.save_weights(str(path))
+  return path
+
+
+def endpoint_model(keras_module, model):
+  """A Keras model that outputs mixed0 ... mixed10 (and predictions when `model` has them)."""
+  outputs = [model.get_layer(f'mixed{i}').output for i in range(11)]
+  names = [f'mixed{i}' for i in range(11)]
+  if any(layer.name == 'predictions' for layer in model.layers):
+    outputs.append(model.get_layer('predictions').output)
+    names.append('predictions')
+  return keras_module.Model(model.inputs, outputs), names
