@@ -84,17 +84,29 @@ def get_config() -> ml_collections.ConfigDict:
   config.warmup = ml_collections.ConfigDict()
   config.warmup.epochs = 10
   config.warmup.learning_rate = 1e-4
+  # Freezing rules: (regex over '/'-joined parameter paths, 'train' | 'freeze'), first match
+  # wins, every parameter must match one. Paths look like 'backbone/mixed6/branch7x7_1/conv/kernel'
+  # and 'head/hidden/kernel'.
+  config.warmup.param_labels = (('^head/', 'train'), ('^backbone/', 'freeze'))
 
   # Fine-tuning: layers from `unfreeze_from` on are opened, with a lower learning rate.
   config.finetune = ml_collections.ConfigDict()
   config.finetune.epochs = 5
   config.finetune.learning_rate = 1e-5
-  config.finetune.unfreeze_from = 'mixed6'
+  config.finetune.unfreeze_from = 'mixed6'     # 'stem' opens the whole backbone.
+  # BatchNorm in inference mode while fine-tuning (Keras's advice); True trains the BatchNorms
+  # of the opened blocks with batch statistics.
   config.finetune.train_bn = False
+  # Empty: the rules follow from unfreeze_from (head and blocks from it on train, the rest is
+  # frozen). Set explicit (regex, label) rules here to override.
+  config.finetune.param_labels = ()
 
-  # Early stopping: stop a phase when `metric` > `threshold` at the end of an epoch.
+  # Early stopping: end a phase when `metric` > `threshold` (mode 'max') or < `threshold`
+  # (mode 'min') at the end of an epoch. Metrics: train_accuracy, train_loss, val_accuracy,
+  # val_loss. The seed stops at train_accuracy > 0.999.
   config.early_stopping = ml_collections.ConfigDict()
   config.early_stopping.metric = ml_collections.FieldReference(None, field_type=str)
   config.early_stopping.threshold = 0.999
+  config.early_stopping.mode = 'max'
 
   return config

@@ -146,6 +146,11 @@ class Checkpoints:
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return restored['state']
 
+  def restore_arrays(self, step: int) -> Any:
+    """The arrays saved at `step` as saved (dicts and lists), without a target structure."""
+    return self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+
   def wait(self) -> None:
     """Blocks until pending saves are on disk."""
     self._manager.wait_until_finished()

@@ -1,0 +1,68 @@
+"""Device mesh and shardings: data parallelism over every device of every process.
+
+One mesh axis, 'data'. Batches are split along it; parameters and optimizer state are
+replicated. `jax.jit` with these shardings does the rest (no pmap).
+"""
+
+from collections.abc import Mapping
+import os
+
+from absl import logging
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+DATA_AXIS = 'data'
+
+
+def maybe_initialize_distributed() -> None:
+  """Calls `jax.distributed.initialize()` when this process is one of several.
+
+  Recognises JAX's own variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES), SLURM and
+  Open MPI launches with more than one task, and multi-host Cloud TPU slices, where
+  `jax.distributed.initialize()` finds the coordinator by itself.
+  """
+  env = os.environ
+  several = (
+      'JAX_COORDINATOR_ADDRESS' in env
+      or int(env.get('JAX_NUM_PROCESSES', '1')) > 1
+      or int(env.get('SLURM_NTASKS', '1')) > 1
+      or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
+      or len([h for h in env.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1)
+  if several:
+    jax.distributed.initialize()
+    logging.info('Process %d of %d, %d local / %d global devices.', jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def make_mesh() -> Mesh:
+  """A 1-D mesh over all devices, axis 'data'."""
+  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def data_sharded(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over 'data'."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(global_batch: int, name: str = 'config.batch_size') -> None:
+  """A global batch must split evenly over devices and processes."""
+  devices, processes = jax.device_count(), jax.process_count()
+  if global_batch <= 0 or global_batch % devices:
+    raise ValueError(
+        f'{name}={global_batch} does not divide by the {devices} devices in use: each device '
+        f'takes an equal share of the batch. Use a multiple of {devices}, e.g. '
+        f'{name}={max(devices, global_batch // devices * devices)}.')
+  if global_batch % processes:
+    raise ValueError(f'{name}={global_batch} does not divide by the {processes} processes.')
+
+
+def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Turns this process's share of a batch into global arrays sharded along 'data'."""
+  sharding = data_sharded(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}

@@ -1,0 +1,225 @@
+"""The training loop in-process, on a tiny model: phases, freezing, outputs, eval and predict."""
+
+import functools
+import glob
+import json
+import os
+
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import smoke
+from hhjax import checkpointing
+from hhjax import models
+from hhjax import optim
+from hhjax import sharding
+from hhjax import train
+
+
+def tiny_config():
+  """InceptionV3 up to mixed0 at 75x75, batch 2, 3 steps per epoch."""
+  config = smoke.get_config()
+  config.batch_size = 2
+  config.steps_per_epoch = 3
+  config.log_every_steps = 2
+  config.checkpoint_every_steps = 2
+  config.keep_checkpoints = 10
+  config.data.fake.num_train_examples = 16
+  config.data.fake.num_eval_examples = 6
+  config.model.cut = 'mixed0'
+  config.model.hidden = 8
+  config.finetune.unfreeze_from = 'mixed0'
+  return config
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """One run: warm-up stopped early after its first epoch (step 3), then a fine-tuning epoch."""
+  config = tiny_config()
+  config.warmup.epochs = 2
+  config.finetune.epochs = 1
+  config.early_stopping.metric = 'train_accuracy'
+  config.early_stopping.threshold = -1.0     # always reached: each phase stops after 1 epoch
+  workdir = str(tmp_path_factory.mktemp('trained'))
+  result = train.train_and_evaluate(config, workdir)
+  return config, workdir, result
+
+
+def _arrays(workdir, step):
+  with checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'), read_only=True) as c:
+    return c.restore_arrays(step)
+
+
+def _flat(tree):
+  return traverse_util.flatten_dict(jax.device_get(tree), sep='/')
+
+
+def test_run_writes_metrics_plots_tensorboard_and_eval(trained):
+  _, workdir, result = trained
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  assert [(r['step'], r['epoch'], r['phase']) for r in rows] == [(3, 1, 'warmup'),
+                                                                 (6, 2, 'finetune')]
+  for row in rows:
+    assert 0 <= row['val_accuracy'] <= 1 and np.isfinite(row['train_loss'])
+  for name in ('loss.png', 'accuracy.png', 'config.json', 'eval.json'):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  with open(os.path.join(workdir, 'eval.json')) as f:
+    saved = json.load(f)
+  assert np.sum(saved['confusion']) == 6 == saved['count']   # every eval image once
+  assert saved['accuracy'] == pytest.approx(np.trace(saved['confusion']) / 6)
+  assert saved['accuracy'] == result['accuracy'] == rows[-1]['val_accuracy']
+  import tensorflow as tf
+  events = glob.glob(os.path.join(workdir, 'tensorboard', 'events.*'))
+  tags = {v.tag for e in tf.compat.v1.train.summary_iterator(events[0]) for v in e.summary.value}
+  assert {'train/loss', 'train/accuracy', 'val/loss', 'val/accuracy'} <= tags
+
+
+def test_early_stopping_ends_a_phase_at_the_threshold(trained):
+  _, _, result = trained
+  assert 'train_accuracy' in result['stop_reason']
+
+
+def test_warmup_leaves_the_frozen_backbone_bit_identical(trained):
+  config, workdir, _ = trained
+  model = models.create_model(config, 2)
+  initial = jax.jit(functools.partial(train.init_variables, model, config))()
+  after_warmup = _arrays(workdir, 3)
+  for collection in ('params', 'batch_stats'):
+    before, after = _flat(initial[collection]['backbone']), _flat(
+        after_warmup[collection]['backbone'])
+    assert before.keys() == after.keys()
+    for k in before:
+      np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+  # ... while the head did train.
+  assert not np.array_equal(after_warmup['params']['head']['output']['kernel'],
+                            initial['params']['head']['output']['kernel'])
+
+
+def test_finetuning_opens_only_the_blocks_from_unfreeze_from(trained):
+  _, workdir, _ = trained
+  start, end = _arrays(workdir, 3), _arrays(workdir, 6)
+  a, b = _flat(start['params']['backbone']), _flat(end['params']['backbone'])
+  changed = {k for k in a if not np.array_equal(a[k], b[k])}
+  assert changed and all(k.startswith('mixed0/') for k in changed)
+  assert not any(k.startswith('stem/') for k in changed)
+  # BatchNorm stays in inference mode (config.finetune.train_bn=False).
+  sa, sb = _flat(start['batch_stats']), _flat(end['batch_stats'])
+  assert all(np.array_equal(sa[k], sb[k]) for k in sa)
+
+
+def _count_primitive(jaxpr, name):
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == name
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, 'jaxpr', sub)
+        if hasattr(inner, 'eqns'):
+          n += _count_primitive(inner, name)
+  return n
+
+
+def test_warmup_step_has_no_backward_pass_through_the_backbone():
+  config = tiny_config()
+  model = models.create_model(config, 2)
+  mesh = sharding.make_mesh()
+  batch = {'image': jnp.zeros((2, 75, 75, 3)), 'label': jnp.zeros((2,), jnp.int32)}
+  variables = jax.eval_shape(functools.partial(train.init_variables, model, config))
+  forward = jax.make_jaxpr(lambda v: model.apply(v, batch['image']))(variables)
+  convs_forward = _count_primitive(forward.jaxpr, 'conv_general_dilated')
+  counts = {}
+  for phase in train.make_phases(config):
+    state = train._abstract_state(model, config, phase, mesh)
+    labels = optim.param_labels(state['params'], phase.rules)
+    tx = train.make_optimizer(config, phase, labels)
+    step = train.make_train_step(model, phase, labels, tx)
+    counts[phase.name] = _count_primitive(jax.make_jaxpr(step)(state, batch).jaxpr,
+                                          'conv_general_dilated')
+  assert convs_forward > 0
+  assert counts['warmup'] == convs_forward       # the forward pass only
+  assert counts['finetune'] > convs_forward      # mixed0's backward (the check can fail)
+
+
+def test_evaluate_reproduces_the_final_evaluation(trained):
+  config, workdir, result = trained
+  again = train.evaluate(train.load_config(workdir), workdir)
+  assert again['accuracy'] == result['accuracy']
+  assert again['loss'] == pytest.approx(result['loss'], rel=1e-6)
+  assert again['confusion'] == result['confusion']
+
+
+def test_predict_takes_files_folders_and_globs(trained, tmp_path):
+  _, workdir, _ = trained
+  rng = np.random.default_rng(0)
+  (tmp_path / 'folder' / 'sub').mkdir(parents=True)
+  paths = [tmp_path / 'folder' / 'a.png', tmp_path / 'folder' / 'sub' / 'b.jpg',
+           tmp_path / 'c.png', tmp_path / 'd.png']
+  for p in paths:
+    Image.fromarray(rng.integers(0, 255, (90, 120, 3), np.uint8)).save(p)
+  results = train.predict(train.load_config(workdir), workdir,
+                          [str(tmp_path / 'folder'), str(paths[2]), str(tmp_path / 'd.*')])
+  assert [r[0] for r in results] == [str(p) for p in paths]
+  for _, name, prob in results:
+    assert name in ('class_0', 'class_1') and 0.5 <= prob <= 1.0
+
+
+def test_predict_reports_missing_images(trained, tmp_path):
+  _, workdir, _ = trained
+  with pytest.raises(FileNotFoundError, match='nothing_here'):
+    train.predict(train.load_config(workdir), workdir, [str(tmp_path / 'nothing_here*.png')])
+
+
+def test_rerunning_a_finished_run_trains_nothing(trained):
+  config, workdir, result = trained
+  rows_before = open(os.path.join(workdir, 'metrics.jsonl')).read()
+  again = train.train_and_evaluate(config, workdir)
+  assert again['step'] == 6 and again['accuracy'] == result['accuracy']
+  assert open(os.path.join(workdir, 'metrics.jsonl')).read() == rows_before
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(trained):
+  config, workdir, _ = trained
+  other = config.copy_and_resolve_references()
+  other.model.cut = 'mixed1'
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"(?s)config\.model\.cut: checkpoint 'mixed0', now 'mixed1'.*mixed1"):
+    train.train_and_evaluate(other, workdir)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = tiny_config()
+  config.warmup.epochs, config.finetune.epochs = 2, 0
+  config.warmup.learning_rate = 1e38   # the first update overflows: the next loss is not finite
+  config.checkpoint_every_steps = 1
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r'NaN or infinite at step (\d+).*last good checkpoint \(step 1\)'):
+    train.train_and_evaluate(config, str(tmp_path))
+  with checkpointing.Checkpoints(tmp_path / 'checkpoints', read_only=True) as ckpts:
+    assert ckpts.all_steps() == [1]
+
+
+def test_global_batch_must_divide_by_the_device_count(monkeypatch):
+  monkeypatch.setattr(sharding.jax, 'device_count', lambda: 8)
+  with pytest.raises(ValueError, match=r'batch_size=20 does not divide by the 8 devices.*16'):
+    sharding.check_batch_size(20)
+  sharding.check_batch_size(24)
+
+
+def test_config_errors_name_the_field():
+  config = tiny_config()
+  config.finetune.unfreeze_from = 'mixed5'
+  with pytest.raises(ValueError, match=r"unfreeze_from='mixed5'.*'stem'.*'mixed0'"):
+    train.make_phases(config)
+  config = tiny_config()
+  config.warmup.epochs = config.finetune.epochs = 0
+  with pytest.raises(ValueError, match='Nothing to train'):
+    train.make_phases(config)
+  config = tiny_config()
+  config.early_stopping.metric = 'accuracy'
+  with pytest.raises(ValueError, match='early_stopping.metric must be one of'):
+    train._early_stop(config, {'accuracy': 1.0})
