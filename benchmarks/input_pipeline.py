@@ -1,0 +1,98 @@
+"""Throughput of the training input pipeline, in images per second.
+
+Measures `create_dataset(config, 'train')` as training consumes it (decode, resize, Keras
+augmentation, normalise, batch) on the real image folder, when present, with and without
+config.data.cache_decoded, and on synthetic images ('fake', no decoding), with one tf.data
+thread and with all cores. Prints numbers, asserts nothing; run it on a quiet machine.
+
+    python benchmarks/input_pipeline.py
+    python benchmarks/input_pipeline.py --sources=folder --threads=1,2 --steps=100
+"""
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from hhjax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+DEFAULT_DATA = ROOT.parent / 'shared' / 'data' / 'horse-or-human'
+
+
+def _parse_args():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--data_dir', default=os.environ.get('HHJAX_SHARED_DATA', str(DEFAULT_DATA)),
+                      help='image folder <split>/<class>/<image> (skipped when absent)')
+  parser.add_argument('--sources', default='folder,fake', help='comma-separated: folder, fake')
+  parser.add_argument('--threads', default=f'1,{os.cpu_count()}',
+                      help='comma-separated tf.data thread counts (num_parallel_calls and the '
+                      'private thread pool)')
+  parser.add_argument('--augment', default='on', help="comma-separated: 'on', 'off'")
+  parser.add_argument('--cache_decoded', default='off,on',
+                      help="comma-separated: 'off', 'on' (config.data.cache_decoded; folder only)")
+  parser.add_argument('--batch_size', type=int, default=20)
+  parser.add_argument('--image_size', type=int, default=150)
+  parser.add_argument('--warmup_steps', type=int, default=5)
+  parser.add_argument('--steps', type=int, default=50, help='timed batches per measurement')
+  return parser.parse_args()
+
+
+def _config(args, source: str, threads: int | None, augment: bool, cache: bool = False):
+  config = default.get_config()
+  config.batch_size = args.batch_size
+  config.data.image_size = args.image_size
+  config.data.num_parallel_calls = threads
+  config.data.augment.enabled = augment
+  config.data.cache_decoded = cache
+  config.data.source = source
+  if source == 'folder':
+    config.data.dir = args.data_dir
+    config.data.eval_split = 'validation'
+  else:
+    config.data.fake.num_train_examples = 1024
+  return config
+
+
+def _images_per_second(config, args) -> float:
+  ds = input_pipeline.create_dataset(config, config.data.train_split, process_index=0,
+                                     process_count=1)
+  batches = ds.as_numpy_iterator()
+  for _ in range(args.warmup_steps):
+    next(batches)
+  start = time.perf_counter()
+  for _ in range(args.steps):
+    next(batches)
+  return args.steps * args.batch_size / (time.perf_counter() - start)
+
+
+def main():
+  args = _parse_args()
+  sources = args.sources.split(',')
+  if 'folder' in sources and not os.path.isdir(os.path.join(args.data_dir, 'train')):
+    print(f'No image folder at {args.data_dir}: measuring fake only.')
+    sources.remove('folder')
+  print(f'{os.cpu_count()} CPUs, batch {args.batch_size}, {args.image_size}x{args.image_size}, '
+        f'{args.steps} timed batches after {args.warmup_steps}')
+  if 'folder' in sources:
+    start = time.perf_counter()
+    info = input_pipeline.dataset_info(_config(args, 'folder', None, True))
+    print(f'folder check (decode every file once): {sum(info.num_examples.values())} files in '
+          f'{time.perf_counter() - start:.1f} s')
+  print(f'{"source":8} {"augment":8} {"cached":7} {"threads":>7} {"images/s":>9}')
+  for source in sources:
+    for augment in args.augment.split(','):
+      for cache in args.cache_decoded.split(',') if source == 'folder' else ['off']:
+        for threads in (int(t) for t in args.threads.split(',')):
+          config = _config(args, source, threads, augment == 'on', cache == 'on')
+          rate = _images_per_second(config, args)
+          print(f'{source:8} {augment:8} {cache:7} {threads:7d} {rate:9.0f}', flush=True)
+
+
+if __name__ == '__main__':
+  main()
