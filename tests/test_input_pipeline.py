@@ -393,6 +393,17 @@ def test_tfds_source_under_mock_data():
   assert [int(b['mask'].sum()) for b in test] == [4, 1]
 
 
+def test_tfds_without_network_says_what_to_use_instead(tmp_path, monkeypatch):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  def offline(*args, **kwargs):
+    raise ConnectionError('no route to host')
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', offline)
+  with pytest.raises(RuntimeError, match=r"(?s)no route to host.*source='folder'"):
+    input_pipeline.create_dataset(_config(source='tfds', dir=str(tmp_path)), 'train',
+                                  process_count=1, process_index=0)
+
+
 def test_preview_writes_a_grid_with_class_names(tmp_path):
   root = _make_folder(tmp_path / 'data')
   path = preview.preview_data(_folder_config(root), str(tmp_path / 'work'), num_images=8,
