@@ -18,7 +18,8 @@ GPU and TPU compilers handle 'VALID' and 1x1 convolutions well, so `resolve_swit
 turns the CPU rewrites on for the CPU backend only unless a config says otherwise.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+import dataclasses
 from typing import Any
 
 import jax
@@ -56,6 +57,46 @@ def resolve_switch(value: Any, *, name: str = 'switch', backend: str | None = No
     return False
   raise ValueError(
       f'{name} must be "auto", "on", "off", True or False; found {value!r}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+  """Which rewrites the model applies (all off: the plain Keras-order computation).
+
+  Attributes:
+    fast_convs: stride-1 'VALID' convolutions as pad + crop, 1x1 stride-1 convolutions as
+      matmuls. Forward bit-identical; gradients equal up to float32 summation order.
+    fold_bn: an inference-mode BatchNorm (frozen layers, or fine-tuning with
+      train_bn=False) folded into its convolution's kernel and a bias. Float32 rounding
+      differs slightly (about 1e-6 relative).
+    merge_1x1: the 1x1 convolutions of a block that read the block's input run as one
+      convolution. Same arithmetic per output channel.
+  """
+  fast_convs: bool = False
+  fold_bn: bool = False
+  merge_1x1: bool = False
+
+  @classmethod
+  def from_config(cls, speed: Mapping[str, Any] | None,
+                  backend: str | None = None) -> 'Lowering':
+    """Resolves `config.speed` ('auto' = on for the CPU backend); absent fields are off."""
+    speed = speed or {}
+    return cls(**{f.name: resolve_switch(speed[f.name], name=f'config.speed.{f.name}',
+                                         backend=backend)
+                  for f in dataclasses.fields(cls) if f.name in speed})
+
+
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(name: str | None) -> Any:
+  """config.speed.compute_dtype -> a dtype; parameters stay float32 whatever is chosen."""
+  if name is None:
+    return jnp.float32
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f'config.speed.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}; '
+                     f'found {name!r}.')
+  return COMPUTE_DTYPES[name]
 
 
 def _explicit_pads(padding: PaddingLike, in_hw: Sequence[int], kernel_hw: Sequence[int],

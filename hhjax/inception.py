@@ -19,9 +19,15 @@ each branch (`branch5x5_1` is the 1x1 that feeds `branch5x5_2`); parameter paths
 `batch_stats/mixed6/branch7x7_1/bn/{mean,var}`.
 """
 
+import functools
+from typing import Any
+
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
+
+from hhjax import fast_ops
 
 # Keras's endpoint names, in network order.
 ENDPOINTS = tuple(f'mixed{i}' for i in range(11))
@@ -37,33 +43,92 @@ BN_MOMENTUM = 0.99
 # Keras's default initializer for Conv2D and Dense kernels (Flax defaults to lecun_normal).
 _KERNEL_INIT = nn.initializers.glorot_uniform()
 
+_NO_REWRITES = fast_ops.Lowering()
+
 
 class ConvBN(nn.Module):
   """Keras's `conv2d_bn`: Conv2D (no bias) -> BatchNormalization (no scale) -> ReLU.
 
   The single place where a convolution, its BatchNorm and the ReLU are applied, so that
-  alternative lowerings of the same arithmetic can be switched on here for the whole network.
+  alternative lowerings of the same arithmetic can be switched on here for the whole network
+  (`lowering`, see `hhjax.fast_ops`); the parameters are the same whichever is on.
 
   Attributes:
     features: output channels (Keras `filters`).
     kernel_size: (rows, cols), as Keras's `num_row, num_col`.
     strides: convolution strides.
     padding: 'SAME' or 'VALID', as Keras's 'same'/'valid'.
+    lowering: faster lowerings of the same arithmetic (default: none).
+    dtype: computation dtype (bfloat16 for mixed precision); parameters stay float32.
   """
   features: int
   kernel_size: tuple[int, int]
   strides: tuple[int, int] = (1, 1)
   padding: str = 'SAME'
+  lowering: fast_ops.Lowering = _NO_REWRITES
+  dtype: Any = None
 
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = nn.Conv(self.features, self.kernel_size, strides=self.strides, padding=self.padding,
-                use_bias=False, kernel_init=_KERNEL_INIT, name='conv')(x)
+  def setup(self):
+    self.conv = nn.Conv(
+        self.features, self.kernel_size, strides=self.strides, padding=self.padding,
+        use_bias=False, kernel_init=_KERNEL_INIT, dtype=self.dtype,
+        conv_general_dilated=fast_ops.conv_general_dilated if self.lowering.fast_convs else None)
     # use_fast_variance=False: E[(x - mean)^2] as Keras does, not E[x^2] - mean^2, which loses
     # digits on activations with a large mean.
-    x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                     use_scale=False, use_fast_variance=False, name='bn')(x)
-    return nn.relu(x)
+    self.bn = nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, use_scale=False,
+                           use_fast_variance=False, dtype=self.dtype)
+
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    if self.folds(train):
+      kernel, bias = self.folded()
+      y = self.convolve(x, kernel)
+      return nn.relu(y + bias.astype(y.dtype))
+    return self.bn_relu(self.conv(x), train)
+
+  # The pieces below let a block run several units' convolutions as one (`_merged_1x1`).
+
+  def folds(self, train: bool) -> bool:
+    """Whether this call folds the BatchNorm (inference mode, variables exist)."""
+    return self.lowering.fold_bn and not train and not self.is_initializing()
+
+  def bn_relu(self, y: jax.Array, train: bool) -> jax.Array:
+    """BatchNorm (batch statistics when `train`) and ReLU of this unit's conv output."""
+    return nn.relu(self.bn(y, use_running_average=not train))
+
+  def kernel(self) -> jax.Array:
+    return self.variables['params']['conv']['kernel']
+
+  def folded(self) -> tuple[jax.Array, jax.Array]:
+    """(kernel, bias) of the conv with the inference-mode BatchNorm folded in."""
+    stats = self.variables['batch_stats']['bn']
+    return fast_ops.fold_bn(self.kernel(), self.variables['params']['bn']['bias'],
+                            stats['mean'], stats['var'], BN_EPSILON)
+
+  def convolve(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """This unit's convolution with another kernel of the same height and width."""
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    conv = fast_ops.conv_general_dilated if self.lowering.fast_convs else lax.conv_general_dilated
+    return conv(x, kernel, self.strides, self.padding,
+                dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _merged_1x1(units: list[ConvBN], x: jax.Array, train: bool) -> list[jax.Array] | None:
+  """The units' outputs from one convolution of `x`, or None when merging is off.
+
+  The units are 1x1 ConvBNs that read the same `x`; their kernels are concatenated on the
+  output axis, the result split back, and each piece goes through its own BatchNorm (or the
+  folded biases), so every parameter and statistic stays where the plain path has it. At
+  init the plain path runs (it creates the variables).
+  """
+  first = units[0]
+  if not first.lowering.merge_1x1 or first.is_initializing():
+    return None
+  if first.folds(train):
+    kernels, biases = zip(*(u.folded() for u in units))
+    pieces = fast_ops.merged_conv(x, kernels, biases, conv=first.convolve)
+    return [nn.relu(y) for y in pieces]
+  pieces = fast_ops.merged_conv(x, [u.kernel() for u in units], conv=first.convolve)
+  return [u.bn_relu(y, train) for u, y in zip(units, pieces)]
 
 
 def avg_pool_same(x: jax.Array) -> jax.Array:
@@ -82,47 +147,59 @@ def max_pool_reduce(x: jax.Array) -> jax.Array:
 
 class Stem(nn.Module):
   """The layers before mixed0: five conv-BN units and two max pools."""
+  lowering: fast_ops.Lowering = _NO_REWRITES
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = ConvBN(32, (3, 3), strides=(2, 2), padding='VALID', name='conv_1a_3x3')(x, train)
-    x = ConvBN(32, (3, 3), padding='VALID', name='conv_2a_3x3')(x, train)
-    x = ConvBN(64, (3, 3), name='conv_2b_3x3')(x, train)
+    unit = functools.partial(ConvBN, lowering=self.lowering, dtype=self.dtype)
+    x = unit(32, (3, 3), strides=(2, 2), padding='VALID', name='conv_1a_3x3')(x, train)
+    x = unit(32, (3, 3), padding='VALID', name='conv_2a_3x3')(x, train)
+    x = unit(64, (3, 3), name='conv_2b_3x3')(x, train)
     x = max_pool_reduce(x)
-    x = ConvBN(80, (1, 1), padding='VALID', name='conv_3b_1x1')(x, train)
-    x = ConvBN(192, (3, 3), padding='VALID', name='conv_4a_3x3')(x, train)
+    x = unit(80, (1, 1), padding='VALID', name='conv_3b_1x1')(x, train)
+    x = unit(192, (3, 3), padding='VALID', name='conv_4a_3x3')(x, train)
     return max_pool_reduce(x)
 
 
 class InceptionA(nn.Module):
   """mixed0-mixed2: 1x1 | 1x1 -> 5x5 | 1x1 -> 3x3 -> 3x3 | avgpool -> 1x1."""
   pool_features: int
+  lowering: fast_ops.Lowering = _NO_REWRITES
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    branch1x1 = ConvBN(64, (1, 1), name='branch1x1')(x, train)
+    unit = functools.partial(ConvBN, lowering=self.lowering, dtype=self.dtype)
+    reads_x = [unit(64, (1, 1), name='branch1x1'), unit(48, (1, 1), name='branch5x5_1'),
+               unit(64, (1, 1), name='branch3x3dbl_1')]
+    merged = _merged_1x1(reads_x, x, train)
+    branch1x1 = merged[0] if merged else reads_x[0](x, train)
 
-    branch5x5 = ConvBN(48, (1, 1), name='branch5x5_1')(x, train)
-    branch5x5 = ConvBN(64, (5, 5), name='branch5x5_2')(branch5x5, train)
+    branch5x5 = merged[1] if merged else reads_x[1](x, train)
+    branch5x5 = unit(64, (5, 5), name='branch5x5_2')(branch5x5, train)
 
-    branch3x3dbl = ConvBN(64, (1, 1), name='branch3x3dbl_1')(x, train)
-    branch3x3dbl = ConvBN(96, (3, 3), name='branch3x3dbl_2')(branch3x3dbl, train)
-    branch3x3dbl = ConvBN(96, (3, 3), name='branch3x3dbl_3')(branch3x3dbl, train)
+    branch3x3dbl = merged[2] if merged else reads_x[2](x, train)
+    branch3x3dbl = unit(96, (3, 3), name='branch3x3dbl_2')(branch3x3dbl, train)
+    branch3x3dbl = unit(96, (3, 3), name='branch3x3dbl_3')(branch3x3dbl, train)
 
-    branch_pool = ConvBN(self.pool_features, (1, 1), name='branch_pool')(avg_pool_same(x), train)
+    branch_pool = unit(self.pool_features, (1, 1), name='branch_pool')(avg_pool_same(x), train)
     return jnp.concatenate([branch1x1, branch5x5, branch3x3dbl, branch_pool], axis=-1)
 
 
 class InceptionB(nn.Module):
   """mixed3, a grid reduction: 3x3/2 | 1x1 -> 3x3 -> 3x3/2 | maxpool/2."""
+  lowering: fast_ops.Lowering = _NO_REWRITES
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    branch3x3 = ConvBN(384, (3, 3), strides=(2, 2), padding='VALID', name='branch3x3')(x, train)
+    unit = functools.partial(ConvBN, lowering=self.lowering, dtype=self.dtype)
+    branch3x3 = unit(384, (3, 3), strides=(2, 2), padding='VALID', name='branch3x3')(x, train)
 
-    branch3x3dbl = ConvBN(64, (1, 1), name='branch3x3dbl_1')(x, train)
-    branch3x3dbl = ConvBN(96, (3, 3), name='branch3x3dbl_2')(branch3x3dbl, train)
-    branch3x3dbl = ConvBN(96, (3, 3), strides=(2, 2), padding='VALID',
+    branch3x3dbl = unit(64, (1, 1), name='branch3x3dbl_1')(x, train)
+    branch3x3dbl = unit(96, (3, 3), name='branch3x3dbl_2')(branch3x3dbl, train)
+    branch3x3dbl = unit(96, (3, 3), strides=(2, 2), padding='VALID',
                           name='branch3x3dbl_3')(branch3x3dbl, train)
 
     branch_pool = max_pool_reduce(x)
@@ -132,39 +209,50 @@ class InceptionB(nn.Module):
 class InceptionC(nn.Module):
   """mixed4-mixed7: 1x1 | 1x1 -> 1x7 -> 7x1 | 1x1 -> 7x1 -> 1x7 -> 7x1 -> 1x7 | avgpool -> 1x1."""
   channels_7x7: int
+  lowering: fast_ops.Lowering = _NO_REWRITES
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    unit = functools.partial(ConvBN, lowering=self.lowering, dtype=self.dtype)
     c = self.channels_7x7
-    branch1x1 = ConvBN(192, (1, 1), name='branch1x1')(x, train)
+    reads_x = [unit(192, (1, 1), name='branch1x1'), unit(c, (1, 1), name='branch7x7_1'),
+               unit(c, (1, 1), name='branch7x7dbl_1')]
+    merged = _merged_1x1(reads_x, x, train)
+    branch1x1 = merged[0] if merged else reads_x[0](x, train)
 
-    branch7x7 = ConvBN(c, (1, 1), name='branch7x7_1')(x, train)
-    branch7x7 = ConvBN(c, (1, 7), name='branch7x7_2')(branch7x7, train)
-    branch7x7 = ConvBN(192, (7, 1), name='branch7x7_3')(branch7x7, train)
+    branch7x7 = merged[1] if merged else reads_x[1](x, train)
+    branch7x7 = unit(c, (1, 7), name='branch7x7_2')(branch7x7, train)
+    branch7x7 = unit(192, (7, 1), name='branch7x7_3')(branch7x7, train)
 
-    branch7x7dbl = ConvBN(c, (1, 1), name='branch7x7dbl_1')(x, train)
-    branch7x7dbl = ConvBN(c, (7, 1), name='branch7x7dbl_2')(branch7x7dbl, train)
-    branch7x7dbl = ConvBN(c, (1, 7), name='branch7x7dbl_3')(branch7x7dbl, train)
-    branch7x7dbl = ConvBN(c, (7, 1), name='branch7x7dbl_4')(branch7x7dbl, train)
-    branch7x7dbl = ConvBN(192, (1, 7), name='branch7x7dbl_5')(branch7x7dbl, train)
+    branch7x7dbl = merged[2] if merged else reads_x[2](x, train)
+    branch7x7dbl = unit(c, (7, 1), name='branch7x7dbl_2')(branch7x7dbl, train)
+    branch7x7dbl = unit(c, (1, 7), name='branch7x7dbl_3')(branch7x7dbl, train)
+    branch7x7dbl = unit(c, (7, 1), name='branch7x7dbl_4')(branch7x7dbl, train)
+    branch7x7dbl = unit(192, (1, 7), name='branch7x7dbl_5')(branch7x7dbl, train)
 
-    branch_pool = ConvBN(192, (1, 1), name='branch_pool')(avg_pool_same(x), train)
+    branch_pool = unit(192, (1, 1), name='branch_pool')(avg_pool_same(x), train)
     return jnp.concatenate([branch1x1, branch7x7, branch7x7dbl, branch_pool], axis=-1)
 
 
 class InceptionD(nn.Module):
   """mixed8, a grid reduction: 1x1 -> 3x3/2 | 1x1 -> 1x7 -> 7x1 -> 3x3/2 | maxpool/2."""
+  lowering: fast_ops.Lowering = _NO_REWRITES
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    branch3x3 = ConvBN(192, (1, 1), name='branch3x3_1')(x, train)
-    branch3x3 = ConvBN(320, (3, 3), strides=(2, 2), padding='VALID',
-                       name='branch3x3_2')(branch3x3, train)
+    unit = functools.partial(ConvBN, lowering=self.lowering, dtype=self.dtype)
+    reads_x = [unit(192, (1, 1), name='branch3x3_1'), unit(192, (1, 1), name='branch7x7x3_1')]
+    merged = _merged_1x1(reads_x, x, train)
+    branch3x3 = merged[0] if merged else reads_x[0](x, train)
+    branch3x3 = unit(320, (3, 3), strides=(2, 2), padding='VALID',
+                     name='branch3x3_2')(branch3x3, train)
 
-    branch7x7x3 = ConvBN(192, (1, 1), name='branch7x7x3_1')(x, train)
-    branch7x7x3 = ConvBN(192, (1, 7), name='branch7x7x3_2')(branch7x7x3, train)
-    branch7x7x3 = ConvBN(192, (7, 1), name='branch7x7x3_3')(branch7x7x3, train)
-    branch7x7x3 = ConvBN(192, (3, 3), strides=(2, 2), padding='VALID',
+    branch7x7x3 = merged[1] if merged else reads_x[1](x, train)
+    branch7x7x3 = unit(192, (1, 7), name='branch7x7x3_2')(branch7x7x3, train)
+    branch7x7x3 = unit(192, (7, 1), name='branch7x7x3_3')(branch7x7x3, train)
+    branch7x7x3 = unit(192, (3, 3), strides=(2, 2), padding='VALID',
                          name='branch7x7x3_4')(branch7x7x3, train)
 
     branch_pool = max_pool_reduce(x)
@@ -173,39 +261,45 @@ class InceptionD(nn.Module):
 
 class InceptionE(nn.Module):
   """mixed9, mixed10: 1x1 | 1x1 -> (1x3, 3x1) | 1x1 -> 3x3 -> (1x3, 3x1) | avgpool -> 1x1."""
+  lowering: fast_ops.Lowering = _NO_REWRITES
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    branch1x1 = ConvBN(320, (1, 1), name='branch1x1')(x, train)
+    unit = functools.partial(ConvBN, lowering=self.lowering, dtype=self.dtype)
+    reads_x = [unit(320, (1, 1), name='branch1x1'), unit(384, (1, 1), name='branch3x3_1'),
+               unit(448, (1, 1), name='branch3x3dbl_1')]
+    merged = _merged_1x1(reads_x, x, train)
+    branch1x1 = merged[0] if merged else reads_x[0](x, train)
 
-    branch3x3 = ConvBN(384, (1, 1), name='branch3x3_1')(x, train)
-    branch3x3_a = ConvBN(384, (1, 3), name='branch3x3_2a')(branch3x3, train)
-    branch3x3_b = ConvBN(384, (3, 1), name='branch3x3_2b')(branch3x3, train)
+    branch3x3 = merged[1] if merged else reads_x[1](x, train)
+    branch3x3_a = unit(384, (1, 3), name='branch3x3_2a')(branch3x3, train)
+    branch3x3_b = unit(384, (3, 1), name='branch3x3_2b')(branch3x3, train)
 
-    branch3x3dbl = ConvBN(448, (1, 1), name='branch3x3dbl_1')(x, train)
-    branch3x3dbl = ConvBN(384, (3, 3), name='branch3x3dbl_2')(branch3x3dbl, train)
-    branch3x3dbl_a = ConvBN(384, (1, 3), name='branch3x3dbl_3a')(branch3x3dbl, train)
-    branch3x3dbl_b = ConvBN(384, (3, 1), name='branch3x3dbl_3b')(branch3x3dbl, train)
+    branch3x3dbl = merged[2] if merged else reads_x[2](x, train)
+    branch3x3dbl = unit(384, (3, 3), name='branch3x3dbl_2')(branch3x3dbl, train)
+    branch3x3dbl_a = unit(384, (1, 3), name='branch3x3dbl_3a')(branch3x3dbl, train)
+    branch3x3dbl_b = unit(384, (3, 1), name='branch3x3dbl_3b')(branch3x3dbl, train)
 
-    branch_pool = ConvBN(192, (1, 1), name='branch_pool')(avg_pool_same(x), train)
+    branch_pool = unit(192, (1, 1), name='branch_pool')(avg_pool_same(x), train)
     # Keras concatenates the split pairs first (mixed9_0, ...); on channels that is the same as
     # one flat concatenation in this order.
     return jnp.concatenate([branch1x1, branch3x3_a, branch3x3_b, branch3x3dbl_a, branch3x3dbl_b,
                             branch_pool], axis=-1)
 
 
-def _make_block(name: str) -> nn.Module:
-  """The block module that computes Keras's endpoint `name`."""
+def _make_block(name: str, **kwargs) -> nn.Module:
+  """The block module that computes Keras's endpoint `name` (kwargs: lowering, dtype)."""
   i = ENDPOINTS.index(name)
   if i <= 2:
-    return InceptionA(pool_features=(32, 64, 64)[i], name=name)
+    return InceptionA(pool_features=(32, 64, 64)[i], name=name, **kwargs)
   if i == 3:
-    return InceptionB(name=name)
+    return InceptionB(name=name, **kwargs)
   if i <= 7:
-    return InceptionC(channels_7x7=(128, 160, 160, 192)[i - 4], name=name)
+    return InceptionC(channels_7x7=(128, 160, 160, 192)[i - 4], name=name, **kwargs)
   if i == 8:
-    return InceptionD(name=name)
-  return InceptionE(name=name)
+    return InceptionD(name=name, **kwargs)
+  return InceptionE(name=name, **kwargs)
 
 
 class InceptionV3(nn.Module):
@@ -216,10 +310,16 @@ class InceptionV3(nn.Module):
     include_top: add global average pooling and Dense(num_classes, softmax) named
       'predictions' (needs final_endpoint='mixed10').
     num_classes: outputs of the top.
+    lowering: faster lowerings of the same arithmetic (`hhjax.fast_ops.Lowering`; default
+      none); the variables are the same whichever is on.
+    dtype: computation dtype, e.g. jnp.bfloat16 for mixed precision (None: float32);
+      parameters and BatchNorm statistics stay float32.
   """
   final_endpoint: str = 'mixed10'
   include_top: bool = False
   num_classes: int = 1000
+  lowering: fast_ops.Lowering = _NO_REWRITES
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, *,
@@ -255,10 +355,11 @@ class InceptionV3(nn.Module):
     def block_train(name: str) -> bool:
       return train and BLOCKS.index(name) >= first_trained
 
-    x = Stem(name='stem')(x, block_train('stem'))
+    options = dict(lowering=self.lowering, dtype=self.dtype)
+    x = Stem(name='stem', **options)(x, block_train('stem'))
     endpoints = {}
     for name in ENDPOINTS[:ENDPOINTS.index(self.final_endpoint) + 1]:
-      x = _make_block(name)(x, block_train(name))
+      x = _make_block(name, **options)(x, block_train(name))
       endpoints[name] = x
     if self.include_top:
       x = jnp.mean(x, axis=(1, 2))
