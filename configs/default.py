@@ -73,6 +73,21 @@ def get_config() -> ml_collections.ConfigDict:
   model.hidden = 1024
   model.dropout = 0.2
 
+  # ---------------------------------------------------------------- speed
+  # Faster ways to compute the same model (benchmarks/README.md). 'auto' turns a rewrite on for
+  # the CPU backend, where it was measured to help, and off on GPU/TPU; 'on'/'off' force it.
+  config.speed = speed = ml_collections.ConfigDict()
+  # Stride-1 'VALID' convolutions as pad + crop, 1x1 convolutions as matmuls: same outputs.
+  speed.fast_convs = 'auto'
+  # Each inference-mode BatchNorm (frozen blocks; fine-tuning with train_bn=False) folded into
+  # its convolution: differs from the unfolded model by float32 rounding only.
+  speed.fold_bn = 'auto'
+  # The 1x1 convolutions of a block that read its input run as one convolution.
+  speed.merge_1x1 = 'auto'
+  # 'bfloat16': mixed precision for GPU/TPU (parameters, statistics and loss stay float32).
+  # Slower on CPUs, which lack bfloat16 matrix units.
+  speed.compute_dtype = 'float32'
+
   # ---------------------------------------------------------------- optimizer
   config.optimizer = opt = ml_collections.ConfigDict()
   opt.name = 'rmsprop'                     # Keras RMSprop semantics.

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from hhjax import fast_ops
 from hhjax import inception
 
 HEADS = ('flatten', 'gap')
@@ -45,11 +46,14 @@ class Head(nn.Module):
     kind: 'flatten' (the seed) or 'gap' (global average pooling, far fewer parameters).
     hidden: width of the hidden Dense layer; 0 leaves it out.
     dropout: dropout rate after the hidden layer.
+    dtype: computation dtype (bfloat16 for mixed precision); parameters stay float32 and the
+      logits come out float32 for the loss.
   """
   outputs: int
   kind: str = 'flatten'
   hidden: int = 1024
   dropout: float = 0.2
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -61,12 +65,13 @@ class Head(nn.Module):
       raise ValueError(f'config.model.head must be one of {HEADS}, got {self.kind!r}.')
     if self.hidden:
       x = nn.Dense(self.hidden, kernel_init=_DENSE_KERNEL_INIT, bias_init=_DENSE_BIAS_INIT,
-                   name='hidden')(x)
+                   dtype=self.dtype, name='hidden')(x)
       x = nn.relu(x)
     if self.dropout:
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(self.outputs, kernel_init=_DENSE_KERNEL_INIT, bias_init=_DENSE_BIAS_INIT,
-                    name='output')(x)
+    x = nn.Dense(self.outputs, kernel_init=_DENSE_KERNEL_INIT, bias_init=_DENSE_BIAS_INIT,
+                 dtype=self.dtype, name='output')(x)
+    return x.astype(jnp.float32)
 
 
 class Classifier(nn.Module):
@@ -78,12 +83,17 @@ class Classifier(nn.Module):
     head: 'flatten' or 'gap'.
     hidden: hidden Dense width (0: none).
     dropout: dropout rate of the head.
+    lowering: faster lowerings of the backbone's arithmetic (`hhjax.fast_ops.Lowering`,
+      from config.speed); the variables are the same whichever is on.
+    dtype: computation dtype (config.speed.compute_dtype); parameters stay float32.
   """
   cut: str = 'mixed7'
   num_classes: int = 2
   head: str = 'flatten'
   hidden: int = 1024
   dropout: float = 0.2
+  lowering: fast_ops.Lowering = fast_ops.Lowering()
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, *,
@@ -98,10 +108,11 @@ class Classifier(nn.Module):
         BatchNorms from that block on with batch statistics and updates their moving
         averages (apply with `mutable=['batch_stats']`).
     """
-    features = inception.InceptionV3(final_endpoint=self.cut, name='backbone')(
+    features = inception.InceptionV3(final_endpoint=self.cut, lowering=self.lowering,
+                                     dtype=self.dtype, name='backbone')(
         x, train=bn_train_from is not None, train_from=bn_train_from)[self.cut]
     return Head(num_outputs(self.num_classes), self.head, self.hidden, self.dropout,
-                name='head')(features, train)
+                dtype=self.dtype, name='head')(features, train)
 
 
 def check_cut(cut: str) -> None:
@@ -117,14 +128,20 @@ def backbone_blocks(cut: str) -> tuple[str, ...]:
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> Classifier:
-  """The classifier that `config.model` describes, for `num_classes` classes."""
+  """The classifier that `config.model` describes, for `num_classes` classes.
+
+  `config.speed` (optional) picks the backbone's lowerings ('auto': on for the CPU backend)
+  and the compute dtype.
+  """
   m = config.model
   check_cut(m.cut)
   if m.head not in HEADS:
     raise ValueError(f'config.model.head must be one of {HEADS}, got {m.head!r}.')
   num_outputs(num_classes)
+  speed = config.get('speed') or {}
   return Classifier(cut=m.cut, num_classes=num_classes, head=m.head, hidden=int(m.hidden),
-                    dropout=float(m.dropout))
+                    dropout=float(m.dropout), lowering=fast_ops.Lowering.from_config(speed),
+                    dtype=fast_ops.compute_dtype(speed.get('compute_dtype')))
 
 
 def probabilities(logits: jax.Array) -> jax.Array:

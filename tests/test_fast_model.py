@@ -154,3 +154,22 @@ def test_rewritten_network_matches_tf_keras_within_parity_bar(keras_notop):
   ours = jax.jit(k.model.clone(lowering=ALL_ON).apply)(k.variables, x)
   errors = {name: max_relative_error(ours[name], theirs[name]) for name in theirs}
   assert max(errors.values()) <= 1e-4, errors
+
+
+def test_config_speed_switches_reach_the_classifier():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from hhjax import models  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  auto = models.create_model(config, 2)
+  expected = jax.default_backend() == 'cpu'
+  assert auto.lowering == fast_ops.Lowering(expected, expected, expected)
+  assert auto.dtype == jnp.float32
+  config.speed.fold_bn = 'off'
+  config.speed.merge_1x1 = 'on'
+  config.speed.compute_dtype = 'bfloat16'
+  model = models.create_model(config, 2)
+  assert (model.lowering.fold_bn, model.lowering.merge_1x1) == (False, True)
+  assert model.dtype == jnp.bfloat16
+  config.speed.fold_bn = 'sometimes'
+  with pytest.raises(ValueError, match='config.speed.fold_bn'):
+    models.create_model(config, 2)
