@@ -97,7 +97,7 @@ class Classifier(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, *,
-               bn_train_from: str | None = None) -> jax.Array:
+               bn_train_from: str | None = None, from_features: bool = False) -> jax.Array:
     """Logits for images `x` (NHWC float32).
 
     Args:
@@ -107,10 +107,15 @@ class Classifier(nn.Module):
         Keras's fine-tuning default here); a block name ('stem', 'mixed0', ...) runs the
         BatchNorms from that block on with batch statistics and updates their moving
         averages (apply with `mutable=['batch_stats']`).
+      from_features: `x` is already the backbone's output at `cut` (cached features,
+        `hhjax.feature_cache`): only the head runs, with its usual parameters and dropout keys.
     """
-    features = inception.InceptionV3(final_endpoint=self.cut, lowering=self.lowering,
-                                     dtype=self.dtype, name='backbone')(
-        x, train=bn_train_from is not None, train_from=bn_train_from)[self.cut]
+    if from_features:
+      features = x
+    else:
+      features = inception.InceptionV3(final_endpoint=self.cut, lowering=self.lowering,
+                                       dtype=self.dtype, name='backbone')(
+          x, train=bn_train_from is not None, train_from=bn_train_from)[self.cut]
     return Head(num_outputs(self.num_classes), self.head, self.hidden, self.dropout,
                 dtype=self.dtype, name='head')(features, train)
 

@@ -1,0 +1,186 @@
+"""Train the head on backbone features computed once (config.speed.cache_features).
+
+With augmentation off and the backbone frozen (the warm-up), every training image goes
+through the same fixed function, the backbone, at every epoch. Computing its output once per
+image and training the head on that cache gives the same steps for a fraction of the cost:
+the same examples in the same order (the input pipeline's `train_index_stream`), the same
+dropout keys, the same head arithmetic. The only difference is float32 rounding in the
+backbone, which now sees the images in evaluation-sized batches.
+
+The evaluation split gets the same treatment while the phase lasts: its features are computed
+once with the phase's (frozen) backbone.
+
+Only a single process is supported (the cache is held whole on every device); elsewhere, and
+when the cache would exceed `config.speed.cache_features_max_mb`, training runs as usual.
+"""
+
+from collections.abc import Callable, Iterator, Mapping
+import dataclasses
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from hhjax import inception
+from hhjax import optim
+from hhjax import sharding
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadOnFeatures:
+  """A Classifier seen through `apply(variables, features, ...)`: only its head runs.
+
+  The head keeps its place in the Classifier's tree, so its parameters and its dropout keys
+  are those of the full model.
+  """
+  model: Any
+
+  def apply(self, variables: PyTree, features: jax.Array, *args, **kwargs):
+    return self.model.apply(variables, features, *args, from_features=True, **kwargs)
+
+
+def _why_not(config: ml_collections.ConfigDict, phase: Any, labels: PyTree) -> str | None:
+  """Why the phase cannot train on cached features (None: it can)."""
+  if config.data.augment.enabled:
+    return 'augmentation is on (config.data.augment.enabled): every epoch sees new images'
+  if phase.bn_train_from is not None:
+    return 'BatchNorms train with batch statistics in this phase'
+  if any(label != optim.FREEZE for label in jax.tree.leaves(labels.get('backbone', {}))):
+    return 'parts of the backbone train in this phase'
+  if jax.process_count() > 1:
+    return 'the cache is single-process only'
+  return None
+
+
+def wanted(config: ml_collections.ConfigDict, phase: Any, labels: PyTree) -> bool:
+  """Whether `phase` trains on cached features, per config.speed.cache_features.
+
+  'auto' (the default): whenever the phase allows it. 'on': the same, but a phase that does
+  not allow it is an error that says why. 'off': never.
+  """
+  value = (config.get('speed') or {}).get('cache_features', 'off')
+  value = {True: 'on', False: 'off', None: 'auto'}.get(value, value)
+  if value not in ('auto', 'on', 'off'):
+    raise ValueError(f'config.speed.cache_features must be "auto", "on" or "off"; found '
+                     f'{value!r}.')
+  if value == 'off':
+    return False
+  reason = _why_not(config, phase, labels)
+  if reason and value == 'on':
+    raise ValueError(f'config.speed.cache_features="on" but phase {phase.name!r} cannot train '
+                     f'on cached features: {reason}. Use "auto" to cache only where possible.')
+  return reason is None
+
+
+def _backbone(model) -> inception.InceptionV3:
+  return inception.InceptionV3(final_endpoint=model.cut, lowering=model.lowering,
+                               dtype=model.dtype)
+
+
+def compute_features(model, params: PyTree, batch_stats: PyTree,
+                     config: ml_collections.ConfigDict, split: str,
+                     mesh: jax.sharding.Mesh) -> list[dict[str, np.ndarray]]:
+  """The backbone's output for one pass of `split`, as the eval pipeline batches it.
+
+  Returns:
+    The padded batches of the pass, {'image': features, 'label', 'mask'} as numpy arrays.
+  """
+  from hhjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  backbone = _backbone(model)
+  repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  forward = jax.jit(
+      lambda p, s, x: backbone.apply({'params': p, 'batch_stats': s}, x)[model.cut],
+      in_shardings=(repl, repl, data), out_shardings=data)
+  p, s = params['backbone'], batch_stats.get('backbone', {})
+  batches = []
+  for batch in input_pipeline.create_dataset(config, split, training=False).as_numpy_iterator():
+    features = forward(p, s, sharding.to_global({'image': batch['image']}, mesh)['image'])
+    batches.append({'image': np.asarray(jax.device_get(features)), 'label': batch['label'],
+                    'mask': batch['mask']})
+  return batches
+
+
+class _Batches:
+  """Cached batches that quack like the tf.data eval dataset (`as_numpy_iterator`)."""
+
+  def __init__(self, batches: list[dict[str, np.ndarray]]):
+    self._batches = batches
+
+  def as_numpy_iterator(self) -> Iterator[dict[str, np.ndarray]]:
+    return iter(self._batches)
+
+
+class FeatureCache:
+  """One phase's cached features: the train split's (on the devices) and the eval split's."""
+
+  def __init__(self, model, state: PyTree, config: ml_collections.ConfigDict,
+               mesh: jax.sharding.Mesh):
+    self.model = model
+    self.head_model = HeadOnFeatures(model)
+    self._config = config
+    self._mesh = mesh
+    train = compute_features(model, state['params'], state['batch_stats'], config,
+                             config.data.train_split, mesh)
+    mask = np.concatenate([b['mask'] for b in train])
+    features = np.concatenate([b['image'] for b in train])[mask]
+    self.labels = np.concatenate([b['label'] for b in train])[mask].astype(np.int32)
+    self.num_examples = len(self.labels)
+    # Held whole on every device: each step gathers its batch from it.
+    self.features = jax.device_put(features, sharding.replicated(mesh))
+    self.eval_dataset = _Batches(compute_features(
+        model, state['params'], state['batch_stats'], config, config.data.eval_split, mesh))
+    logging.info('Cached the backbone features of %d training images (%.0f MB on each device) '
+                 'and of the %r split: this phase trains only the head.', self.num_examples,
+                 features.nbytes / 2**20, config.data.eval_split)
+
+  def batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+    """{'index', 'label'} per step from `start_step` on, in the input pipeline's order."""
+    from hhjax import input_pipeline  # pylint: disable=g-import-not-at-top
+    stream = input_pipeline.train_index_stream(
+        self.num_examples, int(self._config.seed), int(self._config.batch_size),
+        start_step=start_step).batch(int(self._config.batch_size))
+    for _, indices in stream.as_numpy_iterator():
+      indices = indices.astype(np.int32)
+      yield {'index': indices, 'label': self.labels[indices]}
+
+  def train_step(self, step_on_features: Callable[[PyTree, PyTree], PyTree]
+                 ) -> Callable[[PyTree, Mapping[str, Any]], PyTree]:
+    """Wraps a train step built on `head_model` into `(state, {'index', 'label'}) -> state`."""
+    repl, data = sharding.replicated(self._mesh), sharding.data_sharded(self._mesh)
+
+    def step(state, batch, features):
+      images = jnp.take(features, batch['index'], axis=0)
+      return step_on_features(state, {'image': images, 'label': batch['label']})
+
+    jitted = jax.jit(step, in_shardings=(repl, data, repl), out_shardings=repl,
+                     donate_argnums=0)
+    return lambda state, batch: jitted(state, batch, self.features)
+
+
+def estimated_mb(model, config: ml_collections.ConfigDict, num_examples: int) -> float:
+  """The train cache's size in MiB (features of every training image)."""
+  size = int(config.data.image_size)
+  shape = jax.eval_shape(
+      lambda x: _backbone(model).init_with_output(jax.random.PRNGKey(0), x)[0][model.cut],
+      jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+  return num_examples * int(np.prod(shape.shape)) * jnp.dtype(shape.dtype).itemsize / 2**20
+
+
+def for_phase(model, phase: Any, labels: PyTree, state: PyTree,
+              config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+              num_examples: int) -> FeatureCache | None:
+  """The phase's feature cache, or None when the phase trains on images as usual."""
+  if not wanted(config, phase, labels):
+    return None
+  limit = float((config.get('speed') or {}).get('cache_features_max_mb', 4096))
+  mb = estimated_mb(model, config, num_examples)
+  if mb > limit:
+    logging.info('Not caching backbone features: %.0f MB > config.speed.cache_features_max_mb '
+                 '= %.0f.', mb, limit)
+    return None
+  return FeatureCache(model, state, config, mesh)

@@ -1,0 +1,121 @@
+"""Training the head on cached backbone features takes the steps training on images takes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import smoke
+from hhjax import feature_cache
+from hhjax import input_pipeline
+from hhjax import models
+from hhjax import optim
+from hhjax import sharding
+from hhjax import train
+
+STEPS = 4
+
+
+def small_config():
+  config = smoke.get_config()
+  config.data.augment.enabled = False
+  config.data.fake.num_train_examples = 10   # not a multiple of the batch: epochs straddle
+  config.finetune.epochs = 0
+  return config
+
+
+@pytest.fixture(scope='module')
+def setup():
+  config = small_config()
+  mesh = sharding.make_mesh()
+  model = models.create_model(config, config.data.fake.num_classes)
+  phase = train.make_phases(config)[0]
+  variables = train.init_variables(model, config)
+  # Nonzero BatchNorm statistics, so that the cached backbone does real work.
+  rng = np.random.default_rng(0)
+  variables['batch_stats'] = jax.tree.map(
+      lambda v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape), jnp.float32),
+      variables['batch_stats'])
+  labels = optim.param_labels(variables['params'], phase.rules)
+  tx = train.make_optimizer(config, phase, labels)
+  state = train.build_state(variables, tx, config.seed)
+  return config, mesh, model, phase, labels, tx, state
+
+
+def test_cached_steps_equal_steps_on_images(setup):
+  config, mesh, model, phase, labels, tx, state = setup
+  assert feature_cache.wanted(config, phase, labels)
+  repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  start = 3   # resume mid-epoch: the cache follows the pipeline's stream from any step
+  state = dict(state, step=jnp.asarray(start, jnp.int32))
+
+  step = jax.jit(train.make_train_step(model, phase, labels, tx), in_shardings=(repl, data),
+                 out_shardings=repl)
+  on_images, stream = state, input_pipeline.create_dataset(
+      config, config.data.train_split, start_step=start).as_numpy_iterator()
+  image_labels = []
+  for _ in range(STEPS):
+    batch = next(stream)
+    image_labels.append(batch['label'])
+    on_images = step(on_images, sharding.to_global(batch, mesh))
+
+  cache = feature_cache.FeatureCache(model, state, config, mesh)
+  assert cache.num_examples == config.data.fake.num_train_examples
+  cached_step = cache.train_step(train.make_train_step(cache.head_model, phase, labels, tx))
+  # The cached step donates its state, as training does: give it a copy.
+  on_features, batches = jax.tree.map(jnp.copy, state), cache.batches(start_step=start)
+  for expected_labels in image_labels:
+    batch = next(batches)
+    np.testing.assert_array_equal(batch['label'], expected_labels)
+    on_features = cached_step(on_features, sharding.to_global(batch, mesh))
+
+  assert int(on_features['step']) == int(on_images['step']) == start + STEPS
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               on_features['params']['head'], on_images['params']['head'])
+  jax.tree.map(np.testing.assert_array_equal, on_features['params']['backbone'],
+               state['params']['backbone'])
+  np.testing.assert_allclose(on_features['metrics']['loss_sum'],
+                             on_images['metrics']['loss_sum'], rtol=1e-5)
+  assert int(on_features['metrics']['correct']) == int(on_images['metrics']['correct'])
+
+
+def test_cached_eval_batches_hold_the_backbone_output(setup):
+  config, mesh, model, _, _, _, state = setup
+  batches = feature_cache.compute_features(model, state['params'], state['batch_stats'],
+                                           config, config.data.eval_split, mesh)
+  images = next(input_pipeline.create_dataset(config, config.data.eval_split)
+                .as_numpy_iterator())
+  full = jax.jit(lambda v, x: model.apply(v, x))(
+      {'params': state['params'], 'batch_stats': state['batch_stats']}, images['image'])
+  head = jax.jit(lambda v, x: model.apply(v, x, from_features=True))(
+      {'params': state['params'], 'batch_stats': state['batch_stats']}, batches[0]['image'])
+  np.testing.assert_allclose(head, full, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(batches[0]['mask'], images['mask'])
+  total = sum(int(b['mask'].sum()) for b in batches)
+  assert total == config.data.fake.num_eval_examples
+
+
+@pytest.mark.parametrize('change,reason', [
+    (lambda c: c.data.augment.__setattr__('enabled', True), 'augmentation is on'),
+])
+def test_cache_on_where_impossible_says_why(setup, change, reason):
+  config, _, _, phase, labels, _, _ = setup
+  config = small_config()
+  change(config)
+  assert not feature_cache.wanted(config, phase, labels)   # 'auto' steps aside quietly
+  config.speed.cache_features = 'on'
+  with pytest.raises(ValueError, match=reason):
+    feature_cache.wanted(config, phase, labels)
+
+
+def test_cache_is_not_used_when_the_backbone_trains(setup):
+  config, _, model, _, _, _, state = setup
+  config = small_config()
+  config.finetune.epochs = 1
+  phase = train.make_phases(config)[1]
+  labels = optim.param_labels(state['params'], phase.rules)
+  assert not feature_cache.wanted(config, phase, labels)
+  config.speed.cache_features = 'off'
+  warmup = train.make_phases(config)[0]
+  assert not feature_cache.wanted(
+      config, warmup, optim.param_labels(state['params'], warmup.rules))
