@@ -86,6 +86,9 @@ class Classifier(nn.Module):
     lowering: faster lowerings of the backbone's arithmetic (`hhjax.fast_ops.Lowering`,
       from config.speed); the variables are the same whichever is on.
     dtype: computation dtype (config.speed.compute_dtype); parameters stay float32.
+    preprocessing: how uint8 images are normalised on the device ('inception': x / 127.5 - 1,
+      'rescale': x / 255), bit-identical to the input pipeline's float32 normalisation;
+      float images are taken as already normalised.
   """
   cut: str = 'mixed7'
   num_classes: int = 2
@@ -94,14 +97,16 @@ class Classifier(nn.Module):
   dropout: float = 0.2
   lowering: fast_ops.Lowering = fast_ops.Lowering()
   dtype: Any = None
+  preprocessing: str = 'inception'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, *,
                bn_train_from: str | None = None, from_features: bool = False) -> jax.Array:
-    """Logits for images `x` (NHWC float32).
+    """Logits for images `x` (NHWC).
 
     Args:
-      x: images as the input pipeline produces them.
+      x: images as the input pipeline produces them: float32 and normalised, or uint8
+        pixels that are normalised here, on the device.
       train: dropout on.
       bn_train_from: None keeps every BatchNorm in inference mode (Keras's frozen layers, and
         Keras's fine-tuning default here); a block name ('stem', 'mixed0', ...) runs the
@@ -113,6 +118,7 @@ class Classifier(nn.Module):
     if from_features:
       features = x
     else:
+      x = fast_ops.normalize_images(x, self.preprocessing)
       features = inception.InceptionV3(final_endpoint=self.cut, lowering=self.lowering,
                                        dtype=self.dtype, name='backbone')(
           x, train=bn_train_from is not None, train_from=bn_train_from)[self.cut]
@@ -146,7 +152,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> Classif
   speed = config.get('speed') or {}
   return Classifier(cut=m.cut, num_classes=num_classes, head=m.head, hidden=int(m.hidden),
                     dropout=float(m.dropout), lowering=fast_ops.Lowering.from_config(speed),
-                    dtype=fast_ops.compute_dtype(speed.get('compute_dtype')))
+                    dtype=fast_ops.compute_dtype(speed.get('compute_dtype')),
+                    preprocessing=config.data.preprocessing)
 
 
 def probabilities(logits: jax.Array) -> jax.Array:

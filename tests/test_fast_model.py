@@ -173,3 +173,18 @@ def test_config_speed_switches_reach_the_classifier():
   config.speed.fold_bn = 'sometimes'
   with pytest.raises(ValueError, match='config.speed.fold_bn'):
     models.create_model(config, 2)
+
+
+def test_classifier_normalises_uint8_images_on_the_device_as_the_pipeline_does():
+  from configs import smoke  # pylint: disable=g-import-not-at-top
+  from hhjax import input_pipeline, models  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  config = smoke.get_config()
+  pixels = np.random.default_rng(3).integers(0, 256, (2, 75, 75, 3)).astype(np.uint8)
+  for preprocessing in ('inception', 'rescale'):
+    config.data.preprocessing = preprocessing
+    model = models.create_model(config, 2)
+    floats = input_pipeline.normalize(tf.constant(pixels), preprocessing).numpy()
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), floats)
+    apply = jax.jit(model.apply)
+    np.testing.assert_array_equal(apply(variables, pixels), apply(variables, floats))
