@@ -35,6 +35,10 @@ flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'],
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.config is None and FLAGS.mode in ('train', 'preview_data'):
+    raise app.UsageError(f'--mode={FLAGS.mode} needs --config=configs/....py')
+  if FLAGS.mode == 'predict' and not FLAGS.images:
+    raise app.UsageError('--mode=predict needs --images=FILE_FOLDER_OR_GLOB (repeatable).')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
 
@@ -42,11 +46,7 @@ def main(argv):
   sharding.maybe_initialize_distributed()
   from hhjax import train  # pylint: disable=g-import-not-at-top
 
-  config = FLAGS.config
-  if config is None:
-    if FLAGS.mode in ('train', 'preview_data'):
-      raise app.UsageError(f'--mode={FLAGS.mode} needs --config=configs/....py')
-    config = train.load_config(FLAGS.workdir)
+  config = FLAGS.config if FLAGS.config is not None else train.load_config(FLAGS.workdir)
 
   try:
     if FLAGS.mode == 'train':
@@ -54,8 +54,6 @@ def main(argv):
     elif FLAGS.mode == 'eval':
       train.evaluate(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint)
     elif FLAGS.mode == 'predict':
-      if not FLAGS.images:
-        raise app.UsageError('--mode=predict needs --images=FILE_FOLDER_OR_GLOB (repeatable).')
       train.predict(config, FLAGS.workdir, FLAGS.images, checkpoint=FLAGS.checkpoint)
     elif FLAGS.mode == 'preview_data':
       from hhjax import preview  # pylint: disable=g-import-not-at-top

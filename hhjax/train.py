@@ -486,6 +486,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tx = make_optimizer(config, phases[0], labels)
     state = jax.jit(lambda v: build_state(v, tx, config.seed), out_shardings=repl)(variables)
     progress = Progress()
+    writer.truncate_after(0)   # rows of an earlier attempt killed before its first checkpoint
 
   evaluator = _Evaluator(model, config, num_classes, mesh)
   step = int(jax.device_get(state['step']))

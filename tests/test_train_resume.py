@@ -1,0 +1,115 @@
+"""A run killed with SIGKILL (during a checkpoint save, and mid-step) and restarted with the same
+command ends with exactly the parameters, optimizer state and metrics of an uninterrupted run."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from hhjax import checkpointing
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# 2 warm-up epochs + 1 fine-tuning epoch of 3 steps, a checkpoint after every step.
+FLAGS = ['--config.model.cut=mixed0', '--config.finetune.unfreeze_from=mixed0',
+         '--config.model.hidden=8', '--config.batch_size=2', '--config.steps_per_epoch=3',
+         '--config.warmup.epochs=2', '--config.finetune.epochs=1',
+         '--config.checkpoint_every_steps=1', '--config.log_every_steps=1',
+         '--config.keep_checkpoints=2', '--config.data.fake.num_train_examples=16',
+         '--config.data.fake.num_eval_examples=4']
+LAST_STEP = 9
+TMP_SUFFIX = '.orbax-checkpoint-tmp'
+
+
+def _command(workdir):
+  return [sys.executable, str(ROOT / 'main.py'), '--config=' + str(ROOT / 'configs/smoke.py'),
+          f'--workdir={workdir}', *FLAGS]
+
+
+def _env(cache):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(cache))
+  env.pop('XLA_FLAGS', None)
+  return env
+
+
+def _steps(ckpt_dir):
+  """(finished steps, steps being saved) in a checkpoint directory."""
+  try:
+    names = os.listdir(ckpt_dir)
+  except FileNotFoundError:
+    return [], []
+  done = sorted(int(n) for n in names if n.isdigit())
+  saving = sorted(int(n.split('.')[0]) for n in names if TMP_SUFFIX in n)
+  return done, saving
+
+
+def _kill_when(workdir, env, condition, what):
+  """Starts the run and SIGKILLs it as soon as `condition(done, saving)` holds."""
+  proc = subprocess.Popen(_command(workdir), env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  deadline = time.time() + 300
+  try:
+    while time.time() < deadline:
+      done, saving = _steps(ckpt_dir)
+      if condition(done, saving):
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return done, saving
+      if proc.poll() is not None:
+        raise AssertionError(f'The run ended before it could be killed {what}: '
+                             f'{proc.stderr.read()[-3000:]}')
+      time.sleep(0.002)
+    raise AssertionError(f'Timed out waiting to kill the run {what}.')
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
+def _final_state(workdir):
+  with checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'), read_only=True) as c:
+    assert c.latest_step() == LAST_STEP
+    return c.restore_arrays(LAST_STEP)
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_killed_and_restarted_run_ends_like_an_uninterrupted_one(tmp_path):
+  env = _env(tmp_path / 'jax_cache')   # later runs reuse the first run's compilations
+  reference, resumed = tmp_path / 'reference', tmp_path / 'resumed'
+  proc = subprocess.run(_command(reference), env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  # 1. Killed while a checkpoint is being written (its temporary directory exists).
+  done, saving = _kill_when(resumed, env, lambda d, s: d and s and s[-1] >= 3,
+                            'during a checkpoint save')
+  assert saving, 'no save was in progress at the kill'
+  # 2. Restarted, then killed again at an arbitrary point once it got further.
+  first_resume = done[-1]
+  done, _ = _kill_when(resumed, env, lambda d, s: d and d[-1] >= first_resume + 2,
+                       'after resuming')
+  assert done[-1] < LAST_STEP
+  # 3. Restarted once more, to the end.
+  proc = subprocess.run(_command(resumed), env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Resuming from step' in proc.stderr
+
+  want, got = _final_state(reference), _final_state(resumed)
+  want_leaves = jax.tree_util.tree_flatten_with_path(want)[0]
+  got_leaves = dict(jax.tree_util.tree_flatten_with_path(got)[0])
+  assert len(want_leaves) == len(got_leaves) > 0
+  for path, value in want_leaves:   # params, batch stats, optimizer state, RNG, step, metrics
+    np.testing.assert_array_equal(got_leaves[path], value, err_msg=jax.tree_util.keystr(path))
+  # The per-epoch record is the same too: no epoch lost or written twice.
+  assert _rows(resumed) == _rows(reference)
+  assert not any(TMP_SUFFIX in n for n in os.listdir(resumed / 'checkpoints'))
