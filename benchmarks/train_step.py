@@ -11,6 +11,9 @@ same shardings and donation), timed after compilation. Cases:
   finetune_all     every layer trainable, BatchNorm on batch statistics: what Keras does with
                    every layer trainable, the case to compare with keras_reference.py.
   finetune_all_bn_frozen  every layer trainable, BatchNorm in inference mode.
+  warmup_cached    the warm-up step on cached backbone features (config.speed.cache_features,
+                   which training uses when augmentation is off): the head alone, its batch
+                   gathered on the device from the features of --cache_examples images.
 
     python benchmarks/train_step.py                       # default cases
     python benchmarks/train_step.py --cases=warmup --set speed.fold_bn=off
@@ -35,13 +38,15 @@ import common  # pylint: disable=g-import-not-at-top
 # case -> (phase name, config overrides)
 CASES = {
     'warmup': ('warmup', {}),
+    'warmup_cached': ('warmup', {}),
     'finetune_mixed6': ('finetune', {'finetune.unfreeze_from': 'mixed6',
                                      'finetune.train_bn': False}),
     'finetune_all': ('finetune', {'finetune.unfreeze_from': 'stem', 'finetune.train_bn': True}),
     'finetune_all_bn_frozen': ('finetune', {'finetune.unfreeze_from': 'stem',
                                             'finetune.train_bn': False}),
 }
-DEFAULT_CASES = ('warmup', 'finetune_mixed6', 'finetune_all')
+DEFAULT_CASES = ('warmup', 'finetune_mixed6', 'finetune_all', 'warmup_cached')
+CACHED = ('warmup_cached',)
 
 
 def _parse_value(text: str):
@@ -87,7 +92,7 @@ def make_config(case: str, batch_size: int, image_size: int, overrides: list[str
   return config
 
 
-def _flops_per_image(case: str, config, state, batch) -> float | None:
+def _flops_per_image(case: str, config, state, batch, extra) -> float | None:
   """XLA's float op count of the case's step for the plain model (speed rewrites off).
 
   The speed rewrites keep the parameter tree, so the plain step lowers on the same state.
@@ -99,7 +104,7 @@ def _flops_per_image(case: str, config, state, batch) -> float | None:
       plain.speed[key] = 'off'
   step = build_step(plain, case)[0]
   try:
-    cost = jax.jit(step).lower(state, batch).cost_analysis()
+    cost = jax.jit(step).lower(state, batch, *extra).cost_analysis()
   except Exception:  # pylint: disable=broad-except
     return None
   if isinstance(cost, (list, tuple)):
@@ -109,22 +114,38 @@ def _flops_per_image(case: str, config, state, batch) -> float | None:
 
 
 def build_step(config, case: str):
-  """(train step, not jitted; model; parameter labels; optimizer) for the case."""
+  """(train step, not jitted; model; parameter labels; optimizer) for the case.
+
+  The step is `(state, batch) -> state`, or `(state, batch, features) -> state` for the
+  cached case, whose batch holds indices into `features`.
+  """
   import jax
-  from hhjax import models, optim, train  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  from hhjax import feature_cache, models, optim, train  # pylint: disable=g-import-not-at-top
   model = models.create_model(config, num_classes=2)
   phase = next(p for p in train.make_phases(config) if p.name == CASES[case][0])
   abstract = jax.eval_shape(lambda: train.init_variables(model, config))
   labels = optim.param_labels(abstract['params'], phase.rules)
   tx = train.make_optimizer(config, phase, labels)
-  return train.make_train_step(model, phase, labels, tx), model, labels, tx
+  if case not in CACHED:
+    return train.make_train_step(model, phase, labels, tx), model, labels, tx
+  # As feature_cache.FeatureCache.train_step builds it.
+  on_features = train.make_train_step(feature_cache.HeadOnFeatures(model), phase, labels, tx)
+
+  def step(state, batch, features):
+    images = jnp.take(features, batch['index'], axis=0)
+    return on_features(state, {'image': images, 'label': batch['label']})
+  return step, model, labels, tx
 
 
-def build(config, case: str):
-  """(jitted step, state, batch, trainable parameter count, model), as train.py jits it."""
+def build(config, case: str, image_dtype: str = 'float32', cache_examples: int = 1027):
+  """(jitted step, state, batch, extra step arguments, trainable count, model).
+
+  The step is jitted as train.py jits it: state replicated and donated, batch sharded.
+  """
   import jax
   import jax.numpy as jnp
-  from hhjax import optim, sharding, train  # pylint: disable=g-import-not-at-top
+  from hhjax import feature_cache, optim, sharding, train  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
   repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
   step, model, labels, tx = build_step(config, case)
@@ -132,12 +153,28 @@ def build(config, case: str):
   state = jax.jit(lambda v: train.build_state(v, tx, config.seed), out_shardings=repl)(variables)
   b, s = int(config.batch_size), int(config.data.image_size)
   kx, ky = jax.random.split(jax.random.PRNGKey(1))
-  batch = {'image': jax.random.uniform(kx, (b, s, s, 3), jnp.float32, -1.0, 1.0),
-           'label': jax.random.bernoulli(ky, 0.5, (b,)).astype(jnp.int32)}
+  labels_ = jax.random.bernoulli(ky, 0.5, (b,)).astype(jnp.int32)
+  extra = ()
+  if case in CACHED:
+    shape = jax.eval_shape(lambda x: feature_cache._backbone(model).init_with_output(  # pylint: disable=protected-access
+        jax.random.PRNGKey(0), x)[0][model.cut], jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32))
+    features = jax.jit(lambda k: jax.nn.relu(jax.random.normal(
+        k, (cache_examples,) + shape.shape[1:], shape.dtype)), out_shardings=repl)(kx)
+    batch = {'index': jax.random.randint(kx, (b,), 0, cache_examples, jnp.int32),
+             'label': labels_}
+    extra = (features,)
+    in_shardings = (repl, data, repl)
+  else:
+    if image_dtype == 'uint8':   # pixels: the model normalises them on the device
+      images = jax.random.randint(kx, (b, s, s, 3), 0, 256, jnp.int32).astype(jnp.uint8)
+    else:
+      images = jax.random.uniform(kx, (b, s, s, 3), jnp.float32, -1.0, 1.0)
+    batch = {'image': images, 'label': labels_}
+    in_shardings = (repl, data)
   batch = jax.device_put(batch, data)
-  step = jax.jit(step, in_shardings=(repl, data), out_shardings=repl, donate_argnums=0)
+  step = jax.jit(step, in_shardings=in_shardings, out_shardings=repl, donate_argnums=0)
   n_trainable = optim.count(optim.split(variables['params'], labels)[0])
-  return step, state, batch, n_trainable, model
+  return step, state, batch, extra, n_trainable, model
 
 
 def child(args: argparse.Namespace) -> None:
@@ -146,10 +183,11 @@ def child(args: argparse.Namespace) -> None:
   overrides = args.set or []
   config = make_config(args.case, args.batch_size, args.image_size, overrides)
   t0 = time.perf_counter()
-  step, state, batch, n_trainable, model = build(config, args.case)
+  step, state, batch, extra, n_trainable, model = build(
+      config, args.case, args.image_dtype, args.cache_examples)
   setup_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  lowered = step.lower(state, batch)
+  lowered = step.lower(state, batch, *extra)
   lower_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   compiled = lowered.compile()
@@ -158,7 +196,7 @@ def child(args: argparse.Namespace) -> None:
   holder = {'state': state}
 
   def run_one():
-    holder['state'] = compiled(holder['state'], batch)
+    holder['state'] = compiled(holder['state'], batch, *extra)
     jax.block_until_ready(holder['state']['step'])
 
   run_one()
@@ -182,6 +220,8 @@ def child(args: argparse.Namespace) -> None:
       'speed': speed,
       'lowering': dataclasses.asdict(model.lowering) if hasattr(model, 'lowering') else None,
       'compute_dtype': jnp.dtype(getattr(model, 'dtype', None) or jnp.float32).name,
+      'image_dtype': args.image_dtype if args.case not in CACHED else None,
+      'cache_examples': args.cache_examples if args.case in CACHED else None,
       'overrides': overrides,
       'device': common.jax_device(),
       'devices': jax.device_count(),
@@ -189,7 +229,7 @@ def child(args: argparse.Namespace) -> None:
       **common.machine(),
   }
   if not args.no_flops:
-    flops = _flops_per_image(args.case, config, holder['state'], batch)
+    flops = _flops_per_image(args.case, config, holder['state'], batch, extra)
     record['gflop_per_image'] = None if flops is None else flops / 1e9
   common.emit(record)
 
@@ -202,6 +242,10 @@ def main() -> None:
   parser.add_argument('--image_size', type=int, default=150)
   parser.add_argument('--repeats', type=int, default=7)
   parser.add_argument('--warmup_steps', type=int, default=2)
+  parser.add_argument('--image_dtype', default='float32', choices=('float32', 'uint8'),
+                      help='uint8: batches as pixels, normalised by the model on the device')
+  parser.add_argument('--cache_examples', type=int, default=1027,
+                      help='training images in the feature cache (warmup_cached)')
   parser.add_argument('--set', action='append', metavar='KEY=VALUE',
                       help='config override, e.g. speed.fold_bn=off (repeatable)')
   parser.add_argument('--no_matmul', action='store_true', help='skip the matmul rate')
@@ -222,7 +266,8 @@ def main() -> None:
   for case in cases:
     argv = [os.path.abspath(__file__), '--child', f'--case={case}',
             f'--batch_size={args.batch_size}', f'--image_size={args.image_size}',
-            f'--repeats={args.repeats}', f'--warmup_steps={args.warmup_steps}']
+            f'--repeats={args.repeats}', f'--warmup_steps={args.warmup_steps}',
+            f'--image_dtype={args.image_dtype}', f'--cache_examples={args.cache_examples}']
     argv += [f'--set={s}' for s in args.set or []]
     if args.no_flops:
       argv.append('--no_flops')
