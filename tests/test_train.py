@@ -14,6 +14,7 @@ import pytest
 
 from configs import smoke
 from hhjax import checkpointing
+from hhjax import keras_import
 from hhjax import models
 from hhjax import optim
 from hhjax import sharding
@@ -37,9 +38,11 @@ def tiny_config():
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """One run: warm-up stopped early after its first epoch (step 3), then a fine-tuning epoch."""
+def trained(tmp_path_factory, keras_notop_h5):
+  """One run from a Keras .h5 (random weights in the official file's layout): warm-up stopped
+  early after its first epoch (step 3), then a fine-tuning epoch."""
   config = tiny_config()
+  config.model.pretrained = str(keras_notop_h5)
   config.warmup.epochs = 2
   config.finetune.epochs = 1
   config.early_stopping.metric = 'train_accuracy'
@@ -84,18 +87,18 @@ def test_early_stopping_ends_a_phase_at_the_threshold(trained):
   assert 'train_accuracy' in result['stop_reason']
 
 
-def test_warmup_leaves_the_frozen_backbone_bit_identical(trained):
+def test_warmup_leaves_the_pretrained_backbone_bit_identical(trained, keras_notop_h5):
   config, workdir, _ = trained
-  model = models.create_model(config, 2)
-  initial = jax.jit(functools.partial(train.init_variables, model, config))()
+  _, keras = keras_import.load_pretrained(keras_notop_h5, final_endpoint=config.model.cut)
   after_warmup = _arrays(workdir, 3)
   for collection in ('params', 'batch_stats'):
-    before, after = _flat(initial[collection]['backbone']), _flat(
-        after_warmup[collection]['backbone'])
-    assert before.keys() == after.keys()
-    for k in before:
-      np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    want, got = _flat(keras[collection]), _flat(after_warmup[collection]['backbone'])
+    assert want.keys() == got.keys()
+    for k in want:   # the run started from the file, and warm-up did not touch it
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
   # ... while the head did train.
+  model = models.create_model(config, 2)
+  initial = jax.jit(functools.partial(train.init_variables, model, config))()
   assert not np.array_equal(after_warmup['params']['head']['output']['kernel'],
                             initial['params']['head']['output']['kernel'])
 
@@ -174,9 +177,12 @@ def test_predict_reports_missing_images(trained, tmp_path):
     train.predict(train.load_config(workdir), workdir, [str(tmp_path / 'nothing_here*.png')])
 
 
-def test_rerunning_a_finished_run_trains_nothing(trained):
+def test_rerunning_a_finished_run_trains_nothing(trained, tmp_path):
   config, workdir, result = trained
   rows_before = open(os.path.join(workdir, 'metrics.jsonl')).read()
+  # Precedence: the workdir's checkpoint wins over config.model.pretrained (never read here).
+  config = config.copy_and_resolve_references()
+  config.model.pretrained = str(tmp_path / 'missing.h5')
   again = train.train_and_evaluate(config, workdir)
   assert again['step'] == 6 and again['accuracy'] == result['accuracy']
   assert open(os.path.join(workdir, 'metrics.jsonl')).read() == rows_before
