@@ -40,6 +40,7 @@ import numpy as np
 import optax
 
 from hhjax import checkpointing
+from hhjax import feature_cache
 from hhjax import metrics as metrics_lib
 from hhjax import models
 from hhjax import optim
@@ -293,6 +294,14 @@ def _config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) ->
           for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def pretrained_spec(config: ml_collections.ConfigDict) -> str | None:
+  """config.model.pretrained, with the command line's `None` (a string there) meaning none."""
+  spec = config.model.get('pretrained')
+  if spec is None or str(spec).strip().lower() in ('', 'none', 'null'):
+    return None
+  return str(spec)
+
+
 def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
   if config.steps_per_epoch:
     return int(config.steps_per_epoch)
@@ -307,9 +316,9 @@ def _eval_batch_size(config: ml_collections.ConfigDict) -> int:
 
 
 class _Evaluator:
-  """Runs the jitted eval step over one pass of the eval split."""
+  """Runs the jitted eval step over one pass of the eval split (or of `dataset`)."""
 
-  def __init__(self, model, config, num_classes, mesh):
+  def __init__(self, model, config, num_classes, mesh, dataset=None):
     from hhjax import input_pipeline  # pylint: disable=g-import-not-at-top
     self._mesh = mesh
     self._config = config
@@ -317,7 +326,7 @@ class _Evaluator:
     repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
     self._step = jax.jit(make_eval_step(model, num_classes), in_shardings=(repl, repl, data),
                          out_shardings=repl)
-    self._dataset = None
+    self._dataset = dataset
     self._input_pipeline = input_pipeline
 
   def __call__(self, params, batch_stats) -> dict[str, Any]:
@@ -476,7 +485,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info('Resuming from step %d (phase %s) in %s.', latest, saved['phase'], workdir)
   else:
     variables = jax.jit(functools.partial(init_variables, model, config), out_shardings=repl)()
-    spec = config.model.pretrained
+    spec = pretrained_spec(config)
     if spec:
       variables = jax.device_put(
           models.load_pretrained_backbone(variables, spec, config.model.cut), repl)
@@ -524,13 +533,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     labels, tx, train_step = _phase_setup(model, config, phase, state['params'], mesh)
     _log_phase(phase, labels, state['params'])
     phase_end = progress.phase_start_step + phase.epochs * spe
-    if train_iter is None and step < phase_end:
-      train_iter = input_pipeline.create_dataset(
-          config, config.data.train_split, start_step=step).as_numpy_iterator()
+    phase_evaluator = evaluator
+    # config.speed.cache_features: a frozen backbone without augmentation runs once per image.
+    cache = (feature_cache.for_phase(model, phase, labels, state, config, mesh, num_train)
+             if step < phase_end else None)
+    if cache is not None:
+      train_step = cache.train_step(make_train_step(cache.head_model, phase, labels, tx))
+      phase_evaluator = _Evaluator(cache.head_model, config, num_classes, mesh,
+                                   dataset=cache.eval_dataset)
+      batches = cache.batches(start_step=step)
+      train_iter = None   # a later phase on images starts its stream where this one ends
+    else:
+      if train_iter is None and step < phase_end:
+        train_iter = input_pipeline.create_dataset(
+            config, config.data.train_split, start_step=step).as_numpy_iterator()
+      batches = train_iter
     t_log, step_log, t_first = time.perf_counter(), step, None
 
     while step < phase_end:
-      batch = next(train_iter)
+      batch = next(batches)
       state = train_step(state, sharding.to_global(batch, mesh))
       step += 1
       if t_first is None:   # exclude compilation from the throughput figures
@@ -556,7 +577,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if epoch_end:
         train_loss, train_acc, _ = _metrics_from_state(state)
         t_eval = time.perf_counter()
-        last_eval = evaluator(state['params'], state['batch_stats'])
+        last_eval = phase_evaluator(state['params'], state['batch_stats'])
         progress.epochs_done += 1
         row = {'step': step, 'epoch': progress.epochs_done, 'phase': phase.name,
                'train_loss': train_loss, 'train_accuracy': train_acc,
