@@ -91,7 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
   # every image once and trains the head on them: the same steps, a fraction of the cost.
   # 'auto' caches wherever that holds (any backend), 'on' makes it an error where it cannot.
   speed.cache_features = 'auto'
-  speed.cache_features_max_mb = 4096        # larger caches are skipped (held on every device)
+  speed.cache_features_max_mb = 4096.0      # larger caches are skipped (held on every device)
 
   # ---------------------------------------------------------------- optimizer
   config.optimizer = opt = ml_collections.ConfigDict()

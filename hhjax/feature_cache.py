@@ -44,37 +44,45 @@ class HeadOnFeatures:
     return self.model.apply(variables, features, *args, from_features=True, **kwargs)
 
 
-def _why_not(config: ml_collections.ConfigDict, phase: Any, labels: PyTree) -> str | None:
-  """Why the phase cannot train on cached features (None: it can)."""
+def _why_not(config: ml_collections.ConfigDict) -> str | None:
+  """Why no phase of this run can train on cached features (None: frozen phases can)."""
   if config.data.augment.enabled:
     return 'augmentation is on (config.data.augment.enabled): every epoch sees new images'
-  if phase.bn_train_from is not None:
-    return 'BatchNorms train with batch statistics in this phase'
-  if any(label != optim.FREEZE for label in jax.tree.leaves(labels.get('backbone', {}))):
-    return 'parts of the backbone train in this phase'
   if jax.process_count() > 1:
     return 'the cache is single-process only'
   return None
 
 
-def wanted(config: ml_collections.ConfigDict, phase: Any, labels: PyTree) -> bool:
-  """Whether `phase` trains on cached features, per config.speed.cache_features.
+def _backbone_trains(phase: Any, labels: PyTree) -> bool:
+  return phase.bn_train_from is not None or any(
+      label != optim.FREEZE for label in jax.tree.leaves(labels.get('backbone', {})))
 
-  'auto' (the default): whenever the phase allows it. 'on': the same, but a phase that does
-  not allow it is an error that says why. 'off': never.
-  """
+
+def _mode(config: ml_collections.ConfigDict) -> str:
   value = (config.get('speed') or {}).get('cache_features', 'off')
   value = {True: 'on', False: 'off', None: 'auto'}.get(value, value)
   if value not in ('auto', 'on', 'off'):
     raise ValueError(f'config.speed.cache_features must be "auto", "on" or "off"; found '
                      f'{value!r}.')
-  if value == 'off':
+  return value
+
+
+def wanted(config: ml_collections.ConfigDict, phase: Any, labels: PyTree) -> bool:
+  """Whether `phase` trains on cached features, per config.speed.cache_features.
+
+  Only phases whose backbone is wholly frozen (BatchNorm included) can. 'auto' (the default)
+  caches in those whenever the run allows it; 'on' is the same, except that a run that does
+  not allow it at all (augmentation on, several processes) is an error that says why; 'off'
+  never caches.
+  """
+  mode = _mode(config)
+  if mode == 'off':
     return False
-  reason = _why_not(config, phase, labels)
-  if reason and value == 'on':
-    raise ValueError(f'config.speed.cache_features="on" but phase {phase.name!r} cannot train '
-                     f'on cached features: {reason}. Use "auto" to cache only where possible.')
-  return reason is None
+  reason = _why_not(config)
+  if reason and mode == 'on':
+    raise ValueError(f'config.speed.cache_features="on", but this run cannot train on cached '
+                     f'features: {reason}. Use "auto" to cache only where possible.')
+  return reason is None and not _backbone_trains(phase, labels)
 
 
 def _backbone(model) -> inception.InceptionV3:
@@ -180,7 +188,10 @@ def for_phase(model, phase: Any, labels: PyTree, state: PyTree,
   limit = float((config.get('speed') or {}).get('cache_features_max_mb', 4096))
   mb = estimated_mb(model, config, num_examples)
   if mb > limit:
-    logging.info('Not caching backbone features: %.0f MB > config.speed.cache_features_max_mb '
-                 '= %.0f.', mb, limit)
+    message = (f'The backbone features of the {num_examples} training images would take '
+               f'{mb:.0f} MB, more than config.speed.cache_features_max_mb = {limit:.0f}')
+    if _mode(config) == 'on':
+      raise ValueError(f'{message}: raise that limit or set config.speed.cache_features="auto".')
+    logging.info('%s: training on images.', message)
     return None
   return FeatureCache(model, state, config, mesh)

@@ -1,5 +1,7 @@
 """Training the head on cached backbone features takes the steps training on images takes."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,27 +97,66 @@ def test_cached_eval_batches_hold_the_backbone_output(setup):
   assert total == config.data.fake.num_eval_examples
 
 
-@pytest.mark.parametrize('change,reason', [
-    (lambda c: c.data.augment.__setattr__('enabled', True), 'augmentation is on'),
-])
-def test_cache_on_where_impossible_says_why(setup, change, reason):
-  config, _, _, phase, labels, _, _ = setup
+def test_cache_on_where_impossible_says_why(setup):
+  _, _, _, phase, labels, _, _ = setup
   config = small_config()
-  change(config)
+  config.data.augment.enabled = True
   assert not feature_cache.wanted(config, phase, labels)   # 'auto' steps aside quietly
   config.speed.cache_features = 'on'
-  with pytest.raises(ValueError, match=reason):
+  with pytest.raises(ValueError, match='augmentation is on'):
     feature_cache.wanted(config, phase, labels)
 
 
-def test_cache_is_not_used_when_the_backbone_trains(setup):
-  config, _, model, _, _, _, state = setup
+@pytest.mark.parametrize('mode', ['auto', 'on'])
+def test_cache_is_not_used_when_the_backbone_trains(setup, mode):
+  _, _, _, _, _, _, state = setup
   config = small_config()
+  config.speed.cache_features = mode
   config.finetune.epochs = 1
-  phase = train.make_phases(config)[1]
-  labels = optim.param_labels(state['params'], phase.rules)
-  assert not feature_cache.wanted(config, phase, labels)
+  warmup, finetune = train.make_phases(config)
+  assert not feature_cache.wanted(
+      config, finetune, optim.param_labels(state['params'], finetune.rules))
+  assert feature_cache.wanted(config, warmup, optim.param_labels(state['params'], warmup.rules))
   config.speed.cache_features = 'off'
-  warmup = train.make_phases(config)[0]
   assert not feature_cache.wanted(
       config, warmup, optim.param_labels(state['params'], warmup.rules))
+
+
+def test_cache_larger_than_the_limit_is_skipped_or_an_error(setup):
+  config, mesh, model, phase, labels, _, state = setup
+  config = small_config()
+  config.speed.cache_features_max_mb = 0.001
+  assert feature_cache.for_phase(model, phase, labels, state, config, mesh, 10) is None
+  config.speed.cache_features = 'on'
+  with pytest.raises(ValueError, match='cache_features_max_mb'):
+    feature_cache.for_phase(model, phase, labels, state, config, mesh, 10)
+
+
+def test_training_with_the_cache_ends_where_training_on_images_ends(tmp_path, monkeypatch):
+  config = small_config()
+  config.steps_per_epoch = 3
+  config.warmup.epochs = 2
+  config.finetune.epochs = 1   # the phase after the cached one streams images from its step
+  built = []
+
+  class Spy(feature_cache.FeatureCache):
+    def __init__(self, *args, **kwargs):
+      built.append(True)
+      super().__init__(*args, **kwargs)
+
+  monkeypatch.setattr(feature_cache, 'FeatureCache', Spy)
+  results = {}
+  for mode in ('on', 'off'):
+    config.speed.cache_features = mode
+    results[mode] = train.train_and_evaluate(config, str(tmp_path / mode))
+  assert built == [True]   # the warm-up only; the fine-tuning trains the backbone
+  on, off = results['on'], results['off']
+  assert on['step'] == off['step'] == 9
+  np.testing.assert_allclose(on['loss'], off['loss'], rtol=1e-4)
+  assert on['confusion'] == off['confusion']
+  rows = {mode: [json.loads(line) for line in open(tmp_path / mode / 'metrics.jsonl')]
+          for mode in ('on', 'off')}
+  assert len(rows['on']) == len(rows['off']) == 3
+  for a, b in zip(rows['on'], rows['off']):
+    np.testing.assert_allclose([a['train_loss'], a['val_loss']], [b['train_loss'], b['val_loss']],
+                               rtol=1e-4)
