@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import os
 from typing import Any
 
+from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -77,7 +78,7 @@ class Checkpoints:
   def __init__(self, directory: str | os.PathLike, *, keep: int = 3, read_only: bool = False,
                async_save: bool = True):
     self.directory = os.fspath(directory)
-    if read_only and not os.path.isdir(self.directory):
+    if read_only and not epath.Path(self.directory).is_dir():
       raise FileNotFoundError(f'No checkpoints at {self.directory}: train first '
                               '(python main.py --config=... --workdir=...).')
     policy = None

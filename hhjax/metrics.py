@@ -5,11 +5,13 @@
 """
 
 from collections.abc import Mapping, Sequence
+import io
 import json
 import logging
 import os
 from typing import Any
 
+from etils import epath
 import numpy as np
 
 METRICS_FILE = 'metrics.jsonl'
@@ -49,23 +51,31 @@ def quiet_orbax() -> None:
 
 def read_rows(workdir: str) -> list[dict[str, Any]]:
   """The rows of WORKDIR/metrics.jsonl (empty when absent)."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
     return []
   rows = []
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if line:
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError:
-          pass  # A line cut short by a killed run.
+  for line in path.read_text().splitlines():
+    line = line.strip()
+    if line:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        pass  # A line cut short by a killed run.
   return rows
 
 
+def _write_rows(workdir: str, rows: Sequence[Mapping[str, Any]]) -> None:
+  # The whole (small) file is rewritten through a temporary name: no half-written file after a
+  # kill, and it works on object stores (gs://), which cannot append.
+  path = epath.Path(workdir) / METRICS_FILE
+  tmp = path.parent / (METRICS_FILE + '.tmp')
+  tmp.write_text(''.join(json.dumps(dict(r)) + '\n' for r in rows))
+  tmp.replace(path)
+
+
 class MetricsWriter:
-  """Appends epoch rows to metrics.jsonl and TensorBoard (only where `enabled`)."""
+  """Adds epoch rows to metrics.jsonl and TensorBoard (only where `enabled`)."""
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.workdir = workdir
@@ -76,13 +86,10 @@ class MetricsWriter:
     """Drops rows past `step`: a resumed run rewrites what followed its checkpoint."""
     if not self.enabled:
       return
-    rows = [r for r in read_rows(self.workdir) if r.get('step', 0) <= step]
-    path = os.path.join(self.workdir, METRICS_FILE)
-    if os.path.exists(path):
-      tmp = path + '.tmp'
-      with open(tmp, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in rows)
-      os.replace(tmp, path)
+    rows = read_rows(self.workdir)
+    kept = [r for r in rows if r.get('step', 0) <= step]
+    if kept != rows:
+      _write_rows(self.workdir, kept)
 
   def _writer(self):
     if self._tb is None:
@@ -93,10 +100,7 @@ class MetricsWriter:
   def write(self, row: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
-    with open(os.path.join(self.workdir, METRICS_FILE), 'a') as f:
-      f.write(json.dumps(dict(row)) + '\n')
-      f.flush()
-      os.fsync(f.fileno())
+    _write_rows(self.workdir, read_rows(self.workdir) + [dict(row)])
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     metadata = _scalar_metadata()
     with self._writer().as_default(step=int(row['step'])):
@@ -142,10 +146,12 @@ def plot_history(rows: Sequence[Mapping[str, Any]], workdir: str) -> list[str]:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = os.path.join(workdir, f'{name}.png')
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format='png', dpi=100)
     plt.close(fig)
-    paths.append(path)
+    path = epath.Path(workdir) / f'{name}.png'
+    path.write_bytes(buffer.getvalue())
+    paths.append(str(path))
   return paths
 
 

@@ -33,6 +33,7 @@ import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -254,24 +255,29 @@ def make_eval_step(model: models.Classifier, num_classes: int):
 # ------------------------------------------------------------------------------------ config
 
 
+def _absolute(workdir: str) -> str:
+  """Local paths made absolute; URLs such as gs://bucket/run (multi-host TPU) kept as they are."""
+  workdir = os.fspath(workdir)
+  return workdir if '://' in workdir else os.path.abspath(workdir)
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes the resolved config to WORKDIR/config.json (what eval and predict read)."""
   if jax.process_index() != 0:
     return
-  path = os.path.join(workdir, CONFIG_FILE)
-  with open(path + '.tmp', 'w') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(path + '.tmp', path)
+  path = epath.Path(workdir) / CONFIG_FILE
+  tmp = path.parent / (CONFIG_FILE + '.tmp')
+  tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  tmp.replace(path)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a training run saved in `workdir`."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
     raise FileNotFoundError(f'{path} not found: --workdir must be a directory that '
                             '`python main.py --mode=train` wrote, or pass --config too.')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -445,8 +451,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   from hhjax import input_pipeline  # pylint: disable=g-import-not-at-top
 
   metrics_lib.quiet_orbax()
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = _absolute(workdir)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh()
   sharding.check_batch_size(int(config.batch_size), 'config.batch_size')
@@ -640,8 +646,7 @@ def _report(result: Mapping[str, Any], class_names: Sequence[str], step: int, wo
                result['count'], result['loss'], result['accuracy'],
                metrics_lib.format_confusion(result['confusion'], class_names))
   if is_main:
-    with open(os.path.join(workdir, EVAL_FILE), 'w') as f:
-      json.dump(out, f, indent=2)
+    (epath.Path(workdir) / EVAL_FILE).write_text(json.dumps(out, indent=2))
   return out
 
 
@@ -673,7 +678,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh, model, state, class_names, step = _restore_for_inference(config, workdir, checkpoint)
   result = _Evaluator(model, config, len(class_names), mesh)(state['params'],
                                                             state['batch_stats'])
-  return _report(result, class_names, step, os.path.abspath(workdir),
+  return _report(result, class_names, step, _absolute(workdir),
                  jax.process_index() == 0)
 
 
