@@ -25,7 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Steps per epoch; None means one pass over the training split.
   config.steps_per_epoch = ml_collections.FieldReference(None, field_type=int)
   config.log_every_steps = 10
+  # A checkpoint every this many steps (0: none) and at the end of every epoch.
   config.checkpoint_every_steps = 200
+  # Checkpoints kept: the last `keep_checkpoints`, plus the best by validation accuracy.
   config.keep_checkpoints = 3
 
   # ---------------------------------------------------------------- data

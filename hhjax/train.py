@@ -507,6 +507,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step = int(jax.device_get(state['step']))
   train_iter = None
   total_planned = sum(p.epochs for p in phases) * spe   # for the ETA; early stops shorten it
+  log_every = max(1, int(config.log_every_steps or spe))
+  checkpoint_every = int(config.checkpoint_every_steps or 0)   # 0: only at epoch ends
 
   def save(state, progress, metrics=None):
     nonfinite = int(jax.device_get(state['nonfinite_step']))
@@ -566,7 +568,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       epoch_in_phase, step_in_epoch = divmod(step - progress.phase_start_step, spe)
       epoch_end = step_in_epoch == 0
 
-      if step % config.log_every_steps == 0 or epoch_end:
+      if step % log_every == 0 or epoch_end:
         loss, acc, _ = _metrics_from_state(state)
         nonfinite = int(jax.device_get(state['nonfinite_step']))
         if nonfinite >= 0:
@@ -606,7 +608,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         t_log, step_log = time.perf_counter(), step
         if progress.phase_done:
           break
-      elif step % config.checkpoint_every_steps == 0:
+      elif checkpoint_every and step % checkpoint_every == 0:
         save(state, progress)
     else:
       progress.phase_done = True   # a phase resumed at its very end
