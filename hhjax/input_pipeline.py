@@ -46,6 +46,9 @@ from hhjax import augment
 SOURCES = ('tfds', 'folder', 'fake')
 RESIZE_METHODS = ('bilinear', 'nearest')
 PREPROCESSING = ('inception', 'rescale')
+# What batches carry: normalised float32 images, or uint8 pixels that the model normalises on
+# the device (a quarter of the bytes to move; see models.Classifier).
+IMAGE_DTYPES = ('float32', 'uint8')
 BAD_FILES = ('error', 'skip')
 
 # Salts that keep the random streams of shuffling, augmentation and fake images apart.
@@ -151,8 +154,25 @@ def normalize(image: tf.Tensor, preprocessing: str = 'inception') -> tf.Tensor:
       f'config.data.preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}.')
 
 
+def to_output(image: tf.Tensor, preprocessing: str, image_dtype: str = 'float32') -> tf.Tensor:
+  """[0, 255] pixels -> what a batch carries (config.data.image_dtype).
+
+  'float32' normalises here; 'uint8' rounds to whole grey levels and leaves the normalisation to
+  the device. Without augmentation and with 'nearest' resizing the pixels are whole numbers
+  already, so 'uint8' changes nothing; otherwise each value moves by at most half a grey level.
+  """
+  if image_dtype == 'float32':
+    return normalize(image, preprocessing)
+  if image_dtype == 'uint8':
+    return tf.cast(tf.clip_by_value(tf.round(tf.cast(image, tf.float32)), 0.0, 255.0), tf.uint8)
+  raise ValueError(
+      f'config.data.image_dtype must be one of {IMAGE_DTYPES}, got {image_dtype!r}.')
+
+
 def denormalize(image: np.ndarray, preprocessing: str = 'inception') -> np.ndarray:
-  """The inverse of `normalize`, to [0, 1] for display."""
+  """The inverse of `normalize`, to [0, 1] for display; uint8 batches are pixels already."""
+  if np.asarray(image).dtype == np.uint8:
+    return np.asarray(image, np.float32) / 255.0
   image = np.asarray(image, np.float32)
   image = (image + 1.0) / 2.0 if preprocessing == 'inception' else image
   return np.clip(image, 0.0, 1.0)
@@ -448,6 +468,21 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
 # ----------------------------------------------------------------------------- streams
 
 
+def num_threads(config: ml_collections.ConfigDict) -> int | None:
+  """tf.data's threads: `config.data.num_parallel_calls`, or a default that leaves XLA room.
+
+  When JAX computes on the CPU, tf.data and XLA share the same cores: tf.data then gets one
+  thread per four cores (at least one), which feeds the model several times faster than it
+  trains (benchmarks/README.md). With an accelerator, None lets tf.data autotune.
+  """
+  if config.data.num_parallel_calls:
+    return int(config.data.num_parallel_calls)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() == 'cpu':
+    return max(1, (os.cpu_count() or 1) // 4)
+  return None
+
+
 def _options(num_parallel_calls: int | None) -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
@@ -553,8 +588,8 @@ def _decoded_table(table: _Table, config: ml_collections.ConfigDict) -> _Table:
   if key not in _DECODED:
     ds = tf.data.Dataset.range(table.size).map(
         _loader(table, config),
-        num_parallel_calls=config.data.num_parallel_calls or tf.data.AUTOTUNE)
-    images = np.stack(list(ds.with_options(_options(config.data.num_parallel_calls))
+        num_parallel_calls=num_threads(config) or tf.data.AUTOTUNE)
+    images = np.stack(list(ds.with_options(_options(num_threads(config)))
                            .as_numpy_iterator()))
     logging.info('Holding %d decoded images in memory (%.0f MB).', table.size,
                  images.nbytes / 2**20)
@@ -613,8 +648,12 @@ def create_dataset(config: ml_collections.ConfigDict, split: str, *, start_step:
     table = _decoded_table(table, config)
   load = _loader(table, config)
   labels = tf.constant(table.labels)
-  npc = config.data.num_parallel_calls or tf.data.AUTOTUNE
+  npc = num_threads(config) or tf.data.AUTOTUNE
   preprocessing = config.data.preprocessing
+  image_dtype = config.data.get('image_dtype', 'float32')
+  if image_dtype not in IMAGE_DTYPES:
+    raise ValueError(f'config.data.image_dtype must be one of {IMAGE_DTYPES}, got '
+                     f'{image_dtype!r}.')
   aug = config.data.augment.to_dict()
   seed = int(config.seed)
 
@@ -624,11 +663,13 @@ def create_dataset(config: ml_collections.ConfigDict, split: str, *, start_step:
     ds = train_index_stream(table.size, seed, global_batch, start_step=start_step,
                             process_index=index, process_count=count)
 
+    @tf.autograph.experimental.do_not_convert  # plain TF ops; AutoGraph only warns here
     def example(position, i):
       image = load(i)
       if aug['enabled']:
         image = augment.random_augment(image, _stateless_seed(seed, _AUGMENT_SALT, position), aug)
-      return {'image': normalize(image, preprocessing), 'label': tf.gather(labels, i)}
+      return {'image': to_output(image, preprocessing, image_dtype),
+              'label': tf.gather(labels, i)}
   else:
     if start_step:
       raise ValueError('start_step applies to the training stream only.')
@@ -637,13 +678,14 @@ def create_dataset(config: ml_collections.ConfigDict, split: str, *, start_step:
     ds = eval_index_stream(table.size, global_batch, process_index=index, process_count=count)
     size = config.data.image_size
 
+    @tf.autograph.experimental.do_not_convert
     def example(position, i, valid):
       del position
-      image = tf.cond(valid, lambda: normalize(load(i), preprocessing),
-                      lambda: tf.zeros([size, size, 3], tf.float32))
+      image = tf.cond(valid, lambda: to_output(load(i), preprocessing, image_dtype),
+                      lambda: tf.zeros([size, size, 3], tf.dtypes.as_dtype(image_dtype)))
       return {'image': image, 'label': tf.where(valid, tf.gather(labels, i), 0), 'mask': valid}
 
   ds = ds.map(example, num_parallel_calls=npc, deterministic=True)
   ds = ds.batch(batch, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE)
-  return ds.with_options(_options(config.data.num_parallel_calls))
+  return ds.with_options(_options(num_threads(config)))

@@ -475,3 +475,39 @@ def test_real_validation_pass_sees_each_image_once_with_its_folder_label(real_co
   assert len(expected) == 256
   assert seen == expected
 
+
+
+@pytest.mark.parametrize('preprocessing', ['inception', 'rescale'])
+def test_uint8_batches_are_the_float_batches_before_normalisation(tmp_path, preprocessing):
+  # Nearest resizing, no augmentation: whole grey levels, so uint8 loses nothing and the
+  # device-side normalisation gives the float pipeline's values bit for bit.
+  from hhjax import fast_ops  # pylint: disable=g-import-not-at-top
+  root = _make_folder(tmp_path)
+  common = dict(resize_method='nearest', preprocessing=preprocessing)
+  as_float = _folder_config(root, **common)
+  as_uint8 = _folder_config(root, image_dtype='uint8', **common)
+  for config in (as_float, as_uint8):
+    config.data.augment.enabled = False
+  for split in ('train', 'validation'):
+    f = _take(input_pipeline.create_dataset(as_float, split, process_count=1, process_index=0), 2)
+    u = _take(input_pipeline.create_dataset(as_uint8, split, process_count=1, process_index=0), 2)
+    for a, b in zip(f, u):
+      assert b['image'].dtype == np.uint8 and a['image'].dtype == np.float32
+      keep = a.get('mask', np.ones(len(a['label']), bool))  # padding is zeros in either dtype
+      np.testing.assert_array_equal(b.get('mask', keep), keep)
+      np.testing.assert_array_equal(
+          np.asarray(fast_ops.normalize_images(b['image'], preprocessing))[keep], a['image'][keep])
+      np.testing.assert_array_equal(a['label'], b['label'])
+
+
+def test_uint8_batches_round_augmented_pixels_to_whole_levels():
+  as_float = _fake_config(preprocessing='rescale')
+  as_uint8 = _fake_config(preprocessing='rescale', image_dtype='uint8')
+  f = _take(input_pipeline.create_dataset(as_float, 'train', process_count=1, process_index=0), 1)
+  u = _take(input_pipeline.create_dataset(as_uint8, 'train', process_count=1, process_index=0), 1)
+  np.testing.assert_allclose(u[0]['image'].astype(np.float32), f[0]['image'] * 255.0, atol=0.5001)
+
+
+def test_unknown_image_dtype_is_refused():
+  with pytest.raises(ValueError, match='image_dtype'):
+    input_pipeline.create_dataset(_fake_config(image_dtype='float16'), 'train')
