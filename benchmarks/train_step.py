@@ -6,6 +6,8 @@ device; the step is the one training runs (`hhjax.train.make_train_step`, jitted
 same shardings and donation), timed after compilation. Cases:
 
   warmup           backbone frozen, only the head differentiated (config.warmup).
+  forward          the same model's inference forward alone: the floor a warm-up step
+                   approaches when the frozen backbone has no backward pass.
   finetune_mixed6  fine-tuning from mixed6 with BatchNorm in inference mode (config.finetune
                    defaults).
   finetune_all     every layer trainable, BatchNorm on batch statistics: what Keras does with
@@ -38,6 +40,9 @@ import common  # pylint: disable=g-import-not-at-top
 # case -> (phase name, config overrides)
 CASES = {
     'warmup': ('warmup', {}),
+    # The inference forward of the warm-up's model (no gradients, no update): what a warm-up
+    # step costs beyond it is the head's backward pass and its optimizer update.
+    'forward': ('warmup', {}),
     'warmup_cached': ('warmup', {}),
     'finetune_mixed6': ('finetune', {'finetune.unfreeze_from': 'mixed6',
                                      'finetune.train_bn': False}),
@@ -127,6 +132,14 @@ def build_step(config, case: str):
   abstract = jax.eval_shape(lambda: train.init_variables(model, config))
   labels = optim.param_labels(abstract['params'], phase.rules)
   tx = train.make_optimizer(config, phase, labels)
+  if case == 'forward':
+    def forward(state, batch):
+      logits = model.apply({'params': state['params'], 'batch_stats': state['batch_stats']},
+                           batch['image'], train=False)
+      # The logits feed the state, so the forward pass cannot be left out.
+      return {**state, 'metrics': {**state['metrics'],
+                                   'loss_sum': state['metrics']['loss_sum'] + jnp.sum(logits)}}
+    return forward, model, labels, tx
   if case not in CACHED:
     return train.make_train_step(model, phase, labels, tx), model, labels, tx
   # As feature_cache.FeatureCache.train_step builds it.

@@ -74,3 +74,12 @@ def test_usage_errors_are_reported_before_any_work(tmp_path, env):
   assert proc.returncode != 0 and '--mode=train needs --config' in proc.stderr
   proc = _main('--mode=predict', f'--workdir={tmp_path}', env=env, check=False)
   assert proc.returncode != 0 and '--images' in proc.stderr
+
+
+def test_preview_data_writes_a_grid_of_training_images(env, tmp_path):
+  proc = _main('--config=configs/smoke.py', f'--workdir={tmp_path}', '--mode=preview_data',
+               env=env)
+  grid = tmp_path / 'preview_data.png'
+  assert str(grid) in proc.stdout + proc.stderr
+  image = np.asarray(Image.open(grid))
+  assert image.ndim == 3 and min(image.shape[:2]) > 100 and image.std() > 0
