@@ -398,7 +398,10 @@ def test_tfds_without_network_says_what_to_use_instead(tmp_path, monkeypatch):
 
   def offline(*args, **kwargs):
     raise ConnectionError('no route to host')
-  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', offline)
+  # The builder's own download_and_prepare runs up to the network (so a missing dependency on
+  # that path fails this test); only the download itself is cut off.
+  monkeypatch.setattr(tfds.download.DownloadManager, 'download', offline)
+  monkeypatch.setattr(tfds.download.DownloadManager, 'download_and_extract', offline)
   with pytest.raises(RuntimeError, match=r"(?s)no route to host.*source='folder'"):
     input_pipeline.create_dataset(_config(source='tfds', dir=str(tmp_path)), 'train',
                                   process_count=1, process_index=0)
