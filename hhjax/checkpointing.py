@@ -18,7 +18,6 @@ from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint._src.checkpoint_managers import preservation_policy as ocp_policy
 
 BEST_METRIC = 'val_accuracy'
 
@@ -83,10 +82,10 @@ class Checkpoints:
                               '(python main.py --config=... --workdir=...).')
     policy = None
     if not read_only:
-      policy = ocp_policy.AnyPreservationPolicy([
-          ocp_policy.LatestN(n=max(1, keep)),
-          ocp_policy.BestN(get_metric_fn=_best_fn, reverse=False, n=1,
-                           keep_checkpoints_without_metrics=False),
+      policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+          ocp.checkpoint_managers.LatestN(n=max(1, keep)),
+          ocp.checkpoint_managers.BestN(get_metric_fn=_best_fn, reverse=False, n=1,
+                                        keep_checkpoints_without_metrics=False),
       ])
     options = ocp.CheckpointManagerOptions(
         best_fn=_best_fn, best_mode='max', preservation_policy=policy,
