@@ -465,7 +465,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   spe = steps_per_epoch(config, num_train)
   phases = make_phases(config)
   model = models.create_model(config, num_classes)
-  save_config(config, workdir)
   logging.info('%d training images, %d classes %s; %d steps per epoch of %d images; '
                '%d device(s): %s.', num_train, num_classes, class_names, spe,
                config.batch_size, jax.device_count(), jax.devices()[0].platform)
@@ -502,6 +501,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = jax.jit(lambda v: build_state(v, tx, config.seed), out_shardings=repl)(variables)
     progress = Progress()
     writer.truncate_after(0)   # rows of an earlier attempt killed before its first checkpoint
+  # Only now that the checkpoint (if any) fits: a refused resume must leave the config that
+  # eval and predict read for that checkpoint as it was.
+  save_config(config, workdir)
 
   evaluator = _Evaluator(model, config, num_classes, mesh)
   step = int(jax.device_get(state['step']))

@@ -229,3 +229,14 @@ def test_config_errors_name_the_field():
   config.early_stopping.metric = 'accuracy'
   with pytest.raises(ValueError, match='early_stopping.metric must be one of'):
     train._early_stop(config, {'accuracy': 1.0})
+
+
+def test_refused_resume_leaves_the_saved_config_for_eval(trained):
+  config, workdir, result = trained
+  before = open(os.path.join(workdir, 'config.json')).read()
+  other = config.copy_and_resolve_references()
+  other.model.hidden = 4
+  with pytest.raises(checkpointing.CheckpointMismatchError, match='hidden'):
+    train.train_and_evaluate(other, workdir)
+  assert open(os.path.join(workdir, 'config.json')).read() == before
+  assert train.evaluate(train.load_config(workdir), workdir)['accuracy'] == result['accuracy']
