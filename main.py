@@ -10,6 +10,7 @@ and predict, --config is optional: the config the run saved in the workdir is us
 """
 
 import os
+import re
 import sys
 
 # TensorFlow feeds the input pipeline on the host only: keep it off the accelerators.
@@ -18,6 +19,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -32,6 +34,47 @@ flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'],
                   'accuracy.')
 
 
+_NONE_OVERRIDE = re.compile(r'--config\.([\w.]+)=(?:none|null)', re.IGNORECASE)
+NONE_OVERRIDES: list[str] = []   # the field paths set to None on the command line
+
+
+def split_none_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """Takes `--config.a.b=None` out of `argv`; returns (the other arguments, ['a.b', ...]).
+
+  The flag parser reads 'None' as the string 'None' for str fields and rejects it for int
+  fields, while the configs document None as a value (steps_per_epoch, eval_batch_size,
+  data.dir, early_stopping.metric, ...): these overrides are applied after parsing instead.
+  """
+  rest, paths = [], []
+  for arg in argv:
+    match = _NONE_OVERRIDE.fullmatch(arg)
+    if match:
+      paths.append(match.group(1))
+    else:
+      rest.append(arg)
+  return rest, paths
+
+
+def set_none(config: ml_collections.ConfigDict, paths: list[str]) -> None:
+  """Sets each '.'-joined field path of `config` to None; only fields that can be None."""
+  for path in paths:
+    *parents, name = path.split('.')
+    node = config
+    try:
+      for key in parents:
+        node = node[key]
+      fields = dict(node.items(preserve_field_references=True))
+    except (KeyError, AttributeError):
+      fields = {}
+    if name not in fields:
+      raise app.UsageError(f'--config.{path}=None: the config has no field {path!r}.')
+    value = fields[name]
+    if value is not None and not isinstance(value, ml_collections.FieldReference):
+      raise app.UsageError(f'--config.{path}=None: this field needs a value (it is '
+                           f'{value!r} in the config file); None is only for optional fields.')
+    node[name] = None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -39,6 +82,10 @@ def main(argv):
     raise app.UsageError(f'--mode={FLAGS.mode} needs --config=configs/....py')
   if FLAGS.mode == 'predict' and not FLAGS.images:
     raise app.UsageError('--mode=predict needs --images=FILE_FOLDER_OR_GLOB (repeatable).')
+  if NONE_OVERRIDES and FLAGS.config is None:
+    raise app.UsageError(f'--config.{NONE_OVERRIDES[0]}=None needs --config=configs/....py')
+  if FLAGS.config is not None:
+    set_none(FLAGS.config, NONE_OVERRIDES)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
 
@@ -66,5 +113,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  sys.argv, NONE_OVERRIDES = split_none_overrides(sys.argv)
   flags.mark_flags_as_required(['workdir'])
   app.run(main)

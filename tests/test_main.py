@@ -83,3 +83,28 @@ def test_preview_data_writes_a_grid_of_training_images(env, tmp_path):
   assert str(grid) in proc.stdout + proc.stderr
   image = np.asarray(Image.open(grid))
   assert image.ndim == 3 and min(image.shape[:2]) > 100 and image.std() > 0
+
+
+def test_none_overrides_reach_optional_fields_of_every_type(env, tmp_path):
+  # int fields (steps_per_epoch) fail in the flag parser and str fields (data.dir) would get
+  # the string 'None' unless main.py applies these overrides itself.
+  proc = _main('--config=configs/smoke.py', f'--workdir={tmp_path}', '--mode=preview_data',
+               '--config.steps_per_epoch=None', '--config.data.dir=None', env=env)
+  assert (tmp_path / 'preview_data.png').stat().st_size > 0, proc.stderr[-2000:]
+
+  sys.path.insert(0, str(ROOT))
+  import main  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from configs import smoke  # pylint: disable=g-import-not-at-top
+  argv, paths = main.split_none_overrides(
+      ['main.py', '--config=configs/smoke.py', '--config.steps_per_epoch=None',
+       '--config.data.dir=none', '--config.early_stopping.metric=null', '--workdir=W'])
+  assert argv == ['main.py', '--config=configs/smoke.py', '--workdir=W']
+  config = smoke.get_config()
+  config.lock()
+  main.set_none(config, paths)
+  assert (config.steps_per_epoch, config.data.dir, config.early_stopping.metric) == (None,) * 3
+  with pytest.raises(app.UsageError, match=r'batch_size=None: this field needs a value'):
+    main.set_none(config, ['batch_size'])
+  with pytest.raises(app.UsageError, match=r"no field 'data.nope'"):
+    main.set_none(config, ['data.nope'])
