@@ -718,6 +718,26 @@ def _load_image(path: str, config, input_pipeline) -> np.ndarray:
     raise ValueError(f'{path}: not a readable image ({e.message.splitlines()[0]}).') from None
 
 
+def _readable_images(files: list[str], config, input_pipeline) -> list[str]:
+  """`files` without unreadable ones if config.data.bad_files='skip'; else any is an error."""
+  bad = input_pipeline.check_image_files(files, config.data.get('num_parallel_calls'))
+  if not bad:
+    return files
+  limit = 20
+  listing = '\n'.join([f'  {p}: {r}' for p, r in sorted(bad.items())[:limit]] +
+                      ([f'  ... and {len(bad) - limit} more'] if len(bad) > limit else []))
+  if config.data.get('bad_files') == 'skip':
+    logging.warning("Skipping %d file(s) that are not readable images "
+                    "(config.data.bad_files='skip'):\n%s", len(bad), listing)
+    files = [f for f in files if f not in bad]
+    if not files:
+      raise FileNotFoundError('None of the files given to --images is a readable image.')
+    return files
+  raise ValueError(f'{len(bad)} of the {len(files)} files given to --images are not readable '
+                   f'images (PNG, JPEG, BMP, GIF, WebP):\n{listing}\nRemove them from --images '
+                   "(or run with config.data.bad_files='skip' to classify the others).")
+
+
 def predict(config: ml_collections.ConfigDict, workdir: str, images: Sequence[str],
             checkpoint: str = 'latest') -> list[tuple[str, str, float]]:
   """Classifies image files with the latest (or 'best') checkpoint in `workdir`.
@@ -726,7 +746,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: Sequence[st
   (path, class name, probability of that class) per image.
   """
   from hhjax import input_pipeline  # pylint: disable=g-import-not-at-top
-  files = expand_images(images)
+  files = _readable_images(expand_images(images), config, input_pipeline)
   mesh, model, state, class_names, _ = _restore_for_inference(config, workdir, checkpoint)
   repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
 

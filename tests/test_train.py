@@ -240,3 +240,20 @@ def test_refused_resume_leaves_the_saved_config_for_eval(trained):
     train.train_and_evaluate(other, workdir)
   assert open(os.path.join(workdir, 'config.json')).read() == before
   assert train.evaluate(train.load_config(workdir), workdir)['accuracy'] == result['accuracy']
+
+
+def test_predict_lists_every_unreadable_file_or_skips_them(trained, tmp_path):
+  _, workdir, _ = trained
+  Image.fromarray(np.full((80, 80, 3), 99, np.uint8)).save(tmp_path / 'a.png')
+  (tmp_path / 'b.jpg').write_text('not a jpeg')
+  (tmp_path / 'c.png').write_bytes(b'')
+  (tmp_path / 'notes.txt').write_text('not an image name: never read')
+  config = train.load_config(workdir)
+  with pytest.raises(ValueError) as e:
+    train.predict(config, workdir, [str(tmp_path)])
+  message = str(e.value)
+  assert '2 of the 3 files' in message and 'function_node' not in message
+  assert 'b.jpg: Unknown image file format' in message and 'c.png: empty file' in message
+  config.data.bad_files = 'skip'
+  results = train.predict(config, workdir, [str(tmp_path)])
+  assert [os.path.basename(r[0]) for r in results] == ['a.png']
