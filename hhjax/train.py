@@ -486,6 +486,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.warning('Resuming with a config that differs from the checkpoint\'s:\n  %s',
                       '\n  '.join(diffs))
     progress = Progress(**saved['progress'])
+    # The saved index counts the phases of the config that wrote it; with warm-up epochs
+    # added or removed since, the phase is found by name (restore_state checked it exists).
+    progress.phase_index = [p.name for p in phases].index(saved['phase'])
     writer.truncate_after(latest)
     logging.info('Resuming from step %d (phase %s) in %s.', latest, saved['phase'], workdir)
   else:

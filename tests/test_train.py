@@ -4,6 +4,7 @@ import functools
 import glob
 import json
 import os
+import shutil
 
 from flax import traverse_util
 import jax
@@ -257,3 +258,17 @@ def test_predict_lists_every_unreadable_file_or_skips_them(trained, tmp_path):
   config.data.bad_files = 'skip'
   results = train.predict(config, workdir, [str(tmp_path)])
   assert [os.path.basename(r[0]) for r in results] == ['a.png']
+
+
+def test_resume_finds_the_phase_by_name_when_warmup_epochs_change(tmp_path):
+  config = tiny_config()
+  config.steps_per_epoch = 1
+  config.warmup.epochs, config.finetune.epochs = 1, 2
+  train.train_and_evaluate(config, str(tmp_path))          # checkpoints at steps 1, 2, 3
+  shutil.rmtree(tmp_path / 'checkpoints' / '3')          # as if killed during the last epoch
+  config.warmup.epochs = 0                                  # the warm-up is done anyway
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result['step'] == 3                                # fine-tuning ends its 2nd epoch
+  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert [(r['step'], r['phase']) for r in rows] == [(1, 'warmup'), (2, 'finetune'),
+                                                     (3, 'finetune')]
