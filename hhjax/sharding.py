@@ -18,9 +18,10 @@ DATA_AXIS = 'data'
 def maybe_initialize_distributed() -> None:
   """Calls `jax.distributed.initialize()` when this process is one of several.
 
-  Recognises JAX's own variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES), SLURM and
-  Open MPI launches with more than one task, and multi-host Cloud TPU slices, where
-  `jax.distributed.initialize()` finds the coordinator by itself.
+  Recognises a launch by hand (JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID in each process), SLURM and Open MPI launches with more than one task, and
+  multi-host Cloud TPU slices, where `jax.distributed.initialize()` finds the coordinator by
+  itself.
   """
   env = os.environ
   several = (
@@ -30,7 +31,13 @@ def maybe_initialize_distributed() -> None:
       or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
       or len([h for h in env.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1)
   if several:
-    jax.distributed.initialize()
+    # JAX reads JAX_COORDINATOR_ADDRESS itself, but not the process count and id.
+    kwargs = {}
+    if 'JAX_NUM_PROCESSES' in env:
+      kwargs['num_processes'] = int(env['JAX_NUM_PROCESSES'])
+    if 'JAX_PROCESS_ID' in env:
+      kwargs['process_id'] = int(env['JAX_PROCESS_ID'])
+    jax.distributed.initialize(**kwargs)
     logging.info('Process %d of %d, %d local / %d global devices.', jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 

@@ -75,3 +75,18 @@ def test_eight_devices_train_like_one(tmp_path):
   for key in params_one:
     np.testing.assert_allclose(params_eight[key], params_one[key], rtol=1e-4, atol=1e-6,
                                err_msg=key)
+
+
+def test_launch_by_hand_passes_process_count_and_id_to_jax(monkeypatch):
+  # JAX reads JAX_COORDINATOR_ADDRESS by itself, but not JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+  from hhjax import sharding  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(sharding.jax.distributed, 'initialize',
+                      lambda **kwargs: calls.append(kwargs))
+  for name in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES'):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', '127.0.0.1:12345')
+  monkeypatch.setenv('JAX_NUM_PROCESSES', '2')
+  monkeypatch.setenv('JAX_PROCESS_ID', '1')
+  sharding.maybe_initialize_distributed()
+  assert calls == [{'num_processes': 2, 'process_id': 1}]
