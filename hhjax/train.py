@@ -170,6 +170,15 @@ def build_state(variables: PyTree, tx: optax.GradientTransformation, seed: int) 
   }
 
 
+def _replicate(tree: PyTree, repl: jax.sharding.Sharding) -> PyTree:
+  """`tree` replicated on every device, through host memory.
+
+  In a run of several processes, `jax.device_put` of an array that sits on one local device
+  builds a global array whose shards orbax cannot save; from numpy it builds a proper one.
+  """
+  return jax.device_put(jax.device_get(tree), repl)
+
+
 def _with_sharding(tree: PyTree, sharding_: jax.sharding.Sharding) -> PyTree:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_), tree)
 
@@ -495,7 +504,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     variables = jax.jit(functools.partial(init_variables, model, config), out_shardings=repl)()
     spec = pretrained_spec(config)
     if spec:
-      variables = jax.device_put(
+      variables = _replicate(
           models.load_pretrained_backbone(variables, spec, config.model.cut), repl)
     else:
       logging.info('No pretrained weights (config.model.pretrained=None): random init.')
@@ -607,7 +616,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           logging.info('Early stopping of phase %s: %s.', phase.name, reason)
           progress.stop_reason = reason
         progress.phase_done = bool(reason) or step >= phase_end
-        state = dict(state, metrics=jax.device_put(_zero_metrics(), repl))
+        state = dict(state, metrics=_replicate(_zero_metrics(), repl))
         save(state, progress, {'val_accuracy': last_eval['accuracy'],
                                'val_loss': last_eval['loss']})
         t_log, step_log = time.perf_counter(), step
