@@ -770,6 +770,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: Sequence[st
   batch_size = _eval_batch_size(config)
   batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
   results = []
+  is_main = jax.process_index() == 0   # every process computes; one prints
   for start in range(0, len(files), batch_size):
     chunk = files[start:start + batch_size]
     arrays = np.stack([_load_image(path, config, input_pipeline) for path in chunk])
@@ -780,5 +781,6 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: Sequence[st
     for path, p in zip(chunk, probs):
       k = int(np.argmax(p))
       results.append((path, class_names[k], float(p[k])))
-      print(f'{path}\t{class_names[k]}\t{p[k]:.4f}', flush=True)
+      if is_main:
+        print(f'{path}\t{class_names[k]}\t{p[k]:.4f}', flush=True)
   return results

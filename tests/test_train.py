@@ -272,3 +272,11 @@ def test_resume_finds_the_phase_by_name_when_warmup_epochs_change(tmp_path):
   rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   assert [(r['step'], r['phase']) for r in rows] == [(1, 'warmup'), (2, 'finetune'),
                                                      (3, 'finetune')]
+
+
+def test_predict_prints_on_the_first_process_only(trained, tmp_path, capsys, monkeypatch):
+  _, workdir, _ = trained
+  Image.fromarray(np.full((80, 80, 3), 99, np.uint8)).save(tmp_path / 'a.png')
+  monkeypatch.setattr(train.jax, 'process_index', lambda: 1)
+  results = train.predict(train.load_config(workdir), workdir, [str(tmp_path / 'a.png')])
+  assert len(results) == 1 and capsys.readouterr().out == ''
