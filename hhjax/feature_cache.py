@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from hhjax import fast_ops
 from hhjax import inception
 from hhjax import optim
 from hhjax import sharding
@@ -101,8 +102,11 @@ def compute_features(model, params: PyTree, batch_stats: PyTree,
   from hhjax import input_pipeline  # pylint: disable=g-import-not-at-top
   backbone = _backbone(model)
   repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  # uint8 batches (config.data.image_dtype) are normalised as the Classifier does it.
   forward = jax.jit(
-      lambda p, s, x: backbone.apply({'params': p, 'batch_stats': s}, x)[model.cut],
+      lambda p, s, x: backbone.apply(
+          {'params': p, 'batch_stats': s},
+          fast_ops.normalize_images(x, model.preprocessing))[model.cut],
       in_shardings=(repl, repl, data), out_shardings=data)
   p, s = params['backbone'], batch_stats.get('backbone', {})
   batches = []

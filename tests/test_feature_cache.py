@@ -160,3 +160,19 @@ def test_training_with_the_cache_ends_where_training_on_images_ends(tmp_path, mo
   for a, b in zip(rows['on'], rows['off']):
     np.testing.assert_allclose([a['train_loss'], a['val_loss']], [b['train_loss'], b['val_loss']],
                                rtol=1e-4)
+
+
+def test_cached_features_of_uint8_batches_are_those_of_the_normalised_images(setup):
+  config, mesh, model, _, _, _, state = setup
+  config = config.copy_and_resolve_references()
+  config.data.image_dtype = 'uint8'     # pixels travel as bytes; the model normalises them
+  batches = feature_cache.compute_features(model, state['params'], state['batch_stats'],
+                                           config, config.data.eval_split, mesh)
+  images = next(input_pipeline.create_dataset(config, config.data.eval_split)
+                .as_numpy_iterator())
+  assert images['image'].dtype == np.uint8
+  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  full = jax.jit(lambda v, x: model.apply(v, x))(variables, images['image'])
+  head = jax.jit(lambda v, x: model.apply(v, x, from_features=True))(variables,
+                                                                      batches[0]['image'])
+  np.testing.assert_allclose(head, full, rtol=1e-5, atol=1e-6)
