@@ -104,7 +104,7 @@ def _flops_per_image(case: str, config, state, batch, extra) -> float | None:
   """
   import jax
   plain = make_config(case, int(config.batch_size), int(config.data.image_size), [])
-  for key in ('fast_convs', 'fold_bn', 'merge_1x1'):
+  for key in ('fast_convs', 'fold_bn', 'merge_1x1', 'fast_pools'):
     if key in plain.get('speed', {}):
       plain.speed[key] = 'off'
   step = build_step(plain, case)[0]

@@ -71,10 +71,14 @@ class Lowering:
       differs slightly (about 1e-6 relative).
     merge_1x1: the 1x1 convolutions of a block that read the block's input run as one
       convolution. Same arithmetic per output channel.
+    fast_pools: the 3x3 pools' forward pass as elementwise maxima / sums of shifted slices
+      instead of XLA:CPU's slow reduce_window; gradients are the usual ones. Max pool
+      bit-identical; average pool equal up to float32 summation order.
   """
   fast_convs: bool = False
   fold_bn: bool = False
   merge_1x1: bool = False
+  fast_pools: bool = False
 
   @classmethod
   def from_config(cls, speed: Mapping[str, Any] | None,
@@ -180,6 +184,78 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
   if rhs.shape[:2] == (1, 1):
     return conv_1x1_as_matmul(lhs, rhs, **kwargs)
   return conv_valid_as_pad_crop(lhs, rhs, **kwargs)
+
+
+def _window_tap(x: Array, i: int, j: int, out_hw: Sequence[int], stride: int) -> Array:
+  """x[:, i + stride*h, j + stride*w, :] for every output cell (h, w): one tap of a window."""
+  n, _, _, c = x.shape
+  ho, wo = out_hw
+  return lax.slice(x, (0, i, j, 0),
+                   (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                   (1, stride, stride, 1))
+
+
+def _reference_max_pool(x: Array) -> Array:
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), 'VALID')
+
+
+def _max_pool_taps(x: Array) -> Array:
+  ho, wo = (x.shape[1] - 3) // 2 + 1, (x.shape[2] - 3) // 2 + 1
+  y = _window_tap(x, 0, 0, (ho, wo), 2)
+  for i in range(3):
+    for j in range(3):
+      if i or j:
+        y = jnp.maximum(y, _window_tap(x, i, j, (ho, wo), 2))
+  return y
+
+
+@jax.custom_vjp
+def max_pool_3x3_s2(x: Array) -> Array:
+  """Keras's MaxPooling2D((3, 3), strides=(2, 2)) ('valid'), NHWC.
+
+  The forward pass is the maximum of the window's nine strided slices (bit-identical to
+  `reduce_window`, which XLA:CPU runs several times slower); the gradient is
+  `reduce_window`'s own (all of it to the first maximum of each window, as TensorFlow).
+  """
+  return _max_pool_taps(x)
+
+
+max_pool_3x3_s2.defvjp(lambda x: (_max_pool_taps(x), x),
+                       lambda x, dy: jax.vjp(_reference_max_pool, x)[1](dy))
+
+
+def _reference_avg_pool(x: Array) -> Array:
+  ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
+  window = ((1, 3, 3, 1), (1, 1, 1, 1), 'SAME')
+  return (lax.reduce_window(x, 0.0, lax.add, *window) /
+          lax.reduce_window(ones, 0.0, lax.add, *window))
+
+
+def _avg_pool_sums(x: Array) -> Array:
+  _, h, w, _ = x.shape
+  xp = jnp.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
+  rows = xp[:, 0:h] + xp[:, 1:h + 1] + xp[:, 2:h + 2]
+  sums = rows[:, :, 0:w] + rows[:, :, 1:w + 1] + rows[:, :, 2:w + 2]
+  # Cells of the window inside the image: 3 per axis, 2 at a border (1 if the axis is 1 long).
+  rc = np.minimum(np.arange(h) + 2, h) - np.maximum(np.arange(h) - 1, 0)
+  cc = np.minimum(np.arange(w) + 2, w) - np.maximum(np.arange(w) - 1, 0)
+  count = (rc[:, None] * cc[None, :]).astype(np.float32)[None, :, :, None]
+  return sums / jnp.asarray(count, x.dtype)
+
+
+@jax.custom_vjp
+def avg_pool_3x3_same(x: Array) -> Array:
+  """Keras's AveragePooling2D((3, 3), strides=(1, 1), padding='same'), NHWC.
+
+  Padded cells are left out of the average. The forward pass sums shifted slices, rows then
+  columns (equal to `reduce_window` up to float32 summation order, several times faster on
+  XLA:CPU); the gradient is `reduce_window`'s own.
+  """
+  return _avg_pool_sums(x)
+
+
+avg_pool_3x3_same.defvjp(lambda x: (_avg_pool_sums(x), x),
+                         lambda x, dy: jax.vjp(_reference_avg_pool, x)[1](dy))
 
 
 def fold_bn(kernel: Array, beta: Array, mean: Array, var: Array,

@@ -131,17 +131,25 @@ def _merged_1x1(units: list[ConvBN], x: jax.Array, train: bool) -> list[jax.Arra
   return [u.bn_relu(y, train) for u, y in zip(units, pieces)]
 
 
-def avg_pool_same(x: jax.Array) -> jax.Array:
+def avg_pool_same(x: jax.Array, fast: bool = False) -> jax.Array:
   """Keras's AveragePooling2D((3, 3), strides=(1, 1), padding='same').
 
   Padded cells are left out of the average (each border cell is the mean of the cells that
-  exist), which Flax's `avg_pool` does only with `count_include_pad=False`.
+  exist), which Flax's `avg_pool` does only with `count_include_pad=False`. `fast`: the same
+  pool computed from shifted slices (`fast_ops.avg_pool_3x3_same`).
   """
+  if fast:
+    return fast_ops.avg_pool_3x3_same(x)
   return nn.avg_pool(x, (3, 3), strides=(1, 1), padding='SAME', count_include_pad=False)
 
 
-def max_pool_reduce(x: jax.Array) -> jax.Array:
-  """Keras's MaxPooling2D((3, 3), strides=(2, 2)) with its default 'valid' padding."""
+def max_pool_reduce(x: jax.Array, fast: bool = False) -> jax.Array:
+  """Keras's MaxPooling2D((3, 3), strides=(2, 2)) with its default 'valid' padding.
+
+  `fast`: the same pool computed from strided slices (`fast_ops.max_pool_3x3_s2`).
+  """
+  if fast:
+    return fast_ops.max_pool_3x3_s2(x)
   return nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
 
 
@@ -156,10 +164,10 @@ class Stem(nn.Module):
     x = unit(32, (3, 3), strides=(2, 2), padding='VALID', name='conv_1a_3x3')(x, train)
     x = unit(32, (3, 3), padding='VALID', name='conv_2a_3x3')(x, train)
     x = unit(64, (3, 3), name='conv_2b_3x3')(x, train)
-    x = max_pool_reduce(x)
+    x = max_pool_reduce(x, self.lowering.fast_pools)
     x = unit(80, (1, 1), padding='VALID', name='conv_3b_1x1')(x, train)
     x = unit(192, (3, 3), padding='VALID', name='conv_4a_3x3')(x, train)
-    return max_pool_reduce(x)
+    return max_pool_reduce(x, self.lowering.fast_pools)
 
 
 class InceptionA(nn.Module):
@@ -183,7 +191,8 @@ class InceptionA(nn.Module):
     branch3x3dbl = unit(96, (3, 3), name='branch3x3dbl_2')(branch3x3dbl, train)
     branch3x3dbl = unit(96, (3, 3), name='branch3x3dbl_3')(branch3x3dbl, train)
 
-    branch_pool = unit(self.pool_features, (1, 1), name='branch_pool')(avg_pool_same(x), train)
+    pooled = avg_pool_same(x, self.lowering.fast_pools)
+    branch_pool = unit(self.pool_features, (1, 1), name='branch_pool')(pooled, train)
     return jnp.concatenate([branch1x1, branch5x5, branch3x3dbl, branch_pool], axis=-1)
 
 
@@ -202,7 +211,7 @@ class InceptionB(nn.Module):
     branch3x3dbl = unit(96, (3, 3), strides=(2, 2), padding='VALID',
                           name='branch3x3dbl_3')(branch3x3dbl, train)
 
-    branch_pool = max_pool_reduce(x)
+    branch_pool = max_pool_reduce(x, self.lowering.fast_pools)
     return jnp.concatenate([branch3x3, branch3x3dbl, branch_pool], axis=-1)
 
 
@@ -231,7 +240,8 @@ class InceptionC(nn.Module):
     branch7x7dbl = unit(c, (7, 1), name='branch7x7dbl_4')(branch7x7dbl, train)
     branch7x7dbl = unit(192, (1, 7), name='branch7x7dbl_5')(branch7x7dbl, train)
 
-    branch_pool = unit(192, (1, 1), name='branch_pool')(avg_pool_same(x), train)
+    pooled = avg_pool_same(x, self.lowering.fast_pools)
+    branch_pool = unit(192, (1, 1), name='branch_pool')(pooled, train)
     return jnp.concatenate([branch1x1, branch7x7, branch7x7dbl, branch_pool], axis=-1)
 
 
@@ -255,7 +265,7 @@ class InceptionD(nn.Module):
     branch7x7x3 = unit(192, (3, 3), strides=(2, 2), padding='VALID',
                          name='branch7x7x3_4')(branch7x7x3, train)
 
-    branch_pool = max_pool_reduce(x)
+    branch_pool = max_pool_reduce(x, self.lowering.fast_pools)
     return jnp.concatenate([branch3x3, branch7x7x3, branch_pool], axis=-1)
 
 
@@ -281,7 +291,8 @@ class InceptionE(nn.Module):
     branch3x3dbl_a = unit(384, (1, 3), name='branch3x3dbl_3a')(branch3x3dbl, train)
     branch3x3dbl_b = unit(384, (3, 1), name='branch3x3dbl_3b')(branch3x3dbl, train)
 
-    branch_pool = unit(192, (1, 1), name='branch_pool')(avg_pool_same(x), train)
+    pooled = avg_pool_same(x, self.lowering.fast_pools)
+    branch_pool = unit(192, (1, 1), name='branch_pool')(pooled, train)
     # Keras concatenates the split pairs first (mixed9_0, ...); on channels that is the same as
     # one flat concatenation in this order.
     return jnp.concatenate([branch1x1, branch3x3_a, branch3x3_b, branch3x3dbl_a, branch3x3dbl_b,

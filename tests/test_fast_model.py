@@ -18,7 +18,7 @@ from hhjax import fast_ops
 from hhjax import inception
 from hhjax import keras_import
 
-ALL_ON = fast_ops.Lowering(fast_convs=True, fold_bn=True, merge_1x1=True)
+ALL_ON = fast_ops.Lowering(fast_convs=True, fold_bn=True, merge_1x1=True, fast_pools=True)
 
 
 def random_variables(module, x, seed: int = 0):
@@ -162,7 +162,7 @@ def test_config_speed_switches_reach_the_classifier():
   config = default.get_config()
   auto = models.create_model(config, 2)
   expected = jax.default_backend() == 'cpu'
-  assert auto.lowering == fast_ops.Lowering(expected, expected, expected)
+  assert auto.lowering == fast_ops.Lowering(expected, expected, expected, expected)
   assert auto.dtype == jnp.float32
   config.speed.fold_bn = 'off'
   config.speed.merge_1x1 = 'on'

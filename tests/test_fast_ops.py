@@ -194,3 +194,31 @@ def test_resolve_switch(value, backend, expected):
 def test_resolve_switch_rejects_unknown_values():
   with pytest.raises(ValueError, match='speed.fold_bn must be'):
     fast_ops.resolve_switch('sometimes', name='speed.fold_bn')
+
+
+@pytest.mark.parametrize('shape', [(2, 9, 9, 5), (2, 8, 11, 3), (1, 3, 3, 4)])
+def test_max_pool_from_slices_is_identical_with_the_same_gradients(shape):
+  rng = np.random.default_rng(0)
+  # Rounded ReLU outputs: many ties, where the gradient goes to the first maximum only.
+  x = jnp.asarray(np.maximum(np.round(rng.normal(size=shape), 1), 0), jnp.float32)
+  plain = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
+  fast = fast_ops.max_pool_3x3_s2
+  np.testing.assert_array_equal(jax.jit(fast)(x), jax.jit(plain)(x))
+  w = jnp.asarray(rng.normal(size=plain(x).shape), jnp.float32)
+  grad = lambda f: jax.jit(jax.grad(lambda x: jnp.sum(f(x) * w)))(x)
+  np.testing.assert_array_equal(grad(fast), grad(plain))
+
+
+@pytest.mark.parametrize('shape', [(2, 7, 7, 5), (2, 4, 9, 3), (1, 1, 2, 4)])
+def test_avg_pool_from_slices_leaves_padding_out_with_the_same_gradients(shape):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  plain = lambda x: nn.avg_pool(x, (3, 3), strides=(1, 1), padding='SAME',
+                                count_include_pad=False)
+  fast = fast_ops.avg_pool_3x3_same
+  np.testing.assert_allclose(jax.jit(fast)(x), jax.jit(plain)(x), rtol=1e-6, atol=1e-6)
+  # Border cells average only the cells that exist: the corner of a constant image stays put.
+  np.testing.assert_allclose(fast(jnp.ones(shape)), 1.0, rtol=1e-6)
+  w = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  grad = lambda f: jax.jit(jax.grad(lambda x: jnp.sum(f(x) * w)))(x)
+  np.testing.assert_allclose(grad(fast), grad(plain), rtol=1e-6, atol=1e-6)
