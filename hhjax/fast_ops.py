@@ -10,7 +10,9 @@ arithmetic written another way runs much faster (benchmarks/README.md has the fi
 * an inference-mode BatchNorm is an affine map per channel, so it folds into the
   preceding convolution's kernel and a bias (float32 rounding differs slightly);
 * several 1x1 convolutions that read the same tensor run as one convolution with their
-  kernels concatenated, the output split afterwards.
+  kernels concatenated, the output split afterwards;
+* the 3x3 max and average pools are far faster as maxima / sums of shifted slices than as
+  XLA:CPU's reduce_window (their gradients stay reduce_window's).
 
 Every function here is pure and works on plain arrays, so the model keeps the parameter
 tree that the Keras weight import fills: the rewrites happen when the model is applied.
