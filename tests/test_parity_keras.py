@@ -79,22 +79,26 @@ def order_from_keras(model) -> list[str]:
 # ------------------------------------------------------------------------------- no top, 150px
 
 
+def _run_both(keras_module, keras_model, model, variables):
+  """x -> (our endpoints, Keras's endpoints) for the same images."""
+  keras_endpoints, names = keras_reference.endpoint_model(keras_module, keras_model)
+  apply = jax.jit(model.apply)
+
+  def run_both(x):
+    theirs = dict(zip(names, keras_endpoints.predict(x, verbose=0)))
+    return apply(variables, x), theirs
+  return run_both
+
+
 @pytest.fixture(scope='module')
 def notop(keras_notop_h5):
   """tf_keras reading the weights-only file (its own loader) and ours reading the same file."""
   import tf_keras  # pylint: disable=g-import-not-at-top
   keras_model = tf_keras.applications.InceptionV3(
       weights=str(keras_notop_h5), include_top=False, input_shape=(150, 150, 3))
-  keras_endpoints, names = keras_reference.endpoint_model(tf_keras, keras_model)
   model, variables = keras_import.load_h5(keras_notop_h5)
-  apply = jax.jit(model.apply)
-
-  def run_both(x):
-    theirs = dict(zip(names, keras_endpoints.predict(x, verbose=0)))
-    return apply(variables, x), theirs
-
   return types.SimpleNamespace(keras_model=keras_model, model=model, variables=variables,
-                               run_both=run_both)
+                               run_both=_run_both(tf_keras, keras_model, model, variables))
 
 
 def test_load_h5_reads_notop_weights_only_file_as_notop(notop):
@@ -136,16 +140,9 @@ def top(tmp_path_factory):
   keras_reference.randomize(keras_model, seed=2)
   path = tmp_path_factory.mktemp('keras3') / 'inception_v3_top_model.h5'
   keras_model.save(str(path))
-  keras_endpoints, names = keras_reference.endpoint_model(keras, keras_model)
   model, variables = keras_import.load_h5(path)
-  apply = jax.jit(model.apply)
-
-  def run_both(x):
-    theirs = dict(zip(names, keras_endpoints.predict(x, verbose=0)))
-    return apply(variables, x), theirs
-
-  return types.SimpleNamespace(keras_model=keras_model, model=model, run_both=run_both,
-                               path=path)
+  return types.SimpleNamespace(keras_model=keras_model, model=model, path=path,
+                               run_both=_run_both(keras, keras_model, model, variables))
 
 
 def test_load_h5_reads_whole_model_file_with_top(top):
