@@ -86,6 +86,7 @@ def main(argv):
     raise app.UsageError(f'--config.{NONE_OVERRIDES[0]}=None needs --config=configs/....py')
   if FLAGS.config is not None:
     set_none(FLAGS.config, NONE_OVERRIDES)
+  logging.info('GLIBC_TUNABLES=%s', os.environ.get('GLIBC_TUNABLES', '(unset)'))
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
 
@@ -113,6 +114,10 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Before anything runs: glibc malloc settings that spare XLA:CPU a page fault per page of
+  # every step's buffers (hhjax/host_malloc.py; HHJAX_MALLOC_TUNING=off to skip).
+  from hhjax import host_malloc  # pylint: disable=g-import-not-at-top
+  host_malloc.reexec_with_tunables()
   sys.argv, NONE_OVERRIDES = split_none_overrides(sys.argv)
   flags.mark_flags_as_required(['workdir'])
   app.run(main)

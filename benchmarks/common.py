@@ -17,6 +17,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from hhjax import host_malloc  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 
 def time_steps(step: Callable[[], Any], *, images_per_step: int, warmup_steps: int = 2,
                repeats: int = 7, min_repeat_s: float = 0.5) -> dict[str, Any]:
@@ -78,7 +81,25 @@ def jax_device() -> str:
 
 def machine() -> dict[str, Any]:
   """What the numbers were measured on."""
-  return {'host': platform.node(), 'cpus': os.cpu_count(), 'python': platform.python_version()}
+  return {'host': platform.node(), 'cpus': os.cpu_count(), 'python': platform.python_version(),
+          'glibc_tunables': os.environ.get('GLIBC_TUNABLES')}
+
+
+def add_malloc_flag(parser) -> None:
+  """--malloc_tuning: run every child (ours and Keras alike) with hhjax/host_malloc.py's
+  glibc settings, as main.py runs training, or without them."""
+  parser.add_argument(
+      '--malloc_tuning', default='on', choices=('on', 'off'),
+      help="on: every case's process gets main.py's GLIBC_TUNABLES (hhjax/host_malloc.py), "
+      'Keras included, so both run under the same allocator settings; off: glibc defaults')
+
+
+def malloc_env(setting: str) -> dict[str, str]:
+  """Environment entries for a child process under --malloc_tuning=setting."""
+  if setting == 'on':
+    return {'GLIBC_TUNABLES': host_malloc.merge_tunables(os.environ.get('GLIBC_TUNABLES')),
+            host_malloc.MARK_ENV: '1'}
+  return {host_malloc.SWITCH_ENV: 'off'}
 
 
 def matmul_rate(n: int = 4096, repeats: int = 7, precision: str | None = None) -> dict[str, Any]:
@@ -152,9 +173,9 @@ def matmul_main() -> None:
   emit(record)
 
 
-def measure_matmul_in_child() -> dict[str, Any]:
+def measure_matmul_in_child(env: dict[str, str] | None = None) -> dict[str, Any]:
   """The matmul rate, measured in its own process (keeps accelerator memory free here)."""
-  records = run_child([os.path.abspath(__file__), 'matmul'])
+  records = run_child([os.path.abspath(__file__), 'matmul'], env=env)
   return records[0] if records else {'bench': 'matmul', 'error': 'no output'}
 
 

@@ -116,6 +116,7 @@ def main() -> None:
                       help="model.compile(jit_compile=...); 'auto' is Keras's default, "
                       'what the seed ran')
   parser.add_argument('--no_matmul', action='store_true', help='skip the matmul rate')
+  common.add_malloc_flag(parser)
   parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--backend', help=argparse.SUPPRESS)
   parser.add_argument('--case', help=argparse.SUPPRESS)
@@ -131,7 +132,7 @@ def main() -> None:
     if unknown:
       parser.error(f'unknown {name}(s) {unknown}; choose from {list(valid)}.')
   if not args.no_matmul:
-    common.emit(common.measure_matmul_in_child())
+    common.emit(common.measure_matmul_in_child(common.malloc_env(args.malloc_tuning)))
   for backend in backends:
     for case in cases:
       argv = [os.path.abspath(__file__), '--child', f'--backend={backend}', f'--case={case}',
@@ -139,7 +140,8 @@ def main() -> None:
               f'--repeats={args.repeats}', f'--warmup_steps={args.warmup_steps}',
               f'--jit_compile={args.jit_compile}']
       # TF_CPP_MIN_LOG_LEVEL keeps TensorFlow's start-up chatter off stderr.
-      env = {'KERAS_BACKEND': backend, 'TF_CPP_MIN_LOG_LEVEL': '2'}
+      env = {'KERAS_BACKEND': backend, 'TF_CPP_MIN_LOG_LEVEL': '2',
+             **common.malloc_env(args.malloc_tuning)}
       for record in common.run_child(argv, env=env):
         record.setdefault('framework', f'keras-{backend}')
         record.setdefault('case', case)

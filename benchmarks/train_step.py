@@ -262,6 +262,7 @@ def main() -> None:
   parser.add_argument('--set', action='append', metavar='KEY=VALUE',
                       help='config override, e.g. speed.fold_bn=off (repeatable)')
   parser.add_argument('--no_matmul', action='store_true', help='skip the matmul rate')
+  common.add_malloc_flag(parser)
   parser.add_argument('--no_flops', action='store_true', help='skip the op count')
   parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--case', help=argparse.SUPPRESS)
@@ -275,7 +276,7 @@ def main() -> None:
   if unknown:
     parser.error(f'unknown case(s) {unknown}; choose from {list(CASES)}.')
   if not args.no_matmul:
-    common.emit(common.measure_matmul_in_child())
+    common.emit(common.measure_matmul_in_child(common.malloc_env(args.malloc_tuning)))
   for case in cases:
     argv = [os.path.abspath(__file__), '--child', f'--case={case}',
             f'--batch_size={args.batch_size}', f'--image_size={args.image_size}',
@@ -284,7 +285,8 @@ def main() -> None:
     argv += [f'--set={s}' for s in args.set or []]
     if args.no_flops:
       argv.append('--no_flops')
-    for record in common.run_child(argv, env={'TF_CPP_MIN_LOG_LEVEL': '2'}):
+    env = {'TF_CPP_MIN_LOG_LEVEL': '2', **common.malloc_env(args.malloc_tuning)}
+    for record in common.run_child(argv, env=env):
       record.setdefault('framework', 'hhjax')
       record.setdefault('case', case)
       common.emit(record)
