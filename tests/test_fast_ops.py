@@ -70,20 +70,32 @@ def test_1x1_conv_as_matmul_rejects_larger_kernels():
     ((1, 7, 6, 5), (1, 1), 'SAME', 'plain'),
     ((3, 3, 6, 5), (2, 2), 'VALID', 'plain'),          # stride 2 shows no slowdown
     ((1, 1, 6, 5), (2, 2), 'VALID', 'plain'),
+    ((3, 3, 3, 5), (2, 2), 'VALID', 'patches'),        # the image into the first conv
+    ((3, 3, 3, 5), (1, 1), 'SAME', 'patches'),
+    ((5, 3, 4, 5), (2, 1), [(1, 2), (0, 1)], 'patches'),
+    ((3, 3, 5, 5), (2, 2), 'VALID', 'plain'),          # more channels: XLA's conv
+    ((1, 1, 3, 5), (1, 1), 'VALID', 'matmul'),
 ])
 def test_conv_general_dilated_routes_and_matches_lax(kernel_shape, strides, padding, route,
                                                      monkeypatch):
-  x, k = _normal(0, (2, 11, 11, 6)), _normal(1, kernel_shape)
+  x, k = _normal(0, (2, 11, 11, kernel_shape[2])), _normal(1, kernel_shape)
   calls = []
-  for name in ('conv_1x1_as_matmul', 'conv_valid_as_pad_crop'):
+  for name in ('conv_1x1_as_matmul', 'conv_valid_as_pad_crop', 'conv_as_patch_matmul'):
     original = getattr(fast_ops, name)
     monkeypatch.setattr(fast_ops, name,
                         lambda *a, _o=original, _n=name, **kw: calls.append(_n) or _o(*a, **kw))
   fast = fast_ops.conv_general_dilated(x, k, strides, padding, dimension_numbers=DN)
   expected_calls = {'matmul': ['conv_1x1_as_matmul'], 'pad_crop': ['conv_valid_as_pad_crop'],
-                    'plain': []}[route]
+                    'patches': ['conv_as_patch_matmul'], 'plain': []}[route]
   assert calls == expected_calls
   _assert_close(fast, _plain_conv(x, k, padding, strides))
+  fast_grads = _grads(lambda x, k: fast_ops.conv_general_dilated(
+      x, k, strides, padding, dimension_numbers=DN), x, k)
+  plain_grads = _grads(lambda x, k: _plain_conv(x, k, padding, strides), x, k)
+  # sin() of sums of up to 60 products: float32 rounding of the outputs reaches the
+  # gradients scaled up (in float64 the two agree to 1e-15).
+  for fast_grad, plain_grad in zip(fast_grads, plain_grads):
+    _assert_close(fast_grad, plain_grad, rtol=1e-5)
 
 
 def test_conv_general_dilated_leaves_other_layouts_to_lax():
@@ -197,7 +209,7 @@ def test_resolve_switch_rejects_unknown_values():
 
 
 @pytest.mark.parametrize('shape', [(2, 9, 9, 5), (2, 8, 11, 3), (1, 3, 3, 4)])
-def test_max_pool_from_slices_is_identical_with_the_same_gradients(shape):
+def test_max_pool_from_slices_is_identical_and_routes_gradients_to_the_first_maximum(shape):
   rng = np.random.default_rng(0)
   # Rounded ReLU outputs: many ties, where the gradient goes to the first maximum only.
   x = jnp.asarray(np.maximum(np.round(rng.normal(size=shape), 1), 0), jnp.float32)
@@ -206,7 +218,12 @@ def test_max_pool_from_slices_is_identical_with_the_same_gradients(shape):
   np.testing.assert_array_equal(jax.jit(fast)(x), jax.jit(plain)(x))
   w = jnp.asarray(rng.normal(size=plain(x).shape), jnp.float32)
   grad = lambda f: jax.jit(jax.grad(lambda x: jnp.sum(f(x) * w)))(x)
-  np.testing.assert_array_equal(grad(fast), grad(plain))
+  # Overlapping windows add in another order: equal up to float32 rounding.
+  np.testing.assert_allclose(grad(fast), grad(plain), rtol=1e-6, atol=1e-6)
+  # Each window sends its whole gradient to exactly one cell, the first maximum.
+  ones = jax.jit(jax.grad(lambda x: jnp.sum(fast(x))))(x)
+  np.testing.assert_array_equal(ones, jax.jit(jax.grad(lambda x: jnp.sum(plain(x))))(x))
+  assert float(jnp.sum(ones)) == plain(x).size
 
 
 @pytest.mark.parametrize('shape', [(2, 7, 7, 5), (2, 4, 9, 3), (1, 1, 2, 4)])
