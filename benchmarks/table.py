@@ -31,6 +31,16 @@ def _fmt(x, spec='.1f'):
   return '–' if x is None else format(x, spec)
 
 
+def _rate(r) -> str:
+  """'median (min–max)' images/s of one run: on a shared machine the spread matters."""
+  if not r or r.get('images_per_s') is None:
+    return '–'
+  spread = ''
+  if r.get('images_per_s_min') is not None and r.get('images_per_s_max') is not None:
+    spread = f' ({r["images_per_s_min"]:.0f}–{r["images_per_s_max"]:.0f})'
+  return f'{r["images_per_s"]:.1f}{spread}'
+
+
 def table(records) -> str:
   matmul = next((r for r in records if r.get('bench') == 'matmul' and 'gflops' in r), None)
   runs = {}
@@ -43,7 +53,7 @@ def table(records) -> str:
       cases.append(case)
   gflop = {case: r.get('gflop_per_image') for (case, fw), r in runs.items() if fw == 'hhjax'}
   lines = [
-      '| case | ' + ' | '.join(f'{SHORT[f]} img/s' for f in FRAMEWORKS) +
+      '| case | ' + ' | '.join(f'{SHORT[f]} img/s (min–max)' for f in FRAMEWORKS) +
       ' | hhjax / faster Keras | compile s (' + ' / '.join(SHORT[f] for f in FRAMEWORKS) +
       ') | peak host MiB (' + ' / '.join(SHORT[f] for f in FRAMEWORKS) +
       ') | % of matmul rate (' + ' / '.join(SHORT[f] for f in FRAMEWORKS) + ') |',
@@ -61,7 +71,7 @@ def table(records) -> str:
       else:
         frac[f] = None
     lines.append(
-        f'| {case} | ' + ' | '.join(_fmt(rate[f]) for f in FRAMEWORKS) +
+        f'| {case} | ' + ' | '.join(_rate(got[f]) for f in FRAMEWORKS) +
         f' | {_fmt(ratio, ".2f")}{"×" if ratio else ""} | ' +
         ' / '.join(_fmt((got[f] or {}).get('compile_s')) for f in FRAMEWORKS) + ' | ' +
         ' / '.join(_fmt((got[f] or {}).get('peak_host_mem_mb'), '.0f') for f in FRAMEWORKS) +

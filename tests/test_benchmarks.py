@@ -1,0 +1,48 @@
+"""The benchmark scripts' shared pieces: the README table and the children's environment."""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import table  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from hhjax import host_malloc  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _run(framework, case, rate, lo, hi, **extra):
+  return {'bench': 'train_step' if framework == 'hhjax' else 'keras_reference',
+          'framework': framework, 'case': case, 'images_per_s': rate,
+          'images_per_s_min': lo, 'images_per_s_max': hi, 'compile_s': 3.0,
+          'peak_host_mem_mb': 1000.0, **extra}
+
+
+def test_table_gives_spread_ratio_to_the_faster_keras_and_matmul_fraction():
+  records = [
+      {'bench': 'matmul', 'n': 4096, 'gflops': 200.0, 'gflops_min': 190.0,
+       'gflops_max': 210.0, 'device': 'cpu'},
+      _run('hhjax', 'warmup', 60.0, 55.0, 64.0, gflop_per_image=2.0),
+      _run('keras-tensorflow', 'warmup', 50.0, 48.0, 52.0),
+      _run('keras-jax', 'warmup', 30.0, 29.0, 31.0),
+      _run('hhjax', 'warmup_cached', 180.0, 170.0, 190.0),
+  ]
+  text = table.table(records)
+  row = next(line for line in text.splitlines() if line.startswith('| warmup |'))
+  cells = [c.strip() for c in row.strip('|').split('|')]
+  assert cells[1:4] == ['60.0 (55–64)', '50.0 (48–52)', '30.0 (29–31)']
+  assert cells[4] == '1.20×'                     # against Keras-TF, the faster Keras
+  assert cells[-1] == '60 / 50 / 30'             # img/s x 2 GFLOP / 200 GFLOP/s
+  cached = next(line for line in text.splitlines() if line.startswith('| warmup_cached |'))
+  assert '| – | – | – |' in cached
+  assert '200 GFLOP/s' in text
+
+
+def test_children_get_mains_malloc_tunables_or_none(monkeypatch):
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.tcache_count=0')
+  on = common.malloc_env('on')
+  assert on['GLIBC_TUNABLES'] == host_malloc.merge_tunables('glibc.malloc.tcache_count=0')
+  assert on[host_malloc.MARK_ENV] == '1'
+  off = common.malloc_env('off')
+  assert off == {host_malloc.SWITCH_ENV: 'off'}
