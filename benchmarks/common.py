@@ -91,7 +91,8 @@ def add_malloc_flag(parser) -> None:
   parser.add_argument(
       '--malloc_tuning', default='on', choices=('on', 'off'),
       help="on: every case's process gets main.py's GLIBC_TUNABLES (hhjax/host_malloc.py), "
-      'Keras included, so both run under the same allocator settings; off: glibc defaults')
+      'Keras included, so both run under the same allocator settings; off: none added '
+      '(glibc defaults unless GLIBC_TUNABLES is set around the script; each record says)')
 
 
 def malloc_env(setting: str) -> dict[str, str]:

@@ -203,7 +203,8 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
   NHWC/HWIO undilated ungrouped convolutions: with at most IM2COL_MAX_IN_CHANNELS input
   channels (the image) and a kernel larger than 1x1, a matmul over the patches (any stride
   and padding); otherwise, stride 1 without padding, a matmul (1x1) or pad + crop (larger
-  kernels). Every other convolution goes to `lax.conv_general_dilated` unchanged. Pass it as `nn.Conv(conv_general_dilated=...)`.
+  kernels). Every other convolution goes to `lax.conv_general_dilated` unchanged. Pass it
+  as `nn.Conv(conv_general_dilated=...)`.
   """
   def fallback():
     return lax.conv_general_dilated(
@@ -295,7 +296,10 @@ max_pool_3x3_s2.defvjp(lambda x: (_max_pool_taps(x), x),
 
 
 def _window_counts(h: int, w: int) -> np.ndarray:
-  """Cells of each 3x3 'SAME' window inside an h x w image: 3 per axis, 2 at a border."""
+  """Cells of each 3x3 'SAME' window inside an h x w image.
+
+  3 per axis, 2 at a border (1 if the axis is 1 long); shape (1, h, w, 1).
+  """
   rc = np.minimum(np.arange(h) + 2, h) - np.maximum(np.arange(h) - 1, 0)
   cc = np.minimum(np.arange(w) + 2, w) - np.maximum(np.arange(w) - 1, 0)
   return (rc[:, None] * cc[None, :]).astype(np.float32)[None, :, :, None]
