@@ -5,6 +5,7 @@ its own, and so that frameworks (Keras's TensorFlow and JAX backends, our JAX co
 share a process or an accelerator's memory pool.
 """
 
+import argparse
 import json
 import math
 import os
@@ -85,6 +86,24 @@ def machine() -> dict[str, Any]:
           'glibc_tunables': os.environ.get('GLIBC_TUNABLES')}
 
 
+def add_run_flags(parser) -> None:
+  """The flags every benchmark script shares: batch, image size, repeats, allocator, child."""
+  parser.add_argument('--batch_size', type=int, default=20)
+  parser.add_argument('--image_size', type=int, default=150)
+  parser.add_argument('--repeats', type=int, default=7)
+  add_malloc_flag(parser)
+  parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
+
+
+def choose(parser, text: str, valid: Sequence[str], what: str) -> list[str]:
+  """The comma-separated names in `text`; a parser error names any not in `valid`."""
+  chosen = [x for x in text.split(',') if x]
+  unknown = sorted(set(chosen) - set(valid))
+  if unknown:
+    parser.error(f'unknown {what}(s) {unknown}; choose from {list(valid)}.')
+  return chosen
+
+
 def add_malloc_flag(parser) -> None:
   """--malloc_tuning: run every child (ours and Keras alike) with hhjax/host_malloc.py's
   glibc settings, as main.py runs training, or without them."""
@@ -157,7 +176,7 @@ def run_child(argv: Sequence[str], env: dict[str, str] | None = None,
       try:
         records.append(json.loads(line))
       except json.JSONDecodeError:
-        pass
+        continue   # a log line that happens to start with '{': not a record
   if proc.returncode != 0:
     records.append({'error': f'exit status {proc.returncode}', 'argv': list(argv)})
   return records

@@ -108,23 +108,16 @@ def child(args: argparse.Namespace) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--frameworks', default=','.join(FRAMEWORKS))
-  parser.add_argument('--batch_size', type=int, default=20)
-  parser.add_argument('--image_size', type=int, default=150)
-  parser.add_argument('--repeats', type=int, default=7)
+  common.add_run_flags(parser)
   parser.add_argument('--lowering', default='fast', choices=('fast', 'plain'),
                       help='JAX: fast_ops.conv_general_dilated (the model on CPU) or lax')
-  common.add_malloc_flag(parser)
-  parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--framework', help=argparse.SUPPRESS)
   parser.add_argument('--convs', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     child(args)
     return
-  frameworks = [f for f in args.frameworks.split(',') if f]
-  unknown = sorted(set(frameworks) - set(FRAMEWORKS))
-  if unknown:
-    parser.error(f'unknown framework(s) {unknown}; choose from {list(FRAMEWORKS)}.')
+  frameworks = common.choose(parser, args.frameworks, FRAMEWORKS, 'framework')
   convs = backbone_convolutions(args.image_size)
   env = {'TF_CPP_MIN_LOG_LEVEL': '2', 'KERAS_BACKEND': 'tensorflow',
          **common.malloc_env(args.malloc_tuning)}

@@ -108,16 +108,12 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--backends', default=','.join(BACKENDS))
   parser.add_argument('--cases', default=','.join(CASES))
-  parser.add_argument('--batch_size', type=int, default=20)
-  parser.add_argument('--image_size', type=int, default=150)
-  parser.add_argument('--repeats', type=int, default=7)
+  common.add_run_flags(parser)
   parser.add_argument('--warmup_steps', type=int, default=2)
   parser.add_argument('--jit_compile', default='auto', choices=('auto', 'true', 'false'),
                       help="model.compile(jit_compile=...); 'auto' is Keras's default, "
                       'what the seed ran')
   parser.add_argument('--no_matmul', action='store_true', help='skip the matmul rate')
-  common.add_malloc_flag(parser)
-  parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--backend', help=argparse.SUPPRESS)
   parser.add_argument('--case', help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -125,12 +121,8 @@ def main() -> None:
     child(args)
     return
 
-  backends = [x for x in args.backends.split(',') if x]
-  cases = [x for x in args.cases.split(',') if x]
-  for name, chosen, valid in (('backend', backends, BACKENDS), ('case', cases, CASES)):
-    unknown = sorted(set(chosen) - set(valid))
-    if unknown:
-      parser.error(f'unknown {name}(s) {unknown}; choose from {list(valid)}.')
+  backends = common.choose(parser, args.backends, BACKENDS, 'backend')
+  cases = common.choose(parser, args.cases, CASES, 'case')
   if not args.no_matmul:
     common.emit(common.measure_matmul_in_child(common.malloc_env(args.malloc_tuning)))
   for backend in backends:

@@ -64,7 +64,7 @@ def _parse_value(text: str):
     try:
       return cast(text)
     except ValueError:
-      pass
+      continue   # not this type: try the next, else keep the string
   return text
 
 
@@ -251,9 +251,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--cases', default=','.join(DEFAULT_CASES),
                       help=f'comma-separated, from {list(CASES)}')
-  parser.add_argument('--batch_size', type=int, default=20)
-  parser.add_argument('--image_size', type=int, default=150)
-  parser.add_argument('--repeats', type=int, default=7)
+  common.add_run_flags(parser)
   parser.add_argument('--warmup_steps', type=int, default=2)
   parser.add_argument('--image_dtype', default='float32', choices=('float32', 'uint8'),
                       help='uint8: batches as pixels, normalised by the model on the device')
@@ -262,19 +260,14 @@ def main() -> None:
   parser.add_argument('--set', action='append', metavar='KEY=VALUE',
                       help='config override, e.g. speed.fold_bn=off (repeatable)')
   parser.add_argument('--no_matmul', action='store_true', help='skip the matmul rate')
-  common.add_malloc_flag(parser)
   parser.add_argument('--no_flops', action='store_true', help='skip the op count')
-  parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--case', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     child(args)
     return
 
-  cases = [c for c in args.cases.split(',') if c]
-  unknown = sorted(set(cases) - set(CASES))
-  if unknown:
-    parser.error(f'unknown case(s) {unknown}; choose from {list(CASES)}.')
+  cases = common.choose(parser, args.cases, list(CASES), 'case')
   if not args.no_matmul:
     common.emit(common.measure_matmul_in_child(common.malloc_env(args.malloc_tuning)))
   for case in cases:

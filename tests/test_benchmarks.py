@@ -46,3 +46,16 @@ def test_children_get_mains_malloc_tunables_or_none(monkeypatch):
   assert on[host_malloc.MARK_ENV] == '1'
   off = common.malloc_env('off')
   assert off == {host_malloc.SWITCH_ENV: 'off'}
+
+
+def test_choose_returns_the_names_and_rejects_unknown_ones():
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog='bench')
+  assert common.choose(parser, 'warmup,,finetune_all', ('warmup', 'finetune_all'), 'case') == [
+      'warmup', 'finetune_all']
+  try:
+    common.choose(parser, 'warmup,bogus', ('warmup',), 'case')
+  except SystemExit as e:
+    assert e.code == 2
+  else:
+    raise AssertionError('an unknown case was accepted')
