@@ -92,7 +92,7 @@ def main(argv):
 
   from hhjax import sharding  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed()
-  from hhjax import train  # pylint: disable=g-import-not-at-top
+  from hhjax.training import loop as train  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config if FLAGS.config is not None else train.load_config(FLAGS.workdir)
 

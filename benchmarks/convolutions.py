@@ -3,7 +3,7 @@
 Where does a train step's time go, and which convolutions does TensorFlow's oneDNN run
 faster than XLA? This takes every Conv2D of Keras's InceptionV3 up to mixed7 (its input
 shape, kernel, stride, padding at --image_size), and times conv + bias + ReLU at --batch_size
-in a jitted JAX function (`hhjax.fast_ops.conv_general_dilated`, the lowering the model uses
+in a jitted JAX function (`hhjax.fast_convs.conv_general_dilated`, the lowering the model uses
 on CPU, or plain `lax.conv_general_dilated` with --lowering=plain) and in a `tf.function`
 (oneDNN on CPU), each framework in its own process. Prints one JSON line per convolution
 and framework (median milliseconds over repeats, GFLOP/s) and a summary line per framework.
@@ -65,8 +65,8 @@ def child(args: argparse.Namespace) -> None:
   if args.framework == 'jax':
     import jax  # pylint: disable=g-import-not-at-top
     from jax import lax  # pylint: disable=g-import-not-at-top
-    from hhjax import fast_ops  # pylint: disable=g-import-not-at-top
-    conv_fn = (fast_ops.conv_general_dilated if args.lowering == 'fast'
+    from hhjax.model import fast_convs, fast_pools, lowering, preprocessing  # pylint: disable=g-import-not-at-top
+    conv_fn = (fast_convs.conv_general_dilated if args.lowering == 'fast'
                else lax.conv_general_dilated)
 
     def build(conv, x, k, b):
@@ -110,7 +110,7 @@ def main() -> None:
   parser.add_argument('--frameworks', default=','.join(FRAMEWORKS))
   common.add_run_flags(parser)
   parser.add_argument('--lowering', default='fast', choices=('fast', 'plain'),
-                      help='JAX: fast_ops.conv_general_dilated (the model on CPU) or lax')
+                      help='JAX: fast_convs.conv_general_dilated (the model on CPU) or lax')
   parser.add_argument('--framework', help=argparse.SUPPRESS)
   parser.add_argument('--convs', help=argparse.SUPPRESS)
   args = parser.parse_args()

@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
-from hhjax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from hhjax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_DATA = ROOT.parent / 'shared' / 'data' / 'horse-or-human'
 

@@ -126,7 +126,10 @@ def build_step(config, case: str):
   """
   import jax
   import jax.numpy as jnp
-  from hhjax import feature_cache, models, optim, train  # pylint: disable=g-import-not-at-top
+  from hhjax.training import feature_cache  # pylint: disable=g-import-not-at-top
+  from hhjax.model import classifier as models  # pylint: disable=g-import-not-at-top
+  from hhjax.training import optim  # pylint: disable=g-import-not-at-top
+  from hhjax.training import loop as train  # pylint: disable=g-import-not-at-top
   model = models.create_model(config, num_classes=2)
   phase = next(p for p in train.make_phases(config) if p.name == CASES[case][0])
   abstract = jax.eval_shape(lambda: train.init_variables(model, config))
@@ -158,7 +161,10 @@ def build(config, case: str, image_dtype: str = 'float32', cache_examples: int =
   """
   import jax
   import jax.numpy as jnp
-  from hhjax import feature_cache, optim, sharding, train  # pylint: disable=g-import-not-at-top
+  from hhjax.training import feature_cache  # pylint: disable=g-import-not-at-top
+  from hhjax.training import optim  # pylint: disable=g-import-not-at-top
+  from hhjax import sharding  # pylint: disable=g-import-not-at-top
+  from hhjax.training import loop as train  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
   repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
   step, model, labels, tx = build_step(config, case)

@@ -7,7 +7,7 @@ import os
 
 import ml_collections
 
-from hhjax import input_pipeline
+from hhjax.data import pipeline as input_pipeline
 
 
 def _describe_augmentation(config: ml_collections.ConfigDict) -> str:

@@ -6,7 +6,7 @@ from scipy import ndimage
 import tensorflow as tf
 
 from configs import default
-from hhjax import augment
+from hhjax.data import augment
 
 # Keras resamples with scipy in float64; here the matrix is float64 and the resampling float32,
 # so source coordinates differ by ~1e-5 px and values by (gradient x 1e-5), about 1e-3 grey

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from hhjax import checkpointing
-from hhjax import optim
+from hhjax.training import optim
 
 
 def _state(width=3, value=1.0):

@@ -1,6 +1,6 @@
 """The speed rewrites inside InceptionV3 keep its variables and what it computes.
 
-Each block kind runs with every rewrite on (`hhjax.fast_ops.Lowering`) against the plain
+Each block kind runs with every rewrite on (`hhjax.model.lowering.Lowering`) against the plain
 block: inference outputs, training outputs with batch statistics, the updated statistics and
 the gradients. The whole rewritten network is held to the Keras parity bar (1e-4) against
 tf_keras itself.
@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hhjax import fast_ops
-from hhjax import inception
-from hhjax import keras_import
+from hhjax.model import lowering
+from hhjax.model import inception
+from hhjax.weights import keras_h5 as keras_import
 
-ALL_ON = fast_ops.Lowering(fast_convs=True, fold_bn=True, merge_1x1=True, fast_pools=True)
+ALL_ON = lowering.Lowering(fast_convs=True, fold_bn=True, merge_1x1=True, fast_pools=True)
 
 
 def random_variables(module, x, seed: int = 0):
@@ -158,11 +158,11 @@ def test_rewritten_network_matches_tf_keras_within_parity_bar(keras_notop):
 
 def test_config_speed_switches_reach_the_classifier():
   from configs import default  # pylint: disable=g-import-not-at-top
-  from hhjax import models  # pylint: disable=g-import-not-at-top
+  from hhjax.model import classifier as models  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   auto = models.create_model(config, 2)
   expected = jax.default_backend() == 'cpu'
-  assert auto.lowering == fast_ops.Lowering(expected, expected, expected, expected)
+  assert auto.lowering == lowering.Lowering(expected, expected, expected, expected)
   assert auto.dtype == jnp.float32
   config.speed.fold_bn = 'off'
   config.speed.merge_1x1 = 'on'
@@ -177,7 +177,8 @@ def test_config_speed_switches_reach_the_classifier():
 
 def test_classifier_normalises_uint8_images_on_the_device_as_the_pipeline_does():
   from configs import smoke  # pylint: disable=g-import-not-at-top
-  from hhjax import input_pipeline, models  # pylint: disable=g-import-not-at-top
+  from hhjax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
+  from hhjax.model import classifier as models  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   config = smoke.get_config()
   pixels = np.random.default_rng(3).integers(0, 256, (2, 75, 75, 3)).astype(np.uint8)

@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hhjax import fast_ops
+from hhjax.model import fast_convs
+from hhjax.model import fast_pools
+from hhjax.model import lowering
+from hhjax.model import preprocessing
 
 DN = ('NHWC', 'HWIO', 'NHWC')
 
@@ -40,25 +43,25 @@ def _assert_close(a, b, rtol=1e-6):
 def test_valid_conv_as_pad_crop_is_identical_and_gradients_match(in_shape, kernel_shape):
   x, k = _normal(0, in_shape), _normal(1, kernel_shape)
   plain = jax.jit(_plain_conv)(x, k)
-  fast = jax.jit(fast_ops.conv_valid_as_pad_crop)(x, k)
+  fast = jax.jit(fast_convs.conv_valid_as_pad_crop)(x, k)
   assert fast.shape == plain.shape
   np.testing.assert_array_equal(fast, plain)
   # The backward convolutions may sum in another order: equal up to float32 rounding.
-  for g_fast, g_plain in zip(_grads(fast_ops.conv_valid_as_pad_crop, x, k),
+  for g_fast, g_plain in zip(_grads(fast_convs.conv_valid_as_pad_crop, x, k),
                              _grads(_plain_conv, x, k)):
     _assert_close(g_fast, g_plain)
 
 
 def test_1x1_conv_as_matmul_matches_conv_with_gradients():
   x, k = _normal(0, (2, 16, 16, 288)), _normal(1, (1, 1, 288, 64))
-  _assert_close(jax.jit(fast_ops.conv_1x1_as_matmul)(x, k), _plain_conv(x, k))
-  for g_fast, g_plain in zip(_grads(fast_ops.conv_1x1_as_matmul, x, k), _grads(_plain_conv, x, k)):
+  _assert_close(jax.jit(fast_convs.conv_1x1_as_matmul)(x, k), _plain_conv(x, k))
+  for g_fast, g_plain in zip(_grads(fast_convs.conv_1x1_as_matmul, x, k), _grads(_plain_conv, x, k)):
     _assert_close(g_fast, g_plain)
 
 
 def test_1x1_conv_as_matmul_rejects_larger_kernels():
   with pytest.raises(ValueError, match='1x1'):
-    fast_ops.conv_1x1_as_matmul(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 2)))
+    fast_convs.conv_1x1_as_matmul(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 2)))
 
 
 @pytest.mark.parametrize('kernel_shape,strides,padding,route', [
@@ -81,15 +84,15 @@ def test_conv_general_dilated_routes_and_matches_lax(kernel_shape, strides, padd
   x, k = _normal(0, (2, 11, 11, kernel_shape[2])), _normal(1, kernel_shape)
   calls = []
   for name in ('conv_1x1_as_matmul', 'conv_valid_as_pad_crop', 'conv_as_patch_matmul'):
-    original = getattr(fast_ops, name)
-    monkeypatch.setattr(fast_ops, name,
+    original = getattr(fast_convs, name)
+    monkeypatch.setattr(fast_convs, name,
                         lambda *a, _o=original, _n=name, **kw: calls.append(_n) or _o(*a, **kw))
-  fast = fast_ops.conv_general_dilated(x, k, strides, padding, dimension_numbers=DN)
+  fast = fast_convs.conv_general_dilated(x, k, strides, padding, dimension_numbers=DN)
   expected_calls = {'matmul': ['conv_1x1_as_matmul'], 'pad_crop': ['conv_valid_as_pad_crop'],
                     'patches': ['conv_as_patch_matmul'], 'plain': []}[route]
   assert calls == expected_calls
   _assert_close(fast, _plain_conv(x, k, padding, strides))
-  fast_grads = _grads(lambda x, k: fast_ops.conv_general_dilated(
+  fast_grads = _grads(lambda x, k: fast_convs.conv_general_dilated(
       x, k, strides, padding, dimension_numbers=DN), x, k)
   plain_grads = _grads(lambda x, k: _plain_conv(x, k, padding, strides), x, k)
   # sin() of sums of up to 60 products: float32 rounding of the outputs reaches the
@@ -100,7 +103,7 @@ def test_conv_general_dilated_routes_and_matches_lax(kernel_shape, strides, padd
 
 def test_conv_general_dilated_leaves_other_layouts_to_lax():
   x, k = _normal(0, (2, 6, 9, 9)), _normal(1, (5, 6, 3, 3))   # NCHW / OIHW
-  fast = fast_ops.conv_general_dilated(x, k, (1, 1), 'VALID')
+  fast = fast_convs.conv_general_dilated(x, k, (1, 1), 'VALID')
   np.testing.assert_array_equal(fast, lax.conv_general_dilated(x, k, (1, 1), 'VALID'))
 
 
@@ -108,7 +111,7 @@ def test_flax_conv_with_fast_lowering_keeps_params_and_output():
   x = _normal(0, (2, 15, 15, 8))
   plain = nn.Conv(16, (3, 3), padding='VALID', use_bias=False)
   fast = nn.Conv(16, (3, 3), padding='VALID', use_bias=False,
-                 conv_general_dilated=fast_ops.conv_general_dilated)
+                 conv_general_dilated=fast_convs.conv_general_dilated)
   variables = plain.init(jax.random.PRNGKey(0), x)
   assert (jax.tree.map(jnp.shape, fast.init(jax.random.PRNGKey(0), x))
           == jax.tree.map(jnp.shape, variables))
@@ -129,7 +132,7 @@ def test_fold_bn_matches_conv_then_inference_bn(kernel_shape):
   # Variances over several orders of magnitude, some tiny so that eps matters.
   var = jnp.exp(_normal(4, (out,)) * 3.0)
   plain = jax.jit(lambda x, k: _keras_bn(_plain_conv(x, k, 'SAME'), beta, mean, var))(x, k)
-  k_f, b_f = fast_ops.fold_bn(k, beta, mean, var, 1e-3)
+  k_f, b_f = fast_convs.fold_bn(k, beta, mean, var, 1e-3)
   assert k_f.shape == k.shape and b_f.shape == beta.shape
   _assert_close(jax.jit(lambda x, k: _plain_conv(x, k, 'SAME') + b_f)(x, k_f), plain, rtol=1e-5)
 
@@ -142,7 +145,7 @@ def test_fold_bn_gradients_match_unfolded():
     return jnp.sum(jnp.sin(jax.nn.relu(_keras_bn(_plain_conv(x, k, 'SAME'), beta, mean, var))))
 
   def folded(k, beta):
-    k_f, b_f = fast_ops.fold_bn(k, beta, mean, var)
+    k_f, b_f = fast_convs.fold_bn(k, beta, mean, var)
     return jnp.sum(jnp.sin(jax.nn.relu(_plain_conv(x, k_f, 'SAME') + b_f)))
 
   for g_f, g_p in zip(jax.jit(jax.grad(folded, (0, 1)))(k, beta),
@@ -156,7 +159,7 @@ def test_merged_1x1_convs_match_separate_convs_with_gradients():
   kernels = [_normal(i, (1, 1, 96, c)) for i, c in enumerate((48, 32, 32), start=1)]
   biases = [_normal(10 + i, (k.shape[-1],)) for i, k in enumerate(kernels)]
   separate = [_plain_conv(x, k) + b for k, b in zip(kernels, biases)]
-  merged = fast_ops.merged_conv(x, kernels, biases)
+  merged = fast_convs.merged_conv(x, kernels, biases)
   assert [m.shape for m in merged] == [s.shape for s in separate]
   for m, s in zip(merged, separate):
     _assert_close(m, s)
@@ -164,7 +167,7 @@ def test_merged_1x1_convs_match_separate_convs_with_gradients():
   def loss(ks, fn):
     return sum(jnp.sum(jnp.sin(y) * (i + 1)) for i, y in enumerate(fn(ks)))
 
-  g_merged = jax.jit(jax.grad(lambda ks: loss(ks, lambda ks: fast_ops.merged_conv(x, ks))))(
+  g_merged = jax.jit(jax.grad(lambda ks: loss(ks, lambda ks: fast_convs.merged_conv(x, ks))))(
       kernels)
   g_separate = jax.jit(jax.grad(lambda ks: loss(ks, lambda ks: [_plain_conv(x, k) for k in ks])))(
       kernels)
@@ -174,25 +177,25 @@ def test_merged_1x1_convs_match_separate_convs_with_gradients():
 
 def test_merge_kernels_rejects_different_inputs():
   with pytest.raises(ValueError, match='agree on all but the output axis'):
-    fast_ops.merge_kernels([jnp.zeros((1, 1, 8, 4)), jnp.zeros((1, 1, 6, 4))])
+    fast_convs.merge_kernels([jnp.zeros((1, 1, 8, 4)), jnp.zeros((1, 1, 6, 4))])
 
 
 def test_split_channels_rejects_wrong_sizes():
   with pytest.raises(ValueError, match='sum to 7'):
-    fast_ops.split_channels(jnp.zeros((1, 2, 2, 8)), [3, 4])
+    fast_convs.split_channels(jnp.zeros((1, 2, 2, 8)), [3, 4])
 
 
 def test_normalize_images_on_device_equals_float_preprocessing():
   images = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=-1)
   as_float = images.astype(np.float32)
-  np.testing.assert_array_equal(fast_ops.normalize_images(jnp.asarray(images), 'inception'),
+  np.testing.assert_array_equal(preprocessing.normalize_images(jnp.asarray(images), 'inception'),
                                 as_float / np.float32(127.5) - np.float32(1.0))
-  np.testing.assert_array_equal(fast_ops.normalize_images(jnp.asarray(images), 'rescale'),
+  np.testing.assert_array_equal(preprocessing.normalize_images(jnp.asarray(images), 'rescale'),
                                 as_float / np.float32(255.0))
   floats = jnp.linspace(-1, 1, 12).reshape(1, 2, 2, 3)
-  np.testing.assert_array_equal(fast_ops.normalize_images(floats), floats)
+  np.testing.assert_array_equal(preprocessing.normalize_images(floats), floats)
   with pytest.raises(ValueError, match='preprocessing'):
-    fast_ops.normalize_images(jnp.asarray(images), 'caffe')
+    preprocessing.normalize_images(jnp.asarray(images), 'caffe')
 
 
 @pytest.mark.parametrize('value,backend,expected', [
@@ -200,12 +203,12 @@ def test_normalize_images_on_device_equals_float_preprocessing():
     ('on', 'gpu', True), ('off', 'cpu', False), (True, 'tpu', True), (False, 'cpu', False),
 ])
 def test_resolve_switch(value, backend, expected):
-  assert fast_ops.resolve_switch(value, backend=backend) is expected
+  assert lowering.resolve_switch(value, backend=backend) is expected
 
 
 def test_resolve_switch_rejects_unknown_values():
   with pytest.raises(ValueError, match='speed.fold_bn must be'):
-    fast_ops.resolve_switch('sometimes', name='speed.fold_bn')
+    lowering.resolve_switch('sometimes', name='speed.fold_bn')
 
 
 @pytest.mark.parametrize('shape', [(2, 9, 9, 5), (2, 8, 11, 3), (1, 3, 3, 4)])
@@ -214,7 +217,7 @@ def test_max_pool_from_slices_is_identical_and_routes_gradients_to_the_first_max
   # Rounded ReLU outputs: many ties, where the gradient goes to the first maximum only.
   x = jnp.asarray(np.maximum(np.round(rng.normal(size=shape), 1), 0), jnp.float32)
   plain = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
-  fast = fast_ops.max_pool_3x3_s2
+  fast = fast_pools.max_pool_3x3_s2
   np.testing.assert_array_equal(jax.jit(fast)(x), jax.jit(plain)(x))
   w = jnp.asarray(rng.normal(size=plain(x).shape), jnp.float32)
   grad = lambda f: jax.jit(jax.grad(lambda x: jnp.sum(f(x) * w)))(x)
@@ -232,7 +235,7 @@ def test_avg_pool_from_slices_leaves_padding_out_with_the_same_gradients(shape):
   x = jnp.asarray(rng.normal(size=shape), jnp.float32)
   plain = lambda x: nn.avg_pool(x, (3, 3), strides=(1, 1), padding='SAME',
                                 count_include_pad=False)
-  fast = fast_ops.avg_pool_3x3_same
+  fast = fast_pools.avg_pool_3x3_same
   np.testing.assert_allclose(jax.jit(fast)(x), jax.jit(plain)(x), rtol=1e-6, atol=1e-6)
   # Border cells average only the cells that exist: the corner of a constant image stays put.
   np.testing.assert_allclose(fast(jnp.ones(shape)), 1.0, rtol=1e-6)

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from hhjax import feature_cache
-from hhjax import input_pipeline
-from hhjax import models
-from hhjax import optim
+from hhjax.training import feature_cache
+from hhjax.data import pipeline as input_pipeline
+from hhjax.model import classifier as models
+from hhjax.training import optim
 from hhjax import sharding
-from hhjax import train
+from hhjax.training import loop as train
 
 STEPS = 4
 

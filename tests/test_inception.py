@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hhjax import inception
-from hhjax import keras_import
-from hhjax.inception import ConvBN, InceptionV3
+from hhjax.model import inception
+from hhjax.weights import keras_h5 as keras_import
+from hhjax.model.inception import ConvBN, InceptionV3
 
 
 def abstract_variables(model, size=150):

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from configs import default
-from hhjax import input_pipeline
+from hhjax.data import pipeline as input_pipeline
 from hhjax import preview
 
 SIZE = 16  # Small images where the test is about wiring.
@@ -484,7 +484,7 @@ def test_real_validation_pass_sees_each_image_once_with_its_folder_label(real_co
 def test_uint8_batches_are_the_float_batches_before_normalisation(tmp_path, preprocessing):
   # Nearest resizing, no augmentation: whole grey levels, so uint8 loses nothing and the
   # device-side normalisation gives the float pipeline's values bit for bit.
-  from hhjax import fast_ops  # pylint: disable=g-import-not-at-top
+  from hhjax.model import preprocessing as preprocessing_lib  # pylint: disable=g-import-not-at-top
   root = _make_folder(tmp_path)
   common = dict(resize_method='nearest', preprocessing=preprocessing)
   as_float = _folder_config(root, **common)
@@ -499,7 +499,7 @@ def test_uint8_batches_are_the_float_batches_before_normalisation(tmp_path, prep
       keep = a.get('mask', np.ones(len(a['label']), bool))  # padding is zeros in either dtype
       np.testing.assert_array_equal(b.get('mask', keep), keep)
       np.testing.assert_array_equal(
-          np.asarray(fast_ops.normalize_images(b['image'], preprocessing))[keep], a['image'][keep])
+          np.asarray(preprocessing_lib.normalize_images(b['image'], preprocessing))[keep], a['image'][keep])
       np.testing.assert_array_equal(a['label'], b['label'])
 
 

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from hhjax import keras_import
-from hhjax.keras_import import KerasWeightsError, WeightsDownloadError
+from hhjax.weights import keras_h5 as keras_import
+from hhjax.weights.keras_h5 import KerasWeightsError, WeightsDownloadError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -236,7 +236,7 @@ def test_load_pretrained_unknown_spec_says_what_is_expected(tmp_path):
 def test_reading_needs_neither_tensorflow_nor_keras(keras_notop_h5, tmp_path):
   script = f'''
 import sys
-from hhjax import keras_import
+from hhjax.weights import keras_h5 as keras_import
 model, variables = keras_import.load_h5({str(keras_notop_h5)!r})
 keras_import.save_converted({str(tmp_path / 'c')!r}, model, variables)
 keras_import.load_pretrained({str(tmp_path / 'c')!r})

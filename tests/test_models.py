@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from configs import default
-from hhjax import inception
-from hhjax import keras_import
-from hhjax import models
-from hhjax import train
+from hhjax.model import inception
+from hhjax.weights import keras_h5 as keras_import
+from hhjax.model import classifier as models
+from hhjax.training import loop as train
 
 
 def _config(**model):

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from hhjax import optim
+from hhjax.training import optim
 
 
 def _gradient_sequence(shapes, steps, seed=0):

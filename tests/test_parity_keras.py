@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from hhjax import inception
-from hhjax import keras_import
+from hhjax.model import inception
+from hhjax.weights import keras_h5 as keras_import
 import keras_reference
 
 TOLERANCE = 1e-4

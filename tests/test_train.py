@@ -15,11 +15,11 @@ import pytest
 
 from configs import smoke
 from hhjax import checkpointing
-from hhjax import keras_import
-from hhjax import models
-from hhjax import optim
+from hhjax.weights import keras_h5 as keras_import
+from hhjax.model import classifier as models
+from hhjax.training import optim
 from hhjax import sharding
-from hhjax import train
+from hhjax.training import loop as train
 
 
 def tiny_config():

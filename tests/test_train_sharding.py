@@ -17,7 +17,8 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import jax, numpy as np
 from configs import smoke
-from hhjax import checkpointing, train
+from hhjax import checkpointing
+from hhjax.training import loop as train
 
 workdir, out = sys.argv[2], sys.argv[3]
 config = smoke.get_config()

@@ -41,7 +41,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from hhjax import augment
+from hhjax.data import augment
 
 SOURCES = ('tfds', 'folder', 'fake')
 RESIZE_METHODS = ('bilinear', 'nearest')

@@ -10,19 +10,17 @@ Parameters are `{'backbone': ..., 'head': ...}`, so freezing rules read
 `^backbone/mixed6/...` and `^head/...`.
 """
 
-from collections.abc import Mapping
 from typing import Any
 
-from absl import logging
-from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from hhjax import fast_ops
-from hhjax import inception
+from hhjax import errors
+from hhjax.model import inception
+from hhjax.model import lowering as lowering_lib
+from hhjax.model import preprocessing as preprocessing_lib
 
 HEADS = ('flatten', 'gap')
 
@@ -34,7 +32,7 @@ _DENSE_BIAS_INIT = nn.initializers.zeros
 def num_outputs(num_classes: int) -> int:
   """One sigmoid unit for two classes (as the seed), one softmax unit per class otherwise."""
   if num_classes < 2:
-    raise ValueError(f'A classifier needs at least 2 classes, got {num_classes}.')
+    raise errors.DataError(f'A classifier needs at least 2 classes, got {num_classes}.')
   return 1 if num_classes == 2 else num_classes
 
 
@@ -62,7 +60,7 @@ class Head(nn.Module):
     elif self.kind == 'gap':
       x = jnp.mean(x, axis=(1, 2))
     else:
-      raise ValueError(f'config.model.head must be one of {HEADS}, got {self.kind!r}.')
+      raise errors.ConfigError(f'config.model.head must be one of {HEADS}, got {self.kind!r}.')
     if self.hidden:
       x = nn.Dense(self.hidden, kernel_init=_DENSE_KERNEL_INIT, bias_init=_DENSE_BIAS_INIT,
                    dtype=self.dtype, name='hidden')(x)
@@ -83,7 +81,7 @@ class Classifier(nn.Module):
     head: 'flatten' or 'gap'.
     hidden: hidden Dense width (0: none).
     dropout: dropout rate of the head.
-    lowering: faster lowerings of the backbone's arithmetic (`hhjax.fast_ops.Lowering`,
+    lowering: faster lowerings of the backbone's arithmetic (`hhjax.model.lowering.Lowering`,
       from config.speed); the variables are the same whichever is on.
     dtype: computation dtype (config.speed.compute_dtype); parameters stay float32.
     preprocessing: how uint8 images are normalised on the device ('inception': x / 127.5 - 1,
@@ -95,7 +93,7 @@ class Classifier(nn.Module):
   head: str = 'flatten'
   hidden: int = 1024
   dropout: float = 0.2
-  lowering: fast_ops.Lowering = fast_ops.Lowering()
+  lowering: lowering_lib.Lowering = lowering_lib.Lowering()
   dtype: Any = None
   preprocessing: str = 'inception'
 
@@ -113,12 +111,12 @@ class Classifier(nn.Module):
         BatchNorms from that block on with batch statistics and updates their moving
         averages (apply with `mutable=['batch_stats']`).
       from_features: `x` is already the backbone's output at `cut` (cached features,
-        `hhjax.feature_cache`): only the head runs, with its usual parameters and dropout keys.
+        `hhjax.training.feature_cache`): only the head runs, with its usual parameters and dropout keys.
     """
     if from_features:
       features = x
     else:
-      x = fast_ops.normalize_images(x, self.preprocessing)
+      x = preprocessing_lib.normalize_images(x, self.preprocessing)
       features = inception.InceptionV3(final_endpoint=self.cut, lowering=self.lowering,
                                        dtype=self.dtype, name='backbone')(
           x, train=bn_train_from is not None, train_from=bn_train_from)[self.cut]
@@ -128,7 +126,7 @@ class Classifier(nn.Module):
 
 def check_cut(cut: str) -> None:
   if cut not in inception.ENDPOINTS:
-    raise ValueError(f'config.model.cut={cut!r} is not an InceptionV3 endpoint; valid cuts are '
+    raise errors.ConfigError(f'config.model.cut={cut!r} is not an InceptionV3 endpoint; valid cuts are '
                      f'{list(inception.ENDPOINTS)}.')
 
 
@@ -147,12 +145,12 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> Classif
   m = config.model
   check_cut(m.cut)
   if m.head not in HEADS:
-    raise ValueError(f'config.model.head must be one of {HEADS}, got {m.head!r}.')
+    raise errors.ConfigError(f'config.model.head must be one of {HEADS}, got {m.head!r}.')
   num_outputs(num_classes)
   speed = config.get('speed') or {}
   return Classifier(cut=m.cut, num_classes=num_classes, head=m.head, hidden=int(m.hidden),
-                    dropout=float(m.dropout), lowering=fast_ops.Lowering.from_config(speed),
-                    dtype=fast_ops.compute_dtype(speed.get('compute_dtype')),
+                    dropout=float(m.dropout), lowering=lowering_lib.Lowering.from_config(speed),
+                    dtype=lowering_lib.compute_dtype(speed.get('compute_dtype')),
                     preprocessing=config.data.preprocessing)
 
 
@@ -162,51 +160,3 @@ def probabilities(logits: jax.Array) -> jax.Array:
     p = jax.nn.sigmoid(logits[..., 0])
     return jnp.stack([1.0 - p, p], axis=-1)
   return jax.nn.softmax(logits, axis=-1)
-
-
-def load_pretrained_backbone(variables: Mapping[str, Any], spec: str, cut: str
-                             ) -> dict[str, Any]:
-  """Returns `variables` with the backbone replaced by pretrained InceptionV3 weights.
-
-  Strict: every backbone array of the model must come from the weights with the same shape,
-  and the weights may hold nothing else except the blocks past `cut` and the ImageNet top,
-  which are left out on purpose. Anything else is an error, not a partial load.
-
-  Args:
-    variables: the model's freshly initialised `{'params', 'batch_stats'}`.
-    spec: 'imagenet', 'imagenet_top', a Keras .h5 file or a converted folder; see
-      `hhjax.keras_import.load_pretrained`.
-    cut: the model's last block.
-  """
-  from hhjax import keras_import  # pylint: disable=g-import-not-at-top
-  # Cutting there drops the blocks past the cut and the ImageNet top, and says so clearly when
-  # the weights end before the cut.
-  _, source = keras_import.load_pretrained(spec, final_endpoint=cut)
-  past_cut = set(inception.ENDPOINTS[inception.ENDPOINTS.index(cut) + 1:]) | {'predictions'}
-  out = {k: dict(v) for k, v in variables.items()}
-  problems = []
-  for collection in ('params', 'batch_stats'):
-    ours = traverse_util.flatten_dict(variables[collection]['backbone'], sep='/')
-    theirs = {k: v for k, v in
-              traverse_util.flatten_dict(source.get(collection, {}), sep='/').items()
-              if k.split('/')[0] not in past_cut}
-    missing = sorted(set(ours) - set(theirs))
-    unexpected = sorted(set(theirs) - set(ours))
-    wrong = sorted(k for k in set(ours) & set(theirs)
-                   if tuple(np.shape(theirs[k])) != tuple(np.shape(ours[k])))
-    for title, keys, show in (
-        ('missing from the weights', missing, lambda k: k),
-        ('in the weights but not in the model', unexpected, lambda k: k),
-        ('of another shape (weights vs model)', wrong,
-         lambda k: f'{k}: {np.shape(theirs[k])} vs {np.shape(ours[k])}')):
-      if keys:
-        problems.append(f'{len(keys)} {collection} {title}: ' +
-                        ', '.join(show(k) for k in keys[:6]) + (' ...' if len(keys) > 6 else ''))
-    if not (missing or unexpected or wrong):
-      loaded = {k: jnp.asarray(theirs[k], dtype=ours[k].dtype) for k in ours}
-      out[collection]['backbone'] = traverse_util.unflatten_dict(loaded, sep='/')
-  if problems:
-    raise ValueError(f'Pretrained weights {spec!r} do not fit the backbone cut at {cut!r}:\n  ' +
-                     '\n  '.join(problems))
-  logging.info('Loaded the backbone (up to %s) from %s.', cut, spec)
-  return out

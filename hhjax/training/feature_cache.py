@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from hhjax import fast_ops
-from hhjax import inception
-from hhjax import optim
+from hhjax.model import preprocessing
+from hhjax.model import inception
+from hhjax.training import optim
 from hhjax import sharding
 
 PyTree = Any
@@ -99,14 +99,14 @@ def compute_features(model, params: PyTree, batch_stats: PyTree,
   Returns:
     The padded batches of the pass, {'image': features, 'label', 'mask'} as numpy arrays.
   """
-  from hhjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from hhjax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
   backbone = _backbone(model)
   repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
   # uint8 batches (config.data.image_dtype) are normalised as the Classifier does it.
   forward = jax.jit(
       lambda p, s, x: backbone.apply(
           {'params': p, 'batch_stats': s},
-          fast_ops.normalize_images(x, model.preprocessing))[model.cut],
+          preprocessing.normalize_images(x, model.preprocessing))[model.cut],
       in_shardings=(repl, repl, data), out_shardings=data)
   p, s = params['backbone'], batch_stats.get('backbone', {})
   batches = []
@@ -152,7 +152,7 @@ class FeatureCache:
 
   def batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
     """{'index', 'label'} per step from `start_step` on, in the input pipeline's order."""
-    from hhjax import input_pipeline  # pylint: disable=g-import-not-at-top
+    from hhjax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
     stream = input_pipeline.train_index_stream(
         self.num_examples, int(self._config.seed), int(self._config.batch_size),
         start_step=start_step).batch(int(self._config.batch_size))

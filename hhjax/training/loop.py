@@ -41,10 +41,10 @@ import numpy as np
 import optax
 
 from hhjax import checkpointing
-from hhjax import feature_cache
+from hhjax.training import feature_cache
 from hhjax import metrics as metrics_lib
-from hhjax import models
-from hhjax import optim
+from hhjax.model import classifier as models
+from hhjax.training import optim
 from hhjax import sharding
 
 PyTree = Any
@@ -334,7 +334,7 @@ class _Evaluator:
   """Runs the jitted eval step over one pass of the eval split (or of `dataset`)."""
 
   def __init__(self, model, config, num_classes, mesh, dataset=None):
-    from hhjax import input_pipeline  # pylint: disable=g-import-not-at-top
+    from hhjax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
     self._mesh = mesh
     self._config = config
     self._num_classes = num_classes
@@ -457,7 +457,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The final evaluation (loss, accuracy, confusion matrix, class names) plus 'step' and
     'stop_reason'.
   """
-  from hhjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from hhjax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
 
   metrics_lib.quiet_orbax()
   workdir = _absolute(workdir)
@@ -757,7 +757,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: Sequence[st
   Images are decoded, resized and normalised as the eval split is. Prints and returns
   (path, class name, probability of that class) per image.
   """
-  from hhjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from hhjax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
   files = _readable_images(expand_images(images), config, input_pipeline)
   mesh, model, state, class_names, _ = _restore_for_inference(config, workdir, checkpoint)
   repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)

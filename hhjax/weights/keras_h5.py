@@ -42,8 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hhjax import inception
-from hhjax.inception import ENDPOINTS, InceptionV3
+from hhjax.model import inception
+from hhjax.model.inception import ENDPOINTS, InceptionV3
 
 Variables = dict[str, Any]
 

@@ -27,7 +27,9 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from hhjax import fast_ops
+from hhjax.model import fast_convs
+from hhjax.model import fast_pools
+from hhjax.model.lowering import Lowering
 
 # Keras's endpoint names, in network order.
 ENDPOINTS = tuple(f'mixed{i}' for i in range(11))
@@ -43,7 +45,7 @@ BN_MOMENTUM = 0.99
 # Keras's default initializer for Conv2D and Dense kernels (Flax defaults to lecun_normal).
 _KERNEL_INIT = nn.initializers.glorot_uniform()
 
-_NO_REWRITES = fast_ops.Lowering()
+_NO_REWRITES = Lowering()
 
 
 class ConvBN(nn.Module):
@@ -51,7 +53,7 @@ class ConvBN(nn.Module):
 
   The single place where a convolution, its BatchNorm and the ReLU are applied, so that
   alternative lowerings of the same arithmetic can be switched on here for the whole network
-  (`lowering`, see `hhjax.fast_ops`); the parameters are the same whichever is on.
+  (`lowering`, see `hhjax.model.lowering`); the parameters are the same whichever is on.
 
   Attributes:
     features: output channels (Keras `filters`).
@@ -65,14 +67,14 @@ class ConvBN(nn.Module):
   kernel_size: tuple[int, int]
   strides: tuple[int, int] = (1, 1)
   padding: str = 'SAME'
-  lowering: fast_ops.Lowering = _NO_REWRITES
+  lowering: Lowering = _NO_REWRITES
   dtype: Any = None
 
   def setup(self):
     self.conv = nn.Conv(
         self.features, self.kernel_size, strides=self.strides, padding=self.padding,
         use_bias=False, kernel_init=_KERNEL_INIT, dtype=self.dtype,
-        conv_general_dilated=fast_ops.conv_general_dilated if self.lowering.fast_convs else None)
+        conv_general_dilated=fast_convs.conv_general_dilated if self.lowering.fast_convs else None)
     # use_fast_variance=False: E[(x - mean)^2] as Keras does, not E[x^2] - mean^2, which loses
     # digits on activations with a large mean.
     self.bn = nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, use_scale=False,
@@ -101,13 +103,13 @@ class ConvBN(nn.Module):
   def folded(self) -> tuple[jax.Array, jax.Array]:
     """(kernel, bias) of the conv with the inference-mode BatchNorm folded in."""
     stats = self.variables['batch_stats']['bn']
-    return fast_ops.fold_bn(self.kernel(), self.variables['params']['bn']['bias'],
+    return fast_convs.fold_bn(self.kernel(), self.variables['params']['bn']['bias'],
                             stats['mean'], stats['var'], BN_EPSILON)
 
   def convolve(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
     """This unit's convolution with another kernel of the same height and width."""
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    conv = fast_ops.conv_general_dilated if self.lowering.fast_convs else lax.conv_general_dilated
+    conv = fast_convs.conv_general_dilated if self.lowering.fast_convs else lax.conv_general_dilated
     return conv(x, kernel, self.strides, self.padding,
                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
@@ -125,9 +127,9 @@ def _merged_1x1(units: list[ConvBN], x: jax.Array, train: bool) -> list[jax.Arra
     return None
   if first.folds(train):
     kernels, biases = zip(*(u.folded() for u in units))
-    pieces = fast_ops.merged_conv(x, kernels, biases, conv=first.convolve)
+    pieces = fast_convs.merged_conv(x, kernels, biases, conv=first.convolve)
     return [nn.relu(y) for y in pieces]
-  pieces = fast_ops.merged_conv(x, [u.kernel() for u in units], conv=first.convolve)
+  pieces = fast_convs.merged_conv(x, [u.kernel() for u in units], conv=first.convolve)
   return [u.bn_relu(y, train) for u, y in zip(units, pieces)]
 
 
@@ -136,26 +138,26 @@ def avg_pool_same(x: jax.Array, fast: bool = False) -> jax.Array:
 
   Padded cells are left out of the average (each border cell is the mean of the cells that
   exist), which Flax's `avg_pool` does only with `count_include_pad=False`. `fast`: the same
-  pool computed from shifted slices (`fast_ops.avg_pool_3x3_same`).
+  pool computed from shifted slices (`fast_pools.avg_pool_3x3_same`).
   """
   if fast:
-    return fast_ops.avg_pool_3x3_same(x)
+    return fast_pools.avg_pool_3x3_same(x)
   return nn.avg_pool(x, (3, 3), strides=(1, 1), padding='SAME', count_include_pad=False)
 
 
 def max_pool_reduce(x: jax.Array, fast: bool = False) -> jax.Array:
   """Keras's MaxPooling2D((3, 3), strides=(2, 2)) with its default 'valid' padding.
 
-  `fast`: the same pool computed from strided slices (`fast_ops.max_pool_3x3_s2`).
+  `fast`: the same pool computed from strided slices (`fast_pools.max_pool_3x3_s2`).
   """
   if fast:
-    return fast_ops.max_pool_3x3_s2(x)
+    return fast_pools.max_pool_3x3_s2(x)
   return nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
 
 
 class Stem(nn.Module):
   """The layers before mixed0: five conv-BN units and two max pools."""
-  lowering: fast_ops.Lowering = _NO_REWRITES
+  lowering: Lowering = _NO_REWRITES
   dtype: Any = None
 
   @nn.compact
@@ -173,7 +175,7 @@ class Stem(nn.Module):
 class InceptionA(nn.Module):
   """mixed0-mixed2: 1x1 | 1x1 -> 5x5 | 1x1 -> 3x3 -> 3x3 | avgpool -> 1x1."""
   pool_features: int
-  lowering: fast_ops.Lowering = _NO_REWRITES
+  lowering: Lowering = _NO_REWRITES
   dtype: Any = None
 
   @nn.compact
@@ -198,7 +200,7 @@ class InceptionA(nn.Module):
 
 class InceptionB(nn.Module):
   """mixed3, a grid reduction: 3x3/2 | 1x1 -> 3x3 -> 3x3/2 | maxpool/2."""
-  lowering: fast_ops.Lowering = _NO_REWRITES
+  lowering: Lowering = _NO_REWRITES
   dtype: Any = None
 
   @nn.compact
@@ -218,7 +220,7 @@ class InceptionB(nn.Module):
 class InceptionC(nn.Module):
   """mixed4-mixed7: 1x1 | 1x1 -> 1x7 -> 7x1 | 1x1 -> 7x1 -> 1x7 -> 7x1 -> 1x7 | avgpool -> 1x1."""
   channels_7x7: int
-  lowering: fast_ops.Lowering = _NO_REWRITES
+  lowering: Lowering = _NO_REWRITES
   dtype: Any = None
 
   @nn.compact
@@ -247,7 +249,7 @@ class InceptionC(nn.Module):
 
 class InceptionD(nn.Module):
   """mixed8, a grid reduction: 1x1 -> 3x3/2 | 1x1 -> 1x7 -> 7x1 -> 3x3/2 | maxpool/2."""
-  lowering: fast_ops.Lowering = _NO_REWRITES
+  lowering: Lowering = _NO_REWRITES
   dtype: Any = None
 
   @nn.compact
@@ -271,7 +273,7 @@ class InceptionD(nn.Module):
 
 class InceptionE(nn.Module):
   """mixed9, mixed10: 1x1 | 1x1 -> (1x3, 3x1) | 1x1 -> 3x3 -> (1x3, 3x1) | avgpool -> 1x1."""
-  lowering: fast_ops.Lowering = _NO_REWRITES
+  lowering: Lowering = _NO_REWRITES
   dtype: Any = None
 
   @nn.compact
@@ -321,7 +323,7 @@ class InceptionV3(nn.Module):
     include_top: add global average pooling and Dense(num_classes, softmax) named
       'predictions' (needs final_endpoint='mixed10').
     num_classes: outputs of the top.
-    lowering: faster lowerings of the same arithmetic (`hhjax.fast_ops.Lowering`; default
+    lowering: faster lowerings of the same arithmetic (`hhjax.Lowering`; default
       none); the variables are the same whichever is on.
     dtype: computation dtype, e.g. jnp.bfloat16 for mixed precision (None: float32);
       parameters and BatchNorm statistics stay float32.
@@ -329,7 +331,7 @@ class InceptionV3(nn.Module):
   final_endpoint: str = 'mixed10'
   include_top: bool = False
   num_classes: int = 1000
-  lowering: fast_ops.Lowering = _NO_REWRITES
+  lowering: Lowering = _NO_REWRITES
   dtype: Any = None
 
   @nn.compact

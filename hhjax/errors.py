@@ -1,0 +1,49 @@
+"""The errors a user can cause, as one family.
+
+Everything a user can fix (a bad config value, a missing or unreadable file, a checkpoint that
+does not fit, weights that cannot be downloaded, a loss that became NaN) raises a subclass of
+`UserError`. `main.py` prints such an error as its message alone and exits with status 2;
+anything else is a bug and keeps its traceback.
+
+Each subclass also derives from the built-in exception a caller would expect (`ValueError`,
+`FileNotFoundError`, ...), so library code can catch either.
+"""
+
+# The exit status of `main.py` for a UserError.
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+  """Something the user can fix; the message says what was expected, found, and what to do."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config field has a value outside its allowed set or range."""
+
+
+class DataError(UserError, ValueError):
+  """The data cannot be used as given: a bad layout, unreadable images, an empty split."""
+
+
+class DataNotFoundError(UserError, FileNotFoundError):
+  """A file or folder the run needs does not exist."""
+
+
+class CheckpointMismatchError(UserError, ValueError):
+  """A checkpoint does not fit the state the current config builds."""
+
+
+class KerasWeightsError(UserError, ValueError):
+  """A file that does not hold Keras InceptionV3 weights, or cannot be read."""
+
+
+class WeightsDownloadError(UserError, RuntimeError):
+  """The official weights could not be downloaded or did not verify."""
+
+
+class DatasetDownloadError(UserError, RuntimeError):
+  """A TFDS dataset could not be downloaded or prepared."""
+
+
+class NonFiniteLossError(UserError, RuntimeError):
+  """The training loss became NaN or infinite."""

@@ -1,0 +1,53 @@
+"""Writing files so that a reader never sees half of one.
+
+Every file a run writes for later (config.json, metrics.jsonl, eval.json, downloads, caches)
+goes through `write_atomic` or `atomic_path`: the data is written under a temporary name in the
+same folder, then renamed over the destination. A process killed mid-write leaves the old file
+(or none), never a truncated one; and the whole file is rewritten rather than appended, which
+object stores such as gs:// require. Paths go through `etils.epath`, so gs:// works too.
+"""
+
+from collections.abc import Iterator
+import contextlib
+import os
+import uuid
+
+from etils import epath
+
+
+def _temporary(path: epath.Path) -> epath.Path:
+  # Unique per writer: several processes may write the same path at once (a per-host cache).
+  return path.parent / f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp'
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> epath.Path:
+  """Writes `data` (text or bytes) to `path` through a temporary file and a rename."""
+  path = epath.Path(path)
+  tmp = _temporary(path)
+  try:
+    if isinstance(data, bytes):
+      tmp.write_bytes(data)
+    else:
+      tmp.write_text(data)
+    tmp.replace(path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+  return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[epath.Path]:
+  """Yields a temporary path to write; renames it to `path` if the block succeeds.
+
+  For writers that stream (a download) or that take a file name (numpy, h5py). On an error
+  the temporary file is removed and `path` is left as it was.
+  """
+  path = epath.Path(path)
+  tmp = _temporary(path)
+  try:
+    yield tmp
+    tmp.replace(path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
