@@ -22,6 +22,11 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+# Light modules only: the library loads after the config has been checked.
+from hhjax import config_checks
+from hhjax import errors
+from hhjax import workdir as workdir_lib
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     'config', None, 'Training configuration file (configs/*.py).', lock_config=True)
@@ -75,6 +80,32 @@ def set_none(config: ml_collections.ConfigDict, paths: list[str]) -> None:
     node[name] = None
 
 
+def _run(mode: str, config: ml_collections.ConfigDict) -> None:
+  """Runs `mode` once the config has been checked."""
+  # TensorFlow feeds the input pipeline on the host only: hidden from the accelerators before
+  # anything uses it.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')
+  # The library loads only now (seconds of JAX and TensorFlow imports), so that mistakes in the
+  # command line and the config are reported at once.
+  from hhjax import sharding  # pylint: disable=g-import-not-at-top
+  sharding.maybe_initialize_distributed()
+  if mode == 'train':
+    from hhjax.training import loop  # pylint: disable=g-import-not-at-top
+    loop.train_and_evaluate(config, FLAGS.workdir)
+  elif mode == 'eval':
+    from hhjax import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.evaluate(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint)
+  elif mode == 'predict':
+    from hhjax import predict  # pylint: disable=g-import-not-at-top
+    predict.predict(config, FLAGS.workdir, FLAGS.images, checkpoint=FLAGS.checkpoint)
+  elif mode == 'preview_data':
+    from hhjax import preview  # pylint: disable=g-import-not-at-top
+    path = preview.preview_data(config, FLAGS.workdir)
+    logging.info('Wrote %s', path)
+    print(path)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -84,33 +115,18 @@ def main(argv):
     raise app.UsageError('--mode=predict needs --images=FILE_FOLDER_OR_GLOB (repeatable).')
   if NONE_OVERRIDES and FLAGS.config is None:
     raise app.UsageError(f'--config.{NONE_OVERRIDES[0]}=None needs --config=configs/....py')
-  if FLAGS.config is not None:
-    set_none(FLAGS.config, NONE_OVERRIDES)
   logging.info('GLIBC_TUNABLES=%s', os.environ.get('GLIBC_TUNABLES', '(unset)'))
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')
-
-  from hhjax import sharding  # pylint: disable=g-import-not-at-top
-  sharding.maybe_initialize_distributed()
-  from hhjax.training import loop as train  # pylint: disable=g-import-not-at-top
-
-  config = FLAGS.config if FLAGS.config is not None else train.load_config(FLAGS.workdir)
-
   try:
-    if FLAGS.mode == 'train':
-      train.train_and_evaluate(config, FLAGS.workdir)
-    elif FLAGS.mode == 'eval':
-      train.evaluate(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint)
-    elif FLAGS.mode == 'predict':
-      train.predict(config, FLAGS.workdir, FLAGS.images, checkpoint=FLAGS.checkpoint)
-    elif FLAGS.mode == 'preview_data':
-      from hhjax import preview  # pylint: disable=g-import-not-at-top
-      path = preview.preview_data(config, FLAGS.workdir)
-      logging.info('Wrote %s', path)
-      print(path)
-  except train.NonFiniteLossError as e:
-    logging.error('%s', e)
-    sys.exit(1)
+    if FLAGS.config is not None:
+      set_none(FLAGS.config, NONE_OVERRIDES)
+    config = FLAGS.config if FLAGS.config is not None else workdir_lib.load_config(FLAGS.workdir)
+    config_checks.validate(config)
+    _run(FLAGS.mode, config)
+  except errors.UserError as e:
+    # Something the user can fix: the message alone says what and how; no traceback.
+    logging.flush()
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_USER_ERROR)
 
 
 if __name__ == '__main__':

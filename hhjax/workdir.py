@@ -1,0 +1,79 @@
+"""The workdir's files for people and for later runs: where each lives and how it is written.
+
+    WORKDIR/config.json     the resolved config (what eval and predict read)
+    WORKDIR/checkpoints/    orbax checkpoints (hhjax.checkpointing)
+    WORKDIR/metrics.jsonl   one row per epoch (hhjax.metrics)
+    WORKDIR/tensorboard/    the same rows as TensorBoard scalars
+    WORKDIR/loss.png, accuracy.png, eval.json
+
+Paths may be local or URLs such as gs://bucket/run (etils.epath).
+"""
+
+from collections.abc import Mapping
+import json
+import os
+from typing import Any
+
+from etils import epath
+import ml_collections
+
+from hhjax import errors
+from hhjax import files
+
+CONFIG_FILE = 'config.json'
+EVAL_FILE = 'eval.json'
+CHECKPOINT_DIR = 'checkpoints'
+
+
+def absolute(workdir: str | os.PathLike) -> str:
+  """Local paths made absolute; URLs such as gs://bucket/run (multi-host TPU) kept as they are."""
+  workdir = os.fspath(workdir)
+  return workdir if '://' in workdir else os.path.abspath(workdir)
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> str:
+  return os.path.join(absolute(workdir), CHECKPOINT_DIR)
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> None:
+  """Writes the resolved config to WORKDIR/config.json (what eval and predict read)."""
+  if is_main:
+    files.write_atomic(epath.Path(workdir) / CONFIG_FILE,
+                       config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a training run saved in `workdir`."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise errors.DataNotFoundError(
+        f'{path} not found: --workdir must be a directory that `python main.py --mode=train` '
+        'wrote, or pass --config too.')
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def write_eval(workdir: str, result: Mapping[str, Any]) -> None:
+  """Writes WORKDIR/eval.json."""
+  files.write_atomic(epath.Path(workdir) / EVAL_FILE, json.dumps(dict(result), indent=2))
+
+
+def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as plain JSON values (what checkpoints store as metadata)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def _flat(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """'field: checkpoint X, now Y' for each field that differs between two config dicts."""
+  a, b = _flat(saved), _flat(current)
+  return [f'{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}'
+          for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
