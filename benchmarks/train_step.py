@@ -2,7 +2,7 @@
 
 The seed's model (InceptionV3 cut at mixed7, random weights -> Flatten -> Dense(1024, relu) ->
 Dropout(0.2) -> Dense(1)), batch 20 at 150x150, RMSprop, on synthetic data already on the
-device; the step is the one training runs (`hhjax.train.make_train_step`, jitted with the
+device; the step is the one training runs (`hhjax.training.steps.make_train_step`, jitted with the
 same shardings and donation), timed after compilation. Cases:
 
   warmup           backbone frozen, only the head differentiated (config.warmup).
@@ -36,6 +36,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # pylint: disable=g-import-not-at-top
+
+# JAX and hhjax are imported inside the functions a child process runs: the parent only
+# launches the children, each under its own environment (allocator settings, XLA flags), and
+# must not initialise JAX itself.
 
 # case -> (phase name, config overrides)
 CASES = {
@@ -124,17 +128,15 @@ def build_step(config, case: str):
   The step is `(state, batch) -> state`, or `(state, batch, features) -> state` for the
   cached case, whose batch holds indices into `features`.
   """
-  import jax
   import jax.numpy as jnp
+  from hhjax.model import classifier  # pylint: disable=g-import-not-at-top
   from hhjax.training import feature_cache  # pylint: disable=g-import-not-at-top
-  from hhjax.model import classifier as models  # pylint: disable=g-import-not-at-top
-  from hhjax.training import optim  # pylint: disable=g-import-not-at-top
-  from hhjax.training import loop as train  # pylint: disable=g-import-not-at-top
-  model = models.create_model(config, num_classes=2)
-  phase = next(p for p in train.make_phases(config) if p.name == CASES[case][0])
-  abstract = jax.eval_shape(lambda: train.init_variables(model, config))
-  labels = optim.param_labels(abstract['params'], phase.rules)
-  tx = train.make_optimizer(config, phase, labels)
+  from hhjax.training import phases as phases_lib  # pylint: disable=g-import-not-at-top
+  from hhjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from hhjax.training import steps  # pylint: disable=g-import-not-at-top
+  model = classifier.create_model(config, num_classes=2)
+  phase = next(p for p in phases_lib.make_phases(config) if p.name == CASES[case][0])
+  setup = phases_lib.setup(config, phase, state_lib.abstract_variables(model, config)['params'])
   if case == 'forward':
     def forward(state, batch):
       logits = model.apply({'params': state['params'], 'batch_stats': state['batch_stats']},
@@ -142,41 +144,37 @@ def build_step(config, case: str):
       # The logits feed the state, so the forward pass cannot be left out.
       return {**state, 'metrics': {**state['metrics'],
                                    'loss_sum': state['metrics']['loss_sum'] + jnp.sum(logits)}}
-    return forward, model, labels, tx
+    return forward, model, setup.labels, setup.tx
   if case not in CACHED:
-    return train.make_train_step(model, phase, labels, tx), model, labels, tx
-  # As feature_cache.FeatureCache.train_step builds it.
-  on_features = train.make_train_step(feature_cache.HeadOnFeatures(model), phase, labels, tx)
-
-  def step(state, batch, features):
-    images = jnp.take(features, batch['index'], axis=0)
-    return on_features(state, {'image': images, 'label': batch['label']})
-  return step, model, labels, tx
+    return steps.make_train_step(model, setup), model, setup.labels, setup.tx
+  # The step training runs on cached features (FeatureCache.train_step), unjitted.
+  on_features = steps.make_train_step(feature_cache.HeadOnFeatures(model), setup)
+  return feature_cache.gather_step(on_features), model, setup.labels, setup.tx
 
 
 def build(config, case: str, image_dtype: str = 'float32', cache_examples: int = 1027):
   """(jitted step, state, batch, extra step arguments, trainable count, model).
 
-  The step is jitted as train.py jits it: state replicated and donated, batch sharded.
+  The step is jitted as the training loop jits it: state replicated and donated, batch sharded.
   """
   import jax
   import jax.numpy as jnp
+  from hhjax import sharding  # pylint: disable=g-import-not-at-top
   from hhjax.training import feature_cache  # pylint: disable=g-import-not-at-top
   from hhjax.training import optim  # pylint: disable=g-import-not-at-top
-  from hhjax import sharding  # pylint: disable=g-import-not-at-top
-  from hhjax.training import loop as train  # pylint: disable=g-import-not-at-top
+  from hhjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
   repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
   step, model, labels, tx = build_step(config, case)
-  variables = jax.jit(lambda: train.init_variables(model, config), out_shardings=repl)()
-  state = jax.jit(lambda v: train.build_state(v, tx, config.seed), out_shardings=repl)(variables)
+  variables = jax.jit(lambda: state_lib.init_variables(model, config), out_shardings=repl)()
+  state = jax.jit(lambda v: state_lib.build_state(v, tx, config.seed),
+                  out_shardings=repl)(variables)
   b, s = int(config.batch_size), int(config.data.image_size)
   kx, ky = jax.random.split(jax.random.PRNGKey(1))
   labels_ = jax.random.bernoulli(ky, 0.5, (b,)).astype(jnp.int32)
   extra = ()
   if case in CACHED:
-    shape = jax.eval_shape(lambda x: feature_cache._backbone(model).init_with_output(  # pylint: disable=protected-access
-        jax.random.PRNGKey(0), x)[0][model.cut], jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32))
+    shape = feature_cache.feature_shape(model, s)
     features = jax.jit(lambda k: jax.nn.relu(jax.random.normal(
         k, (cache_examples,) + shape.shape[1:], shape.dtype)), out_shardings=repl)(kx)
     batch = {'index': jax.random.randint(kx, (b,), 0, cache_examples, jnp.int32),

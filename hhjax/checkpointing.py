@@ -11,13 +11,16 @@ Retention: the last `keep` checkpoints, plus the best one by validation accuracy
 """
 
 from collections.abc import Mapping
+import logging
 import os
 from typing import Any
 
+from absl import logging as absl_logging
 from etils import epath
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
+
+from hhjax import errors
+from hhjax import trees
 
 BEST_METRIC = 'val_accuracy'
 
@@ -26,49 +29,25 @@ def _best_fn(metrics: Mapping[str, float]) -> float:
   return float(metrics[BEST_METRIC])
 
 
-class CheckpointMismatchError(ValueError):
-  """A checkpoint does not fit the state the current config builds."""
+class _QuietOrbax(logging.Filter):
+  """Drops orbax's per-save INFO lines and its warnings about expected situations."""
+
+  _EXPECTED = ('Requested `tracked_metric`', 'CheckpointManagerOptions.read_only=True',
+               'Given directory is read only')
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if '/orbax/' not in record.pathname:
+      return True
+    if record.levelno < logging.WARNING:
+      return False
+    return not str(record.msg).startswith(self._EXPECTED)
 
 
-def _key_name(entry) -> str:
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
-def array_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-  """Maps the '.'-joined path of each array leaf to (shape, dtype), as orbax names arrays."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'.'.join(_key_name(k) for k in path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
-          for path, leaf in leaves}
-
-
-def _saved_shapes(metadata_tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-  is_array = lambda x: hasattr(x, 'shape') and hasattr(x, 'dtype')
-  leaves = jax.tree_util.tree_flatten_with_path(metadata_tree, is_leaf=is_array)[0]
-  return {'.'.join(_key_name(k) for k in path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
-          for path, leaf in leaves if is_array(leaf)}
-
-
-def describe_mismatch(saved: Mapping[str, Any], expected: Mapping[str, Any], limit: int = 8
-                      ) -> str | None:
-  """A readable list of differences between two `array_shapes` maps, or None if they agree."""
-  missing = sorted(set(expected) - set(saved))
-  unexpected = sorted(set(saved) - set(expected))
-  wrong = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])
-  lines = []
-  for title, keys, show in (
-      ('in the config but not in the checkpoint', missing, lambda k: k),
-      ('in the checkpoint but not in the config', unexpected, lambda k: k),
-      ('with another shape or dtype (checkpoint vs config)', wrong,
-       lambda k: f'{k}: {saved[k]} vs {expected[k]}')):
-    if keys:
-      lines.append(f'{len(keys)} arrays {title}:')
-      lines += [f'  {show(k)}' for k in keys[:limit]]
-      if len(keys) > limit:
-        lines.append(f'  ... and {len(keys) - limit} more')
-  return '\n'.join(lines) if lines else None
+def quiet_orbax() -> None:
+  """Keeps the training log readable: orbax logs a dozen lines per checkpoint."""
+  for target in (absl_logging.get_absl_handler(), logging.getLogger('absl')):
+    if not any(isinstance(f, _QuietOrbax) for f in target.filters):
+      target.addFilter(_QuietOrbax())
 
 
 class Checkpoints:
@@ -78,7 +57,7 @@ class Checkpoints:
                async_save: bool = True):
     self.directory = os.fspath(directory)
     if read_only and not epath.Path(self.directory).is_dir():
-      raise FileNotFoundError(f'No checkpoints at {self.directory}: train first '
+      raise errors.DataNotFoundError(f'No checkpoints at {self.directory}: train first '
                               '(python main.py --config=... --workdir=...).')
     policy = None
     if not read_only:
@@ -124,13 +103,16 @@ class Checkpoints:
     """Raises CheckpointMismatchError unless the saved arrays match `abstract_state` exactly."""
     metadata = self._manager.item_metadata(step)['state']
     if metadata is None:
-      raise CheckpointMismatchError(
+      raise errors.CheckpointMismatchError(
           f'The checkpoint at {self.directory}/{step} has no readable array metadata; it was '
           'not written by this program or is damaged.')
-    saved = _saved_shapes(metadata.tree if hasattr(metadata, 'tree') else metadata)
-    problem = describe_mismatch(saved, array_shapes(abstract_state))
+    saved = trees.leaf_specs(metadata.tree if hasattr(metadata, 'tree') else metadata, '.',
+                             dtypes=True)
+    problem = trees.describe_differences(
+        saved, trees.leaf_specs(abstract_state, '.', dtypes=True),
+        got_name='the checkpoint', want_name='the config')
     if problem:
-      raise CheckpointMismatchError(
+      raise errors.CheckpointMismatchError(
           f'The checkpoint at {self.directory}/{step} does not fit the current config.\n'
           f'{hint}{problem}\n'
           'Use the config the checkpoint was written with, or another --workdir.')

@@ -7,12 +7,16 @@
 from collections.abc import Mapping, Sequence
 import io
 import json
-import logging
 import os
 from typing import Any
 
 from etils import epath
+from matplotlib.figure import Figure
 import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
+
+from hhjax import files
 
 METRICS_FILE = 'metrics.jsonl'
 
@@ -21,32 +25,9 @@ def _scalar_metadata() -> bytes:
   # What TensorBoard's tf.summary.scalar writes: a float tensor tagged for the 'scalars'
   # plugin. Written with tf.summary.write, which is in TensorFlow itself, so logging needs no
   # `tensorboard` package (viewing does).
-  from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
   return summary_pb2.SummaryMetadata(
       plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars')
   ).SerializeToString()
-
-
-class _QuietOrbax(logging.Filter):
-  """Drops orbax's per-save INFO lines and its warnings about expected situations."""
-
-  _EXPECTED = ('Requested `tracked_metric`', 'CheckpointManagerOptions.read_only=True',
-               'Given directory is read only')
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if '/orbax/' not in record.pathname:
-      return True
-    if record.levelno < logging.WARNING:
-      return False
-    return not str(record.msg).startswith(self._EXPECTED)
-
-
-def quiet_orbax() -> None:
-  """Keeps the training log readable: orbax logs a dozen lines per checkpoint."""
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-  for target in (absl_logging.get_absl_handler(), logging.getLogger('absl')):
-    if not any(isinstance(f, _QuietOrbax) for f in target.filters):
-      target.addFilter(_QuietOrbax())
 
 
 def read_rows(workdir: str) -> list[dict[str, Any]]:
@@ -66,12 +47,9 @@ def read_rows(workdir: str) -> list[dict[str, Any]]:
 
 
 def _write_rows(workdir: str, rows: Sequence[Mapping[str, Any]]) -> None:
-  # The whole (small) file is rewritten through a temporary name: no half-written file after a
-  # kill, and it works on object stores (gs://), which cannot append.
-  path = epath.Path(workdir) / METRICS_FILE
-  tmp = path.parent / (METRICS_FILE + '.tmp')
-  tmp.write_text(''.join(json.dumps(dict(r)) + '\n' for r in rows))
-  tmp.replace(path)
+  # The whole (small) file is rewritten: object stores (gs://) cannot append.
+  files.write_atomic(epath.Path(workdir) / METRICS_FILE,
+                     ''.join(json.dumps(dict(r)) + '\n' for r in rows))
 
 
 class MetricsWriter:
@@ -93,7 +71,6 @@ class MetricsWriter:
 
   def _writer(self):
     if self._tb is None:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
       self._tb = tf.summary.create_file_writer(os.path.join(self.workdir, 'tensorboard'))
     return self._tb
 
@@ -101,7 +78,6 @@ class MetricsWriter:
     if not self.enabled:
       return
     _write_rows(self.workdir, read_rows(self.workdir) + [dict(row)])
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     metadata = _scalar_metadata()
     with self._writer().as_default(step=int(row['step'])):
       for key, value in row.items():
@@ -119,9 +95,6 @@ class MetricsWriter:
 
 def plot_history(rows: Sequence[Mapping[str, Any]], workdir: str) -> list[str]:
   """Writes loss.png and accuracy.png (train vs validation per epoch), as the seed plots."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   if not rows:
     return []
   epochs = [r['epoch'] for r in rows]
@@ -130,7 +103,8 @@ def plot_history(rows: Sequence[Mapping[str, Any]], workdir: str) -> list[str]:
   paths = []
   for name, title in (('accuracy', 'Training and validation accuracy'),
                       ('loss', 'Training and validation loss')):
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig = Figure(figsize=(6.4, 4.4))   # no pyplot: no global figure state, no GUI backend
+    ax = fig.subplots()
     ax.plot(epochs, [r[f'train_{name}'] for r in rows], 'r', marker='o', ms=3,
             label=f'Training {name}')
     ax.plot(epochs, [r[f'val_{name}'] for r in rows], 'b', marker='o', ms=3,
@@ -148,10 +122,8 @@ def plot_history(rows: Sequence[Mapping[str, Any]], workdir: str) -> list[str]:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format='png', dpi=100)
-    plt.close(fig)
-    path = epath.Path(workdir) / f'{name}.png'
-    path.write_bytes(buffer.getvalue())
-    paths.append(str(path))
+    paths.append(str(files.write_atomic(epath.Path(workdir) / f'{name}.png',
+                                        buffer.getvalue())))
   return paths
 
 

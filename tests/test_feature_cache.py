@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from hhjax.training import feature_cache
-from hhjax.data import pipeline as input_pipeline
-from hhjax.model import classifier as models
-from hhjax.training import optim
 from hhjax import sharding
-from hhjax.training import loop as train
+from hhjax.data import pipeline
+from hhjax.model import classifier as models
+from hhjax.training import feature_cache
+from hhjax.training import loop
+from hhjax.training import phases as phases_lib
+from hhjax.training import state as state_lib
+from hhjax.training import steps
 
 STEPS = 4
 
@@ -27,33 +29,32 @@ def small_config():
 
 
 @pytest.fixture(scope='module')
-def setup():
+def prepared():
   config = small_config()
   mesh = sharding.make_mesh()
   model = models.create_model(config, config.data.fake.num_classes)
-  phase = train.make_phases(config)[0]
-  variables = train.init_variables(model, config)
+  phase = phases_lib.make_phases(config)[0]
+  variables = state_lib.init_variables(model, config)
   # Nonzero BatchNorm statistics, so that the cached backbone does real work.
   rng = np.random.default_rng(0)
   variables['batch_stats'] = jax.tree.map(
       lambda v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape), jnp.float32),
       variables['batch_stats'])
-  labels = optim.param_labels(variables['params'], phase.rules)
-  tx = train.make_optimizer(config, phase, labels)
-  state = train.build_state(variables, tx, config.seed)
-  return config, mesh, model, phase, labels, tx, state
+  setup = phases_lib.setup(config, phase, variables['params'])
+  state = state_lib.build_state(variables, setup.tx, config.seed)
+  return config, mesh, model, setup, state
 
 
-def test_cached_steps_equal_steps_on_images(setup):
-  config, mesh, model, phase, labels, tx, state = setup
-  assert feature_cache.wanted(config, phase, labels)
+def test_cached_steps_equal_steps_on_images(prepared):
+  config, mesh, model, setup, state = prepared
+  assert feature_cache.wanted(config, setup)
   repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
   start = 3   # resume mid-epoch: the cache follows the pipeline's stream from any step
   state = dict(state, step=jnp.asarray(start, jnp.int32))
 
-  step = jax.jit(train.make_train_step(model, phase, labels, tx), in_shardings=(repl, data),
+  step = jax.jit(steps.make_train_step(model, setup), in_shardings=(repl, data),
                  out_shardings=repl)
-  on_images, stream = state, input_pipeline.create_dataset(
+  on_images, stream = state, pipeline.create_dataset(
       config, config.data.train_split, start_step=start).as_numpy_iterator()
   image_labels = []
   for _ in range(STEPS):
@@ -63,7 +64,7 @@ def test_cached_steps_equal_steps_on_images(setup):
 
   cache = feature_cache.FeatureCache(model, state, config, mesh)
   assert cache.num_examples == config.data.fake.num_train_examples
-  cached_step = cache.train_step(train.make_train_step(cache.head_model, phase, labels, tx))
+  cached_step = cache.train_step(setup)
   # The cached step donates its state, as training does: give it a copy.
   on_features, batches = jax.tree.map(jnp.copy, state), cache.batches(start_step=start)
   for expected_labels in image_labels:
@@ -81,11 +82,11 @@ def test_cached_steps_equal_steps_on_images(setup):
   assert int(on_features['metrics']['correct']) == int(on_images['metrics']['correct'])
 
 
-def test_cached_eval_batches_hold_the_backbone_output(setup):
-  config, mesh, model, _, _, _, state = setup
+def test_cached_eval_batches_hold_the_backbone_output(prepared):
+  config, mesh, model, _, state = prepared
   batches = feature_cache.compute_features(model, state['params'], state['batch_stats'],
                                            config, config.data.eval_split, mesh)
-  images = next(input_pipeline.create_dataset(config, config.data.eval_split)
+  images = next(pipeline.create_dataset(config, config.data.eval_split)
                 .as_numpy_iterator())
   full = jax.jit(lambda v, x: model.apply(v, x))(
       {'params': state['params'], 'batch_stats': state['batch_stats']}, images['image'])
@@ -97,39 +98,38 @@ def test_cached_eval_batches_hold_the_backbone_output(setup):
   assert total == config.data.fake.num_eval_examples
 
 
-def test_cache_on_where_impossible_says_why(setup):
-  _, _, _, phase, labels, _, _ = setup
+def test_cache_on_where_impossible_says_why(prepared):
+  _, _, _, setup, _ = prepared
   config = small_config()
   config.data.augment.enabled = True
-  assert not feature_cache.wanted(config, phase, labels)   # 'auto' steps aside quietly
+  assert not feature_cache.wanted(config, setup)   # 'auto' steps aside quietly
   config.speed.cache_features = 'on'
   with pytest.raises(ValueError, match='augmentation is on'):
-    feature_cache.wanted(config, phase, labels)
+    feature_cache.wanted(config, setup)
 
 
 @pytest.mark.parametrize('mode', ['auto', 'on'])
-def test_cache_is_not_used_when_the_backbone_trains(setup, mode):
-  _, _, _, _, _, _, state = setup
+def test_cache_is_not_used_when_the_backbone_trains(prepared, mode):
+  _, _, _, _, state = prepared
   config = small_config()
   config.speed.cache_features = mode
   config.finetune.epochs = 1
-  warmup, finetune = train.make_phases(config)
-  assert not feature_cache.wanted(
-      config, finetune, optim.param_labels(state['params'], finetune.rules))
-  assert feature_cache.wanted(config, warmup, optim.param_labels(state['params'], warmup.rules))
+  warmup, finetune = (phases_lib.setup(config, phase, state['params'])
+                      for phase in phases_lib.make_phases(config))
+  assert not feature_cache.wanted(config, finetune)
+  assert feature_cache.wanted(config, warmup)
   config.speed.cache_features = 'off'
-  assert not feature_cache.wanted(
-      config, warmup, optim.param_labels(state['params'], warmup.rules))
+  assert not feature_cache.wanted(config, warmup)
 
 
-def test_cache_larger_than_the_limit_is_skipped_or_an_error(setup):
-  config, mesh, model, phase, labels, _, state = setup
+def test_cache_larger_than_the_limit_is_skipped_or_an_error(prepared):
+  config, mesh, model, setup, state = prepared
   config = small_config()
   config.speed.cache_features_max_mb = 0.001
-  assert feature_cache.for_phase(model, phase, labels, state, config, mesh, 10) is None
+  assert feature_cache.for_phase(model, setup, state, config, mesh, 10) is None
   config.speed.cache_features = 'on'
   with pytest.raises(ValueError, match='cache_features_max_mb'):
-    feature_cache.for_phase(model, phase, labels, state, config, mesh, 10)
+    feature_cache.for_phase(model, setup, state, config, mesh, 10)
 
 
 def test_training_with_the_cache_ends_where_training_on_images_ends(tmp_path, monkeypatch):
@@ -148,7 +148,7 @@ def test_training_with_the_cache_ends_where_training_on_images_ends(tmp_path, mo
   results = {}
   for mode in ('on', 'off'):
     config.speed.cache_features = mode
-    results[mode] = train.train_and_evaluate(config, str(tmp_path / mode))
+    results[mode] = loop.train_and_evaluate(config, str(tmp_path / mode))
   assert built == [True]   # the warm-up only; the fine-tuning trains the backbone
   on, off = results['on'], results['off']
   assert on['step'] == off['step'] == 9
@@ -162,13 +162,13 @@ def test_training_with_the_cache_ends_where_training_on_images_ends(tmp_path, mo
                                rtol=1e-4)
 
 
-def test_cached_features_of_uint8_batches_are_those_of_the_normalised_images(setup):
-  config, mesh, model, _, _, _, state = setup
+def test_cached_features_of_uint8_batches_are_those_of_the_normalised_images(prepared):
+  config, mesh, model, _, state = prepared
   config = config.copy_and_resolve_references()
   config.data.image_dtype = 'uint8'     # pixels travel as bytes; the model normalises them
   batches = feature_cache.compute_features(model, state['params'], state['batch_stats'],
                                            config, config.data.eval_split, mesh)
-  images = next(input_pipeline.create_dataset(config, config.data.eval_split)
+  images = next(pipeline.create_dataset(config, config.data.eval_split)
                 .as_numpy_iterator())
   assert images['image'].dtype == np.uint8
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}

@@ -12,7 +12,7 @@ from configs import default
 from hhjax.model import inception
 from hhjax.weights import keras_h5 as keras_import
 from hhjax.model import classifier as models
-from hhjax.training import loop as train
+from hhjax.training import state as state_lib
 
 
 def _config(**model):
@@ -28,7 +28,7 @@ def _count(tree):
 
 def _shapes(config, num_classes=2):
   model = models.create_model(config, num_classes)
-  return jax.eval_shape(functools.partial(train.init_variables, model, config))
+  return jax.eval_shape(functools.partial(state_lib.init_variables, model, config))
 
 
 def test_unknown_cut_lists_the_valid_ones():
@@ -74,7 +74,7 @@ def test_head_options_gap_and_no_hidden_layer():
 def test_dense_layers_use_keras_glorot_uniform_and_zero_bias():
   config = _config(cut='mixed0', head='flatten', hidden=128)
   model = models.create_model(config, 3)
-  head = jax.jit(functools.partial(train.init_variables, model, config))()['params']['head']
+  head = jax.jit(functools.partial(state_lib.init_variables, model, config))()['params']['head']
   for name, (fan_in, fan_out) in (('hidden', (7 * 7 * 256, 128)), ('output', (128, 3))):
     kernel = np.asarray(head[name]['kernel'])
     limit = np.sqrt(6 / (fan_in + fan_out))
@@ -103,7 +103,7 @@ def test_pretrained_backbone_is_loaded_and_the_head_kept(converted_mixed1):
   path, source = converted_mixed1
   config = _config(cut='mixed0', head='gap', hidden=4)
   model = models.create_model(config, 2)
-  variables = jax.jit(functools.partial(train.init_variables, model, config))()
+  variables = jax.jit(functools.partial(state_lib.init_variables, model, config))()
   loaded = models.load_pretrained_backbone(variables, str(path), 'mixed0')
   for collection in ('params', 'batch_stats'):
     got = traverse_util.flatten_dict(loaded[collection]['backbone'], sep='/')

@@ -24,10 +24,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from hhjax.model import preprocessing
-from hhjax.model import inception
-from hhjax.training import optim
+from hhjax import errors
 from hhjax import sharding
+from hhjax.data import pipeline
+from hhjax.data import streams
+from hhjax.model import inception
+from hhjax.model import lowering
+from hhjax.model import preprocessing
+from hhjax.training import optim
+from hhjax.training import phases as phases_lib
+from hhjax.training import steps
 
 PyTree = Any
 
@@ -54,21 +60,17 @@ def _why_not(config: ml_collections.ConfigDict) -> str | None:
   return None
 
 
-def _backbone_trains(phase: Any, labels: PyTree) -> bool:
-  return phase.bn_train_from is not None or any(
-      label != optim.FREEZE for label in jax.tree.leaves(labels.get('backbone', {})))
+def _backbone_trains(setup: phases_lib.PhaseSetup) -> bool:
+  return setup.phase.bn_train_from is not None or any(
+      label != optim.FREEZE for label in jax.tree.leaves(setup.labels.get('backbone', {})))
 
 
 def _mode(config: ml_collections.ConfigDict) -> str:
   value = (config.get('speed') or {}).get('cache_features', 'off')
-  value = {True: 'on', False: 'off', None: 'auto'}.get(value, value)
-  if value not in ('auto', 'on', 'off'):
-    raise ValueError(f'config.speed.cache_features must be "auto", "on" or "off"; found '
-                     f'{value!r}.')
-  return value
+  return lowering.parse_switch(value, 'config.speed.cache_features')
 
 
-def wanted(config: ml_collections.ConfigDict, phase: Any, labels: PyTree) -> bool:
+def wanted(config: ml_collections.ConfigDict, setup: phases_lib.PhaseSetup) -> bool:
   """Whether `phase` trains on cached features, per config.speed.cache_features.
 
   Only phases whose backbone is wholly frozen (BatchNorm included) can. 'auto' (the default)
@@ -81,9 +83,9 @@ def wanted(config: ml_collections.ConfigDict, phase: Any, labels: PyTree) -> boo
     return False
   reason = _why_not(config)
   if reason and mode == 'on':
-    raise ValueError(f'config.speed.cache_features="on", but this run cannot train on cached '
+    raise errors.ConfigError(f'config.speed.cache_features="on", but this run cannot train on cached '
                      f'features: {reason}. Use "auto" to cache only where possible.')
-  return reason is None and not _backbone_trains(phase, labels)
+  return reason is None and not _backbone_trains(setup)
 
 
 def _backbone(model) -> inception.InceptionV3:
@@ -99,7 +101,6 @@ def compute_features(model, params: PyTree, batch_stats: PyTree,
   Returns:
     The padded batches of the pass, {'image': features, 'label', 'mask'} as numpy arrays.
   """
-  from hhjax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
   backbone = _backbone(model)
   repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
   # uint8 batches (config.data.image_dtype) are normalised as the Classifier does it.
@@ -110,21 +111,11 @@ def compute_features(model, params: PyTree, batch_stats: PyTree,
       in_shardings=(repl, repl, data), out_shardings=data)
   p, s = params['backbone'], batch_stats.get('backbone', {})
   batches = []
-  for batch in input_pipeline.create_dataset(config, split, training=False).as_numpy_iterator():
+  for batch in pipeline.create_dataset(config, split, training=False).as_numpy_iterator():
     features = forward(p, s, sharding.to_global({'image': batch['image']}, mesh)['image'])
     batches.append({'image': np.asarray(jax.device_get(features)), 'label': batch['label'],
                     'mask': batch['mask']})
   return batches
-
-
-class _Batches:
-  """Cached batches that quack like the tf.data eval dataset (`as_numpy_iterator`)."""
-
-  def __init__(self, batches: list[dict[str, np.ndarray]]):
-    self._batches = batches
-
-  def as_numpy_iterator(self) -> Iterator[dict[str, np.ndarray]]:
-    return iter(self._batches)
 
 
 class FeatureCache:
@@ -144,50 +135,67 @@ class FeatureCache:
     self.num_examples = len(self.labels)
     # Held whole on every device: each step gathers its batch from it.
     self.features = jax.device_put(features, sharding.replicated(mesh))
-    self.eval_dataset = _Batches(compute_features(
-        model, state['params'], state['batch_stats'], config, config.data.eval_split, mesh))
+    self._eval_batches = compute_features(
+        model, state['params'], state['batch_stats'], config, config.data.eval_split, mesh)
     logging.info('Cached the backbone features of %d training images (%.0f MB on each device) '
                  'and of the %r split: this phase trains only the head.', self.num_examples,
                  features.nbytes / 2**20, config.data.eval_split)
 
   def batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
     """{'index', 'label'} per step from `start_step` on, in the input pipeline's order."""
-    from hhjax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
-    stream = input_pipeline.train_index_stream(
+    stream = streams.train_index_stream(
         self.num_examples, int(self._config.seed), int(self._config.batch_size),
         start_step=start_step).batch(int(self._config.batch_size))
     for _, indices in stream.as_numpy_iterator():
       indices = indices.astype(np.int32)
       yield {'index': indices, 'label': self.labels[indices]}
 
-  def train_step(self, step_on_features: Callable[[PyTree, PyTree], PyTree]
+  def eval_batches(self) -> list[dict[str, np.ndarray]]:
+    """The eval split's cached features, as the eval pipeline batches them (an Evaluator's
+    `batches`)."""
+    return self._eval_batches
+
+  def train_step(self, setup: phases_lib.PhaseSetup
                  ) -> Callable[[PyTree, Mapping[str, Any]], PyTree]:
-    """Wraps a train step built on `head_model` into `(state, {'index', 'label'}) -> state`."""
+    """The phase's jitted step on cached features: `(state, {'index', 'label'}) -> state`."""
     repl, data = sharding.replicated(self._mesh), sharding.data_sharded(self._mesh)
-
-    def step(state, batch, features):
-      images = jnp.take(features, batch['index'], axis=0)
-      return step_on_features(state, {'image': images, 'label': batch['label']})
-
-    jitted = jax.jit(step, in_shardings=(repl, data, repl), out_shardings=repl,
-                     donate_argnums=0)
+    jitted = jax.jit(gather_step(steps.make_train_step(self.head_model, setup)),
+                     in_shardings=(repl, data, repl), out_shardings=repl, donate_argnums=0)
     return lambda state, batch: jitted(state, batch, self.features)
+
+
+def gather_step(step_on_features: Callable[[PyTree, PyTree], PyTree]
+                ) -> Callable[[PyTree, Mapping[str, Any], jax.Array], PyTree]:
+  """A train step on the head turned into `(state, {'index', 'label'}, features) -> state`.
+
+  Each step gathers its batch from the features of every training image, held on the device.
+  """
+
+  def step(state, batch, features):
+    images = jnp.take(features, batch['index'], axis=0)
+    return step_on_features(state, {'image': images, 'label': batch['label']})
+
+  return step
+
+
+def feature_shape(model, image_size: int) -> jax.ShapeDtypeStruct:
+  """The backbone's output for one image of `image_size` (shape [1, h, w, c], dtype)."""
+  return jax.eval_shape(
+      lambda x: _backbone(model).init_with_output(jax.random.PRNGKey(0), x)[0][model.cut],
+      jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
 
 
 def estimated_mb(model, config: ml_collections.ConfigDict, num_examples: int) -> float:
   """The train cache's size in MiB (features of every training image)."""
-  size = int(config.data.image_size)
-  shape = jax.eval_shape(
-      lambda x: _backbone(model).init_with_output(jax.random.PRNGKey(0), x)[0][model.cut],
-      jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+  shape = feature_shape(model, int(config.data.image_size))
   return num_examples * int(np.prod(shape.shape)) * jnp.dtype(shape.dtype).itemsize / 2**20
 
 
-def for_phase(model, phase: Any, labels: PyTree, state: PyTree,
+def for_phase(model, setup: phases_lib.PhaseSetup, state: PyTree,
               config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
               num_examples: int) -> FeatureCache | None:
   """The phase's feature cache, or None when the phase trains on images as usual."""
-  if not wanted(config, phase, labels):
+  if not wanted(config, setup):
     return None
   limit = float((config.get('speed') or {}).get('cache_features_max_mb', 4096))
   mb = estimated_mb(model, config, num_examples)
@@ -195,7 +203,7 @@ def for_phase(model, phase: Any, labels: PyTree, state: PyTree,
     message = (f'The backbone features of the {num_examples} training images would take '
                f'{mb:.0f} MB, more than config.speed.cache_features_max_mb = {limit:.0f}')
     if _mode(config) == 'on':
-      raise ValueError(f'{message}: raise that limit or set config.speed.cache_features="auto".')
+      raise errors.ConfigError(f'{message}: raise that limit or set config.speed.cache_features="auto".')
     logging.info('%s: training on images.', message)
     return None
   return FeatureCache(model, state, config, mesh)

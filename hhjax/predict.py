@@ -1,0 +1,83 @@
+"""Classifying image files with a trained workdir.
+
+    python main.py --workdir=W --mode=predict --images=photos/ --images='more/*.jpg'
+
+Images are decoded, resized and normalised as the eval split is; each line printed is
+`path<TAB>class<TAB>probability of that class`.
+"""
+
+from collections.abc import Iterable, Sequence
+import functools
+import glob
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from hhjax import errors
+from hhjax import evaluate
+from hhjax import sharding
+from hhjax.data import bad_files
+from hhjax.data import decode
+from hhjax.model import classifier
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif')
+
+
+def expand_images(patterns: Iterable[str]) -> list[str]:
+  """Files, folders (searched recursively for images) and globs, in a stable order."""
+  files = []
+  for pattern in patterns:
+    if os.path.isdir(pattern):
+      for root, _, names in sorted(os.walk(pattern)):
+        files += [os.path.join(root, n) for n in sorted(names)
+                  if n.lower().endswith(IMAGE_EXTENSIONS)]
+    elif os.path.isfile(pattern):
+      files.append(pattern)
+    else:
+      found = [m for m in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(m)]
+      if not found:
+        raise errors.DataNotFoundError(
+            f'--images {pattern!r}: no such file, folder or glob match.')
+      files += found
+  if not files:
+    raise errors.DataNotFoundError(f'No images found in {list(patterns)}.')
+  return files
+
+
+def predict(config: ml_collections.ConfigDict, workdir: str, images: Sequence[str],
+            checkpoint: str = 'latest') -> list[tuple[str, str, float]]:
+  """Classifies image files with the latest (or 'best') checkpoint in `workdir`.
+
+  Returns:
+    (path, class name, probability of that class) per image; process 0 also prints them.
+  """
+  files = bad_files.readable_files(expand_images(images), config.data.get('bad_files'),
+                                   config.data.get('num_parallel_calls'))
+  mesh, model, state, class_names, _ = evaluate.restore_for_inference(config, workdir,
+                                                                      checkpoint)
+  repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
+
+  @functools.partial(jax.jit, in_shardings=(repl, repl, data), out_shardings=repl)
+  def predict_step(params, batch_stats, images_):
+    return classifier.probabilities(
+        model.apply({'params': params, 'batch_stats': batch_stats}, images_, train=False))
+
+  batch_size = evaluate.eval_batch_size(config)
+  batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
+  results = []
+  is_main = jax.process_index() == 0   # every process computes; one prints
+  for start in range(0, len(files), batch_size):
+    chunk = files[start:start + batch_size]
+    arrays = np.stack([decode.load_image(path, config) for path in chunk])
+    padded = np.concatenate([arrays, np.zeros((batch_size - len(chunk),) + arrays.shape[1:],
+                                              arrays.dtype)])
+    probs = np.asarray(jax.device_get(predict_step(
+        state['params'], state['batch_stats'], jax.device_put(padded, data))))[:len(chunk)]
+    for path, p in zip(chunk, probs):
+      k = int(np.argmax(p))
+      results.append((path, class_names[k], float(p[k])))
+      if is_main:
+        print(f'{path}\t{class_names[k]}\t{p[k]:.4f}', flush=True)
+  return results

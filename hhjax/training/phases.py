@@ -1,0 +1,129 @@
+"""The phases of a run (warm-up, then fine-tuning) and where a run stands between steps.
+
+A run is a list of phases. Each has its own trainable set (freezing rules over parameter
+paths), learning rate and fresh optimizer, as Keras recompiles between the tutorial's two
+stages. `PhaseSetup` builds a phase's labels and optimizer once; the initial state, a restore,
+the switch to the next phase and the train step all use that one object.
+
+`Progress` is what a checkpoint records besides the arrays. It names its phase (not an index
+into the config's list of phases), so a run resumed with warm-up epochs added or removed
+continues in the phase it was in.
+"""
+
+from collections.abc import Mapping, Sequence
+import dataclasses
+from typing import Any
+
+import ml_collections
+import optax
+
+from hhjax import errors
+from hhjax.model import classifier
+from hhjax.training import optim
+
+PyTree = Any
+EARLY_STOPPING_METRICS = ('train_accuracy', 'train_loss', 'val_accuracy', 'val_loss')
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """One stage of training with its own trainable set and learning rate."""
+  name: str                       # 'warmup' or 'finetune'
+  epochs: int
+  learning_rate: float
+  rules: tuple[tuple[str, str], ...]   # freezing rules, first match wins
+  bn_train_from: str | None       # None: every BatchNorm in inference mode
+
+
+def _rules(value) -> tuple[tuple[str, str], ...] | None:
+  if value is None:
+    return None
+  return tuple((str(p), str(l)) for p, l in value)
+
+
+def make_phases(config: ml_collections.ConfigDict) -> list[Phase]:
+  """The phases `config` asks for, in order (a phase with 0 epochs is left out)."""
+  blocks = classifier.backbone_blocks(config.model.cut)
+  phases = []
+  if config.warmup.epochs > 0:
+    rules = _rules(config.warmup.get('param_labels')) or (
+        ('^head/', optim.TRAIN), ('^backbone/', optim.FREEZE))
+    phases.append(Phase('warmup', int(config.warmup.epochs),
+                        float(config.warmup.learning_rate), rules, None))
+  if config.finetune.epochs > 0:
+    ft = config.finetune
+    default_rules = tuple(optim.finetune_rules(ft.unfreeze_from, blocks))  # validates the name
+    rules = _rules(ft.get('param_labels')) or default_rules
+    phases.append(Phase('finetune', int(ft.epochs), float(ft.learning_rate), rules,
+                        ft.unfreeze_from if ft.train_bn else None))
+  if not phases:
+    raise errors.ConfigError(
+        'Nothing to train: config.warmup.epochs and config.finetune.epochs are 0.')
+  return phases
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseSetup:
+  """A phase with its parameter labels and optimizer, built once."""
+  phase: Phase
+  labels: PyTree
+  tx: optax.GradientTransformation
+
+
+def setup(config: ml_collections.ConfigDict, phase: Phase, params: PyTree) -> PhaseSetup:
+  """Labels `params` (arrays or shapes) by the phase's rules and builds its optimizer."""
+  labels = optim.param_labels(params, phase.rules)
+  tx = optim.make_optimizer(labels, phase.learning_rate, rho=float(config.optimizer.rho),
+                            epsilon=float(config.optimizer.epsilon))
+  return PhaseSetup(phase, labels, tx)
+
+
+@dataclasses.dataclass
+class Progress:
+  """Where the run stands between steps; saved as checkpoint metadata."""
+  phase: str                      # the current phase's name
+  phase_start_step: int = 0
+  phase_done: bool = False
+  epochs_done: int = 0            # completed epochs over all phases
+  stop_reason: str | None = None  # why the last phase ended early, if it did
+
+  def to_metadata(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_metadata(cls, info: Mapping[str, Any]) -> 'Progress':
+    """From a checkpoint's metadata (`info['progress']` and the phase name `info['phase']`).
+
+    Checkpoints written before the phase was saved by name also hold a 'phase_index'; it
+    counted the phases of the config that wrote it, so it is ignored.
+    """
+    saved = dict(info['progress'])
+    saved.pop('phase_index', None)
+    saved['phase'] = info['phase']
+    return cls(**saved)
+
+  def index(self, phases: Sequence[Phase]) -> int:
+    return [p.name for p in phases].index(self.phase)
+
+  def next_phase(self, phases: Sequence[Phase], step: int) -> 'Progress | None':
+    """Progress at the start of the phase after this one, or None after the last."""
+    i = self.index(phases) + 1
+    if i == len(phases):
+      return None
+    return Progress(phases[i].name, phase_start_step=step, epochs_done=self.epochs_done)
+
+
+def early_stop(config: ml_collections.ConfigDict, row: Mapping[str, float]) -> str | None:
+  """Why `row` (an epoch's metrics) ends the phase per config.early_stopping, or None.
+
+  config_checks.validate has checked the metric and the mode before the run started.
+  """
+  es = config.early_stopping
+  if not es.metric:
+    return None
+  value, threshold = row[es.metric], float(es.threshold)
+  above = es.get('mode', 'max') == 'max'
+  if (above and value > threshold) or (not above and value < threshold):
+    return (f'{es.metric} = {value:.4f} {">" if above else "<"} {threshold} '
+            '(config.early_stopping)')
+  return None
