@@ -12,6 +12,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
+from hhjax import errors
+
 DATA_AXIS = 'data'
 
 
@@ -60,12 +62,14 @@ def check_batch_size(global_batch: int, name: str = 'config.batch_size') -> None
   """A global batch must split evenly over devices and processes."""
   devices, processes = jax.device_count(), jax.process_count()
   if global_batch <= 0 or global_batch % devices:
-    raise ValueError(
+    raise errors.ConfigError(
         f'{name}={global_batch} does not divide by the {devices} devices in use: each device '
         f'takes an equal share of the batch. Use a multiple of {devices}, e.g. '
         f'{name}={max(devices, global_batch // devices * devices)}.')
   if global_batch % processes:
-    raise ValueError(f'{name}={global_batch} does not divide by the {processes} processes.')
+    raise errors.ConfigError(
+        f'{name}={global_batch} does not divide by the {processes} processes: each process '
+        f'feeds an equal share of the batch. Use a multiple of {processes}.')
 
 
 def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
