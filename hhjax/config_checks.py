@@ -1,7 +1,264 @@
-"""Every config field checked once, before any work starts (filled in by the next change)."""
+"""Every config field checked once, before any work starts.
+
+`main.py` calls `validate` right after it has the config (a configs/*.py file with overrides,
+or the config.json a run saved in its workdir) and before TensorFlow and the library load. A
+mistyped value then fails within seconds with a message that names the field, the value and
+what is allowed, instead of minutes later in the input pipeline or the training loop, or never
+(an early_stopping.mode other than 'max'/'min' used to mean "never stop").
+
+Each allowed set is defined once. The model's and the optimizer's sets are read from the
+modules that use them (those import jax, flax and optax, not TensorFlow), so those modules
+must not import this one. The input pipeline's and the training loop's sets are defined here,
+because hhjax.data imports TensorFlow and hhjax.training.loop orbax: they read them from here.
+
+Fields absent from a config are skipped: a workdir written by an older version may lack them.
+"""
+
+from collections.abc import Callable, Mapping
+import dataclasses
+import math
+import numbers
+import re
+from typing import Any
 
 import ml_collections
 
+from hhjax import errors
+from hhjax.model import classifier
+from hhjax.model import inception
+from hhjax.model import lowering
+from hhjax.model import preprocessing
+from hhjax.training import optim
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  del config
+# config.data: the input pipeline's value sets.
+SOURCES = ('tfds', 'folder', 'fake')
+RESIZE_METHODS = ('bilinear', 'nearest')
+IMAGE_DTYPES = ('float32', 'uint8')
+BAD_FILES = ('error', 'skip')
+# config.data.augment.fill_mode: the modes of Keras's ImageDataGenerator.
+FILL_MODES = ('nearest', 'reflect', 'wrap', 'constant')
+# config.early_stopping: the metrics of an epoch's row, and which way is better.
+EARLY_STOPPING_METRICS = ('train_accuracy', 'train_loss', 'val_accuracy', 'val_loss')
+EARLY_STOPPING_MODES = ('max', 'min')
+# config.speed fields read by lowering.parse_switch: the model's rewrites, then the cache.
+SPEED_SWITCHES = tuple(f.name for f in dataclasses.fields(lowering.Lowering)) + (
+    'cache_features',)
+
+# A config from configs/*.py, or one loaded from a workdir's config.json.
+Config = ml_collections.ConfigDict | Mapping[str, Any]
+
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+  """A test of one field's value, and the words that say what passes it."""
+  test: Callable[[Any], bool]
+  allowed: str
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  """A real number, NaN excluded (it fails every comparison, so no range can hold it)."""
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and not math.isnan(value))
+
+
+def _integer(minimum: int) -> _Rule:
+  return _Rule(lambda v: _is_int(v) and v >= minimum, f'an integer >= {minimum}')
+
+
+def _number(low: float, high: float | None = None, *, low_open: bool = False) -> _Rule:
+  """A number >= low (> low if `low_open`), and < high if given."""
+  if high is not None:
+    return _Rule(lambda v: _is_number(v) and low <= v < high, f'a number in [{low}, {high})')
+  if low_open:
+    return _Rule(lambda v: _is_number(v) and v > low, f'a number > {low}')
+  return _Rule(lambda v: _is_number(v) and v >= low, f'a number >= {low}')
+
+
+def _one_of(values: tuple[str, ...]) -> _Rule:
+  return _Rule(lambda v: isinstance(v, str) and v in values,
+               'one of ' + ', '.join(repr(v) for v in values))
+
+
+def _optional(rule: _Rule) -> _Rule:
+  return _Rule(lambda v: v is None or rule.test(v), f'None or {rule.allowed}')
+
+
+def _zoom_ok(value: Any) -> bool:
+  # Keras: z means zooms in [1 - z, 1 + z]; a pair is [lower, upper]. Zooms must be positive.
+  if _is_number(value):
+    return 0 <= value < 1
+  return (isinstance(value, (list, tuple)) and len(value) == 2
+          and all(_is_number(z) for z in value) and 0 < value[0] <= value[1])
+
+
+_BOOL = _Rule(lambda v: isinstance(v, bool), 'True or False')
+_NUMBER = _Rule(_is_number, 'a number')
+_RANGE = _number(0)
+_LEARNING_RATE = _number(0, low_open=True)
+
+# The fields whose value alone decides; cross-field rules are in `_check_relations`.
+RULES: dict[str, _Rule] = {
+    'seed': _Rule(_is_int, 'an integer'),
+    'batch_size': _integer(1),
+    'eval_batch_size': _optional(_integer(1)),
+    'steps_per_epoch': _optional(_integer(1)),
+    'log_every_steps': _integer(0),
+    'checkpoint_every_steps': _integer(0),
+    'keep_checkpoints': _integer(1),
+    'data.source': _one_of(SOURCES),
+    'data.image_size': _integer(inception.MIN_SIZE),
+    'data.resize_method': _one_of(RESIZE_METHODS),
+    'data.preprocessing': _one_of(preprocessing.NAMES),
+    'data.image_dtype': _one_of(IMAGE_DTYPES),
+    'data.bad_files': _one_of(BAD_FILES),
+    'data.cache_decoded': _BOOL,
+    'data.num_parallel_calls': _optional(_integer(1)),
+    'data.fake.num_train_examples': _integer(1),
+    'data.fake.num_eval_examples': _integer(1),
+    'data.fake.num_classes': _integer(2),
+    'data.augment.enabled': _BOOL,
+    'data.augment.rotation_range': _RANGE,
+    'data.augment.width_shift_range': _RANGE,
+    'data.augment.height_shift_range': _RANGE,
+    'data.augment.shear_range': _RANGE,
+    'data.augment.zoom_range': _Rule(
+        _zoom_ok, 'a number z in [0, 1) (zooms in [1 - z, 1 + z]) or a pair [lower, upper] '
+        'with 0 < lower <= upper'),
+    'data.augment.horizontal_flip': _BOOL,
+    'data.augment.vertical_flip': _BOOL,
+    'data.augment.fill_mode': _one_of(FILL_MODES),
+    'data.augment.cval': _NUMBER,
+    'model.cut': _one_of(inception.ENDPOINTS),
+    'model.head': _one_of(classifier.HEADS),
+    'model.hidden': _integer(0),
+    'model.dropout': _number(0, 1),
+    'speed.compute_dtype': _optional(_one_of(tuple(lowering.COMPUTE_DTYPES))),
+    'speed.cache_features_max_mb': _number(0, low_open=True),
+    'optimizer.name': _one_of(optim.OPTIMIZERS),
+    'optimizer.rho': _number(0, 1),
+    'optimizer.epsilon': _number(0, low_open=True),
+    'warmup.epochs': _integer(0),
+    'warmup.learning_rate': _LEARNING_RATE,
+    'finetune.epochs': _integer(0),
+    'finetune.learning_rate': _LEARNING_RATE,
+    'finetune.unfreeze_from': _one_of(inception.BLOCKS),
+    'finetune.train_bn': _BOOL,
+    # The loop reads any false value ('' from the command line too) as "no early stopping".
+    'early_stopping.metric': _Rule(
+        lambda v: not v or (isinstance(v, str) and v in EARLY_STOPPING_METRICS),
+        'None or ' + _one_of(EARLY_STOPPING_METRICS).allowed),
+    'early_stopping.mode': _one_of(EARLY_STOPPING_MODES),
+    'early_stopping.threshold': _NUMBER,
+}
+
+
+def _lookup(config: Any, path: str) -> Any:
+  """The value at a '.'-joined path, or _MISSING where the config lacks it."""
+  node = config
+  for key in path.split('.'):
+    try:
+      node = node[key]
+    except (KeyError, IndexError, TypeError, AttributeError):
+      return _MISSING
+  return node
+
+
+def _problem(path: str, value: Any, allowed: str) -> str:
+  return f'config.{path} = {value!r}: must be {allowed}.'
+
+
+def _check_rules(config: Any, found: list[str]) -> None:
+  for path, rule in RULES.items():
+    value = _lookup(config, path)
+    if value is not _MISSING and not rule.test(value):
+      found.append(_problem(path, value, rule.allowed))
+  for name in SPEED_SWITCHES:
+    value = _lookup(config, f'speed.{name}')
+    if value is not _MISSING:
+      try:
+        lowering.parse_switch(value, name=f'config.speed.{name}')
+      except errors.ConfigError as e:
+        found.append(str(e))
+
+
+def _check_param_labels(config: Any, phase: str, found: list[str]) -> None:
+  """Each freezing rule a (regex, label) pair with a regex that compiles and a known label."""
+  path = f'{phase}.param_labels'
+  rules = _lookup(config, path)
+  if rules is _MISSING or rules is None:
+    return
+  labels = ', '.join(repr(label) for label in optim.LABELS)
+  if not isinstance(rules, (list, tuple)):
+    found.append(_problem(path, rules, f'a list of (regex, label) pairs, label one of {labels}'))
+    return
+  for i, rule in enumerate(rules):
+    if (not isinstance(rule, (list, tuple)) or len(rule) != 2
+        or not isinstance(rule[0], str) or rule[1] not in optim.LABELS):
+      found.append(_problem(f'{path}[{i}]', rule, f'a (regex, label) pair, label one of {labels}'))
+      continue
+    try:
+      re.compile(rule[0])
+    except re.error as e:
+      found.append(_problem(f'{path}[{i}]', rule, f'a valid regex ({e})'))
+
+
+def _check_relations(config: Any, found: list[str]) -> None:
+  """The rules that involve more than one field."""
+  if _lookup(config, 'data.source') == 'folder' and _lookup(config, 'data.dir') in (None, ''):
+    found.append(_problem('data.dir', _lookup(config, 'data.dir'),
+                          "the image folder's root when config.data.source='folder'"))
+
+  epochs = {phase: _lookup(config, f'{phase}.epochs') for phase in ('warmup', 'finetune')}
+  given = {phase: n for phase, n in epochs.items() if n is not _MISSING}
+  if given and all(_is_int(n) for n in given.values()) and not any(
+      n > 0 for n in given.values()):
+    found.append(' and '.join(f'config.{phase}.epochs = {n!r}' for phase, n in given.items())
+                 + ': nothing to train; at least one phase needs epochs > 0.')
+
+  # Fine-tuning opens blocks of the backbone, so only blocks up to the cut.
+  cut = _lookup(config, 'model.cut')
+  start = _lookup(config, 'finetune.unfreeze_from')
+  finetune_epochs = epochs['finetune']
+  if (cut in inception.ENDPOINTS and start in inception.BLOCKS and _is_int(finetune_epochs)
+      and finetune_epochs > 0):
+    blocks = inception.BLOCKS[:inception.BLOCKS.index(cut) + 1]
+    if start not in blocks:
+      found.append(_problem(
+          'finetune.unfreeze_from', start,
+          f"'stem' or a block up to config.model.cut = {cut!r}: "
+          + ', '.join(repr(b) for b in blocks if b != 'stem')))
+
+
+def problems(config: Config) -> list[str]:
+  """One line per bad field of `config` (empty: it is valid); see `validate`."""
+  found = []
+  _check_rules(config, found)
+  for phase in ('warmup', 'finetune'):
+    _check_param_labels(config, phase, found)
+  _check_relations(config, found)
+  return found
+
+
+def validate(config: Config) -> None:
+  """Raises ConfigError naming every field of `config` whose value is not allowed.
+
+  Args:
+    config: a ConfigDict from configs/*.py, or one loaded from a workdir's config.json (plain
+      values, lists for tuples); fields it lacks are skipped.
+
+  Raises:
+    errors.ConfigError: one line per bad field, each with the field, its value and what is
+      allowed.
+  """
+  found = problems(config)
+  if len(found) == 1:
+    raise errors.ConfigError(found[0])
+  if found:
+    raise errors.ConfigError(f'{len(found)} config fields have bad values:\n  '
+                             + '\n  '.join(found))

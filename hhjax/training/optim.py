@@ -17,6 +17,8 @@ import optax
 TRAIN = 'train'
 FREEZE = 'freeze'
 LABELS = (TRAIN, FREEZE)
+# config.optimizer.name: Keras's RMSprop is the one optimizer the recipe uses.
+OPTIMIZERS = ('rmsprop',)
 
 Rules = Sequence[tuple[str, str]]
 

@@ -1,0 +1,226 @@
+"""Every config field is checked before any work starts, with a message that says what to fix."""
+
+import importlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import ml_collections
+import pytest
+
+from configs import default
+from hhjax import config_checks
+from hhjax import errors
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LEGACY_CONFIG = ROOT / 'tests' / 'data' / 'legacy_workdir' / 'config.json'
+
+# Fields with no fixed set or range: any name, split or path may be right.
+FREE_FIELDS = {'data.name', 'data.train_split', 'data.eval_split', 'model.pretrained',
+               'data.dir'}   # data.dir: needed with source='folder', tested below
+
+# (field, a bad value, what the message must show of it; None: the value's repr).
+BAD_VALUES = [
+    ('seed', 1.5, None),
+    ('batch_size', 0, None),
+    ('eval_batch_size', 0, None),
+    ('steps_per_epoch', 0, None),
+    ('log_every_steps', -1, None),
+    ('checkpoint_every_steps', -5, None),
+    ('keep_checkpoints', 0, None),
+    ('data.source', 'imagenet', None),
+    ('data.image_size', 74, None),
+    ('data.resize_method', 'bicubic', None),
+    ('data.preprocessing', 'caffe', None),
+    ('data.image_dtype', 'float16', None),
+    ('data.bad_files', 'ignore', None),
+    ('data.cache_decoded', 'yes', None),
+    ('data.num_parallel_calls', 0, None),
+    ('data.fake.num_train_examples', 0, None),
+    ('data.fake.num_eval_examples', 0, None),
+    ('data.fake.num_classes', 1, None),
+    ('data.augment.enabled', 1, None),
+    ('data.augment.rotation_range', -40.0, None),
+    ('data.augment.width_shift_range', -0.2, None),
+    ('data.augment.height_shift_range', 'x', None),
+    ('data.augment.shear_range', float('nan'), None),
+    ('data.augment.zoom_range', 1.0, None),
+    ('data.augment.zoom_range', (1.2, 0.8), None),
+    ('data.augment.zoom_range', (0.0, 1.2), None),
+    ('data.augment.zoom_range', (0.8,), None),
+    ('data.augment.horizontal_flip', 'true', None),
+    ('data.augment.vertical_flip', None, None),
+    ('data.augment.fill_mode', 'mirror', None),
+    ('data.augment.cval', 'black', None),
+    ('model.cut', 'mixed11', None),
+    ('model.head', 'mlp', None),
+    ('model.hidden', -1, None),
+    ('model.dropout', 1.0, None),
+    ('speed.fast_convs', 'fast', None),
+    ('speed.fold_bn', 'sometimes', None),
+    ('speed.merge_1x1', 2, None),
+    ('speed.fast_pools', 'maybe', None),
+    ('speed.compute_dtype', 'float16', None),
+    ('speed.cache_features', 'always', None),
+    ('speed.cache_features_max_mb', 0.0, None),
+    ('optimizer.name', 'adam', None),
+    ('optimizer.rho', 1.0, None),
+    ('optimizer.epsilon', 0.0, None),
+    ('warmup.epochs', -1, None),
+    ('warmup.learning_rate', 0.0, None),
+    ('warmup.param_labels', (('^head/', 'thaw'),), "('^head/', 'thaw')"),
+    ('warmup.param_labels', (('(head', 'train'),), "('(head', 'train')"),
+    ('warmup.param_labels', ('^head/',), "'^head/'"),
+    ('warmup.param_labels', '^head/', None),
+    ('finetune.epochs', -1, None),
+    ('finetune.learning_rate', -1e-5, None),
+    ('finetune.param_labels', (('^head/', 'train', 'x'),), "('^head/', 'train', 'x')"),
+    ('finetune.unfreeze_from', 'block7', None),
+    ('finetune.unfreeze_from', 'mixed8', None),     # after the default cut, mixed7
+    ('finetune.train_bn', 'no', None),
+    ('early_stopping.metric', 'accuracy', None),
+    ('early_stopping.mode', 'maximum', None),
+    ('early_stopping.threshold', 'high', None),
+]
+
+
+def _set(tree: dict, path: str, value) -> None:
+  *parents, name = path.split('.')
+  for key in parents:
+    tree = tree[key]
+  tree[name] = value
+
+
+def _config(**overrides) -> ml_collections.ConfigDict:
+  """The default config with `overrides` ('a__b': value sets a.b), rebuilt as a workdir's
+  config.json is loaded, so that any type can be set."""
+  tree = default.get_config().to_dict()
+  for key, value in overrides.items():
+    _set(tree, key.replace('__', '.'), value)
+  return ml_collections.ConfigDict(tree)
+
+
+def _message(config) -> str:
+  with pytest.raises(errors.ConfigError) as raised:
+    config_checks.validate(config)
+  return str(raised.value)
+
+
+def _leaves(tree: dict, prefix: str = '') -> list[str]:
+  out = []
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out += _leaves(value, f'{prefix}{key}.')
+    else:
+      out.append(f'{prefix}{key}')
+  return out
+
+
+@pytest.mark.parametrize('field, value, shown', BAD_VALUES,
+                         ids=[f'{f}={v!r}' for f, v, _ in BAD_VALUES])
+def test_a_bad_value_is_rejected_naming_the_field_and_the_value(field, value, shown):
+  message = _message(_config(**{field.replace('.', '__'): value}))
+  assert f'config.{field}' in message
+  assert (shown or repr(value)) in message
+  assert '\n' not in message      # one bad field: one line
+
+
+def test_every_field_of_the_default_config_is_checked_or_free_by_design():
+  tested = {field for field, _, _ in BAD_VALUES}
+  assert set(_leaves(default.get_config().to_dict())) == tested | FREE_FIELDS
+
+
+@pytest.mark.parametrize('name', sorted(p.stem for p in (ROOT / 'configs').glob('*.py')
+                                        if p.stem != '__init__'))
+def test_every_shipped_config_validates(name):
+  config_checks.validate(importlib.import_module(f'configs.{name}').get_config())
+
+
+def test_a_legacy_workdir_config_validates_even_without_optional_sections():
+  tree = json.loads(LEGACY_CONFIG.read_text())
+  config_checks.validate(ml_collections.ConfigDict(tree))
+  for section in ('speed', 'early_stopping', 'optimizer'):
+    del tree[section]
+  del tree['data']['augment'], tree['data']['fake'], tree['warmup']['param_labels']
+  config_checks.validate(ml_collections.ConfigDict(tree))
+
+
+def test_the_message_lists_the_allowed_values():
+  message = _message(_config(data__resize_method='bicubic'))
+  assert message == ("config.data.resize_method = 'bicubic': must be one of 'bilinear', "
+                     "'nearest'.")
+
+
+def test_a_folder_source_needs_a_folder():
+  message = _message(_config(data__source='folder'))
+  assert 'config.data.dir = None' in message and "source='folder'" in message
+  config_checks.validate(_config(data__source='folder', data__dir='/images'))
+
+
+def test_nothing_to_train_names_both_phases():
+  message = _message(_config(warmup__epochs=0, finetune__epochs=0))
+  assert 'config.warmup.epochs = 0' in message and 'config.finetune.epochs = 0' in message
+
+
+def test_unfreeze_from_after_the_cut_is_fine_when_fine_tuning_is_off():
+  config_checks.validate(_config(model__cut='mixed2', finetune__epochs=0))
+  message = _message(_config(model__cut='mixed2'))
+  assert "config.finetune.unfreeze_from = 'mixed6'" in message and "'mixed2'" in message
+
+
+def test_every_bad_field_is_reported_at_once():
+  message = _message(_config(batch_size=0, model__head='mlp', early_stopping__mode='up'))
+  lines = message.splitlines()
+  assert lines[0] == '3 config fields have bad values:'
+  assert [line.split()[0] for line in lines[1:]] == [
+      'config.batch_size', 'config.model.head', 'config.early_stopping.mode']
+
+
+def test_a_config_error_is_a_value_error_for_library_callers():
+  with pytest.raises(ValueError, match='config.model.hidden'):
+    config_checks.validate(_config(model__hidden=-1))
+
+
+# ------------------------------------------------------------------------ the command line
+
+@pytest.fixture(scope='module')
+def env():
+  env = dict(os.environ, HHJAX_MALLOC_TUNING='off', JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  return env
+
+
+def _main_fails_fast(args: list[str], env: dict, field: str) -> None:
+  start = time.monotonic()
+  proc = subprocess.run([sys.executable, 'main.py', *args], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  seconds = time.monotonic() - start
+  assert proc.returncode == errors.EXIT_USER_ERROR, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and field in last, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr
+  assert seconds < 10, f'{seconds:.1f} s to report a config error'
+
+
+@pytest.mark.parametrize('overrides, field', [
+    (['--config.data.resize_method=bicubic'], 'config.data.resize_method'),
+    (['--config.model.head=mlp'], 'config.model.head'),
+    (['--config.speed.fold_bn=sometimes'], 'config.speed.fold_bn'),
+    (['--config.warmup.epochs=0', '--config.finetune.epochs=0'], 'config.finetune.epochs'),
+    (['--config.early_stopping.mode=maximum'], 'config.early_stopping.mode'),
+], ids=['data', 'model', 'speed', 'phases', 'early_stopping'])
+def test_main_reports_a_bad_override_in_seconds_without_a_traceback(overrides, field, env,
+                                                                     tmp_path):
+  _main_fails_fast(['--config=configs/smoke.py', f'--workdir={tmp_path}', *overrides], env,
+                   field)
+
+
+def test_main_checks_the_config_a_workdir_saved_before_evaluating(env, tmp_path):
+  tree = json.loads(LEGACY_CONFIG.read_text())
+  tree['data']['augment']['fill_mode'] = 'mirror'
+  (tmp_path / 'config.json').write_text(json.dumps(tree))
+  _main_fails_fast(['--mode=eval', f'--workdir={tmp_path}'], env,
+                   'config.data.augment.fill_mode')
