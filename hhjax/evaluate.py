@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from hhjax import checkpointing
+from hhjax import config_checks
 from hhjax import errors
 from hhjax import metrics as metrics_lib
 from hhjax import sharding
@@ -118,6 +119,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Prints loss, accuracy and the confusion matrix; writes WORKDIR/eval.json.
   """
+  config_checks.validate(config)
   sharding.check_batch_size(eval_batch_size(config), 'config.eval_batch_size')
   mesh, model, state, class_names, step = restore_for_inference(config, workdir, checkpoint)
   evaluator = Evaluator(model, len(class_names), mesh, eval_batches(config))

@@ -15,6 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from hhjax import config_checks
 from hhjax import errors
 from hhjax import evaluate
 from hhjax import sharding
@@ -53,6 +54,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: Sequence[st
   Returns:
     (path, class name, probability of that class) per image; process 0 also prints them.
   """
+  config_checks.validate(config)
   files = bad_files.readable_files(expand_images(images), config.data.get('bad_files'),
                                    config.data.get('num_parallel_calls'))
   mesh, model, state, class_names, _ = evaluate.restore_for_inference(config, workdir,

@@ -7,6 +7,7 @@ import os
 
 import ml_collections
 
+from hhjax import config_checks
 from hhjax.data import pipeline as input_pipeline
 
 
@@ -36,6 +37,7 @@ def preview_data(config: ml_collections.ConfigDict, workdir: str, *, num_images:
   """
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top  (Agg, no pyplot)
 
+  config_checks.validate(config)
   info = input_pipeline.dataset_info(config)
   ds = input_pipeline.create_dataset(config, config.data.train_split, process_index=0,
                                      process_count=1)

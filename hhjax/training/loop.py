@@ -23,6 +23,7 @@ import jax
 import ml_collections
 
 from hhjax import checkpointing
+from hhjax import config_checks
 from hhjax import errors
 from hhjax import evaluate
 from hhjax import metrics as metrics_lib
@@ -322,6 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The final evaluation (loss, accuracy, confusion matrix, class names) plus 'step' and
     'stop_reason'.
   """
+  config_checks.validate(config)
   run = _Run.create(config, workdir)
   state, progress, setup = _restore_or_initialise(run)
   # Only now that the checkpoint (if any) fits: a refused resume must leave the config that

@@ -22,7 +22,6 @@ from hhjax.model import classifier
 from hhjax.training import optim
 
 PyTree = Any
-EARLY_STOPPING_METRICS = ('train_accuracy', 'train_loss', 'val_accuracy', 'val_loss')
 
 
 @dataclasses.dataclass(frozen=True)
