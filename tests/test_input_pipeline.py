@@ -11,6 +11,8 @@ import pytest
 import tensorflow as tf
 
 from configs import default
+from hhjax import errors
+from hhjax.data import bad_files
 from hhjax.data import decode
 from hhjax.data import pipeline
 from hhjax.data import streams
@@ -140,6 +142,15 @@ def test_preprocessing_maps_pixels_to_the_documented_ranges():
     decode.normalize(pixels, 'caffe')
 
 
+
+def test_normalize_is_the_written_out_formulas_bit_for_bit():
+  # Every whole level, and fractional values as resizing and augmentation give.
+  pixels = tf.constant(np.concatenate([np.arange(256), np.linspace(0, 255, 1001)]), tf.float32)
+  for name, written_out in (('inception', pixels / 127.5 - 1.0), ('rescale', pixels / 255.0)):
+    np.testing.assert_array_equal(decode.normalize(pixels, name).numpy().view(np.uint32),
+                                  written_out.numpy().view(np.uint32))
+
+
 # ----------------------------------------------------------------------------- folders
 
 
@@ -205,7 +216,7 @@ def _folder_with_bad_files(root):
 
 def test_bad_files_are_reported_by_path_before_anything_runs(tmp_path):
   config = _folder_config(_folder_with_bad_files(tmp_path))
-  with pytest.raises(ValueError) as raised:
+  with pytest.raises(errors.DataError) as raised:
     pipeline.dataset_info(config)
   message = str(raised.value)
   assert f'{len(BAD_FILES)} file(s)' in message
@@ -231,16 +242,21 @@ def test_skipping_bad_files_warns_with_their_count(tmp_path, caplog):
   assert sum(b['mask'].sum() for b in batches) == 5
 
 
-@pytest.mark.parametrize('layout, expected', [
-    ('missing_root', r'does not exist'),
-    ('missing_split', r"No folder for split 'validation'.*holds \['train'\]"),
-    ('no_class_folders', r"found 0 class folder\(s\) \[\] and 2 other file\(s\)"),
-    ('one_class', r"found 1 class folder\(s\) \['cats'\]"),
-    ('different_classes', r"'train' has \['cats', 'dogs'\], 'validation' has \['cats', 'cows'\]"),
-    ('empty_split', r'holds no files: its class folders \[.cats., .dogs.\] are empty'),
-    ('empty_class', r"Class folder\(s\) \['dogs'\] in .*validation hold no readable images"),
+@pytest.mark.parametrize('layout, expected, error', [
+    ('missing_root', r'does not exist', errors.DataNotFoundError),
+    ('missing_split', r"No folder for split 'validation'.*holds \['train'\]",
+     errors.DataNotFoundError),
+    ('no_class_folders', r"found 0 class folder\(s\) \[\] and 2 other file\(s\)",
+     errors.DataError),
+    ('one_class', r"found 1 class folder\(s\) \['cats'\]", errors.DataError),
+    ('different_classes', r"'train' has \['cats', 'dogs'\], 'validation' has \['cats', 'cows'\]",
+     errors.DataError),
+    ('empty_split', r'holds no files: its class folders \[.cats., .dogs.\] are empty',
+     errors.DataError),
+    ('empty_class', r"Class folder\(s\) \['dogs'\] in .*validation hold no readable images",
+     errors.DataError),
 ])
-def test_broken_layouts_fail_at_once_saying_what_was_found(tmp_path, layout, expected):
+def test_broken_layouts_fail_at_once_saying_what_was_found(tmp_path, layout, expected, error):
   root = tmp_path / 'data'
   if layout != 'missing_root':
     _make_folder(root, {('train', 'cats'): 2, ('train', 'dogs'): 2})
@@ -257,8 +273,62 @@ def test_broken_layouts_fail_at_once_saying_what_was_found(tmp_path, layout, exp
   elif layout == 'empty_class':
     _make_folder(root, {('validation', 'cats'): 2})
     (root / 'validation' / 'dogs').mkdir(parents=True)
-  with pytest.raises((ValueError, FileNotFoundError), match=expected):
+  with pytest.raises(error, match=expected):
     pipeline.dataset_info(_folder_config(root))
+
+
+
+@pytest.mark.parametrize('field, value', [
+    ('source', 'hdf5'), ('resize_method', 'bicubic'), ('preprocessing', 'caffe'),
+    ('image_dtype', 'float16'), ('bad_files', 'ignore'),
+])
+def test_unknown_config_values_are_config_errors_naming_the_field(tmp_path, field, value):
+  config = _folder_config(_make_folder(tmp_path))
+  config.data[field] = value
+  expected = rf"config\.data\.{field} must be one of .*'{value}'"
+  with pytest.raises(errors.ConfigError, match=expected):
+    pipeline.create_dataset(config, 'train', process_count=1, process_index=0)
+
+
+# ----------------------------------------------------------------------------- files one by one
+
+
+def test_load_image_gives_the_eval_input_or_names_the_file(tmp_path):
+  config = _config()
+  good, bad = tmp_path / 'good.png', tmp_path / 'bad.png'
+  _write(good, _small_png(0))
+  _write(bad, b'this is not a picture\n')
+  image = decode.load_image(str(good), config)
+  assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.float32
+  np.testing.assert_array_equal(
+      image, decode.preprocess_image(tf.io.read_file(str(good)), config).numpy())
+  with pytest.raises(errors.DataError, match=r'bad\.png: not a readable image \(.+\)\.$'):
+    decode.load_image(str(bad), config)
+  with pytest.raises(errors.DataNotFoundError, match=r'missing\.png: no such file'):
+    decode.load_image(str(tmp_path / 'missing.png'), config)
+
+
+def test_readable_files_follow_the_bad_files_policy(tmp_path, caplog):
+  good = [tmp_path / 'a.png', tmp_path / 'b.png']
+  for k, path in enumerate(good):
+    _write(path, _small_png(k))
+  bad = [tmp_path / f'empty_{k:02d}.png' for k in range(22)]
+  for path in bad:
+    _write(path, b'')
+  files = [str(p) for p in [good[0]] + bad + [good[1]]]
+  with pytest.raises(errors.DataError) as raised:
+    bad_files.readable_files(files, 'error')
+  message = str(raised.value)
+  assert message.startswith('22 of the 24 files given to --images are not readable images')
+  assert 'empty_00.png: empty file (0 bytes)' in message and 'empty_20.png' not in message
+  assert '  ... and 2 more' in message and "config.data.bad_files='skip'" in message
+  with caplog.at_level(logging.WARNING):
+    assert bad_files.readable_files(files, 'skip') == [str(p) for p in good]
+  assert 'Skipping 22 file(s)' in caplog.text
+  with pytest.raises(errors.DataNotFoundError, match='None of the files given to --images'):
+    bad_files.readable_files([str(p) for p in bad], 'skip')
+  with pytest.raises(errors.ConfigError, match="bad_files must be one of .*'ignore'"):
+    bad_files.readable_files(files, 'ignore')
 
 
 # ----------------------------------------------------------------------------- streams
@@ -404,7 +474,7 @@ def test_tfds_without_network_says_what_to_use_instead(tmp_path, monkeypatch):
   # that path fails this test); only the download itself is cut off.
   monkeypatch.setattr(tfds.download.DownloadManager, 'download', offline)
   monkeypatch.setattr(tfds.download.DownloadManager, 'download_and_extract', offline)
-  with pytest.raises(RuntimeError, match=r"(?s)no route to host.*source='folder'"):
+  with pytest.raises(errors.DatasetDownloadError, match=r"(?s)no route to host.*source='folder'"):
     pipeline.create_dataset(_config(source='tfds', dir=str(tmp_path)), 'train',
                             process_count=1, process_index=0)
 
