@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
-from hhjax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from hhjax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_DATA = ROOT.parent / 'shared' / 'data' / 'horse-or-human'
 
@@ -60,8 +60,7 @@ def _config(args, source: str, threads: int | None, augment: bool, cache: bool =
 
 
 def _images_per_second(config, args) -> float:
-  ds = input_pipeline.create_dataset(config, config.data.train_split, process_index=0,
-                                     process_count=1)
+  ds = pipeline.create_dataset(config, config.data.train_split, process_index=0, process_count=1)
   batches = ds.as_numpy_iterator()
   for _ in range(args.warmup_steps):
     next(batches)
@@ -81,7 +80,7 @@ def main():
         f'{args.steps} timed batches after {args.warmup_steps}')
   if 'folder' in sources:
     start = time.perf_counter()
-    info = input_pipeline.dataset_info(_config(args, 'folder', None, True))
+    info = pipeline.dataset_info(_config(args, 'folder', None, True))
     print(f'folder check (decode every file once): {sum(info.num_examples.values())} files in '
           f'{time.perf_counter() - start:.1f} s')
   print(f'{"source":8} {"augment":8} {"cached":7} {"threads":>7} {"images/s":>9}')

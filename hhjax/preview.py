@@ -8,7 +8,8 @@ import os
 import ml_collections
 
 from hhjax import config_checks
-from hhjax.data import pipeline as input_pipeline
+from hhjax.data import pipeline
+from hhjax.model import preprocessing
 
 
 def _describe_augmentation(config: ml_collections.ConfigDict) -> str:
@@ -38,9 +39,8 @@ def preview_data(config: ml_collections.ConfigDict, workdir: str, *, num_images:
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top  (Agg, no pyplot)
 
   config_checks.validate(config)
-  info = input_pipeline.dataset_info(config)
-  ds = input_pipeline.create_dataset(config, config.data.train_split, process_index=0,
-                                     process_count=1)
+  info = pipeline.dataset_info(config)
+  ds = pipeline.create_dataset(config, config.data.train_split, process_index=0, process_count=1)
   images, labels = [], []
   for batch in ds.as_numpy_iterator():
     images.extend(batch['image'])
@@ -53,7 +53,7 @@ def preview_data(config: ml_collections.ConfigDict, workdir: str, *, num_images:
   fig = Figure(figsize=(2.0 * columns, 2.2 * rows + 0.6))
   for k, (image, label) in enumerate(zip(images, labels)):
     ax = fig.add_subplot(rows, columns, k + 1)
-    ax.imshow(input_pipeline.denormalize(image, config.data.preprocessing))
+    ax.imshow(preprocessing.denormalize(image, config.data.preprocessing))
     ax.set_title(info.class_names[int(label)], fontsize=10)
     ax.axis('off')
   source = config.data.dir if config.data.source == 'folder' else config.data.source

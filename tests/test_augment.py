@@ -6,6 +6,7 @@ from scipy import ndimage
 import tensorflow as tf
 
 from configs import default
+from hhjax import errors
 from hhjax.data import augment
 
 # Keras resamples with scipy in float64; here the matrix is float64 and the resampling float32,
@@ -137,4 +138,15 @@ def test_disabled_ranges_leave_the_image_unchanged(image):
 def test_unknown_fill_mode_is_refused():
   aug = dict(default.get_config().data.augment.to_dict(), fill_mode='mirror')
   with pytest.raises(ValueError, match="fill_mode must be one of .*'mirror'"):
+    augment.check_config(aug)
+
+
+@pytest.mark.parametrize('field, value, expected', [
+    ('rotation_range', -5, 'rotation_range must be a number >= 0'),
+    ('zoom_range', [1.2, 0.8], 'they must be positive'),
+    ('zoom_range', [0.1, 0.2, 0.3], 'zoom_range must be a number or a pair'),
+])
+def test_unusable_augment_values_are_config_errors(field, value, expected):
+  aug = dict(default.get_config().data.augment.to_dict(), **{field: value})
+  with pytest.raises(errors.ConfigError, match=expected):
     augment.check_config(aug)

@@ -11,7 +11,11 @@ import pytest
 import tensorflow as tf
 
 from configs import default
-from hhjax.data import pipeline as input_pipeline
+from hhjax import errors
+from hhjax.data import bad_files
+from hhjax.data import decode
+from hhjax.data import pipeline
+from hhjax.data import streams
 from hhjax import preview
 
 SIZE = 16  # Small images where the test is about wiring.
@@ -109,13 +113,13 @@ FORMATS = _formats()
 @pytest.mark.parametrize('name', list(FORMATS))
 def test_every_format_decodes_to_rgb_uint8(name):
   data, expected, tolerance = FORMATS[name]
-  image = input_pipeline.decode_image(tf.constant(data)).numpy()
+  image = decode.decode_image(tf.constant(data)).numpy()
   assert image.dtype == np.uint8 and image.shape == expected.shape
   assert np.abs(image.astype(int) - expected).max() <= tolerance
 
 
 def test_sixteen_bit_png_is_scaled_not_clipped():
-  image = input_pipeline.decode_image(tf.constant(FORMATS['gray16.png'][0])).numpy()
+  image = decode.decode_image(tf.constant(FORMATS['gray16.png'][0])).numpy()
   assert np.abs(image[..., 0] - _GRAY16 / 257).max() < 1
 
 
@@ -125,17 +129,26 @@ def test_nearest_resize_picks_the_pixels_keras_load_img_picks(tmp_path):
     path = tmp_path / f'{shape[0]}x{shape[1]}.png'
     Image.fromarray(_RNG.integers(0, 256, shape + (3,), dtype=np.uint8)).save(path)
     keras = np.asarray(load_img(path, target_size=(size, size), interpolation='nearest'))
-    ours = input_pipeline.resize(
-        input_pipeline.decode_image(tf.io.read_file(str(path))), size, 'nearest').numpy()
+    ours = decode.resize(
+        decode.decode_image(tf.io.read_file(str(path))), size, 'nearest').numpy()
     np.testing.assert_array_equal(ours, keras)
 
 
 def test_preprocessing_maps_pixels_to_the_documented_ranges():
   pixels = tf.constant([0.0, 127.5, 255.0])
-  np.testing.assert_allclose(input_pipeline.normalize(pixels, 'inception'), [-1, 0, 1])
-  np.testing.assert_allclose(input_pipeline.normalize(pixels, 'rescale'), [0, 0.5, 1])
+  np.testing.assert_allclose(decode.normalize(pixels, 'inception'), [-1, 0, 1])
+  np.testing.assert_allclose(decode.normalize(pixels, 'rescale'), [0, 0.5, 1])
   with pytest.raises(ValueError, match="preprocessing must be one of .*'caffe'"):
-    input_pipeline.normalize(pixels, 'caffe')
+    decode.normalize(pixels, 'caffe')
+
+
+
+def test_normalize_is_the_written_out_formulas_bit_for_bit():
+  # Every whole level, and fractional values as resizing and augmentation give.
+  pixels = tf.constant(np.concatenate([np.arange(256), np.linspace(0, 255, 1001)]), tf.float32)
+  for name, written_out in (('inception', pixels / 127.5 - 1.0), ('rescale', pixels / 255.0)):
+    np.testing.assert_array_equal(decode.normalize(pixels, name).numpy().view(np.uint32),
+                                  written_out.numpy().view(np.uint32))
 
 
 # ----------------------------------------------------------------------------- folders
@@ -171,10 +184,10 @@ def test_folder_of_every_format_is_read_whole(tmp_path):
     _write(tmp_path / 'validation' / ('a' if k % 2 else 'b') / name, data)
   _write(tmp_path / 'train' / 'a' / '.DS_Store', b'\0\0\0\1Bud1')  # OS metadata: ignored.
   config = _folder_config(tmp_path)
-  info = input_pipeline.dataset_info(config)
+  info = pipeline.dataset_info(config)
   assert info.class_names == ('a', 'b')
   assert info.num_examples == {'train': len(FORMATS), 'validation': len(FORMATS)}
-  batches = list(input_pipeline.create_dataset(
+  batches = list(pipeline.create_dataset(
       config, 'validation', process_count=1, process_index=0).as_numpy_iterator())
   mask = np.concatenate([b['mask'] for b in batches])
   assert mask.sum() == len(FORMATS)
@@ -203,8 +216,8 @@ def _folder_with_bad_files(root):
 
 def test_bad_files_are_reported_by_path_before_anything_runs(tmp_path):
   config = _folder_config(_folder_with_bad_files(tmp_path))
-  with pytest.raises(ValueError) as raised:
-    input_pipeline.dataset_info(config)
+  with pytest.raises(errors.DataError) as raised:
+    pipeline.dataset_info(config)
   message = str(raised.value)
   assert f'{len(BAD_FILES)} file(s)' in message
   for name in BAD_FILES:
@@ -214,31 +227,36 @@ def test_bad_files_are_reported_by_path_before_anything_runs(tmp_path):
   assert 'unsupported.tiff: Unknown image file format' in message
   assert "bad_files='skip'" in message
   with pytest.raises(ValueError, match='truncated.png'):
-    input_pipeline.create_dataset(config, 'train', process_count=1, process_index=0)
+    pipeline.create_dataset(config, 'train', process_count=1, process_index=0)
 
 
 def test_skipping_bad_files_warns_with_their_count(tmp_path, caplog):
   config = _folder_config(_folder_with_bad_files(tmp_path), bad_files='skip')
   with caplog.at_level(logging.WARNING):
-    info = input_pipeline.dataset_info(config)
+    info = pipeline.dataset_info(config)
   assert f'Skipping {len(BAD_FILES)} file(s)' in caplog.text
   assert 'truncated.jpg' in caplog.text
   assert info.num_examples == {'train': 11, 'validation': 5}  # the good ones only
-  batches = list(input_pipeline.create_dataset(
+  batches = list(pipeline.create_dataset(
       config, 'validation', process_count=1, process_index=0).as_numpy_iterator())
   assert sum(b['mask'].sum() for b in batches) == 5
 
 
-@pytest.mark.parametrize('layout, expected', [
-    ('missing_root', r'does not exist'),
-    ('missing_split', r"No folder for split 'validation'.*holds \['train'\]"),
-    ('no_class_folders', r"found 0 class folder\(s\) \[\] and 2 other file\(s\)"),
-    ('one_class', r"found 1 class folder\(s\) \['cats'\]"),
-    ('different_classes', r"'train' has \['cats', 'dogs'\], 'validation' has \['cats', 'cows'\]"),
-    ('empty_split', r'holds no files: its class folders \[.cats., .dogs.\] are empty'),
-    ('empty_class', r"Class folder\(s\) \['dogs'\] in .*validation hold no readable images"),
+@pytest.mark.parametrize('layout, expected, error', [
+    ('missing_root', r'does not exist', errors.DataNotFoundError),
+    ('missing_split', r"No folder for split 'validation'.*holds \['train'\]",
+     errors.DataNotFoundError),
+    ('no_class_folders', r"found 0 class folder\(s\) \[\] and 2 other file\(s\)",
+     errors.DataError),
+    ('one_class', r"found 1 class folder\(s\) \['cats'\]", errors.DataError),
+    ('different_classes', r"'train' has \['cats', 'dogs'\], 'validation' has \['cats', 'cows'\]",
+     errors.DataError),
+    ('empty_split', r'holds no files: its class folders \[.cats., .dogs.\] are empty',
+     errors.DataError),
+    ('empty_class', r"Class folder\(s\) \['dogs'\] in .*validation hold no readable images",
+     errors.DataError),
 ])
-def test_broken_layouts_fail_at_once_saying_what_was_found(tmp_path, layout, expected):
+def test_broken_layouts_fail_at_once_saying_what_was_found(tmp_path, layout, expected, error):
   root = tmp_path / 'data'
   if layout != 'missing_root':
     _make_folder(root, {('train', 'cats'): 2, ('train', 'dogs'): 2})
@@ -255,8 +273,62 @@ def test_broken_layouts_fail_at_once_saying_what_was_found(tmp_path, layout, exp
   elif layout == 'empty_class':
     _make_folder(root, {('validation', 'cats'): 2})
     (root / 'validation' / 'dogs').mkdir(parents=True)
-  with pytest.raises((ValueError, FileNotFoundError), match=expected):
-    input_pipeline.dataset_info(_folder_config(root))
+  with pytest.raises(error, match=expected):
+    pipeline.dataset_info(_folder_config(root))
+
+
+
+@pytest.mark.parametrize('field, value', [
+    ('source', 'hdf5'), ('resize_method', 'bicubic'), ('preprocessing', 'caffe'),
+    ('image_dtype', 'float16'), ('bad_files', 'ignore'),
+])
+def test_unknown_config_values_are_config_errors_naming_the_field(tmp_path, field, value):
+  config = _folder_config(_make_folder(tmp_path))
+  config.data[field] = value
+  expected = rf"config\.data\.{field} must be one of .*'{value}'"
+  with pytest.raises(errors.ConfigError, match=expected):
+    pipeline.create_dataset(config, 'train', process_count=1, process_index=0)
+
+
+# ----------------------------------------------------------------------------- files one by one
+
+
+def test_load_image_gives_the_eval_input_or_names_the_file(tmp_path):
+  config = _config()
+  good, bad = tmp_path / 'good.png', tmp_path / 'bad.png'
+  _write(good, _small_png(0))
+  _write(bad, b'this is not a picture\n')
+  image = decode.load_image(str(good), config)
+  assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.float32
+  np.testing.assert_array_equal(
+      image, decode.preprocess_image(tf.io.read_file(str(good)), config).numpy())
+  with pytest.raises(errors.DataError, match=r'bad\.png: not a readable image \(.+\)\.$'):
+    decode.load_image(str(bad), config)
+  with pytest.raises(errors.DataNotFoundError, match=r'missing\.png: no such file'):
+    decode.load_image(str(tmp_path / 'missing.png'), config)
+
+
+def test_readable_files_follow_the_bad_files_policy(tmp_path, caplog):
+  good = [tmp_path / 'a.png', tmp_path / 'b.png']
+  for k, path in enumerate(good):
+    _write(path, _small_png(k))
+  bad = [tmp_path / f'empty_{k:02d}.png' for k in range(22)]
+  for path in bad:
+    _write(path, b'')
+  files = [str(p) for p in [good[0]] + bad + [good[1]]]
+  with pytest.raises(errors.DataError) as raised:
+    bad_files.readable_files(files, 'error')
+  message = str(raised.value)
+  assert message.startswith('22 of the 24 files given to --images are not readable images')
+  assert 'empty_00.png: empty file (0 bytes)' in message and 'empty_20.png' not in message
+  assert '  ... and 2 more' in message and "config.data.bad_files='skip'" in message
+  with caplog.at_level(logging.WARNING):
+    assert bad_files.readable_files(files, 'skip') == [str(p) for p in good]
+  assert 'Skipping 22 file(s)' in caplog.text
+  with pytest.raises(errors.DataNotFoundError, match='None of the files given to --images'):
+    bad_files.readable_files([str(p) for p in bad], 'skip')
+  with pytest.raises(errors.ConfigError, match="bad_files must be one of .*'ignore'"):
+    bad_files.readable_files(files, 'ignore')
 
 
 # ----------------------------------------------------------------------------- streams
@@ -264,7 +336,7 @@ def test_broken_layouts_fail_at_once_saying_what_was_found(tmp_path, layout, exp
 
 def test_training_batches_have_the_contract_shapes_and_types():
   config = _fake_config()
-  batch = _take(input_pipeline.create_dataset(config, 'train'), 1)[0]  # jax's process layout
+  batch = _take(pipeline.create_dataset(config, 'train'), 1)[0]  # jax's process layout
   assert set(batch) == {'image', 'label'}
   assert batch['image'].shape == (4, SIZE, SIZE, 3) and batch['image'].dtype == np.float32
   assert batch['label'].shape == (4,) and batch['label'].dtype == np.int32
@@ -272,17 +344,17 @@ def test_training_batches_have_the_contract_shapes_and_types():
 
 
 def test_same_seed_and_step_give_the_same_batch_with_any_parallelism():
-  one = _take(input_pipeline.create_dataset(_fake_config(num_parallel_calls=1), 'train',
-                                            process_count=1, process_index=0), 4)
-  many = _take(input_pipeline.create_dataset(_fake_config(num_parallel_calls=3), 'train',
-                                             process_count=1, process_index=0), 4)
+  one = _take(pipeline.create_dataset(_fake_config(num_parallel_calls=1), 'train',
+                                      process_count=1, process_index=0), 4)
+  many = _take(pipeline.create_dataset(_fake_config(num_parallel_calls=3), 'train',
+                                       process_count=1, process_index=0), 4)
   for a, b in zip(one, many):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
   other_seed = _fake_config()
   other_seed.seed = 1
-  other = _take(input_pipeline.create_dataset(other_seed, 'train', process_count=1,
-                                              process_index=0), 1)
+  other = _take(pipeline.create_dataset(other_seed, 'train', process_count=1,
+                                        process_index=0), 1)
   assert not np.array_equal(other[0]['image'], one[0]['image'])
 
 
@@ -290,10 +362,10 @@ def test_same_seed_and_step_give_the_same_batch_with_any_parallelism():
 def test_start_step_equals_dropping_the_first_batches(start_step):
   # 10 examples, batch 4: batches straddle epoch boundaries; step 7 starts in epoch 2.
   config = _fake_config(num_train=10)
-  full = _take(input_pipeline.create_dataset(config, 'train', process_count=1,
-                                             process_index=0), start_step + 3)
-  resumed = _take(input_pipeline.create_dataset(config, 'train', start_step=start_step,
-                                                process_count=1, process_index=0), 3)
+  full = _take(pipeline.create_dataset(config, 'train', process_count=1,
+                                       process_index=0), start_step + 3)
+  resumed = _take(pipeline.create_dataset(config, 'train', start_step=start_step,
+                                          process_count=1, process_index=0), 3)
   for a, b in zip(full[start_step:], resumed):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
@@ -307,23 +379,23 @@ def test_start_step_skips_without_reading_skipped_files(tmp_path):
   config = _folder_config(root)
   config.data.augment.enabled = False
   table_order = sorted((root / 'train').rglob('*.png'))  # class folders, then file names
-  used = [int(i) for _, i in input_pipeline.train_index_stream(
+  used = [int(i) for _, i in streams.train_index_stream(
       6, config.seed, 4, start_step=1000).take(4)]
   assert len(set(used)) < 6, 'some file must be unused for the test to mean anything'
-  ds = input_pipeline.create_dataset(config, 'train', start_step=1000, process_count=1,
-                                     process_index=0)
+  ds = pipeline.create_dataset(config, 'train', start_step=1000, process_count=1,
+                               process_index=0)
   for i, path in enumerate(table_order):
     if i not in used:
       path.unlink()
   batch = next(ds.as_numpy_iterator())
   for image, i in zip(batch['image'], used):
-    expected = input_pipeline.preprocess_image(tf.io.read_file(str(table_order[i])), config)
+    expected = decode.preprocess_image(tf.io.read_file(str(table_order[i])), config)
     np.testing.assert_array_equal(image, expected.numpy())
 
 
 def test_every_epoch_is_a_fresh_permutation():
   n = 9
-  indices = [int(i) for _, i in input_pipeline.train_index_stream(n, 0, 3).take(3 * n)]
+  indices = [int(i) for _, i in streams.train_index_stream(n, 0, 3).take(3 * n)]
   epochs = [indices[k * n:(k + 1) * n] for k in range(3)]
   for epoch in epochs:
     assert sorted(epoch) == list(range(n))
@@ -333,10 +405,10 @@ def test_every_epoch_is_a_fresh_permutation():
 def test_processes_decode_disjoint_shares_of_each_global_batch():
   config = _fake_config(num_train=10)
   config.batch_size = 6
-  single = _take(input_pipeline.create_dataset(config, 'train', process_count=1,
-                                               process_index=0), 5)
-  shares = [_take(input_pipeline.create_dataset(config, 'train', process_count=3,
-                                                process_index=i), 5) for i in range(3)]
+  single = _take(pipeline.create_dataset(config, 'train', process_count=1,
+                                         process_index=0), 5)
+  shares = [_take(pipeline.create_dataset(config, 'train', process_count=3,
+                                          process_index=i), 5) for i in range(3)]
   for step, whole in enumerate(single):
     parts = [share[step] for share in shares]
     assert all(part['image'].shape[0] == 2 for part in parts)
@@ -344,10 +416,10 @@ def test_processes_decode_disjoint_shares_of_each_global_batch():
     np.testing.assert_array_equal(np.concatenate([p['label'] for p in parts]), whole['label'])
   # Over an epoch the processes read disjoint parts of the split that together cover it.
   seen = [
-      {int(i) for p, i in input_pipeline.train_index_stream(
+      {int(i) for p, i in streams.train_index_stream(
           10, 0, 6, process_index=k, process_count=3).take(20)} for k in range(3)]
   positions = [
-      [int(p) for p, i in input_pipeline.train_index_stream(
+      [int(p) for p, i in streams.train_index_stream(
           10, 0, 6, process_index=k, process_count=3).take(10)] for k in range(3)]
   assert not set(positions[0]) & set(positions[1]) and not set(positions[1]) & set(positions[2])
   assert set().union(*seen) == set(range(10))
@@ -355,25 +427,25 @@ def test_processes_decode_disjoint_shares_of_each_global_batch():
 
 def test_batch_size_must_divide_over_processes():
   with pytest.raises(ValueError, match='global batch size 4 must divide evenly over 3'):
-    input_pipeline.create_dataset(_fake_config(), 'train', process_count=3, process_index=0)
+    pipeline.create_dataset(_fake_config(), 'train', process_count=3, process_index=0)
 
 
 @pytest.mark.parametrize('process_count', [1, 2])
 def test_evaluation_sees_every_example_exactly_once(process_count):
   config = _fake_config(num_eval=7)
-  info = input_pipeline.dataset_info(config)
+  info = pipeline.dataset_info(config)
   assert info.num_examples == {'train': 10, 'test': 7}
   seen = []
   for index in range(process_count):
-    batches = list(input_pipeline.create_dataset(
+    batches = list(pipeline.create_dataset(
         config, 'test', process_count=process_count, process_index=index).as_numpy_iterator())
     assert len(batches) == 2  # ceil(7 / 4): every process runs the same number of steps.
     for batch in batches:
       assert batch['image'].shape[0] == 4 // process_count
       seen.extend(image.tobytes() for image in batch['image'][batch['mask']])
   assert len(seen) == 7 and len(set(seen)) == 7
-  reference = list(input_pipeline.create_dataset(config, 'test', process_count=1,
-                                                 process_index=0).as_numpy_iterator())
+  reference = list(pipeline.create_dataset(config, 'test', process_count=1,
+                                           process_index=0).as_numpy_iterator())
   assert set(seen) == {im.tobytes() for b in reference for im in b['image'][b['mask']]}
 
 
@@ -381,13 +453,13 @@ def test_tfds_source_under_mock_data():
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   config = _config(source='tfds')
   with tfds.testing.mock_data(num_examples=5):
-    info = input_pipeline.dataset_info(config)
+    info = pipeline.dataset_info(config)
     assert info.num_examples == {'train': 5, 'test': 5}
     assert info.class_names == ('horses', 'humans')
-    train = _take(input_pipeline.create_dataset(config, 'train', process_count=1,
-                                                process_index=0), 3)
-    test = list(input_pipeline.create_dataset(config, 'test', process_count=1,
-                                              process_index=0).as_numpy_iterator())
+    train = _take(pipeline.create_dataset(config, 'train', process_count=1,
+                                          process_index=0), 3)
+    test = list(pipeline.create_dataset(config, 'test', process_count=1,
+                                        process_index=0).as_numpy_iterator())
   assert train[2]['image'].shape == (4, SIZE, SIZE, 3)
   assert set(np.concatenate([b['label'] for b in train])) <= {0, 1}
   assert [int(b['mask'].sum()) for b in test] == [4, 1]
@@ -402,9 +474,9 @@ def test_tfds_without_network_says_what_to_use_instead(tmp_path, monkeypatch):
   # that path fails this test); only the download itself is cut off.
   monkeypatch.setattr(tfds.download.DownloadManager, 'download', offline)
   monkeypatch.setattr(tfds.download.DownloadManager, 'download_and_extract', offline)
-  with pytest.raises(RuntimeError, match=r"(?s)no route to host.*source='folder'"):
-    input_pipeline.create_dataset(_config(source='tfds', dir=str(tmp_path)), 'train',
-                                  process_count=1, process_index=0)
+  with pytest.raises(errors.DatasetDownloadError, match=r"(?s)no route to host.*source='folder'"):
+    pipeline.create_dataset(_config(source='tfds', dir=str(tmp_path)), 'train',
+                            process_count=1, process_index=0)
 
 
 def test_preview_writes_a_grid_with_class_names(tmp_path):
@@ -421,8 +493,8 @@ def test_cached_decoding_gives_the_same_batches(tmp_path):
   plain = _folder_config(root)
   cached = _folder_config(root, cache_decoded=True)
   for split, steps in (('train', 4), ('validation', 2)):
-    a = _take(input_pipeline.create_dataset(plain, split, process_count=1, process_index=0), steps)
-    b = _take(input_pipeline.create_dataset(cached, split, process_count=1, process_index=0), steps)
+    a = _take(pipeline.create_dataset(plain, split, process_count=1, process_index=0), steps)
+    b = _take(pipeline.create_dataset(cached, split, process_count=1, process_index=0), steps)
     for x, y in zip(a, b):
       for key in x:
         np.testing.assert_array_equal(x[key], y[key])
@@ -441,7 +513,7 @@ def real_config(real_data_dir):
 
 
 def test_real_folder_sizes_and_class_names(real_config):
-  info = input_pipeline.dataset_info(real_config)
+  info = pipeline.dataset_info(real_config)
   assert info.class_names == ('horses', 'humans')
   assert info.num_examples == {'train': 1027, 'validation': 256}
 
@@ -450,8 +522,8 @@ def test_real_train_epoch_is_a_permutation_with_folder_labels(real_config):
   config = real_config.copy_and_resolve_references()
   config.data.augment.enabled = False
   config.batch_size = 79  # 1027 = 13 x 79: epoch 0 is exactly 13 steps.
-  batches = _take(input_pipeline.create_dataset(config, 'train', process_count=1,
-                                                process_index=0), 13)
+  batches = _take(pipeline.create_dataset(config, 'train', process_count=1,
+                                          process_index=0), 13)
   labels = np.concatenate([b['label'] for b in batches])
   assert (labels == 0).sum() == 500 and (labels == 1).sum() == 527
   images = np.concatenate([b['image'] for b in batches])
@@ -462,8 +534,8 @@ def test_real_train_epoch_is_a_permutation_with_folder_labels(real_config):
 
 def test_real_validation_pass_sees_each_image_once_with_its_folder_label(real_config,
                                                                          real_data_dir):
-  batches = list(input_pipeline.create_dataset(real_config, 'validation', process_count=1,
-                                               process_index=0).as_numpy_iterator())
+  batches = list(pipeline.create_dataset(real_config, 'validation', process_count=1,
+                                         process_index=0).as_numpy_iterator())
   assert len(batches) == 13 and batches[0]['image'].shape == (20, 150, 150, 3)
   assert int(sum(b['mask'].sum() for b in batches)) == 256
   seen = {}
@@ -473,7 +545,7 @@ def test_real_validation_pass_sees_each_image_once_with_its_folder_label(real_co
   expected = {}
   for label, name in enumerate(('horses', 'humans')):
     for path in sorted((real_data_dir / 'validation' / name).iterdir()):
-      image = input_pipeline.preprocess_image(tf.io.read_file(str(path)), real_config)
+      image = decode.preprocess_image(tf.io.read_file(str(path)), real_config)
       expected[image.numpy().tobytes()] = label
   assert len(expected) == 256
   assert seen == expected
@@ -492,25 +564,25 @@ def test_uint8_batches_are_the_float_batches_before_normalisation(tmp_path, prep
   for config in (as_float, as_uint8):
     config.data.augment.enabled = False
   for split in ('train', 'validation'):
-    f = _take(input_pipeline.create_dataset(as_float, split, process_count=1, process_index=0), 2)
-    u = _take(input_pipeline.create_dataset(as_uint8, split, process_count=1, process_index=0), 2)
+    f = _take(pipeline.create_dataset(as_float, split, process_count=1, process_index=0), 2)
+    u = _take(pipeline.create_dataset(as_uint8, split, process_count=1, process_index=0), 2)
     for a, b in zip(f, u):
       assert b['image'].dtype == np.uint8 and a['image'].dtype == np.float32
       keep = a.get('mask', np.ones(len(a['label']), bool))  # padding is zeros in either dtype
       np.testing.assert_array_equal(b.get('mask', keep), keep)
-      np.testing.assert_array_equal(
-          np.asarray(preprocessing_lib.normalize_images(b['image'], preprocessing))[keep], a['image'][keep])
+      on_device = np.asarray(preprocessing_lib.normalize_images(b['image'], preprocessing))
+      np.testing.assert_array_equal(on_device[keep], a['image'][keep])
       np.testing.assert_array_equal(a['label'], b['label'])
 
 
 def test_uint8_batches_round_augmented_pixels_to_whole_levels():
   as_float = _fake_config(preprocessing='rescale')
   as_uint8 = _fake_config(preprocessing='rescale', image_dtype='uint8')
-  f = _take(input_pipeline.create_dataset(as_float, 'train', process_count=1, process_index=0), 1)
-  u = _take(input_pipeline.create_dataset(as_uint8, 'train', process_count=1, process_index=0), 1)
+  f = _take(pipeline.create_dataset(as_float, 'train', process_count=1, process_index=0), 1)
+  u = _take(pipeline.create_dataset(as_uint8, 'train', process_count=1, process_index=0), 1)
   np.testing.assert_allclose(u[0]['image'].astype(np.float32), f[0]['image'] * 255.0, atol=0.5001)
 
 
 def test_unknown_image_dtype_is_refused():
   with pytest.raises(ValueError, match='image_dtype'):
-    input_pipeline.create_dataset(_fake_config(image_dtype='float16'), 'train')
+    pipeline.create_dataset(_fake_config(image_dtype='float16'), 'train')

@@ -29,6 +29,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from hhjax import errors
+
 FILL_MODES = ('nearest', 'reflect', 'wrap', 'constant')
 # Coordinates this close to the border count as inside: scipy decides "inside" in float64, and
 # an exact 90 degree rotation must not turn a border row into fill.
@@ -44,21 +46,22 @@ def zoom_bounds(zoom_range: Any) -> tuple[float, float]:
     return 1.0 - float(zoom_range), 1.0 + float(zoom_range)
   if len(zoom_range) == 2:
     return float(zoom_range[0]), float(zoom_range[1])
-  raise ValueError(
+  raise errors.ConfigError(
       f'zoom_range must be a number or a pair [lower, upper], got {zoom_range!r}.')
 
 
 def check_config(aug: Mapping[str, Any]) -> None:
   """Fails with a readable message when `config.data.augment` holds an unusable value."""
   if aug['fill_mode'] not in FILL_MODES:
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.data.augment.fill_mode must be one of {FILL_MODES}, got {aug['fill_mode']!r}.")
   for key in ('rotation_range', 'width_shift_range', 'height_shift_range', 'shear_range'):
     if not isinstance(aug[key], (int, float)) or aug[key] < 0:
-      raise ValueError(f'config.data.augment.{key} must be a number >= 0, got {aug[key]!r}.')
+      raise errors.ConfigError(
+          f'config.data.augment.{key} must be a number >= 0, got {aug[key]!r}.')
   lower, upper = zoom_bounds(aug['zoom_range'])
   if not 0 < lower <= upper:
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.data.augment.zoom_range {aug['zoom_range']!r} gives zooms in "
         f'[{lower}, {upper}]; they must be positive.')
 

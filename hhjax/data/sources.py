@@ -1,0 +1,266 @@
+"""The three sources as in-memory tables: image folders, TFDS datasets and synthetic images.
+
+Image folders (`DIR/<split>/<class>/<image>`, classes sorted by name, as Keras's
+`flow_from_directory`) are checked once per process by decoding every file in a parallel tf.data
+pass; files that are not readable images are reported by path (config.data.bad_files). A layout
+that cannot be read as classes raises at once, saying what was found.
+
+TFDS records stay encoded in the table: decoding happens after the index stream has skipped and
+sharded (see streams.py).
+"""
+
+from collections.abc import Iterable, Sequence
+import dataclasses
+import os
+import zlib
+
+import ml_collections
+import numpy as np
+
+from hhjax import errors
+from hhjax.data import bad_files
+
+SOURCES = ('tfds', 'folder', 'fake')
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+  """One split as an in-memory table: the rows that the index stream points into.
+
+  kind: 'path' (keys are file paths), 'bytes' (keys are encoded images), 'decoded' (keys are
+  resized float32 images [N, S, S, 3]) or 'fake' (no keys: images are generated from the index).
+  """
+  kind: str
+  keys: np.ndarray | None
+  labels: np.ndarray
+  class_names: tuple[str, ...]
+  salt: int = 0
+
+  @property
+  def size(self) -> int:
+    return len(self.labels)
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def _visible(names: Iterable[str]) -> list[str]:
+  # Dot files (.DS_Store, ._x AppleDouble, .ipynb_checkpoints) are OS or tool metadata.
+  return sorted(n for n in names if not n.startswith('.'))
+
+
+def _class_folders(split_dir: str) -> list[str]:
+  return [n for n in _visible(os.listdir(split_dir)) if os.path.isdir(os.path.join(split_dir, n))]
+
+
+def _files_under(class_dir: str) -> list[str]:
+  """Every visible file below class_dir, sorted, recursing like flow_from_directory."""
+  found = []
+  for dirpath, dirnames, filenames in os.walk(class_dir):
+    dirnames[:] = _visible(dirnames)
+    found.extend(os.path.join(dirpath, f) for f in _visible(filenames))
+  return sorted(found)
+
+
+def _split_dir(root: str, split: str) -> str:
+  split_dir = os.path.join(root, split)
+  if not os.path.isdir(split_dir):
+    present = [n for n in _visible(os.listdir(root)) if os.path.isdir(os.path.join(root, n))]
+    raise errors.DataNotFoundError(
+        f'No folder for split {split!r}: {split_dir} does not exist. {root} holds '
+        f'{present or "no folders"}. Expected the layout DIR/<split>/<class>/<image>; set '
+        f'config.data.train_split / config.data.eval_split to split folder names.')
+  return split_dir
+
+
+def _folder_classes(root: str, split: str) -> list[str]:
+  split_dir = _split_dir(root, split)
+  classes = _class_folders(split_dir)
+  if len(classes) < 2:
+    loose = [n for n in _visible(os.listdir(split_dir)) if n not in classes]
+    raise errors.DataError(
+        f'{split_dir} must hold one folder per class (at least two); found '
+        f'{len(classes)} class folder(s) {classes} and {len(loose)} other file(s). Expected '
+        f'the layout DIR/<split>/<class>/<image>.')
+  return classes
+
+
+def _check_root(config: ml_collections.ConfigDict) -> str:
+  root = config.data.dir
+  if not root:
+    raise errors.ConfigError(
+        "config.data.source='folder' needs config.data.dir: the folder that holds "
+        '<split>/<class>/<image> (e.g. the horse-or-human folder).')
+  if not os.path.isdir(root):
+    raise errors.DataNotFoundError(f'Image folder {root!r} (config.data.dir) does not exist or '
+                                   'is not a folder.')
+  return root
+
+
+def _same_classes(config: ml_collections.ConfigDict, split: str, classes: list[str]) -> None:
+  """Both splits of the config must name the same classes, or labels would mean other things."""
+  for other in {config.data.train_split, config.data.eval_split} - {split}:
+    other_classes = _folder_classes(config.data.dir, other)
+    if other_classes != classes:
+      raise errors.DataError(
+          f'Class folders differ between splits: {split!r} has {classes}, {other!r} has '
+          f'{other_classes} (only in {split!r}: {sorted(set(classes) - set(other_classes))}, '
+          f'only in {other!r}: {sorted(set(other_classes) - set(classes))}). Labels come from '
+          'sorted class folder names, so every split needs the same class folders.')
+
+
+@dataclasses.dataclass(frozen=True)
+class _FolderScan:
+  split: str
+  split_dir: str
+  class_names: tuple[str, ...]
+  files: dict[str, list[str]]       # class -> good files
+  bad: dict[str, str]                # path -> reason
+
+
+def _scan_folder_split(config: ml_collections.ConfigDict, split: str) -> _FolderScan:
+  """Lists and decode-checks one split of an image folder; raises on layout problems."""
+  root = _check_root(config)
+  classes = _folder_classes(root, split)
+  _same_classes(config, split, classes)
+  split_dir = os.path.join(root, split)
+  files = {c: _files_under(os.path.join(split_dir, c)) for c in classes}
+  all_files = [f for c in classes for f in files[c]]
+  if not all_files:
+    raise errors.DataError(f'{split_dir} holds no files: its class folders {classes} are empty.')
+  bad = bad_files.check_image_files(all_files, config.data.num_parallel_calls)
+  good = {c: [f for f in files[c] if f not in bad] for c in classes}
+  return _FolderScan(split, split_dir, tuple(classes), good, bad)
+
+
+def _scan_folder(config: ml_collections.ConfigDict, splits: Sequence[str]) -> list[_FolderScan]:
+  """Scans `splits` and applies config.data.bad_files to all their bad files at once.
+
+  Raises if a class is left without examples, with 'skip' too: its label would never be seen.
+  """
+  scans = [_scan_folder_split(config, s) for s in splits]
+  bad = {p: r for scan in scans for p, r in scan.bad.items()}
+  bad_files.apply_policy(
+      bad, config.data.bad_files, where=f'file(s) in {config.data.dir}',
+      advice="Remove or repair them, or set config.data.bad_files='skip' to train without them.")
+  for scan in scans:
+    empty = [c for c in scan.class_names if not scan.files[c]]
+    if empty:
+      raise errors.DataError(
+          f'Class folder(s) {empty} in {scan.split_dir} hold no readable images'
+          f'{" once bad files are skipped" if bad else ""}; every class needs examples.')
+  return scans
+
+
+def _folder_table(scan: _FolderScan) -> Table:
+  paths, labels = [], []
+  for label, name in enumerate(scan.class_names):
+    paths += scan.files[name]
+    labels += [label] * len(scan.files[name])
+  return Table('path', np.array(paths, dtype=object), np.array(labels, np.int32),
+               scan.class_names)
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+def _tfds_builder(config: ml_collections.ConfigDict):
+  # Deferred: only source='tfds' reads TFDS, so folder and fake runs never load it.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds.builder(config.data.name, data_dir=config.data.dir)
+
+
+def _tfds_table(config: ml_collections.ConfigDict, split: str) -> Table:
+  # Read afresh on every call (no cache): under tfds.testing.mock_data the same name serves
+  # different records.
+  # Deferred: only source='tfds' reads TFDS, so folder and fake runs never load it.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  name = config.data.name
+  builder = _tfds_builder(config)
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # Network and checksum failures come in many types.
+    raise errors.DatasetDownloadError(
+        f'Could not download or prepare the TFDS dataset {name!r} in {builder.data_dir}: {e}\n'
+        "Without internet, use an image folder instead: config.data.source='folder', "
+        'config.data.dir=<folder with <split>/<class>/<image>>.') from e
+  features = builder.info.features
+  if 'image' not in features or 'label' not in features:
+    raise errors.DataError(f'TFDS dataset {name!r} has features {list(features)}; the pipeline '
+                           "reads 'image' and 'label'.")
+  # Keep the records encoded: decoding happens after the index stream has skipped and sharded.
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={'image': tfds.decode.SkipDecoding()})
+  images, labels = [], []
+  for example in ds.as_numpy_iterator():
+    images.append(example['image'])
+    labels.append(example['label'])
+  if not images:
+    raise errors.DataError(f'TFDS split {name}/{split} is empty.')
+  return Table('bytes', np.array(images, dtype=object), np.array(labels, np.int32),
+               tuple(features['label'].names))
+
+
+def _tfds_sizes(config: ml_collections.ConfigDict,
+                splits: Sequence[str]) -> tuple[dict[str, int], tuple[str, ...]]:
+  """From the dataset's metadata when it has them, otherwise from reading the split."""
+  builder = _tfds_builder(config)
+  sizes = {}
+  for split in splits:
+    try:
+      sizes[split] = int(builder.info.splits[split].num_examples)
+    except (KeyError, ValueError, TypeError):
+      sizes[split] = 0
+    if not sizes[split]:  # No metadata (offline, or under tfds.testing.mock_data).
+      sizes[split] = _tfds_table(config, split).size
+  return sizes, tuple(builder.info.features['label'].names)
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def _fake_table(config: ml_collections.ConfigDict, split: str) -> Table:
+  fake = config.data.fake
+  n = fake.num_train_examples if split == config.data.train_split else fake.num_eval_examples
+  labels = np.arange(n, dtype=np.int32) % fake.num_classes
+  names = tuple(f'class_{i}' for i in range(fake.num_classes))
+  return Table('fake', None, labels, names, salt=zlib.crc32(split.encode()) & 0x7fffffff)
+
+
+# ----------------------------------------------------------------------------- any source
+
+
+def _check_source(config: ml_collections.ConfigDict) -> None:
+  if config.data.source not in SOURCES:
+    raise errors.ConfigError(
+        f'config.data.source must be one of {SOURCES}, got {config.data.source!r}.')
+
+
+def table(config: ml_collections.ConfigDict, split: str) -> Table:
+  """The table of `split` from config.data.source; an image folder is checked first."""
+  _check_source(config)
+  if config.data.source == 'folder':
+    return _folder_table(_scan_folder(config, [split])[0])
+  if config.data.source == 'tfds':
+    return _tfds_table(config, split)
+  return _fake_table(config, split)
+
+
+def sizes_and_class_names(
+    config: ml_collections.ConfigDict) -> tuple[dict[str, int], tuple[str, ...]]:
+  """{split: number of examples} of the train and eval splits, and the class names.
+
+  For an image folder this checks every file of both splits first (bad files count as absent
+  with bad_files='skip', and raise with 'error'). For TFDS, sizes come from the dataset's
+  metadata when it has them, otherwise from reading the split.
+  """
+  _check_source(config)
+  splits = list(dict.fromkeys([config.data.train_split, config.data.eval_split]))
+  if config.data.source == 'folder':
+    scans = _scan_folder(config, splits)
+    return ({s.split: sum(len(f) for f in s.files.values()) for s in scans},
+            scans[0].class_names)
+  if config.data.source == 'tfds':
+    return _tfds_sizes(config, splits)
+  tables = [_fake_table(config, s) for s in splits]
+  return {s: t.size for s, t in zip(splits, tables)}, tables[0].class_names
