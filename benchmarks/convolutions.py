@@ -65,7 +65,7 @@ def child(args: argparse.Namespace) -> None:
   if args.framework == 'jax':
     import jax  # pylint: disable=g-import-not-at-top
     from jax import lax  # pylint: disable=g-import-not-at-top
-    from hhjax.model import fast_convs, fast_pools, lowering, preprocessing  # pylint: disable=g-import-not-at-top
+    from hhjax.model import fast_convs  # pylint: disable=g-import-not-at-top
     conv_fn = (fast_convs.conv_general_dilated if args.lowering == 'fast'
                else lax.conv_general_dilated)
 

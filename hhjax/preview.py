@@ -7,7 +7,6 @@ import os
 
 import ml_collections
 
-from hhjax import config_checks
 from hhjax.data import pipeline
 from hhjax.model import preprocessing
 
@@ -38,7 +37,6 @@ def preview_data(config: ml_collections.ConfigDict, workdir: str, *, num_images:
   """
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top  (Agg, no pyplot)
 
-  config_checks.validate(config)
   info = pipeline.dataset_info(config)
   ds = pipeline.create_dataset(config, config.data.train_split, process_index=0, process_count=1)
   images, labels = [], []

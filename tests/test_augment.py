@@ -1,11 +1,13 @@
 """The augmentation is Keras's ImageDataGenerator: same parameters, same geometry, same draws."""
 
+import ml_collections
 import numpy as np
 import pytest
 from scipy import ndimage
 import tensorflow as tf
 
 from configs import default
+from hhjax import config_checks
 from hhjax import errors
 from hhjax.data import augment
 
@@ -136,17 +138,21 @@ def test_disabled_ranges_leave_the_image_unchanged(image):
 
 
 def test_unknown_fill_mode_is_refused():
-  aug = dict(default.get_config().data.augment.to_dict(), fill_mode='mirror')
+  config = default.get_config()
+  config.data.augment.fill_mode = 'mirror'
+  with pytest.raises(ValueError, match="fill_mode = 'mirror': must be one of"):
+    config_checks.validate(config)
   with pytest.raises(ValueError, match="fill_mode must be one of .*'mirror'"):
-    augment.check_config(aug)
+    augment.apply_transform(tf.zeros([4, 4, 3]), {}, fill_mode='mirror')
 
 
 @pytest.mark.parametrize('field, value, expected', [
-    ('rotation_range', -5, 'rotation_range must be a number >= 0'),
-    ('zoom_range', [1.2, 0.8], 'they must be positive'),
-    ('zoom_range', [0.1, 0.2, 0.3], 'zoom_range must be a number or a pair'),
+    ('rotation_range', -5.0, r'rotation_range = -5.0: must be a number >= 0'),
+    ('zoom_range', (1.2, 0.8), r'zoom_range = \(1.2, 0.8\): must be .*0 < lower <= upper'),
+    ('zoom_range', (0.1, 0.2, 0.3), r'zoom_range = \(0.1, 0.2, 0.3\): must be a number'),
 ])
 def test_unusable_augment_values_are_config_errors(field, value, expected):
-  aug = dict(default.get_config().data.augment.to_dict(), **{field: value})
+  config = default.get_config().to_dict()
+  config['data']['augment'][field] = value
   with pytest.raises(errors.ConfigError, match=expected):
-    augment.check_config(aug)
+    config_checks.validate(ml_collections.ConfigDict(config))

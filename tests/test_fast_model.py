@@ -177,7 +177,7 @@ def test_config_speed_switches_reach_the_classifier():
 
 def test_classifier_normalises_uint8_images_on_the_device_as_the_pipeline_does():
   from configs import smoke  # pylint: disable=g-import-not-at-top
-  from hhjax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
+  from hhjax.data import decode  # pylint: disable=g-import-not-at-top
   from hhjax.model import classifier as models  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   config = smoke.get_config()
@@ -185,7 +185,7 @@ def test_classifier_normalises_uint8_images_on_the_device_as_the_pipeline_does()
   for preprocessing in ('inception', 'rescale'):
     config.data.preprocessing = preprocessing
     model = models.create_model(config, 2)
-    floats = input_pipeline.normalize(tf.constant(pixels), preprocessing).numpy()
+    floats = decode.normalize(tf.constant(pixels), preprocessing).numpy()
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), floats)
     apply = jax.jit(model.apply)
     np.testing.assert_array_equal(apply(variables, pixels), apply(variables, floats))

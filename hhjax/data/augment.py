@@ -29,9 +29,9 @@ from typing import Any
 
 import tensorflow as tf
 
+from hhjax import config_checks
 from hhjax import errors
 
-FILL_MODES = ('nearest', 'reflect', 'wrap', 'constant')
 # Coordinates this close to the border count as inside: scipy decides "inside" in float64, and
 # an exact 90 degree rotation must not turn a border row into fill.
 _EDGE_EPS = 1e-6
@@ -48,22 +48,6 @@ def zoom_bounds(zoom_range: Any) -> tuple[float, float]:
     return float(zoom_range[0]), float(zoom_range[1])
   raise errors.ConfigError(
       f'zoom_range must be a number or a pair [lower, upper], got {zoom_range!r}.')
-
-
-def check_config(aug: Mapping[str, Any]) -> None:
-  """Fails with a readable message when `config.data.augment` holds an unusable value."""
-  if aug['fill_mode'] not in FILL_MODES:
-    raise errors.ConfigError(
-        f"config.data.augment.fill_mode must be one of {FILL_MODES}, got {aug['fill_mode']!r}.")
-  for key in ('rotation_range', 'width_shift_range', 'height_shift_range', 'shear_range'):
-    if not isinstance(aug[key], (int, float)) or aug[key] < 0:
-      raise errors.ConfigError(
-          f'config.data.augment.{key} must be a number >= 0, got {aug[key]!r}.')
-  lower, upper = zoom_bounds(aug['zoom_range'])
-  if not 0 < lower <= upper:
-    raise errors.ConfigError(
-        f"config.data.augment.zoom_range {aug['zoom_range']!r} gives zooms in "
-        f'[{lower}, {upper}]; they must be positive.')
 
 
 def keras_transform_matrix(theta, tx, ty, shear, zx, zy, height, width) -> tf.Tensor:
@@ -150,8 +134,8 @@ def apply_transform(image: tf.Tensor, params: Mapping[str, Any], *, fill_mode: s
   Returns:
     The transformed image, float32 [H, W, C].
   """
-  if fill_mode not in FILL_MODES:
-    raise ValueError(f'fill_mode must be one of {FILL_MODES}, got {fill_mode!r}.')
+  if fill_mode not in config_checks.FILL_MODES:
+    raise ValueError(f'fill_mode must be one of {config_checks.FILL_MODES}, got {fill_mode!r}.')
   image = tf.convert_to_tensor(image, tf.float32)
   height, width = tf.shape(image)[0], tf.shape(image)[1]
   m = keras_transform_matrix(

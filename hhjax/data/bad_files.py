@@ -13,11 +13,11 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from hhjax import config_checks
 from hhjax import errors
 from hhjax.data import decode
 from hhjax.data import streams
 
-POLICIES = ('error', 'skip')
 # How many bad files a message lists before it counts the rest.
 _MAX_LISTED = 20
 _FORMATS = 'PNG, JPEG, BMP, GIF, WebP'
@@ -79,8 +79,8 @@ def apply_policy(bad: Mapping[str, str], policy: str, *, where: str, advice: str
     where: what the count in the error is of, e.g. 'file(s) in DIR'.
     advice: the error's last line: what the user can do.
   """
-  if policy not in POLICIES:
-    raise errors.ConfigError(f'config.data.bad_files must be one of {POLICIES}, got {policy!r}.')
+  if policy not in config_checks.BAD_FILES:
+    raise errors.ConfigError(f'config.data.bad_files must be one of {config_checks.BAD_FILES}, got {policy!r}.')
   if not bad:
     return
   listed = [f'  {p}: {r}' for p, r in sorted(bad.items())[:_MAX_LISTED]]

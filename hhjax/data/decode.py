@@ -15,25 +15,15 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from hhjax import config_checks
 from hhjax import errors
 from hhjax.model import preprocessing as preprocessing_lib
 
-RESIZE_METHODS = ('bilinear', 'nearest')
-# What batches carry: normalised float32 images, or uint8 pixels that the model normalises on
-# the device (a quarter of the bytes to move; see models.Classifier).
-IMAGE_DTYPES = ('float32', 'uint8')
 
 
 def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
   if value not in allowed:
     raise errors.ConfigError(f'config.data.{field} must be one of {allowed}, got {value!r}.')
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Fails at once on a decoding setting that would otherwise fail on the first image."""
-  _check_choice('resize_method', config.data.resize_method, RESIZE_METHODS)
-  preprocessing_lib.formula(config.data.preprocessing)
-  _check_choice('image_dtype', config.data.get('image_dtype', 'float32'), IMAGE_DTYPES)
 
 
 def error_reason(error: Exception) -> str:
@@ -108,7 +98,7 @@ def resize(image: tf.Tensor, size: int, method: str = 'bilinear') -> tf.Tensor:
 
   'nearest' picks the same pixels as PIL's NEAREST, which Keras's flow_from_directory uses.
   """
-  _check_choice('resize_method', method, RESIZE_METHODS)
+  _check_choice('resize_method', method, config_checks.RESIZE_METHODS)
   image = tf.image.resize(image, [size, size], method=method)
   return tf.cast(image, tf.float32)
 
@@ -130,7 +120,7 @@ def to_output(image: tf.Tensor, preprocessing: str, image_dtype: str = 'float32'
   the device. Without augmentation and with 'nearest' resizing the pixels are whole numbers
   already, so 'uint8' changes nothing; otherwise each value moves by at most half a grey level.
   """
-  _check_choice('image_dtype', image_dtype, IMAGE_DTYPES)
+  _check_choice('image_dtype', image_dtype, config_checks.IMAGE_DTYPES)
   if image_dtype == 'float32':
     return normalize(image, preprocessing)
   return tf.cast(tf.clip_by_value(tf.round(tf.cast(image, tf.float32)), 0.0, 255.0), tf.uint8)

@@ -210,9 +210,6 @@ def create_dataset(config: ml_collections.ConfigDict, split: str, *, start_step:
     raise ValueError(f'start_step must be >= 0, got {start_step}.')
   if start_step and not training:
     raise ValueError('start_step applies to the training stream only.')
-  if config.data.augment.enabled:
-    augment.check_config(config.data.augment)
-  decode.check_config(config)
   table = sources.table(config, split)
   if config.data.get('cache_decoded', False) and table.kind != 'fake':
     table = _decoded_table(table, config)

@@ -17,10 +17,10 @@ import zlib
 import ml_collections
 import numpy as np
 
+from hhjax import config_checks
 from hhjax import errors
 from hhjax.data import bad_files
 
-SOURCES = ('tfds', 'folder', 'fake')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,9 +231,9 @@ def _fake_table(config: ml_collections.ConfigDict, split: str) -> Table:
 
 
 def _check_source(config: ml_collections.ConfigDict) -> None:
-  if config.data.source not in SOURCES:
+  if config.data.source not in config_checks.SOURCES:
     raise errors.ConfigError(
-        f'config.data.source must be one of {SOURCES}, got {config.data.source!r}.')
+        f'config.data.source must be one of {config_checks.SOURCES}, got {config.data.source!r}.')
 
 
 def table(config: ml_collections.ConfigDict, split: str) -> Table:
