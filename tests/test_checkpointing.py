@@ -101,5 +101,6 @@ def test_array_shapes_names_match_orbax(tmp_path):
   with checkpointing.Checkpoints(tmp_path, async_save=False) as ckpts:
     ckpts.save(1, state, {})
     ckpts.check_fits(1, _abstract(state))
-    optax_state_names = [k for k in trees.leaf_specs(state, '.', dtypes=True) if k.startswith('opt')]
+    names = trees.leaf_specs(state, '.', dtypes=True)
+    optax_state_names = [k for k in names if k.startswith('opt')]
     assert optax_state_names == ['opt_state.inner_states.train.inner_state.0.nu.head.w']

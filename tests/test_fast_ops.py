@@ -55,7 +55,8 @@ def test_valid_conv_as_pad_crop_is_identical_and_gradients_match(in_shape, kerne
 def test_1x1_conv_as_matmul_matches_conv_with_gradients():
   x, k = _normal(0, (2, 16, 16, 288)), _normal(1, (1, 1, 288, 64))
   _assert_close(jax.jit(fast_convs.conv_1x1_as_matmul)(x, k), _plain_conv(x, k))
-  for g_fast, g_plain in zip(_grads(fast_convs.conv_1x1_as_matmul, x, k), _grads(_plain_conv, x, k)):
+  fast_grads = _grads(fast_convs.conv_1x1_as_matmul, x, k)
+  for g_fast, g_plain in zip(fast_grads, _grads(_plain_conv, x, k)):
     _assert_close(g_fast, g_plain)
 
 

@@ -181,7 +181,8 @@ def test_predict_takes_files_folders_and_globs(trained, tmp_path):
 def test_predict_reports_missing_images(trained, tmp_path):
   _, workdir, _ = trained
   with pytest.raises(FileNotFoundError, match='nothing_here'):
-    predict.predict(workdir_lib.load_config(workdir), workdir, [str(tmp_path / 'nothing_here*.png')])
+    predict.predict(workdir_lib.load_config(workdir), workdir,
+                    [str(tmp_path / 'nothing_here*.png')])
 
 
 def test_rerunning_a_finished_run_trains_nothing(trained, tmp_path):
@@ -246,7 +247,8 @@ def test_refused_resume_leaves_the_saved_config_for_eval(trained):
   with pytest.raises(errors.CheckpointMismatchError, match='hidden'):
     loop.train_and_evaluate(other, workdir)
   assert open(os.path.join(workdir, 'config.json')).read() == before
-  assert evaluate.evaluate(workdir_lib.load_config(workdir), workdir)['accuracy'] == result['accuracy']
+  again = evaluate.evaluate(workdir_lib.load_config(workdir), workdir)
+  assert again['accuracy'] == result['accuracy']
 
 
 def test_predict_lists_every_unreadable_file_or_skips_them(trained, tmp_path):

@@ -80,7 +80,8 @@ def apply_policy(bad: Mapping[str, str], policy: str, *, where: str, advice: str
     advice: the error's last line: what the user can do.
   """
   if policy not in config_checks.BAD_FILES:
-    raise errors.ConfigError(f'config.data.bad_files must be one of {config_checks.BAD_FILES}, got {policy!r}.')
+    raise errors.ConfigError(f'config.data.bad_files must be one of {config_checks.BAD_FILES}, '
+                             f'got {policy!r}.')
   if not bad:
     return
   listed = [f'  {p}: {r}' for p, r in sorted(bad.items())[:_MAX_LISTED]]

@@ -111,7 +111,8 @@ class Classifier(nn.Module):
         BatchNorms from that block on with batch statistics and updates their moving
         averages (apply with `mutable=['batch_stats']`).
       from_features: `x` is already the backbone's output at `cut` (cached features,
-        `hhjax.training.feature_cache`): only the head runs, with its usual parameters and dropout keys.
+        `hhjax.training.feature_cache`): only the head runs, with its usual parameters and
+        dropout keys.
     """
     if from_features:
       features = x
@@ -126,8 +127,8 @@ class Classifier(nn.Module):
 
 def check_cut(cut: str) -> None:
   if cut not in inception.ENDPOINTS:
-    raise errors.ConfigError(f'config.model.cut={cut!r} is not an InceptionV3 endpoint; valid cuts are '
-                     f'{list(inception.ENDPOINTS)}.')
+    raise errors.ConfigError(f'config.model.cut={cut!r} is not an InceptionV3 endpoint; valid '
+                             f'cuts are {list(inception.ENDPOINTS)}.')
 
 
 def backbone_blocks(cut: str) -> tuple[str, ...]:

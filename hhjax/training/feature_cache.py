@@ -83,8 +83,9 @@ def wanted(config: ml_collections.ConfigDict, setup: phases_lib.PhaseSetup) -> b
     return False
   reason = _why_not(config)
   if reason and mode == 'on':
-    raise errors.ConfigError(f'config.speed.cache_features="on", but this run cannot train on cached '
-                     f'features: {reason}. Use "auto" to cache only where possible.')
+    raise errors.ConfigError(
+        f'config.speed.cache_features="on", but this run cannot train on cached features: '
+        f'{reason}. Use "auto" to cache only where possible.')
   return reason is None and not _backbone_trains(setup)
 
 
@@ -203,7 +204,8 @@ def for_phase(model, setup: phases_lib.PhaseSetup, state: PyTree,
     message = (f'The backbone features of the {num_examples} training images would take '
                f'{mb:.0f} MB, more than config.speed.cache_features_max_mb = {limit:.0f}')
     if _mode(config) == 'on':
-      raise errors.ConfigError(f'{message}: raise that limit or set config.speed.cache_features="auto".')
+      raise errors.ConfigError(
+          f'{message}: raise that limit or set config.speed.cache_features="auto".')
     logging.info('%s: training on images.', message)
     return None
   return FeatureCache(model, state, config, mesh)
