@@ -12,6 +12,7 @@ from configs import default
 from hhjax.model import inception
 from hhjax.weights import keras_h5 as keras_import
 from hhjax.model import classifier as models
+from hhjax.weights import pretrained
 from hhjax.training import loop as train
 
 
@@ -104,7 +105,7 @@ def test_pretrained_backbone_is_loaded_and_the_head_kept(converted_mixed1):
   config = _config(cut='mixed0', head='gap', hidden=4)
   model = models.create_model(config, 2)
   variables = jax.jit(functools.partial(train.init_variables, model, config))()
-  loaded = models.load_pretrained_backbone(variables, str(path), 'mixed0')
+  loaded = pretrained.load_backbone(variables, str(path), 'mixed0')
   for collection in ('params', 'batch_stats'):
     got = traverse_util.flatten_dict(loaded[collection]['backbone'], sep='/')
     want = {k: v for k, v in traverse_util.flatten_dict(source[collection], sep='/').items()
@@ -121,4 +122,4 @@ def test_pretrained_weights_ending_before_the_cut_are_an_error(converted_mixed1)
   config = _config(cut='mixed2', head='gap', hidden=4)
   variables = _shapes(config)
   with pytest.raises(ValueError, match='mixed2.*mixed1'):
-    models.load_pretrained_backbone(variables, str(path), 'mixed2')
+    pretrained.load_backbone(variables, str(path), 'mixed2')
