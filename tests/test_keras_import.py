@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from hhjax.weights import keras_h5 as keras_import
-from hhjax.weights.keras_h5 import KerasWeightsError, WeightsDownloadError
+from hhjax.errors import KerasWeightsError, WeightsDownloadError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

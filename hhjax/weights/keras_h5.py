@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hhjax import errors
 from hhjax.model import inception
 from hhjax.model.inception import ENDPOINTS, InceptionV3
 
@@ -106,10 +107,6 @@ def keras_layer_order(final_endpoint: str = 'mixed10', include_top: bool = False
 
 # ------------------------------------------------------------------------------------------
 # Reading an HDF5 file.
-
-
-class KerasWeightsError(ValueError):
-  """A file that does not hold Keras InceptionV3 weights, or cannot be read."""
 
 
 # Keras's names for the arrays of each kind of layer, in the order Keras stores them.
@@ -202,7 +199,7 @@ def _open_weights_group(f: h5py.File, path: pathlib.Path) -> h5py.Group:
     hint = (" It looks like Keras 3's '.weights.h5' format, which names layers instead of "
             "ordering them: save the model with model.save('x.h5') (or tf_keras's "
             "save_weights('x.h5')) to get the legacy layout.")
-  raise KerasWeightsError(
+  raise errors.KerasWeightsError(
       f'{path} holds no Keras legacy weights: expected the attribute "layer_names" at the root '
       f'(a weights-only file, as save_weights writes) or a group "model_weights" (a whole-model '
       f'file, as model.save writes); found {found}.{hint}')
@@ -217,8 +214,9 @@ def _file_layers(group: h5py.Group, path: pathlib.Path) -> list[_FileLayer]:
   try:
     names = _attribute_list(group, 'layer_names')
   except (OSError, KeyError, ValueError) as e:
-    raise KerasWeightsError(f'{path} is corrupt: its list of layers cannot be read ({e}). '
-                            f'Get a fresh copy of the file.') from e
+    raise errors.KerasWeightsError(
+        f'{path} is corrupt: its list of layers cannot be read ({e}). Get a fresh copy of the '
+        f'file.') from e
   layers = []
   for i, name in enumerate(names):
     try:
@@ -226,7 +224,7 @@ def _file_layers(group: h5py.Group, path: pathlib.Path) -> list[_FileLayer]:
       weight_names = _attribute_list(layer_group, 'weight_names')
       shapes = [tuple(layer_group[w].shape) for w in weight_names]
     except (OSError, KeyError, ValueError) as e:
-      raise KerasWeightsError(
+      raise errors.KerasWeightsError(
           f'{path} is corrupt: layer "{name}" (entry {i} of its layer_names, after '
           f'{len(layers)} layers with weights) cannot be read ({e}). Get a fresh copy of the '
           f'file.') from e
@@ -279,7 +277,7 @@ def _check_layers(path: pathlib.Path, layers: list[_FileLayer], order: list[str]
   else:
     problem += (f' It has more layers after the last one InceptionV3 expects, from '
                 f'{layers[len(order)].describe()}.')
-  raise KerasWeightsError(problem + ' Is it a file of another architecture?')
+  raise errors.KerasWeightsError(problem + ' Is it a file of another architecture?')
 
 
 def _read_variables(path: pathlib.Path, layers: list[_FileLayer],
@@ -289,16 +287,17 @@ def _read_variables(path: pathlib.Path, layers: list[_FileLayer],
     try:
       arrays = [np.asarray(layer.group[w], dtype=np.float32) for w in layer.weight_names]
     except (OSError, KeyError, ValueError) as e:
-      raise KerasWeightsError(
+      raise errors.KerasWeightsError(
           f'{path} is corrupt: reading {layer.describe()} failed ({e}). Get a fresh copy of '
           f'the file.') from e
     for array, (collection, keys) in zip(arrays, _targets(target)):
       if not np.all(np.isfinite(array)):
-        raise KerasWeightsError(f'{path} is corrupt: {layer.describe()} holds NaN or infinite '
-                                f'values. Get a fresh copy of the file.')
+        raise errors.KerasWeightsError(
+            f'{path} is corrupt: {layer.describe()} holds NaN or infinite values. Get a fresh '
+            f'copy of the file.')
       _set(variables, collection, keys, array)
     if _kind(target) == 'bn' and np.any(arrays[2] < 0):
-      raise KerasWeightsError(
+      raise errors.KerasWeightsError(
           f'{path}: {layer.describe()} has a negative moving variance, so its arrays are not '
           f'[beta, moving_mean, moving_variance] as a BatchNormalization(scale=False) stores '
           f'them. Is it a file of another architecture?')
@@ -319,23 +318,23 @@ def load_h5(path: str | os.PathLike) -> tuple[InceptionV3, Variables]:
     nested dicts of float32 numpy arrays.
 
   Raises:
-    FileNotFoundError: no file at `path`.
+    DataNotFoundError: no file at `path`.
     KerasWeightsError: not an HDF5 file, truncated or corrupt, or not InceptionV3's weights.
   """
   path = pathlib.Path(path).expanduser()
   if not path.is_file():
-    raise FileNotFoundError(f'No Keras weights file at {path}.')
+    raise errors.DataNotFoundError(f'No Keras weights file at {path}.')
   if not h5py.is_hdf5(path):
     with open(path, 'rb') as f:
       head = f.read(16)
-    raise KerasWeightsError(
+    raise errors.KerasWeightsError(
         f'{path} is not an HDF5 file (it starts with {head!r}). Expected a Keras .h5 file, as '
         f"written by model.save_weights('x.h5') or model.save('x.h5'), e.g. "
         f'{OFFICIAL_WEIGHTS["imagenet"].filename}.')
   try:
     f = h5py.File(path, 'r')
   except OSError as e:
-    raise KerasWeightsError(
+    raise errors.KerasWeightsError(
         f'{path} ({path.stat().st_size:,} bytes) is an HDF5 file that cannot be opened: {e}. '
         f'It is probably truncated or corrupt (an interrupted download?): get a fresh copy '
         f'(the official notop file is {OFFICIAL_WEIGHTS["imagenet"].size:,} bytes).') from e
@@ -361,7 +360,7 @@ def _check_tree(variables: Variables, abstract: Variables, source: str) -> None:
     missing = sorted(set(want) - set(got))[:5]
     extra = sorted(set(got) - set(want))[:5]
     wrong = sorted(k for k in set(got) & set(want) if got[k] != want[k])[:5]
-    raise KerasWeightsError(
+    raise errors.KerasWeightsError(
         f'{source}: the variables do not fit the model: missing {missing}, unexpected {extra}, '
         f'wrong shapes {[(k, got[k], want[k]) for k in wrong]}.')
 
@@ -372,8 +371,8 @@ def cut(model: InceptionV3, variables: Variables,
   if final_endpoint not in ENDPOINTS:
     raise ValueError(f'final_endpoint must be one of {ENDPOINTS}, got {final_endpoint!r}.')
   if ENDPOINTS.index(final_endpoint) > ENDPOINTS.index(model.final_endpoint):
-    raise ValueError(f'Cannot cut at {final_endpoint}: these weights end at '
-                     f'{model.final_endpoint}.')
+    raise errors.KerasWeightsError(
+        f'Cannot cut at {final_endpoint}: these weights end at {model.final_endpoint}.')
   keep = {'stem', *ENDPOINTS[:ENDPOINTS.index(final_endpoint) + 1]}
   variables = {collection: {k: v for k, v in tree.items() if k in keep}
                for collection, tree in variables.items()}
@@ -414,10 +413,6 @@ DOWNLOAD_TIMEOUT_S = 10.0
 _urlopen = urllib.request.urlopen
 
 
-class WeightsDownloadError(RuntimeError):
-  """The official weights could not be downloaded or did not verify."""
-
-
 def cache_dir() -> pathlib.Path:
   """Where downloads and converted weights are kept: $HHJAX_CACHE_DIR or ~/.cache/hhjax."""
   return pathlib.Path(os.environ.get(CACHE_DIR_ENV) or '~/.cache/hhjax').expanduser()
@@ -450,7 +445,7 @@ def fetch_official(name: str) -> pathlib.Path:
   if dest.is_file():
     got = _md5(dest)
     if got != weights.md5:
-      raise WeightsDownloadError(
+      raise errors.WeightsDownloadError(
           f'{dest} is not the official file: its MD5 is {got}, expected {weights.md5}. '
           f'Delete it to download it again, or replace it with a copy from {weights.url}.')
     return dest
@@ -475,13 +470,13 @@ def _download(weights: WeightsFile, dest: pathlib.Path) -> pathlib.Path:
           out.write(chunk)
     except (urllib.error.URLError, socket.timeout, OSError) as e:
       reason = getattr(e, 'reason', e)
-      raise WeightsDownloadError(
+      raise errors.WeightsDownloadError(
           f'Could not download the official InceptionV3 weights from {weights.url} '
           f'({reason}). Without network access, download that file elsewhere and put it at '
           f'{dest} (set {CACHE_DIR_ENV} to use another folder than {cache_dir()}), or pass '
           f'the path of a local .h5 file or converted folder instead.') from e
     if digest.hexdigest() != weights.md5:
-      raise WeightsDownloadError(
+      raise errors.WeightsDownloadError(
           f'The file downloaded from {weights.url} has MD5 {digest.hexdigest()}, expected '
           f'{weights.md5}: the download was corrupted or the file changed. Try again.')
     os.replace(tmp, dest)
@@ -511,7 +506,8 @@ def _model_metadata(model: InceptionV3) -> dict[str, Any]:
 
 def _model_from_metadata(meta: dict[str, Any], source: str) -> InceptionV3:
   if meta.get('architecture') != 'InceptionV3':
-    raise KerasWeightsError(f'{source} does not hold InceptionV3 weights (metadata: {meta}).')
+    raise errors.KerasWeightsError(
+        f'{source} does not hold InceptionV3 weights (metadata: {meta}).')
   return InceptionV3(final_endpoint=meta['final_endpoint'], include_top=meta['include_top'],
                      num_classes=meta['num_classes'])
 
@@ -564,8 +560,9 @@ def _load_official(name: str) -> tuple[InceptionV3, Variables]:
     return loaded
   model, variables = load_h5(fetch_official(name))
   if model.include_top != weights.include_top:
-    raise KerasWeightsError(f'The official file for {name!r} has include_top='
-                            f'{model.include_top}, expected {weights.include_top}.')
+    raise errors.KerasWeightsError(
+        f'The official file for {name!r} has include_top={model.include_top}, expected '
+        f'{weights.include_top}.')
   _save_cached(cached, model, variables)
   return model, variables
 
@@ -579,7 +576,8 @@ def save_converted(directory: str | os.PathLike, model: InceptionV3,
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = pathlib.Path(directory).expanduser().resolve()
   if directory.exists():
-    raise FileExistsError(f'{directory} exists already: remove it or choose another folder.')
+    raise errors.OutputExistsError(
+        f'{directory} exists already: remove it or choose another folder.')
   _check_tree(variables, _abstract_variables(model), source='save_converted')
   variables = jax.tree.map(np.asarray, variables)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
@@ -598,7 +596,7 @@ def load_converted(directory: str | os.PathLike) -> tuple[InceptionV3, Variables
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = pathlib.Path(directory).expanduser().resolve()
   if not (directory / 'metadata').exists() or not (directory / 'variables').exists():
-    raise KerasWeightsError(
+    raise errors.KerasWeightsError(
         f'{directory} is not a converted weights folder: expected the orbax items "metadata" '
         f'and "variables" that `python -m hhjax.keras_import --h5 FILE --out DIR` writes; found '
         f'{sorted(p.name for p in directory.iterdir())[:10] if directory.is_dir() else "nothing"}.')
@@ -636,7 +634,7 @@ def load_pretrained(spec: str | os.PathLike, *,
     elif path.is_file():
       model, variables = load_h5(path)
     else:
-      raise FileNotFoundError(
+      raise errors.DataNotFoundError(
           f'Pretrained weights {str(spec)!r}: expected {" or ".join(map(repr, OFFICIAL_WEIGHTS))}'
           f', a Keras .h5 file or a converted folder, but nothing exists at {path}.')
   if final_endpoint is not None:
@@ -666,7 +664,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
       model, variables = load_h5(args.h5)
     out = save_converted(args.out, model, variables)
-  except (KerasWeightsError, WeightsDownloadError, FileNotFoundError, FileExistsError) as e:
+  except errors.UserError as e:
     sys.exit(f'error: {e}')
   print(f'Wrote {_describe(model, variables)} to {out}')
 

@@ -8,6 +8,7 @@ from flax import traverse_util
 import jax.numpy as jnp
 import numpy as np
 
+from hhjax import errors
 from hhjax.model import inception
 from hhjax.weights import keras_h5
 
@@ -52,7 +53,8 @@ def load_backbone(variables: Mapping[str, Any], spec: str, cut: str) -> dict[str
       loaded = {k: jnp.asarray(theirs[k], dtype=ours[k].dtype) for k in ours}
       out[collection]['backbone'] = traverse_util.unflatten_dict(loaded, sep='/')
   if problems:
-    raise ValueError(f'Pretrained weights {spec!r} do not fit the backbone cut at {cut!r}:\n  ' +
-                     '\n  '.join(problems))
+    raise errors.KerasWeightsError(
+        f'Pretrained weights {spec!r} do not fit the backbone cut at {cut!r}:\n  ' +
+        '\n  '.join(problems))
   logging.info('Loaded the backbone (up to %s) from %s.', cut, spec)
   return out
