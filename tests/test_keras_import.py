@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from hhjax.weights import keras_h5 as keras_import
+from hhjax.weights import official
 from hhjax.errors import KerasWeightsError, WeightsDownloadError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -256,11 +257,11 @@ def md5(path: pathlib.Path) -> str:
 @pytest.fixture
 def offline_official(monkeypatch, tmp_path, keras_notop_h5):
   """'imagenet' served from a local file:// URL, with a private cache and Keras home."""
-  monkeypatch.setenv(keras_import.CACHE_DIR_ENV, str(tmp_path / 'cache'))
+  monkeypatch.setenv(official.CACHE_DIR_ENV, str(tmp_path / 'cache'))
   monkeypatch.setenv('KERAS_HOME', str(tmp_path / 'keras_home'))
-  weights = keras_import.WeightsFile(url=keras_notop_h5.as_uri(), md5=md5(keras_notop_h5),
-                                     size=keras_notop_h5.stat().st_size, include_top=False)
-  monkeypatch.setitem(keras_import.OFFICIAL_WEIGHTS, 'imagenet', weights)
+  weights = official.WeightsFile(url=keras_notop_h5.as_uri(), md5=md5(keras_notop_h5),
+                                 size=keras_notop_h5.stat().st_size, include_top=False)
+  monkeypatch.setitem(official.OFFICIAL_WEIGHTS, 'imagenet', weights)
   return weights, tmp_path / 'cache' / 'keras' / weights.filename
 
 
@@ -272,8 +273,8 @@ def test_imagenet_is_downloaded_verified_converted_once_and_cached(offline_offic
                                                                      monkeypatch):
   weights, dest = offline_official
   opened = []
-  real_urlopen = keras_import._urlopen
-  monkeypatch.setattr(keras_import, '_urlopen',
+  real_urlopen = official._urlopen
+  monkeypatch.setattr(official, '_urlopen',
                       lambda url, timeout: opened.append(url) or real_urlopen(url,
                                                                               timeout=timeout))
   model, variables = keras_import.load_pretrained('imagenet')
@@ -283,7 +284,7 @@ def test_imagenet_is_downloaded_verified_converted_once_and_cached(offline_offic
   assert_same_variables(variables, notop[1])
 
   # Second time: neither the network nor the HDF5 parser is used.
-  monkeypatch.setattr(keras_import, '_urlopen', refuse)
+  monkeypatch.setattr(official, '_urlopen', refuse)
   monkeypatch.setattr(keras_import, 'load_h5', refuse)
   model, cached = keras_import.load_pretrained('imagenet', final_endpoint='mixed7')
   assert model.final_endpoint == 'mixed7'
@@ -293,23 +294,23 @@ def test_imagenet_is_downloaded_verified_converted_once_and_cached(offline_offic
 def test_download_without_network_fails_at_once_saying_where_to_put_the_file(
     offline_official, monkeypatch, keras_notop_h5):
   weights, dest = offline_official
-  assert keras_import.DOWNLOAD_TIMEOUT_S <= 30  # the default: short
+  assert official.DOWNLOAD_TIMEOUT_S <= 30  # the default: short
   # A server that accepts the connection and never answers: only the timeout ends the wait.
   with socket.socket() as server:
     server.bind(('127.0.0.1', 0))
     server.listen(1)
     url = f'http://127.0.0.1:{server.getsockname()[1]}/{weights.filename}'
-    monkeypatch.setitem(keras_import.OFFICIAL_WEIGHTS, 'imagenet',
-                        keras_import.WeightsFile(url, weights.md5, weights.size, False))
-    monkeypatch.setattr(keras_import, 'DOWNLOAD_TIMEOUT_S', 0.2)
+    monkeypatch.setitem(official.OFFICIAL_WEIGHTS, 'imagenet',
+                        official.WeightsFile(url, weights.md5, weights.size, False))
+    monkeypatch.setattr(official, 'DOWNLOAD_TIMEOUT_S', 0.2)
     with pytest.raises(WeightsDownloadError) as error:
       keras_import.load_pretrained('imagenet')
   message = str(error.value)
-  assert f'put it at {dest}' in message and keras_import.CACHE_DIR_ENV in message
+  assert f'put it at {dest}' in message and official.CACHE_DIR_ENV in message
   assert not list(dest.parent.iterdir())  # no partial file left behind
 
   # Following the message works without network.
-  monkeypatch.setattr(keras_import, '_urlopen', refuse)
+  monkeypatch.setattr(official, '_urlopen', refuse)
   dest.write_bytes(keras_notop_h5.read_bytes())
   assert keras_import.load_pretrained('imagenet')[0].final_endpoint == 'mixed10'
 
@@ -320,16 +321,16 @@ def test_unreachable_host_fails_with_the_hand_placement_message(offline_official
   def no_network(url, timeout):
     raise urllib.error.URLError(socket.gaierror(-3, 'Temporary failure in name resolution'))
 
-  monkeypatch.setattr(keras_import, '_urlopen', no_network)
+  monkeypatch.setattr(official, '_urlopen', no_network)
   with pytest.raises(WeightsDownloadError,
                      match=f'name resolution.*put it at {re.escape(str(dest))}'):
-    keras_import.fetch_official('imagenet')
+    official.fetch_official('imagenet')
 
 
 def test_download_with_wrong_md5_is_refused_and_not_kept(offline_official, monkeypatch):
   weights, dest = offline_official
-  monkeypatch.setitem(keras_import.OFFICIAL_WEIGHTS, 'imagenet',
-                      keras_import.WeightsFile(weights.url, '0' * 32, weights.size, False))
+  monkeypatch.setitem(official.OFFICIAL_WEIGHTS, 'imagenet',
+                      official.WeightsFile(weights.url, '0' * 32, weights.size, False))
   with pytest.raises(WeightsDownloadError, match=f'has MD5 {weights.md5}, expected 0000'):
     keras_import.load_pretrained('imagenet')
   assert not list(dest.parent.iterdir())
@@ -348,5 +349,5 @@ def test_keras_own_cached_copy_is_used(offline_official, monkeypatch, keras_noto
   keras_copy = tmp_path / 'keras_home' / 'models' / weights.filename
   keras_copy.parent.mkdir(parents=True)
   keras_copy.write_bytes(keras_notop_h5.read_bytes())
-  monkeypatch.setattr(keras_import, '_urlopen', refuse)
-  assert keras_import.fetch_official('imagenet') == keras_copy
+  monkeypatch.setattr(official, '_urlopen', refuse)
+  assert official.fetch_official('imagenet') == keras_copy

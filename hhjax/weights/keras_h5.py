@@ -25,15 +25,11 @@ Converter, for machines without network access:
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
-import socket
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from typing import Any
 
 from absl import logging
@@ -45,6 +41,7 @@ import numpy as np
 from hhjax import errors
 from hhjax.model import inception
 from hhjax.model.inception import ENDPOINTS, InceptionV3
+from hhjax.weights import official
 
 Variables = dict[str, Any]
 
@@ -330,14 +327,15 @@ def load_h5(path: str | os.PathLike) -> tuple[InceptionV3, Variables]:
     raise errors.KerasWeightsError(
         f'{path} is not an HDF5 file (it starts with {head!r}). Expected a Keras .h5 file, as '
         f"written by model.save_weights('x.h5') or model.save('x.h5'), e.g. "
-        f'{OFFICIAL_WEIGHTS["imagenet"].filename}.')
+        f'{official.OFFICIAL_WEIGHTS["imagenet"].filename}.')
   try:
     f = h5py.File(path, 'r')
   except OSError as e:
+    official_size = official.OFFICIAL_WEIGHTS['imagenet'].size
     raise errors.KerasWeightsError(
         f'{path} ({path.stat().st_size:,} bytes) is an HDF5 file that cannot be opened: {e}. '
         f'It is probably truncated or corrupt (an interrupted download?): get a fresh copy '
-        f'(the official notop file is {OFFICIAL_WEIGHTS["imagenet"].size:,} bytes).') from e
+        f'(the official notop file is {official_size:,} bytes).') from e
   with f:
     group = _open_weights_group(f, path)
     layers = _file_layers(group, path)
@@ -383,109 +381,6 @@ def cut(model: InceptionV3, variables: Variables,
 # Official weights, cache and converted folders.
 
 
-@dataclasses.dataclass(frozen=True)
-class WeightsFile:
-  """An official Keras weights file."""
-  url: str
-  md5: str
-  size: int | None
-  include_top: bool
-
-  @property
-  def filename(self) -> str:
-    return self.url.rsplit('/', 1)[-1]
-
-
-_KERAS_URL = 'https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/'
-OFFICIAL_WEIGHTS = {
-    'imagenet': WeightsFile(
-        _KERAS_URL + 'inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5',
-        md5='bcbd6486424b2319ff4ef7d526e38f63', size=87_910_968, include_top=False),
-    'imagenet_top': WeightsFile(
-        _KERAS_URL + 'inception_v3_weights_tf_dim_ordering_tf_kernels.h5',
-        md5='9a0d58056eeedaa3f26cb7ebd46da564', size=None, include_top=True),
-}
-CACHE_DIR_ENV = 'HHJAX_CACHE_DIR'
-# Seconds to wait for the server. Short: a machine without network access should hear so at
-# once, with the way out, rather than hang.
-DOWNLOAD_TIMEOUT_S = 10.0
-# Indirection so that tests can serve files without a network.
-_urlopen = urllib.request.urlopen
-
-
-def cache_dir() -> pathlib.Path:
-  """Where downloads and converted weights are kept: $HHJAX_CACHE_DIR or ~/.cache/hhjax."""
-  return pathlib.Path(os.environ.get(CACHE_DIR_ENV) or '~/.cache/hhjax').expanduser()
-
-
-def _md5(path: pathlib.Path) -> str:
-  digest = hashlib.md5()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
-def _keras_cache_file(weights: WeightsFile) -> pathlib.Path:
-  """Where Keras itself caches the file (reused when present and intact)."""
-  keras_home = os.environ.get('KERAS_HOME') or '~/.keras'
-  return pathlib.Path(keras_home).expanduser() / 'models' / weights.filename
-
-
-def fetch_official(name: str) -> pathlib.Path:
-  """The verified official .h5 file `name` ('imagenet' or 'imagenet_top'), downloaded if needed.
-
-  Looks in $HHJAX_CACHE_DIR/keras/ and Keras's own cache (~/.keras/models/) first.
-
-  Raises:
-    WeightsDownloadError: no network, or the file does not have the official MD5.
-  """
-  weights = OFFICIAL_WEIGHTS[name]
-  dest = cache_dir() / 'keras' / weights.filename
-  if dest.is_file():
-    got = _md5(dest)
-    if got != weights.md5:
-      raise errors.WeightsDownloadError(
-          f'{dest} is not the official file: its MD5 is {got}, expected {weights.md5}. '
-          f'Delete it to download it again, or replace it with a copy from {weights.url}.')
-    return dest
-  keras_copy = _keras_cache_file(weights)
-  if keras_copy.is_file() and _md5(keras_copy) == weights.md5:
-    return keras_copy
-  return _download(weights, dest)
-
-
-def _download(weights: WeightsFile, dest: pathlib.Path) -> pathlib.Path:
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  logging.info('Downloading %s to %s', weights.url, dest)
-  # Written under a temporary name and renamed once verified, so that an interrupted download
-  # never leaves a file that looks complete.
-  fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + '.', suffix='.part')
-  digest = hashlib.md5()
-  try:
-    try:
-      with os.fdopen(fd, 'wb') as out, _urlopen(weights.url, timeout=DOWNLOAD_TIMEOUT_S) as r:
-        for chunk in iter(lambda: r.read(1 << 20), b''):
-          digest.update(chunk)
-          out.write(chunk)
-    except (urllib.error.URLError, socket.timeout, OSError) as e:
-      reason = getattr(e, 'reason', e)
-      raise errors.WeightsDownloadError(
-          f'Could not download the official InceptionV3 weights from {weights.url} '
-          f'({reason}). Without network access, download that file elsewhere and put it at '
-          f'{dest} (set {CACHE_DIR_ENV} to use another folder than {cache_dir()}), or pass '
-          f'the path of a local .h5 file or converted folder instead.') from e
-    if digest.hexdigest() != weights.md5:
-      raise errors.WeightsDownloadError(
-          f'The file downloaded from {weights.url} has MD5 {digest.hexdigest()}, expected '
-          f'{weights.md5}: the download was corrupted or the file changed. Try again.')
-    os.replace(tmp, dest)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return dest
-
-
 def _flatten(variables: Variables) -> dict[str, np.ndarray]:
   return {'/'.join(k.key for k in keys): np.asarray(v)
           for keys, v in jax.tree_util.tree_leaves_with_path(variables)}
@@ -512,9 +407,9 @@ def _model_from_metadata(meta: dict[str, Any], source: str) -> InceptionV3:
                      num_classes=meta['num_classes'])
 
 
-def _converted_cache_file(weights: WeightsFile) -> pathlib.Path:
+def _converted_cache_file(weights: official.WeightsFile) -> pathlib.Path:
   stem = weights.filename.removesuffix('.h5')
-  return cache_dir() / 'converted' / f'{stem}-{weights.md5[:8]}.npz'
+  return official.cache_dir() / 'converted' / f'{stem}-{weights.md5[:8]}.npz'
 
 
 def _load_cached(path: pathlib.Path) -> tuple[InceptionV3, Variables] | None:
@@ -553,12 +448,12 @@ def _save_cached(path: pathlib.Path, model: InceptionV3, variables: Variables) -
 
 
 def _load_official(name: str) -> tuple[InceptionV3, Variables]:
-  weights = OFFICIAL_WEIGHTS[name]
+  weights = official.OFFICIAL_WEIGHTS[name]
   cached = _converted_cache_file(weights)
   loaded = _load_cached(cached)
   if loaded is not None:
     return loaded
-  model, variables = load_h5(fetch_official(name))
+  model, variables = load_h5(official.fetch_official(name))
   if model.include_top != weights.include_top:
     raise errors.KerasWeightsError(
         f'The official file for {name!r} has include_top={model.include_top}, expected '
@@ -625,7 +520,7 @@ def load_pretrained(spec: str | os.PathLike, *,
   Returns:
     (model, variables) as `load_h5` returns them.
   """
-  if isinstance(spec, str) and spec in OFFICIAL_WEIGHTS:
+  if isinstance(spec, str) and spec in official.OFFICIAL_WEIGHTS:
     model, variables = _load_official(spec)
   else:
     path = pathlib.Path(spec).expanduser()
@@ -634,9 +529,10 @@ def load_pretrained(spec: str | os.PathLike, *,
     elif path.is_file():
       model, variables = load_h5(path)
     else:
+      names = ' or '.join(map(repr, official.OFFICIAL_WEIGHTS))
       raise errors.DataNotFoundError(
-          f'Pretrained weights {str(spec)!r}: expected {" or ".join(map(repr, OFFICIAL_WEIGHTS))}'
-          f', a Keras .h5 file or a converted folder, but nothing exists at {path}.')
+          f'Pretrained weights {str(spec)!r}: expected {names}, a Keras .h5 file or a converted '
+          f'folder, but nothing exists at {path}.')
   if final_endpoint is not None:
     model, variables = cut(model, variables, final_endpoint)
   return model, variables
@@ -659,8 +555,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--out', required=True, help='Folder to create.')
   args = parser.parse_args(argv)
   try:
-    if args.h5 in OFFICIAL_WEIGHTS:
-      model, variables = load_h5(fetch_official(args.h5))
+    if args.h5 in official.OFFICIAL_WEIGHTS:
+      model, variables = load_h5(official.fetch_official(args.h5))
     else:
       model, variables = load_h5(args.h5)
     out = save_converted(args.out, model, variables)
