@@ -14,8 +14,8 @@ Names are not trusted (the official files, written by Keras 2.0, call the first 
 `conv2d_1`, newer Keras calls it `conv2d`); every shape is checked instead.
 
 Official weights: `load_pretrained('imagenet')` (no top) or `load_pretrained('imagenet_top')`
-downloads the file into `$HHJAX_CACHE_DIR/keras/` (default `~/.cache/hhjax`), checks its MD5,
-converts it once and keeps the converted variables in `$HHJAX_CACHE_DIR/converted/`.
+downloads the file into `$HHJAX_CACHE_DIR/keras/` (default `~/.cache/hhjax`) once, checks its
+MD5, and reads it each time: reading takes about a second, so no converted copy is kept.
 
 Converter, for machines without network access:
 
@@ -25,14 +25,11 @@ Converter, for machines without network access:
 
 import argparse
 import dataclasses
-import json
 import os
 import pathlib
 import sys
-import tempfile
 from typing import Any
 
-from absl import logging
 import h5py
 import jax
 import jax.numpy as jnp
@@ -381,19 +378,6 @@ def cut(model: InceptionV3, variables: Variables,
 # Official weights, cache and converted folders.
 
 
-def _flatten(variables: Variables) -> dict[str, np.ndarray]:
-  return {'/'.join(k.key for k in keys): np.asarray(v)
-          for keys, v in jax.tree_util.tree_leaves_with_path(variables)}
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> Variables:
-  tree: Variables = {}
-  for name, value in flat.items():
-    keys = name.split('/')
-    _set(tree, keys[0], tuple(keys[1:]), value)
-  return tree
-
-
 def _model_metadata(model: InceptionV3) -> dict[str, Any]:
   return {'architecture': 'InceptionV3', 'final_endpoint': model.final_endpoint,
           'include_top': model.include_top, 'num_classes': model.num_classes}
@@ -407,58 +391,13 @@ def _model_from_metadata(meta: dict[str, Any], source: str) -> InceptionV3:
                      num_classes=meta['num_classes'])
 
 
-def _converted_cache_file(weights: official.WeightsFile) -> pathlib.Path:
-  stem = weights.filename.removesuffix('.h5')
-  return official.cache_dir() / 'converted' / f'{stem}-{weights.md5[:8]}.npz'
-
-
-def _load_cached(path: pathlib.Path) -> tuple[InceptionV3, Variables] | None:
-  """The converted weights cached at `path`, or None if absent or unusable."""
-  if not path.is_file():
-    return None
-  try:
-    with np.load(path, allow_pickle=False) as npz:
-      flat = {k: npz[k] for k in npz.files}
-    meta = json.loads(str(flat.pop('__metadata__')))
-    model = _model_from_metadata(meta, str(path))
-    variables = _unflatten(flat)
-    _check_tree(variables, _abstract_variables(model), source=str(path))
-  except Exception as e:  # pylint: disable=broad-except
-    # A cache is never worth failing for: convert again.
-    logging.warning('Ignoring the unusable converted weights cache %s (%s).', path, e)
-    return None
-  return model, variables
-
-
-def _save_cached(path: pathlib.Path, model: InceptionV3, variables: Variables) -> None:
-  # A single .npz written under a temporary name then renamed: several processes of one host
-  # may convert at once, each on its own local disk, and none may see a half-written cache.
-  # (An orbax checkpoint is a folder written collectively by all processes of a job, which a
-  # per-host cache does not need.)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.part')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, __metadata__=np.asarray(json.dumps(_model_metadata(model))),
-               **_flatten(variables))
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def _load_official(name: str) -> tuple[InceptionV3, Variables]:
   weights = official.OFFICIAL_WEIGHTS[name]
-  cached = _converted_cache_file(weights)
-  loaded = _load_cached(cached)
-  if loaded is not None:
-    return loaded
   model, variables = load_h5(official.fetch_official(name))
   if model.include_top != weights.include_top:
     raise errors.KerasWeightsError(
         f'The official file for {name!r} has include_top={model.include_top}, expected '
         f'{weights.include_top}.')
-  _save_cached(cached, model, variables)
   return model, variables
 
 

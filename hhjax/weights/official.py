@@ -51,7 +51,7 @@ _urlopen = urllib.request.urlopen
 
 
 def cache_dir() -> pathlib.Path:
-  """Where downloads and converted weights are kept: $HHJAX_CACHE_DIR or ~/.cache/hhjax."""
+  """Where downloads are kept: $HHJAX_CACHE_DIR or ~/.cache/hhjax."""
   return pathlib.Path(os.environ.get(CACHE_DIR_ENV) or '~/.cache/hhjax').expanduser()
 
 
