@@ -10,7 +10,6 @@ import pytest
 
 from configs import default
 from hhjax.model import inception
-from hhjax.weights import keras_h5 as keras_import
 from hhjax.model import classifier as models
 from hhjax.weights import pretrained
 from hhjax.training import loop as train
@@ -96,7 +95,7 @@ def converted_mixed1(tmp_path_factory):
   variables = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
                            dict(variables))
   path = tmp_path_factory.mktemp('weights') / 'mixed1'
-  keras_import.save_converted(path, net, variables)
+  pretrained.save_converted(path, net, variables)
   return path, variables
 
 

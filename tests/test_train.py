@@ -15,7 +15,7 @@ import pytest
 
 from configs import smoke
 from hhjax import checkpointing
-from hhjax.weights import keras_h5 as keras_import
+from hhjax.weights import pretrained
 from hhjax.model import classifier as models
 from hhjax.training import optim
 from hhjax import sharding
@@ -90,7 +90,7 @@ def test_early_stopping_ends_a_phase_at_the_threshold(trained):
 
 def test_warmup_leaves_the_pretrained_backbone_bit_identical(trained, keras_notop_h5):
   config, workdir, _ = trained
-  _, keras = keras_import.load_pretrained(keras_notop_h5, final_endpoint=config.model.cut)
+  _, keras = pretrained.load_pretrained(keras_notop_h5, final_endpoint=config.model.cut)
   after_warmup = _arrays(workdir, 3)
   for collection in ('params', 'batch_stats'):
     want, got = _flat(keras[collection]), _flat(after_warmup[collection]['backbone'])

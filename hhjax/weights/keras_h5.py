@@ -1,4 +1,4 @@
-"""Keras's InceptionV3 weights for `hhjax.inception.InceptionV3`.
+"""Keras's InceptionV3 .h5 files read into `hhjax.model.inception.InceptionV3` variables.
 
 Reads Keras's legacy HDF5 files with h5py alone (no TensorFlow or Keras at run time):
 
@@ -13,21 +13,13 @@ branches interleave; `keras_layer_order()` spells it out for this module's param
 Names are not trusted (the official files, written by Keras 2.0, call the first convolution
 `conv2d_1`, newer Keras calls it `conv2d`); every shape is checked instead.
 
-Official weights: `load_pretrained('imagenet')` (no top) or `load_pretrained('imagenet_top')`
-downloads the file into `$HHJAX_CACHE_DIR/keras/` (default `~/.cache/hhjax`) once, checks its
-MD5, and reads it each time: reading takes about a second, so no converted copy is kept.
-
-Converter, for machines without network access:
-
-    python -m hhjax.keras_import --h5 inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5 \
-        --out /data/inception_v3_notop
+Official weights are fetched by `hhjax.weights.official`; `hhjax.weights.pretrained` loads any
+source (a name, an .h5 file, a converted folder) and converts files for offline machines.
 """
 
-import argparse
 import dataclasses
 import os
 import pathlib
-import sys
 from typing import Any
 
 import h5py
@@ -129,7 +121,7 @@ def _kind(path: str) -> str:
   return path.rsplit('/', 1)[-1]
 
 
-def _abstract_variables(model: InceptionV3) -> Variables:
+def abstract_variables(model: InceptionV3) -> Variables:
   """Shapes and dtypes of `model`'s variables, without computing anything."""
   x = jax.ShapeDtypeStruct((1, inception.MIN_SIZE, inception.MIN_SIZE, 3), jnp.float32)
   return jax.eval_shape(model.init, jax.random.key(0), x)
@@ -338,14 +330,14 @@ def load_h5(path: str | os.PathLike) -> tuple[InceptionV3, Variables]:
     layers = _file_layers(group, path)
     model = _model_for_file(layers)
     order = keras_layer_order(model.final_endpoint, model.include_top)
-    abstract = _abstract_variables(model)
+    abstract = abstract_variables(model)
     _check_layers(path, layers, order, _expected_shapes(order, abstract))
     variables = _read_variables(path, layers, order)
-  _check_tree(variables, abstract, source=str(path))
+  check_variables(variables, abstract, source=str(path))
   return model, variables
 
 
-def _check_tree(variables: Variables, abstract: Variables, source: str) -> None:
+def check_variables(variables: Variables, abstract: Variables, source: str) -> None:
   """Every variable of the model present with its shape, and nothing else."""
   got = {jax.tree_util.keystr(k): np.shape(v)
          for k, v in jax.tree_util.tree_leaves_with_path(variables)}
@@ -372,137 +364,3 @@ def cut(model: InceptionV3, variables: Variables,
   variables = {collection: {k: v for k, v in tree.items() if k in keep}
                for collection, tree in variables.items()}
   return InceptionV3(final_endpoint=final_endpoint), variables
-
-
-# ------------------------------------------------------------------------------------------
-# Official weights, cache and converted folders.
-
-
-def _model_metadata(model: InceptionV3) -> dict[str, Any]:
-  return {'architecture': 'InceptionV3', 'final_endpoint': model.final_endpoint,
-          'include_top': model.include_top, 'num_classes': model.num_classes}
-
-
-def _model_from_metadata(meta: dict[str, Any], source: str) -> InceptionV3:
-  if meta.get('architecture') != 'InceptionV3':
-    raise errors.KerasWeightsError(
-        f'{source} does not hold InceptionV3 weights (metadata: {meta}).')
-  return InceptionV3(final_endpoint=meta['final_endpoint'], include_top=meta['include_top'],
-                     num_classes=meta['num_classes'])
-
-
-def _load_official(name: str) -> tuple[InceptionV3, Variables]:
-  weights = official.OFFICIAL_WEIGHTS[name]
-  model, variables = load_h5(official.fetch_official(name))
-  if model.include_top != weights.include_top:
-    raise errors.KerasWeightsError(
-        f'The official file for {name!r} has include_top={model.include_top}, expected '
-        f'{weights.include_top}.')
-  return model, variables
-
-
-def save_converted(directory: str | os.PathLike, model: InceptionV3,
-                   variables: Variables) -> pathlib.Path:
-  """Writes `variables` and the model's configuration as an orbax checkpoint in `directory`.
-
-  The folder must not exist yet. `load_converted` and `load_pretrained` read it back.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = pathlib.Path(directory).expanduser().resolve()
-  if directory.exists():
-    raise errors.OutputExistsError(
-        f'{directory} exists already: remove it or choose another folder.')
-  _check_tree(variables, _abstract_variables(model), source='save_converted')
-  variables = jax.tree.map(np.asarray, variables)
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    checkpointer.save(directory, ocp.args.Composite(
-        variables=ocp.args.PyTreeSave(variables),
-        metadata=ocp.args.JsonSave(_model_metadata(model))))
-  return directory
-
-
-def load_converted(directory: str | os.PathLike) -> tuple[InceptionV3, Variables]:
-  """Reads a folder written by `save_converted` (or the converter command).
-
-  Returns:
-    (model, variables) as `load_h5` returns them.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = pathlib.Path(directory).expanduser().resolve()
-  if not (directory / 'metadata').exists() or not (directory / 'variables').exists():
-    raise errors.KerasWeightsError(
-        f'{directory} is not a converted weights folder: expected the orbax items "metadata" '
-        f'and "variables" that `python -m hhjax.keras_import --h5 FILE --out DIR` writes; found '
-        f'{sorted(p.name for p in directory.iterdir())[:10] if directory.is_dir() else "nothing"}.')
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    meta = checkpointer.restore(
-        directory, ocp.args.Composite(metadata=ocp.args.JsonRestore()))['metadata']
-    model = _model_from_metadata(meta, str(directory))
-    abstract = _abstract_variables(model)
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
-    variables = checkpointer.restore(directory, ocp.args.Composite(
-        variables=ocp.args.PyTreeRestore(restore_args=restore_args)))['variables']
-  variables = jax.tree.map(np.asarray, variables)
-  _check_tree(variables, abstract, source=str(directory))
-  return model, variables
-
-
-def load_pretrained(spec: str | os.PathLike, *,
-                    final_endpoint: str | None = None) -> tuple[InceptionV3, Variables]:
-  """Pretrained InceptionV3 weights from a name, an .h5 file or a converted folder.
-
-  Args:
-    spec: 'imagenet' (Keras's ImageNet weights without the top), 'imagenet_top' (with it),
-      the path of a Keras .h5 file, or a folder written by `save_converted`.
-    final_endpoint: if given, cut the network there (see `cut`), dropping any top.
-
-  Returns:
-    (model, variables) as `load_h5` returns them.
-  """
-  if isinstance(spec, str) and spec in official.OFFICIAL_WEIGHTS:
-    model, variables = _load_official(spec)
-  else:
-    path = pathlib.Path(spec).expanduser()
-    if path.is_dir():
-      model, variables = load_converted(path)
-    elif path.is_file():
-      model, variables = load_h5(path)
-    else:
-      names = ' or '.join(map(repr, official.OFFICIAL_WEIGHTS))
-      raise errors.DataNotFoundError(
-          f'Pretrained weights {str(spec)!r}: expected {names}, a Keras .h5 file or a converted '
-          f'folder, but nothing exists at {path}.')
-  if final_endpoint is not None:
-    model, variables = cut(model, variables, final_endpoint)
-  return model, variables
-
-
-def _describe(model: InceptionV3, variables: Variables) -> str:
-  count = sum(np.size(v) for v in jax.tree.leaves(variables))
-  top = f'with a {model.num_classes}-class top' if model.include_top else 'without top'
-  return f'InceptionV3 up to {model.final_endpoint}, {top}, {count:,} values'
-
-
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
-      prog='python -m hhjax.keras_import',
-      description='Convert Keras InceptionV3 weights (.h5) into an orbax checkpoint folder that '
-                  'training can start from (config.model.pretrained=DIR).')
-  parser.add_argument('--h5', required=True,
-                      help='Keras .h5 file, or "imagenet" / "imagenet_top" to download the '
-                           'official file.')
-  parser.add_argument('--out', required=True, help='Folder to create.')
-  args = parser.parse_args(argv)
-  try:
-    if args.h5 in official.OFFICIAL_WEIGHTS:
-      model, variables = load_h5(official.fetch_official(args.h5))
-    else:
-      model, variables = load_h5(args.h5)
-    out = save_converted(args.out, model, variables)
-  except errors.UserError as e:
-    sys.exit(f'error: {e}')
-  print(f'Wrote {_describe(model, variables)} to {out}')
-
-
-if __name__ == '__main__':
-  main()
