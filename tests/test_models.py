@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from hhjax import errors
 from hhjax.model import inception
 from hhjax.model import classifier as models
 from hhjax.weights import pretrained
@@ -122,3 +123,15 @@ def test_pretrained_weights_ending_before_the_cut_are_an_error(converted_mixed1)
   variables = _shapes(config)
   with pytest.raises(ValueError, match='mixed2.*mixed1'):
     pretrained.load_backbone(variables, str(path), 'mixed2')
+
+
+def test_pretrained_weights_that_do_not_fit_the_backbone_are_named(converted_mixed1):
+  path, _ = converted_mixed1
+  variables = _shapes(_config(cut='mixed0', head='gap', hidden=4))
+  conv = variables['params']['backbone']['stem']['conv_1a_3x3']['conv']
+  conv['kernel'] = jax.ShapeDtypeStruct((3, 3, 3, 16), jnp.float32)  # a model the file is not
+  with pytest.raises(errors.KerasWeightsError,
+                     match=r"do not fit the backbone cut at 'mixed0':\n1 arrays of another "
+                           r'shape.*\n  params/stem/conv_1a_3x3/conv/kernel: \(3, 3, 3, 32\) vs '
+                           r'\(3, 3, 3, 16\)'):
+    pretrained.load_backbone(variables, str(path), 'mixed0')

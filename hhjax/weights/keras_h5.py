@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hhjax import errors
+from hhjax import trees
 from hhjax.model import inception
 from hhjax.model.inception import ENDPOINTS, InceptionV3
 from hhjax.weights import official
@@ -338,18 +339,16 @@ def load_h5(path: str | os.PathLike) -> tuple[InceptionV3, Variables]:
 
 
 def check_variables(variables: Variables, abstract: Variables, source: str) -> None:
-  """Every variable of the model present with its shape, and nothing else."""
-  got = {jax.tree_util.keystr(k): np.shape(v)
-         for k, v in jax.tree_util.tree_leaves_with_path(variables)}
-  want = {jax.tree_util.keystr(k): tuple(v.shape)
-          for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
-  if got != want:
-    missing = sorted(set(want) - set(got))[:5]
-    extra = sorted(set(got) - set(want))[:5]
-    wrong = sorted(k for k in set(got) & set(want) if got[k] != want[k])[:5]
-    raise errors.KerasWeightsError(
-        f'{source}: the variables do not fit the model: missing {missing}, unexpected {extra}, '
-        f'wrong shapes {[(k, got[k], want[k]) for k in wrong]}.')
+  """Every variable of the model present with its shape, and nothing else.
+
+  The last guard before variables are handed out or written: whatever produced them (a file's
+  layers paired by position, an orbax restore), they must be exactly the model's.
+  """
+  report = trees.describe_differences(
+      trees.leaf_specs(variables), trees.leaf_specs(abstract),
+      got_name='the variables', want_name='the model')
+  if report:
+    raise errors.KerasWeightsError(f'{source}: the variables do not fit the model:\n{report}')
 
 
 def cut(model: InceptionV3, variables: Variables,

@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from hhjax import errors
-from hhjax.model import inception
+from hhjax import trees
 from hhjax.model.inception import InceptionV3
 from hhjax.weights import keras_h5
 from hhjax.weights import official
@@ -153,33 +153,21 @@ def load_backbone(variables: Mapping[str, Any], spec: str, cut: str) -> dict[str
   # Cutting there drops the blocks past the cut and the ImageNet top, and says so clearly when
   # the weights end before the cut.
   _, source = load_pretrained(spec, final_endpoint=cut)
-  past_cut = set(inception.ENDPOINTS[inception.ENDPOINTS.index(cut) + 1:]) | {'predictions'}
-  out = {k: dict(v) for k, v in variables.items()}
-  problems = []
-  for collection in ('params', 'batch_stats'):
-    ours = traverse_util.flatten_dict(variables[collection]['backbone'], sep='/')
-    theirs = {k: v for k, v in
-              traverse_util.flatten_dict(source.get(collection, {}), sep='/').items()
-              if k.split('/')[0] not in past_cut}
-    missing = sorted(set(ours) - set(theirs))
-    unexpected = sorted(set(theirs) - set(ours))
-    wrong = sorted(k for k in set(ours) & set(theirs)
-                   if tuple(np.shape(theirs[k])) != tuple(np.shape(ours[k])))
-    for title, keys, show in (
-        ('missing from the weights', missing, lambda k: k),
-        ('in the weights but not in the model', unexpected, lambda k: k),
-        ('of another shape (weights vs model)', wrong,
-         lambda k: f'{k}: {np.shape(theirs[k])} vs {np.shape(ours[k])}')):
-      if keys:
-        problems.append(f'{len(keys)} {collection} {title}: ' +
-                        ', '.join(show(k) for k in keys[:6]) + (' ...' if len(keys) > 6 else ''))
-    if not (missing or unexpected or wrong):
-      loaded = {k: jnp.asarray(theirs[k], dtype=ours[k].dtype) for k in ours}
-      out[collection]['backbone'] = traverse_util.unflatten_dict(loaded, sep='/')
-  if problems:
+  collections = ('params', 'batch_stats')
+  ours = {c: variables[c]['backbone'] for c in collections}
+  theirs = {c: source.get(c, {}) for c in collections}
+  report = trees.describe_differences(
+      trees.leaf_specs(theirs), trees.leaf_specs(ours), got_name='the weights',
+      want_name='the model')
+  if report:
     raise errors.KerasWeightsError(
-        f'Pretrained weights {spec!r} do not fit the backbone cut at {cut!r}:\n  ' +
-        '\n  '.join(problems))
+        f'Pretrained weights {spec!r} do not fit the backbone cut at {cut!r}:\n{report}')
+  out = {k: dict(v) for k, v in variables.items()}
+  for c in collections:
+    model_arrays = traverse_util.flatten_dict(ours[c], sep='/')
+    arrays = traverse_util.flatten_dict(theirs[c], sep='/')
+    out[c]['backbone'] = traverse_util.unflatten_dict(
+        {k: jnp.asarray(arrays[k], dtype=v.dtype) for k, v in model_arrays.items()}, sep='/')
   logging.info('Loaded the backbone (up to %s) from %s.', cut, spec)
   return out
 
