@@ -40,7 +40,7 @@ Variables = dict[str, Any]
 #
 # The layers with weights inside each kind of block, in the order Keras's `model.layers` (and
 # so every Keras HDF5 file) lists them: sorted by depth in the graph. `conv` is the Conv2D of a
-# conv2d_bn unit, `bn` its BatchNormalization. tests/test_keras_import.py checks this table
+# conv2d_bn unit, `bn` its BatchNormalization. tests/test_parity_keras.py checks this table
 # against tf_keras's and Keras 3's models.
 
 _STEM_ORDER = (

@@ -35,7 +35,7 @@ from hhjax.model.inception import InceptionV3
 from hhjax.weights import keras_h5
 from hhjax.weights import official
 
-Variables = dict[str, Any]
+Variables = keras_h5.Variables
 
 
 def _model_metadata(model: InceptionV3) -> dict[str, Any]:
