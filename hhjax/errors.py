@@ -29,6 +29,10 @@ class DataNotFoundError(UserError, FileNotFoundError):
   """A file or folder the run needs does not exist."""
 
 
+class OutputExistsError(UserError, FileExistsError):
+  """A file or folder a command would create exists already; it is never overwritten."""
+
+
 class CheckpointMismatchError(UserError, ValueError):
   """A checkpoint does not fit the state the current config builds."""
 

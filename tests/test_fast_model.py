@@ -16,7 +16,7 @@ import pytest
 
 from hhjax.model import lowering
 from hhjax.model import inception
-from hhjax.weights import keras_h5 as keras_import
+from hhjax.weights import keras_h5
 
 ALL_ON = lowering.Lowering(fast_convs=True, fold_bn=True, merge_1x1=True, fast_pools=True)
 
@@ -112,7 +112,7 @@ def test_rewritten_block_matches_plain_block_in_inference_with_gradients(block_p
 
 
 def test_rewrites_leave_keras_source_order_unchanged():
-  # keras_import and the parity tests read the plain model's unit order.
+  # keras_h5 and the parity tests read the plain model's unit order.
   model = inception.InceptionV3(lowering=ALL_ON)
   assert jax.tree.map(jnp.shape, jax.eval_shape(model.init, jax.random.PRNGKey(0),
                                                 jnp.zeros((1, 75, 75, 3)))) == jax.tree.map(
@@ -142,7 +142,7 @@ def keras_notop(keras_notop_h5):
   keras_model = tf_keras.applications.InceptionV3(
       weights=str(keras_notop_h5), include_top=False, input_shape=(150, 150, 3))
   endpoints, names = keras_reference.endpoint_model(tf_keras, keras_model)
-  model, variables = keras_import.load_h5(keras_notop_h5)
+  model, variables = keras_h5.load_h5(keras_notop_h5)
   return types.SimpleNamespace(endpoints=endpoints, names=names, model=model,
                                variables=variables)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hhjax.model import inception
-from hhjax.weights import keras_h5 as keras_import
+from hhjax.weights import pretrained
 from hhjax.model.inception import ConvBN, InceptionV3
 
 
@@ -181,7 +181,7 @@ def test_invalid_configurations_and_inputs_are_refused():
 @pytest.fixture(scope='module')
 def mixed7_runs(keras_notop_h5):
   """Network up to mixed7 on Keras-file weights: inference, train from mixed6, train all."""
-  model, variables = keras_import.load_pretrained(keras_notop_h5, final_endpoint='mixed7')
+  model, variables = pretrained.load_pretrained(keras_notop_h5, final_endpoint='mixed7')
   x = np.random.default_rng(0).uniform(-1, 1, (2, 75, 75, 3)).astype(np.float32)
 
   @jax.jit

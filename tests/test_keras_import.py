@@ -14,8 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-from hhjax.weights import keras_h5 as keras_import
-from hhjax.weights.keras_h5 import KerasWeightsError, WeightsDownloadError
+from hhjax import errors
+from hhjax.errors import KerasWeightsError, WeightsDownloadError
+from hhjax.weights import keras_h5
+from hhjax.weights import official
+from hhjax.weights import pretrained
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -27,7 +30,7 @@ def assert_same_variables(a, b):
 
 @pytest.fixture(scope='module')
 def notop(keras_notop_h5):
-  return keras_import.load_h5(keras_notop_h5)
+  return keras_h5.load_h5(keras_notop_h5)
 
 
 def decode(values) -> list[str]:
@@ -80,13 +83,13 @@ def test_file_renamed_to_official_one_indexed_style_loads_the_same(keras_notop_h
   with h5py.File(path) as f:
     assert decode(f.attrs['layer_names'])[1] == 'conv2d_1'
     assert decode(f['conv2d_1'].attrs['weight_names']) == ['conv2d_1/kernel:0']
-  model, variables = keras_import.load_h5(path)
+  model, variables = keras_h5.load_h5(path)
   assert (model.final_endpoint, model.include_top) == ('mixed10', False)
   assert_same_variables(variables, notop[1])
 
 
 def test_load_h5_pairs_layers_by_position_in_keras_depth_order(keras_notop_h5, notop):
-  order = keras_import.keras_layer_order()
+  order = keras_h5.keras_layer_order()
   with h5py.File(keras_notop_h5) as f:
     names = [n for n in decode(f.attrs['layer_names']) if len(f[n].attrs['weight_names'])]
     # Depth order: after the stem, the first layer with weights is mixed0's 3x3dbl 1x1 conv.
@@ -106,14 +109,14 @@ def test_load_h5_pairs_layers_by_position_in_keras_depth_order(keras_notop_h5, n
 
 def test_missing_file_is_refused(tmp_path):
   with pytest.raises(FileNotFoundError, match='No Keras weights file'):
-    keras_import.load_h5(tmp_path / 'nothing.h5')
+    keras_h5.load_h5(tmp_path / 'nothing.h5')
 
 
 def test_non_hdf5_file_is_refused_saying_what_it_is(tmp_path):
   path = tmp_path / 'weights.h5'
   path.write_bytes(b'PK\x03\x04 a zip archive, not HDF5')
   with pytest.raises(KerasWeightsError, match=r"not an HDF5 file \(it starts with b'PK"):
-    keras_import.load_h5(path)
+    keras_h5.load_h5(path)
 
 
 def test_truncated_file_is_refused_as_truncated_or_corrupt(keras_notop_h5, tmp_path):
@@ -121,7 +124,7 @@ def test_truncated_file_is_refused_as_truncated_or_corrupt(keras_notop_h5, tmp_p
   data = keras_notop_h5.read_bytes()
   path.write_bytes(data[:len(data) // 2])
   with pytest.raises(KerasWeightsError, match='truncated or corrupt'):
-    keras_import.load_h5(path)
+    keras_h5.load_h5(path)
 
 
 def test_corrupt_file_is_refused_naming_the_layer(keras_notop_h5, tmp_path):
@@ -134,7 +137,7 @@ def test_corrupt_file_is_refused_naming_the_layer(keras_notop_h5, tmp_path):
   path = tmp_path / 'corrupt.h5'
   path.write_bytes(bytes(data))
   with pytest.raises(KerasWeightsError, match=f'corrupt: layer "{name}"'):
-    keras_import.load_h5(path)
+    keras_h5.load_h5(path)
 
 
 def test_other_architecture_is_refused_at_first_mismatching_layer(tmp_path):
@@ -151,7 +154,7 @@ def test_other_architecture_is_refused_at_first_mismatching_layer(tmp_path):
   path = tmp_path / 'other.h5'
   model.save_weights(str(path))
   with pytest.raises(KerasWeightsError) as error:
-    keras_import.load_h5(path)
+    keras_h5.load_h5(path)
   message = str(error.value)
   assert 'does not hold Keras InceptionV3 weights' in message
   assert 'the file has 4' in message
@@ -160,14 +163,14 @@ def test_other_architecture_is_refused_at_first_mismatching_layer(tmp_path):
 
 
 def test_file_missing_its_last_layer_says_where_it_ends(keras_notop_h5, tmp_path):
-  last_bn = keras_import.keras_layer_order()[-1]
+  last_bn = keras_h5.keras_layer_order()[-1]
   with h5py.File(keras_notop_h5) as f:
     weighted = [n for n in decode(f.attrs['layer_names']) if len(f[n].attrs['weight_names'])]
   path = rewrite(keras_notop_h5, tmp_path / 'short.h5',
                  layer_names=lambda names: [n for n in names if n != weighted[-1]])
   with pytest.raises(KerasWeightsError, match=f"the file has 187. The file ends before "
                                               f"InceptionV3's layer #187, {last_bn} "):
-    keras_import.load_h5(path)
+    keras_h5.load_h5(path)
 
 
 def test_negative_moving_variance_is_refused(keras_notop_h5, tmp_path):
@@ -177,7 +180,7 @@ def test_negative_moving_variance_is_refused(keras_notop_h5, tmp_path):
   path = rewrite(keras_notop_h5, tmp_path / 'negative.h5', change=negate_variances)
   with pytest.raises(KerasWeightsError, match='"batch_normalization_40".*negative moving '
                                               'variance'):
-    keras_import.load_h5(path)
+    keras_h5.load_h5(path)
 
 
 def test_hdf5_file_without_legacy_layout_is_refused_with_a_way_out(tmp_path):
@@ -187,42 +190,44 @@ def test_hdf5_file_without_legacy_layout_is_refused_with_a_way_out(tmp_path):
   model.save_weights(str(path))  # Keras 3's own format, keyed by names
   with pytest.raises(KerasWeightsError, match=r"expected the attribute \"layer_names\".*"
                                               r"Keras 3's '.weights.h5' format.*model.save"):
-    keras_import.load_h5(path)
+    keras_h5.load_h5(path)
 
 
 # ---------------------------------------------------------------------- converted folders
 
 
 def test_save_and_load_converted_round_trip_with_metadata(notop, tmp_path):
-  model, variables = keras_import.cut(*notop, 'mixed5')
-  out = keras_import.save_converted(tmp_path / 'converted', model, variables)
-  loaded_model, loaded = keras_import.load_converted(out)
+  model, variables = keras_h5.cut(*notop, 'mixed5')
+  out = pretrained.save_converted(tmp_path / 'converted', model, variables)
+  loaded_model, loaded = pretrained.load_converted(out)
   assert loaded_model == model
   assert_same_variables(loaded, variables)
   assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(loaded))
   with pytest.raises(FileExistsError, match='exists already'):
-    keras_import.save_converted(out, model, variables)
+    pretrained.save_converted(out, model, variables)
 
 
 def test_converter_command_writes_a_folder_load_pretrained_reads(keras_notop_h5, notop,
                                                                    tmp_path, capsys):
   out = tmp_path / 'inception_v3_notop'
-  keras_import.main(['--h5', str(keras_notop_h5), '--out', str(out)])
+  pretrained.main(['--h5', str(keras_notop_h5), '--out', str(out)])
   assert 'InceptionV3 up to mixed10, without top, 21,802,784 values' in capsys.readouterr().out
-  model, variables = keras_import.load_pretrained(out)
+  model, variables = pretrained.load_pretrained(out)
   assert model == notop[0]
   assert_same_variables(variables, notop[1])
-  with pytest.raises(SystemExit, match='not an HDF5 file'):
-    keras_import.main(['--h5', __file__, '--out', str(tmp_path / 'other')])
+  with pytest.raises(SystemExit) as exit_:
+    pretrained.main(['--h5', __file__, '--out', str(tmp_path / 'other')])
+  assert exit_.value.code == errors.EXIT_USER_ERROR
+  assert re.match('error: .*not an HDF5 file', capsys.readouterr().err)
 
 
 def test_load_converted_refuses_other_folders(tmp_path):
   with pytest.raises(KerasWeightsError, match='not a converted weights folder'):
-    keras_import.load_converted(tmp_path)
+    pretrained.load_converted(tmp_path)
 
 
 def test_load_pretrained_cuts_at_final_endpoint(keras_notop_h5):
-  model, variables = keras_import.load_pretrained(keras_notop_h5, final_endpoint='mixed7')
+  model, variables = pretrained.load_pretrained(keras_notop_h5, final_endpoint='mixed7')
   assert (model.final_endpoint, model.include_top) == ('mixed7', False)
   assert set(variables['params']) == {'stem'} | {f'mixed{i}' for i in range(8)}
 
@@ -230,16 +235,17 @@ def test_load_pretrained_cuts_at_final_endpoint(keras_notop_h5):
 def test_load_pretrained_unknown_spec_says_what_is_expected(tmp_path):
   with pytest.raises(FileNotFoundError, match="expected 'imagenet' or 'imagenet_top', a Keras "
                                               r'.h5 file or a converted folder'):
-    keras_import.load_pretrained(str(tmp_path / 'missing.h5'))
+    pretrained.load_pretrained(str(tmp_path / 'missing.h5'))
 
 
 def test_reading_needs_neither_tensorflow_nor_keras(keras_notop_h5, tmp_path):
   script = f'''
 import sys
-from hhjax.weights import keras_h5 as keras_import
-model, variables = keras_import.load_h5({str(keras_notop_h5)!r})
-keras_import.save_converted({str(tmp_path / 'c')!r}, model, variables)
-keras_import.load_pretrained({str(tmp_path / 'c')!r})
+from hhjax.weights import keras_h5
+from hhjax.weights import pretrained
+model, variables = keras_h5.load_h5({str(keras_notop_h5)!r})
+pretrained.save_converted({str(tmp_path / 'c')!r}, model, variables)
+pretrained.load_pretrained({str(tmp_path / 'c')!r})
 loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras'))
 assert not loaded, loaded
 '''
@@ -256,11 +262,11 @@ def md5(path: pathlib.Path) -> str:
 @pytest.fixture
 def offline_official(monkeypatch, tmp_path, keras_notop_h5):
   """'imagenet' served from a local file:// URL, with a private cache and Keras home."""
-  monkeypatch.setenv(keras_import.CACHE_DIR_ENV, str(tmp_path / 'cache'))
+  monkeypatch.setenv(official.CACHE_DIR_ENV, str(tmp_path / 'cache'))
   monkeypatch.setenv('KERAS_HOME', str(tmp_path / 'keras_home'))
-  weights = keras_import.WeightsFile(url=keras_notop_h5.as_uri(), md5=md5(keras_notop_h5),
-                                     size=keras_notop_h5.stat().st_size, include_top=False)
-  monkeypatch.setitem(keras_import.OFFICIAL_WEIGHTS, 'imagenet', weights)
+  weights = official.WeightsFile(url=keras_notop_h5.as_uri(), md5=md5(keras_notop_h5),
+                                 size=keras_notop_h5.stat().st_size, include_top=False)
+  monkeypatch.setitem(official.OFFICIAL_WEIGHTS, 'imagenet', weights)
   return weights, tmp_path / 'cache' / 'keras' / weights.filename
 
 
@@ -268,50 +274,50 @@ def refuse(*args, **kwargs):
   raise AssertionError('must not be called')
 
 
-def test_imagenet_is_downloaded_verified_converted_once_and_cached(offline_official, notop,
-                                                                     monkeypatch):
+def test_imagenet_is_downloaded_verified_once_and_reused(offline_official, notop, monkeypatch):
   weights, dest = offline_official
   opened = []
-  real_urlopen = keras_import._urlopen
-  monkeypatch.setattr(keras_import, '_urlopen',
+  real_urlopen = official._urlopen
+  monkeypatch.setattr(official, '_urlopen',
                       lambda url, timeout: opened.append(url) or real_urlopen(url,
                                                                               timeout=timeout))
-  model, variables = keras_import.load_pretrained('imagenet')
+  model, variables = pretrained.load_pretrained('imagenet')
   assert opened == [weights.url]
   assert md5(dest) == weights.md5
   assert model == notop[0]
   assert_same_variables(variables, notop[1])
 
-  # Second time: neither the network nor the HDF5 parser is used.
-  monkeypatch.setattr(keras_import, '_urlopen', refuse)
-  monkeypatch.setattr(keras_import, 'load_h5', refuse)
-  model, cached = keras_import.load_pretrained('imagenet', final_endpoint='mixed7')
+  # Second time: the downloaded file is read again, without the network; the download is all
+  # the cache holds (no converted copy in a second format).
+  monkeypatch.setattr(official, '_urlopen', refuse)
+  model, again = pretrained.load_pretrained('imagenet', final_endpoint='mixed7')
   assert model.final_endpoint == 'mixed7'
-  assert_same_variables(cached, keras_import.cut(*notop, 'mixed7')[1])
+  assert_same_variables(again, keras_h5.cut(*notop, 'mixed7')[1])
+  assert [p.name for p in dest.parent.parent.iterdir()] == ['keras']
 
 
 def test_download_without_network_fails_at_once_saying_where_to_put_the_file(
     offline_official, monkeypatch, keras_notop_h5):
   weights, dest = offline_official
-  assert keras_import.DOWNLOAD_TIMEOUT_S <= 30  # the default: short
+  assert official.DOWNLOAD_TIMEOUT_S <= 30  # the default: short
   # A server that accepts the connection and never answers: only the timeout ends the wait.
   with socket.socket() as server:
     server.bind(('127.0.0.1', 0))
     server.listen(1)
     url = f'http://127.0.0.1:{server.getsockname()[1]}/{weights.filename}'
-    monkeypatch.setitem(keras_import.OFFICIAL_WEIGHTS, 'imagenet',
-                        keras_import.WeightsFile(url, weights.md5, weights.size, False))
-    monkeypatch.setattr(keras_import, 'DOWNLOAD_TIMEOUT_S', 0.2)
+    monkeypatch.setitem(official.OFFICIAL_WEIGHTS, 'imagenet',
+                        official.WeightsFile(url, weights.md5, weights.size, False))
+    monkeypatch.setattr(official, 'DOWNLOAD_TIMEOUT_S', 0.2)
     with pytest.raises(WeightsDownloadError) as error:
-      keras_import.load_pretrained('imagenet')
+      pretrained.load_pretrained('imagenet')
   message = str(error.value)
-  assert f'put it at {dest}' in message and keras_import.CACHE_DIR_ENV in message
+  assert f'put it at {dest}' in message and official.CACHE_DIR_ENV in message
   assert not list(dest.parent.iterdir())  # no partial file left behind
 
   # Following the message works without network.
-  monkeypatch.setattr(keras_import, '_urlopen', refuse)
+  monkeypatch.setattr(official, '_urlopen', refuse)
   dest.write_bytes(keras_notop_h5.read_bytes())
-  assert keras_import.load_pretrained('imagenet')[0].final_endpoint == 'mixed10'
+  assert pretrained.load_pretrained('imagenet')[0].final_endpoint == 'mixed10'
 
 
 def test_unreachable_host_fails_with_the_hand_placement_message(offline_official, monkeypatch):
@@ -320,18 +326,18 @@ def test_unreachable_host_fails_with_the_hand_placement_message(offline_official
   def no_network(url, timeout):
     raise urllib.error.URLError(socket.gaierror(-3, 'Temporary failure in name resolution'))
 
-  monkeypatch.setattr(keras_import, '_urlopen', no_network)
+  monkeypatch.setattr(official, '_urlopen', no_network)
   with pytest.raises(WeightsDownloadError,
                      match=f'name resolution.*put it at {re.escape(str(dest))}'):
-    keras_import.fetch_official('imagenet')
+    official.fetch_official('imagenet')
 
 
 def test_download_with_wrong_md5_is_refused_and_not_kept(offline_official, monkeypatch):
   weights, dest = offline_official
-  monkeypatch.setitem(keras_import.OFFICIAL_WEIGHTS, 'imagenet',
-                      keras_import.WeightsFile(weights.url, '0' * 32, weights.size, False))
+  monkeypatch.setitem(official.OFFICIAL_WEIGHTS, 'imagenet',
+                      official.WeightsFile(weights.url, '0' * 32, weights.size, False))
   with pytest.raises(WeightsDownloadError, match=f'has MD5 {weights.md5}, expected 0000'):
-    keras_import.load_pretrained('imagenet')
+    pretrained.load_pretrained('imagenet')
   assert not list(dest.parent.iterdir())
 
 
@@ -340,7 +346,7 @@ def test_hand_placed_file_with_wrong_md5_is_refused(offline_official, tmp_path):
   dest.parent.mkdir(parents=True)
   dest.write_bytes(b'not the weights')
   with pytest.raises(WeightsDownloadError, match='is not the official file: its MD5'):
-    keras_import.load_pretrained('imagenet')
+    pretrained.load_pretrained('imagenet')
 
 
 def test_keras_own_cached_copy_is_used(offline_official, monkeypatch, keras_notop_h5, tmp_path):
@@ -348,5 +354,5 @@ def test_keras_own_cached_copy_is_used(offline_official, monkeypatch, keras_noto
   keras_copy = tmp_path / 'keras_home' / 'models' / weights.filename
   keras_copy.parent.mkdir(parents=True)
   keras_copy.write_bytes(keras_notop_h5.read_bytes())
-  monkeypatch.setattr(keras_import, '_urlopen', refuse)
-  assert keras_import.fetch_official('imagenet') == keras_copy
+  monkeypatch.setattr(official, '_urlopen', refuse)
+  assert official.fetch_official('imagenet') == keras_copy

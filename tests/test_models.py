@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from configs import default
-from hhjax.model import inception
-from hhjax.weights import keras_h5 as keras_import
+from hhjax import errors
 from hhjax.model import classifier as models
+from hhjax.model import inception
 from hhjax.training import state as state_lib
+from hhjax.weights import pretrained
 
 
 def _config(**model):
@@ -95,7 +96,7 @@ def converted_mixed1(tmp_path_factory):
   variables = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
                            dict(variables))
   path = tmp_path_factory.mktemp('weights') / 'mixed1'
-  keras_import.save_converted(path, net, variables)
+  pretrained.save_converted(path, net, variables)
   return path, variables
 
 
@@ -104,7 +105,7 @@ def test_pretrained_backbone_is_loaded_and_the_head_kept(converted_mixed1):
   config = _config(cut='mixed0', head='gap', hidden=4)
   model = models.create_model(config, 2)
   variables = jax.jit(functools.partial(state_lib.init_variables, model, config))()
-  loaded = models.load_pretrained_backbone(variables, str(path), 'mixed0')
+  loaded = pretrained.load_backbone(variables, str(path), 'mixed0')
   for collection in ('params', 'batch_stats'):
     got = traverse_util.flatten_dict(loaded[collection]['backbone'], sep='/')
     want = {k: v for k, v in traverse_util.flatten_dict(source[collection], sep='/').items()
@@ -121,4 +122,16 @@ def test_pretrained_weights_ending_before_the_cut_are_an_error(converted_mixed1)
   config = _config(cut='mixed2', head='gap', hidden=4)
   variables = _shapes(config)
   with pytest.raises(ValueError, match='mixed2.*mixed1'):
-    models.load_pretrained_backbone(variables, str(path), 'mixed2')
+    pretrained.load_backbone(variables, str(path), 'mixed2')
+
+
+def test_pretrained_weights_that_do_not_fit_the_backbone_are_named(converted_mixed1):
+  path, _ = converted_mixed1
+  variables = _shapes(_config(cut='mixed0', head='gap', hidden=4))
+  conv = variables['params']['backbone']['stem']['conv_1a_3x3']['conv']
+  conv['kernel'] = jax.ShapeDtypeStruct((3, 3, 3, 16), jnp.float32)  # a model the file is not
+  with pytest.raises(errors.KerasWeightsError,
+                     match=r"do not fit the backbone cut at 'mixed0':\n1 arrays of another "
+                           r'shape.*\n  params/stem/conv_1a_3x3/conv/kernel: \(3, 3, 3, 32\) vs '
+                           r'\(3, 3, 3, 16\)'):
+    pretrained.load_backbone(variables, str(path), 'mixed0')

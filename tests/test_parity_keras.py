@@ -15,7 +15,7 @@ from PIL import Image
 import pytest
 
 from hhjax.model import inception
-from hhjax.weights import keras_h5 as keras_import
+from hhjax.weights import keras_h5
 import keras_reference
 
 TOLERANCE = 1e-4
@@ -96,7 +96,7 @@ def notop(keras_notop_h5):
   import tf_keras  # pylint: disable=g-import-not-at-top
   keras_model = tf_keras.applications.InceptionV3(
       weights=str(keras_notop_h5), include_top=False, input_shape=(150, 150, 3))
-  model, variables = keras_import.load_h5(keras_notop_h5)
+  model, variables = keras_h5.load_h5(keras_notop_h5)
   return types.SimpleNamespace(keras_model=keras_model, model=model, variables=variables,
                                run_both=_run_both(tf_keras, keras_model, model, variables))
 
@@ -115,7 +115,7 @@ def test_notop_matches_tf_keras_on_real_images_at_150(notop, real_data_dir):
 
 
 def test_keras_layer_order_is_tf_keras_model_layers_order(notop):
-  assert order_from_keras(notop.keras_model) == keras_import.keras_layer_order()
+  assert order_from_keras(notop.keras_model) == keras_h5.keras_layer_order()
 
 
 def test_file_of_keras_model_cut_at_mixed7_loads_as_mixed7(notop, tmp_path):
@@ -123,9 +123,9 @@ def test_file_of_keras_model_cut_at_mixed7_loads_as_mixed7(notop, tmp_path):
   path = tmp_path / 'cut.h5'
   tf_keras.Model(notop.keras_model.input,
                  notop.keras_model.get_layer('mixed7').output).save_weights(str(path))
-  model, variables = keras_import.load_h5(path)
+  model, variables = keras_h5.load_h5(path)
   assert (model.final_endpoint, model.include_top) == ('mixed7', False)
-  _, expected = keras_import.cut(notop.model, notop.variables, 'mixed7')
+  _, expected = keras_h5.cut(notop.model, notop.variables, 'mixed7')
   jax.tree.map(np.testing.assert_array_equal, variables, expected)
 
 
@@ -140,7 +140,7 @@ def top(tmp_path_factory):
   keras_reference.randomize(keras_model, seed=2)
   path = tmp_path_factory.mktemp('keras3') / 'inception_v3_top_model.h5'
   keras_model.save(str(path))
-  model, variables = keras_import.load_h5(path)
+  model, variables = keras_h5.load_h5(path)
   return types.SimpleNamespace(keras_model=keras_model, model=model, path=path,
                                run_both=_run_both(keras, keras_model, model, variables))
 
@@ -163,6 +163,6 @@ def test_top_matches_keras3_on_real_image_at_299(top, real_data_dir):
 
 
 def test_keras_layer_order_is_keras3_model_layers_order(top):
-  assert order_from_keras(top.keras_model) == keras_import.keras_layer_order(include_top=True)
+  assert order_from_keras(top.keras_model) == keras_h5.keras_layer_order(include_top=True)
 
 

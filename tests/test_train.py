@@ -26,7 +26,7 @@ from hhjax.training import loop
 from hhjax.training import phases as phases_lib
 from hhjax.training import state as state_lib
 from hhjax.training import steps
-from hhjax.weights import keras_h5 as keras_import
+from hhjax.weights import pretrained
 
 
 def tiny_config():
@@ -97,7 +97,7 @@ def test_early_stopping_ends_a_phase_at_the_threshold(trained):
 
 def test_warmup_leaves_the_pretrained_backbone_bit_identical(trained, keras_notop_h5):
   config, workdir, _ = trained
-  _, keras = keras_import.load_pretrained(keras_notop_h5, final_endpoint=config.model.cut)
+  _, keras = pretrained.load_pretrained(keras_notop_h5, final_endpoint=config.model.cut)
   after_warmup = _arrays(workdir, 3)
   for collection in ('params', 'batch_stats'):
     want, got = _flat(keras[collection]), _flat(after_warmup[collection]['backbone'])

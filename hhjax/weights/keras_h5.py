@@ -1,4 +1,4 @@
-"""Keras's InceptionV3 weights for `hhjax.inception.InceptionV3`.
+"""Keras's InceptionV3 .h5 files read into `hhjax.model.inception.InceptionV3` variables.
 
 Reads Keras's legacy HDF5 files with h5py alone (no TensorFlow or Keras at run time):
 
@@ -13,37 +13,25 @@ branches interleave; `keras_layer_order()` spells it out for this module's param
 Names are not trusted (the official files, written by Keras 2.0, call the first convolution
 `conv2d_1`, newer Keras calls it `conv2d`); every shape is checked instead.
 
-Official weights: `load_pretrained('imagenet')` (no top) or `load_pretrained('imagenet_top')`
-downloads the file into `$HHJAX_CACHE_DIR/keras/` (default `~/.cache/hhjax`), checks its MD5,
-converts it once and keeps the converted variables in `$HHJAX_CACHE_DIR/converted/`.
-
-Converter, for machines without network access:
-
-    python -m hhjax.keras_import --h5 inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5 \
-        --out /data/inception_v3_notop
+Official weights are fetched by `hhjax.weights.official`; `hhjax.weights.pretrained` loads any
+source (a name, an .h5 file, a converted folder) and converts files for offline machines.
 """
 
-import argparse
 import dataclasses
-import hashlib
-import json
 import os
 import pathlib
-import socket
-import sys
-import tempfile
-import urllib.error
-import urllib.request
 from typing import Any
 
-from absl import logging
 import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hhjax import errors
+from hhjax import trees
 from hhjax.model import inception
 from hhjax.model.inception import ENDPOINTS, InceptionV3
+from hhjax.weights import official
 
 Variables = dict[str, Any]
 
@@ -52,7 +40,7 @@ Variables = dict[str, Any]
 #
 # The layers with weights inside each kind of block, in the order Keras's `model.layers` (and
 # so every Keras HDF5 file) lists them: sorted by depth in the graph. `conv` is the Conv2D of a
-# conv2d_bn unit, `bn` its BatchNormalization. tests/test_keras_import.py checks this table
+# conv2d_bn unit, `bn` its BatchNormalization. tests/test_parity_keras.py checks this table
 # against tf_keras's and Keras 3's models.
 
 _STEM_ORDER = (
@@ -108,10 +96,6 @@ def keras_layer_order(final_endpoint: str = 'mixed10', include_top: bool = False
 # Reading an HDF5 file.
 
 
-class KerasWeightsError(ValueError):
-  """A file that does not hold Keras InceptionV3 weights, or cannot be read."""
-
-
 # Keras's names for the arrays of each kind of layer, in the order Keras stores them.
 _KERAS_WEIGHTS = {
     'conv': ('kernel',),
@@ -138,7 +122,7 @@ def _kind(path: str) -> str:
   return path.rsplit('/', 1)[-1]
 
 
-def _abstract_variables(model: InceptionV3) -> Variables:
+def abstract_variables(model: InceptionV3) -> Variables:
   """Shapes and dtypes of `model`'s variables, without computing anything."""
   x = jax.ShapeDtypeStruct((1, inception.MIN_SIZE, inception.MIN_SIZE, 3), jnp.float32)
   return jax.eval_shape(model.init, jax.random.key(0), x)
@@ -202,7 +186,7 @@ def _open_weights_group(f: h5py.File, path: pathlib.Path) -> h5py.Group:
     hint = (" It looks like Keras 3's '.weights.h5' format, which names layers instead of "
             "ordering them: save the model with model.save('x.h5') (or tf_keras's "
             "save_weights('x.h5')) to get the legacy layout.")
-  raise KerasWeightsError(
+  raise errors.KerasWeightsError(
       f'{path} holds no Keras legacy weights: expected the attribute "layer_names" at the root '
       f'(a weights-only file, as save_weights writes) or a group "model_weights" (a whole-model '
       f'file, as model.save writes); found {found}.{hint}')
@@ -217,8 +201,9 @@ def _file_layers(group: h5py.Group, path: pathlib.Path) -> list[_FileLayer]:
   try:
     names = _attribute_list(group, 'layer_names')
   except (OSError, KeyError, ValueError) as e:
-    raise KerasWeightsError(f'{path} is corrupt: its list of layers cannot be read ({e}). '
-                            f'Get a fresh copy of the file.') from e
+    raise errors.KerasWeightsError(
+        f'{path} is corrupt: its list of layers cannot be read ({e}). Get a fresh copy of the '
+        f'file.') from e
   layers = []
   for i, name in enumerate(names):
     try:
@@ -226,7 +211,7 @@ def _file_layers(group: h5py.Group, path: pathlib.Path) -> list[_FileLayer]:
       weight_names = _attribute_list(layer_group, 'weight_names')
       shapes = [tuple(layer_group[w].shape) for w in weight_names]
     except (OSError, KeyError, ValueError) as e:
-      raise KerasWeightsError(
+      raise errors.KerasWeightsError(
           f'{path} is corrupt: layer "{name}" (entry {i} of its layer_names, after '
           f'{len(layers)} layers with weights) cannot be read ({e}). Get a fresh copy of the '
           f'file.') from e
@@ -279,7 +264,7 @@ def _check_layers(path: pathlib.Path, layers: list[_FileLayer], order: list[str]
   else:
     problem += (f' It has more layers after the last one InceptionV3 expects, from '
                 f'{layers[len(order)].describe()}.')
-  raise KerasWeightsError(problem + ' Is it a file of another architecture?')
+  raise errors.KerasWeightsError(problem + ' Is it a file of another architecture?')
 
 
 def _read_variables(path: pathlib.Path, layers: list[_FileLayer],
@@ -289,16 +274,17 @@ def _read_variables(path: pathlib.Path, layers: list[_FileLayer],
     try:
       arrays = [np.asarray(layer.group[w], dtype=np.float32) for w in layer.weight_names]
     except (OSError, KeyError, ValueError) as e:
-      raise KerasWeightsError(
+      raise errors.KerasWeightsError(
           f'{path} is corrupt: reading {layer.describe()} failed ({e}). Get a fresh copy of '
           f'the file.') from e
     for array, (collection, keys) in zip(arrays, _targets(target)):
       if not np.all(np.isfinite(array)):
-        raise KerasWeightsError(f'{path} is corrupt: {layer.describe()} holds NaN or infinite '
-                                f'values. Get a fresh copy of the file.')
+        raise errors.KerasWeightsError(
+            f'{path} is corrupt: {layer.describe()} holds NaN or infinite values. Get a fresh '
+            f'copy of the file.')
       _set(variables, collection, keys, array)
     if _kind(target) == 'bn' and np.any(arrays[2] < 0):
-      raise KerasWeightsError(
+      raise errors.KerasWeightsError(
           f'{path}: {layer.describe()} has a negative moving variance, so its arrays are not '
           f'[beta, moving_mean, moving_variance] as a BatchNormalization(scale=False) stores '
           f'them. Is it a file of another architecture?')
@@ -319,51 +305,50 @@ def load_h5(path: str | os.PathLike) -> tuple[InceptionV3, Variables]:
     nested dicts of float32 numpy arrays.
 
   Raises:
-    FileNotFoundError: no file at `path`.
+    DataNotFoundError: no file at `path`.
     KerasWeightsError: not an HDF5 file, truncated or corrupt, or not InceptionV3's weights.
   """
   path = pathlib.Path(path).expanduser()
   if not path.is_file():
-    raise FileNotFoundError(f'No Keras weights file at {path}.')
+    raise errors.DataNotFoundError(f'No Keras weights file at {path}.')
   if not h5py.is_hdf5(path):
     with open(path, 'rb') as f:
       head = f.read(16)
-    raise KerasWeightsError(
+    raise errors.KerasWeightsError(
         f'{path} is not an HDF5 file (it starts with {head!r}). Expected a Keras .h5 file, as '
         f"written by model.save_weights('x.h5') or model.save('x.h5'), e.g. "
-        f'{OFFICIAL_WEIGHTS["imagenet"].filename}.')
+        f'{official.OFFICIAL_WEIGHTS["imagenet"].filename}.')
   try:
     f = h5py.File(path, 'r')
   except OSError as e:
-    raise KerasWeightsError(
+    official_size = official.OFFICIAL_WEIGHTS['imagenet'].size
+    raise errors.KerasWeightsError(
         f'{path} ({path.stat().st_size:,} bytes) is an HDF5 file that cannot be opened: {e}. '
         f'It is probably truncated or corrupt (an interrupted download?): get a fresh copy '
-        f'(the official notop file is {OFFICIAL_WEIGHTS["imagenet"].size:,} bytes).') from e
+        f'(the official notop file is {official_size:,} bytes).') from e
   with f:
     group = _open_weights_group(f, path)
     layers = _file_layers(group, path)
     model = _model_for_file(layers)
     order = keras_layer_order(model.final_endpoint, model.include_top)
-    abstract = _abstract_variables(model)
+    abstract = abstract_variables(model)
     _check_layers(path, layers, order, _expected_shapes(order, abstract))
     variables = _read_variables(path, layers, order)
-  _check_tree(variables, abstract, source=str(path))
+  check_variables(variables, abstract, source=str(path))
   return model, variables
 
 
-def _check_tree(variables: Variables, abstract: Variables, source: str) -> None:
-  """Every variable of the model present with its shape, and nothing else."""
-  got = {jax.tree_util.keystr(k): np.shape(v)
-         for k, v in jax.tree_util.tree_leaves_with_path(variables)}
-  want = {jax.tree_util.keystr(k): tuple(v.shape)
-          for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
-  if got != want:
-    missing = sorted(set(want) - set(got))[:5]
-    extra = sorted(set(got) - set(want))[:5]
-    wrong = sorted(k for k in set(got) & set(want) if got[k] != want[k])[:5]
-    raise KerasWeightsError(
-        f'{source}: the variables do not fit the model: missing {missing}, unexpected {extra}, '
-        f'wrong shapes {[(k, got[k], want[k]) for k in wrong]}.')
+def check_variables(variables: Variables, abstract: Variables, source: str) -> None:
+  """Every variable of the model present with its shape, and nothing else.
+
+  The last guard before variables are handed out or written: whatever produced them (a file's
+  layers paired by position, an orbax restore), they must be exactly the model's.
+  """
+  report = trees.describe_differences(
+      trees.leaf_specs(variables), trees.leaf_specs(abstract),
+      got_name='the variables', want_name='the model')
+  if report:
+    raise errors.KerasWeightsError(f'{source}: the variables do not fit the model:\n{report}')
 
 
 def cut(model: InceptionV3, variables: Variables,
@@ -372,304 +357,9 @@ def cut(model: InceptionV3, variables: Variables,
   if final_endpoint not in ENDPOINTS:
     raise ValueError(f'final_endpoint must be one of {ENDPOINTS}, got {final_endpoint!r}.')
   if ENDPOINTS.index(final_endpoint) > ENDPOINTS.index(model.final_endpoint):
-    raise ValueError(f'Cannot cut at {final_endpoint}: these weights end at '
-                     f'{model.final_endpoint}.')
+    raise errors.KerasWeightsError(
+        f'Cannot cut at {final_endpoint}: these weights end at {model.final_endpoint}.')
   keep = {'stem', *ENDPOINTS[:ENDPOINTS.index(final_endpoint) + 1]}
   variables = {collection: {k: v for k, v in tree.items() if k in keep}
                for collection, tree in variables.items()}
   return InceptionV3(final_endpoint=final_endpoint), variables
-
-
-# ------------------------------------------------------------------------------------------
-# Official weights, cache and converted folders.
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightsFile:
-  """An official Keras weights file."""
-  url: str
-  md5: str
-  size: int | None
-  include_top: bool
-
-  @property
-  def filename(self) -> str:
-    return self.url.rsplit('/', 1)[-1]
-
-
-_KERAS_URL = 'https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/'
-OFFICIAL_WEIGHTS = {
-    'imagenet': WeightsFile(
-        _KERAS_URL + 'inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5',
-        md5='bcbd6486424b2319ff4ef7d526e38f63', size=87_910_968, include_top=False),
-    'imagenet_top': WeightsFile(
-        _KERAS_URL + 'inception_v3_weights_tf_dim_ordering_tf_kernels.h5',
-        md5='9a0d58056eeedaa3f26cb7ebd46da564', size=None, include_top=True),
-}
-CACHE_DIR_ENV = 'HHJAX_CACHE_DIR'
-# Seconds to wait for the server. Short: a machine without network access should hear so at
-# once, with the way out, rather than hang.
-DOWNLOAD_TIMEOUT_S = 10.0
-# Indirection so that tests can serve files without a network.
-_urlopen = urllib.request.urlopen
-
-
-class WeightsDownloadError(RuntimeError):
-  """The official weights could not be downloaded or did not verify."""
-
-
-def cache_dir() -> pathlib.Path:
-  """Where downloads and converted weights are kept: $HHJAX_CACHE_DIR or ~/.cache/hhjax."""
-  return pathlib.Path(os.environ.get(CACHE_DIR_ENV) or '~/.cache/hhjax').expanduser()
-
-
-def _md5(path: pathlib.Path) -> str:
-  digest = hashlib.md5()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
-def _keras_cache_file(weights: WeightsFile) -> pathlib.Path:
-  """Where Keras itself caches the file (reused when present and intact)."""
-  keras_home = os.environ.get('KERAS_HOME') or '~/.keras'
-  return pathlib.Path(keras_home).expanduser() / 'models' / weights.filename
-
-
-def fetch_official(name: str) -> pathlib.Path:
-  """The verified official .h5 file `name` ('imagenet' or 'imagenet_top'), downloaded if needed.
-
-  Looks in $HHJAX_CACHE_DIR/keras/ and Keras's own cache (~/.keras/models/) first.
-
-  Raises:
-    WeightsDownloadError: no network, or the file does not have the official MD5.
-  """
-  weights = OFFICIAL_WEIGHTS[name]
-  dest = cache_dir() / 'keras' / weights.filename
-  if dest.is_file():
-    got = _md5(dest)
-    if got != weights.md5:
-      raise WeightsDownloadError(
-          f'{dest} is not the official file: its MD5 is {got}, expected {weights.md5}. '
-          f'Delete it to download it again, or replace it with a copy from {weights.url}.')
-    return dest
-  keras_copy = _keras_cache_file(weights)
-  if keras_copy.is_file() and _md5(keras_copy) == weights.md5:
-    return keras_copy
-  return _download(weights, dest)
-
-
-def _download(weights: WeightsFile, dest: pathlib.Path) -> pathlib.Path:
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  logging.info('Downloading %s to %s', weights.url, dest)
-  # Written under a temporary name and renamed once verified, so that an interrupted download
-  # never leaves a file that looks complete.
-  fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + '.', suffix='.part')
-  digest = hashlib.md5()
-  try:
-    try:
-      with os.fdopen(fd, 'wb') as out, _urlopen(weights.url, timeout=DOWNLOAD_TIMEOUT_S) as r:
-        for chunk in iter(lambda: r.read(1 << 20), b''):
-          digest.update(chunk)
-          out.write(chunk)
-    except (urllib.error.URLError, socket.timeout, OSError) as e:
-      reason = getattr(e, 'reason', e)
-      raise WeightsDownloadError(
-          f'Could not download the official InceptionV3 weights from {weights.url} '
-          f'({reason}). Without network access, download that file elsewhere and put it at '
-          f'{dest} (set {CACHE_DIR_ENV} to use another folder than {cache_dir()}), or pass '
-          f'the path of a local .h5 file or converted folder instead.') from e
-    if digest.hexdigest() != weights.md5:
-      raise WeightsDownloadError(
-          f'The file downloaded from {weights.url} has MD5 {digest.hexdigest()}, expected '
-          f'{weights.md5}: the download was corrupted or the file changed. Try again.')
-    os.replace(tmp, dest)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return dest
-
-
-def _flatten(variables: Variables) -> dict[str, np.ndarray]:
-  return {'/'.join(k.key for k in keys): np.asarray(v)
-          for keys, v in jax.tree_util.tree_leaves_with_path(variables)}
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> Variables:
-  tree: Variables = {}
-  for name, value in flat.items():
-    keys = name.split('/')
-    _set(tree, keys[0], tuple(keys[1:]), value)
-  return tree
-
-
-def _model_metadata(model: InceptionV3) -> dict[str, Any]:
-  return {'architecture': 'InceptionV3', 'final_endpoint': model.final_endpoint,
-          'include_top': model.include_top, 'num_classes': model.num_classes}
-
-
-def _model_from_metadata(meta: dict[str, Any], source: str) -> InceptionV3:
-  if meta.get('architecture') != 'InceptionV3':
-    raise KerasWeightsError(f'{source} does not hold InceptionV3 weights (metadata: {meta}).')
-  return InceptionV3(final_endpoint=meta['final_endpoint'], include_top=meta['include_top'],
-                     num_classes=meta['num_classes'])
-
-
-def _converted_cache_file(weights: WeightsFile) -> pathlib.Path:
-  stem = weights.filename.removesuffix('.h5')
-  return cache_dir() / 'converted' / f'{stem}-{weights.md5[:8]}.npz'
-
-
-def _load_cached(path: pathlib.Path) -> tuple[InceptionV3, Variables] | None:
-  """The converted weights cached at `path`, or None if absent or unusable."""
-  if not path.is_file():
-    return None
-  try:
-    with np.load(path, allow_pickle=False) as npz:
-      flat = {k: npz[k] for k in npz.files}
-    meta = json.loads(str(flat.pop('__metadata__')))
-    model = _model_from_metadata(meta, str(path))
-    variables = _unflatten(flat)
-    _check_tree(variables, _abstract_variables(model), source=str(path))
-  except Exception as e:  # pylint: disable=broad-except
-    # A cache is never worth failing for: convert again.
-    logging.warning('Ignoring the unusable converted weights cache %s (%s).', path, e)
-    return None
-  return model, variables
-
-
-def _save_cached(path: pathlib.Path, model: InceptionV3, variables: Variables) -> None:
-  # A single .npz written under a temporary name then renamed: several processes of one host
-  # may convert at once, each on its own local disk, and none may see a half-written cache.
-  # (An orbax checkpoint is a folder written collectively by all processes of a job, which a
-  # per-host cache does not need.)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.part')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, __metadata__=np.asarray(json.dumps(_model_metadata(model))),
-               **_flatten(variables))
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def _load_official(name: str) -> tuple[InceptionV3, Variables]:
-  weights = OFFICIAL_WEIGHTS[name]
-  cached = _converted_cache_file(weights)
-  loaded = _load_cached(cached)
-  if loaded is not None:
-    return loaded
-  model, variables = load_h5(fetch_official(name))
-  if model.include_top != weights.include_top:
-    raise KerasWeightsError(f'The official file for {name!r} has include_top='
-                            f'{model.include_top}, expected {weights.include_top}.')
-  _save_cached(cached, model, variables)
-  return model, variables
-
-
-def save_converted(directory: str | os.PathLike, model: InceptionV3,
-                   variables: Variables) -> pathlib.Path:
-  """Writes `variables` and the model's configuration as an orbax checkpoint in `directory`.
-
-  The folder must not exist yet. `load_converted` and `load_pretrained` read it back.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = pathlib.Path(directory).expanduser().resolve()
-  if directory.exists():
-    raise FileExistsError(f'{directory} exists already: remove it or choose another folder.')
-  _check_tree(variables, _abstract_variables(model), source='save_converted')
-  variables = jax.tree.map(np.asarray, variables)
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    checkpointer.save(directory, ocp.args.Composite(
-        variables=ocp.args.PyTreeSave(variables),
-        metadata=ocp.args.JsonSave(_model_metadata(model))))
-  return directory
-
-
-def load_converted(directory: str | os.PathLike) -> tuple[InceptionV3, Variables]:
-  """Reads a folder written by `save_converted` (or the converter command).
-
-  Returns:
-    (model, variables) as `load_h5` returns them.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = pathlib.Path(directory).expanduser().resolve()
-  if not (directory / 'metadata').exists() or not (directory / 'variables').exists():
-    raise KerasWeightsError(
-        f'{directory} is not a converted weights folder: expected the orbax items "metadata" '
-        f'and "variables" that `python -m hhjax.keras_import --h5 FILE --out DIR` writes; found '
-        f'{sorted(p.name for p in directory.iterdir())[:10] if directory.is_dir() else "nothing"}.')
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    meta = checkpointer.restore(
-        directory, ocp.args.Composite(metadata=ocp.args.JsonRestore()))['metadata']
-    model = _model_from_metadata(meta, str(directory))
-    abstract = _abstract_variables(model)
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
-    variables = checkpointer.restore(directory, ocp.args.Composite(
-        variables=ocp.args.PyTreeRestore(restore_args=restore_args)))['variables']
-  variables = jax.tree.map(np.asarray, variables)
-  _check_tree(variables, abstract, source=str(directory))
-  return model, variables
-
-
-def load_pretrained(spec: str | os.PathLike, *,
-                    final_endpoint: str | None = None) -> tuple[InceptionV3, Variables]:
-  """Pretrained InceptionV3 weights from a name, an .h5 file or a converted folder.
-
-  Args:
-    spec: 'imagenet' (Keras's ImageNet weights without the top), 'imagenet_top' (with it),
-      the path of a Keras .h5 file, or a folder written by `save_converted`.
-    final_endpoint: if given, cut the network there (see `cut`), dropping any top.
-
-  Returns:
-    (model, variables) as `load_h5` returns them.
-  """
-  if isinstance(spec, str) and spec in OFFICIAL_WEIGHTS:
-    model, variables = _load_official(spec)
-  else:
-    path = pathlib.Path(spec).expanduser()
-    if path.is_dir():
-      model, variables = load_converted(path)
-    elif path.is_file():
-      model, variables = load_h5(path)
-    else:
-      raise FileNotFoundError(
-          f'Pretrained weights {str(spec)!r}: expected {" or ".join(map(repr, OFFICIAL_WEIGHTS))}'
-          f', a Keras .h5 file or a converted folder, but nothing exists at {path}.')
-  if final_endpoint is not None:
-    model, variables = cut(model, variables, final_endpoint)
-  return model, variables
-
-
-def _describe(model: InceptionV3, variables: Variables) -> str:
-  count = sum(np.size(v) for v in jax.tree.leaves(variables))
-  top = f'with a {model.num_classes}-class top' if model.include_top else 'without top'
-  return f'InceptionV3 up to {model.final_endpoint}, {top}, {count:,} values'
-
-
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
-      prog='python -m hhjax.keras_import',
-      description='Convert Keras InceptionV3 weights (.h5) into an orbax checkpoint folder that '
-                  'training can start from (config.model.pretrained=DIR).')
-  parser.add_argument('--h5', required=True,
-                      help='Keras .h5 file, or "imagenet" / "imagenet_top" to download the '
-                           'official file.')
-  parser.add_argument('--out', required=True, help='Folder to create.')
-  args = parser.parse_args(argv)
-  try:
-    if args.h5 in OFFICIAL_WEIGHTS:
-      model, variables = load_h5(fetch_official(args.h5))
-    else:
-      model, variables = load_h5(args.h5)
-    out = save_converted(args.out, model, variables)
-  except (KerasWeightsError, WeightsDownloadError, FileNotFoundError, FileExistsError) as e:
-    sys.exit(f'error: {e}')
-  print(f'Wrote {_describe(model, variables)} to {out}')
-
-
-if __name__ == '__main__':
-  main()

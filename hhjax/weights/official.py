@@ -1,0 +1,118 @@
+"""Keras's official ImageNet InceptionV3 weights files: where they are, and getting them verified.
+
+`fetch_official('imagenet')` (no top) or `fetch_official('imagenet_top')` returns the path of
+the official .h5 file, verified by its MD5: the copy in `$HHJAX_CACHE_DIR/keras/` (default
+`~/.cache/hhjax`), else Keras's own copy in `~/.keras/models/`, else a fresh download into the
+former. Without network access the error says where to put a copy fetched elsewhere.
+"""
+
+import dataclasses
+import hashlib
+import os
+import pathlib
+import socket
+import urllib.error
+import urllib.request
+
+from absl import logging
+
+from hhjax import errors
+from hhjax import files
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsFile:
+  """An official Keras weights file."""
+  url: str
+  md5: str
+  size: int | None
+  include_top: bool
+
+  @property
+  def filename(self) -> str:
+    return self.url.rsplit('/', 1)[-1]
+
+
+_KERAS_URL = 'https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/'
+OFFICIAL_WEIGHTS = {
+    'imagenet': WeightsFile(
+        _KERAS_URL + 'inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5',
+        md5='bcbd6486424b2319ff4ef7d526e38f63', size=87_910_968, include_top=False),
+    'imagenet_top': WeightsFile(
+        _KERAS_URL + 'inception_v3_weights_tf_dim_ordering_tf_kernels.h5',
+        md5='9a0d58056eeedaa3f26cb7ebd46da564', size=None, include_top=True),
+}
+CACHE_DIR_ENV = 'HHJAX_CACHE_DIR'
+# Seconds to wait for the server. Short: a machine without network access should hear so at
+# once, with the way out, rather than hang.
+DOWNLOAD_TIMEOUT_S = 10.0
+# Indirection so that tests can serve files without a network.
+_urlopen = urllib.request.urlopen
+
+
+def cache_dir() -> pathlib.Path:
+  """Where downloads are kept: $HHJAX_CACHE_DIR or ~/.cache/hhjax."""
+  return pathlib.Path(os.environ.get(CACHE_DIR_ENV) or '~/.cache/hhjax').expanduser()
+
+
+def _md5(path: pathlib.Path) -> str:
+  digest = hashlib.md5()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _keras_cache_file(weights: WeightsFile) -> pathlib.Path:
+  """Where Keras itself caches the file (reused when present and intact)."""
+  keras_home = os.environ.get('KERAS_HOME') or '~/.keras'
+  return pathlib.Path(keras_home).expanduser() / 'models' / weights.filename
+
+
+def fetch_official(name: str) -> pathlib.Path:
+  """The verified official .h5 file `name` ('imagenet' or 'imagenet_top'), downloaded if needed.
+
+  Looks in $HHJAX_CACHE_DIR/keras/ and Keras's own cache (~/.keras/models/) first.
+
+  Raises:
+    WeightsDownloadError: no network, or the file does not have the official MD5.
+  """
+  weights = OFFICIAL_WEIGHTS[name]
+  dest = cache_dir() / 'keras' / weights.filename
+  if dest.is_file():
+    got = _md5(dest)
+    if got != weights.md5:
+      raise errors.WeightsDownloadError(
+          f'{dest} is not the official file: its MD5 is {got}, expected {weights.md5}. '
+          f'Delete it to download it again, or replace it with a copy from {weights.url}.')
+    return dest
+  keras_copy = _keras_cache_file(weights)
+  if keras_copy.is_file() and _md5(keras_copy) == weights.md5:
+    return keras_copy
+  return _download(weights, dest)
+
+
+def _download(weights: WeightsFile, dest: pathlib.Path) -> pathlib.Path:
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  logging.info('Downloading %s to %s', weights.url, dest)
+  # Renamed into place only once verified (the error inside the block leaves nothing), so an
+  # interrupted or corrupted download never leaves a file that looks complete.
+  with files.atomic_path(dest) as tmp:
+    digest = hashlib.md5()
+    try:
+      with tmp.open('wb') as out, _urlopen(weights.url, timeout=DOWNLOAD_TIMEOUT_S) as r:
+        for chunk in iter(lambda: r.read(1 << 20), b''):
+          digest.update(chunk)
+          out.write(chunk)
+    except (urllib.error.URLError, socket.timeout, OSError) as e:
+      reason = getattr(e, 'reason', e)
+      raise errors.WeightsDownloadError(
+          f'Could not download the official InceptionV3 weights from {weights.url} '
+          f'({reason}). Without network access, download that file elsewhere and put it at '
+          f'{dest} (set {CACHE_DIR_ENV} to use another folder than {cache_dir()}), or pass '
+          f'the path of a local .h5 file or converted folder instead.') from e
+    if digest.hexdigest() != weights.md5:
+      raise errors.WeightsDownloadError(
+          f'The file downloaded from {weights.url} has MD5 {digest.hexdigest()}, expected '
+          f'{weights.md5}: the download was corrupted or the file changed. Try again.')
+  return dest
