@@ -48,6 +48,17 @@ def test_smoke_config_runs_end_to_end(smoke_workdir):
     assert (workdir / name).stat().st_size > 0
 
 
+def test_tensorboard_from_the_requirements_reads_the_runs_scalars(smoke_workdir, env):
+  # The README's `tensorboard --logdir W`: the command comes with requirements.txt.
+  workdir, _ = smoke_workdir
+  tensorboard = pathlib.Path(sys.executable).parent / 'tensorboard'
+  proc = subprocess.run([str(tensorboard), '--inspect', f'--logdir={workdir}'], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  for tag in ('train/loss', 'val/accuracy', 'learning_rate'):
+    assert tag in proc.stdout
+
+
 def test_eval_needs_only_the_workdir(smoke_workdir, env):
   workdir, _ = smoke_workdir
   proc = _main('--mode=eval', f'--workdir={workdir}', env=env)
