@@ -4,6 +4,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -108,6 +109,17 @@ def test_cache_on_where_impossible_says_why(prepared):
     feature_cache.wanted(config, setup)
 
 
+@pytest.mark.parametrize('spelling, cached', [('yes', True), (True, True), ('OFF', False),
+                                               (False, False), (None, True)])
+def test_cache_switch_reads_every_spelling_the_speed_rewrites_read(prepared, spelling, cached):
+  # One parser for every on/off/auto field: config.speed.fold_bn='yes' and
+  # config.speed.cache_features='yes' mean the same.
+  _, _, _, setup, _ = prepared
+  values = small_config().to_dict()
+  values['speed']['cache_features'] = spelling     # as a config.json may hold it
+  assert feature_cache.wanted(ml_collections.ConfigDict(values), setup) == cached
+
+
 @pytest.mark.parametrize('mode', ['auto', 'on'])
 def test_cache_is_not_used_when_the_backbone_trains(prepared, mode):
   _, _, _, _, state = prepared
@@ -145,11 +157,18 @@ def test_training_with_the_cache_ends_where_training_on_images_ends(tmp_path, mo
       super().__init__(*args, **kwargs)
 
   monkeypatch.setattr(feature_cache, 'FeatureCache', Spy)
-  results = {}
+  steps_built = []
+  make_train_step = steps.make_train_step
+  monkeypatch.setattr(steps, 'make_train_step',
+                      lambda *a, **k: steps_built.append(1) or make_train_step(*a, **k))
+  results, step_counts = {}, {}
   for mode in ('on', 'off'):
     config.speed.cache_features = mode
     results[mode] = loop.train_and_evaluate(config, str(tmp_path / mode))
+    step_counts[mode], steps_built[:] = len(steps_built), []
   assert built == [True]   # the warm-up only; the fine-tuning trains the backbone
+  # One train step per phase: the cached phase builds none on images to throw away.
+  assert step_counts == {'on': 2, 'off': 2}
   on, off = results['on'], results['off']
   assert on['step'] == off['step'] == 9
   np.testing.assert_allclose(on['loss'], off['loss'], rtol=1e-4)

@@ -56,8 +56,23 @@ def trained(tmp_path_factory, keras_notop_h5):
   config.early_stopping.metric = 'train_accuracy'
   config.early_stopping.threshold = -1.0     # always reached: each phase stops after 1 epoch
   workdir = str(tmp_path_factory.mktemp('trained'))
-  result = loop.train_and_evaluate(config, workdir)
+  built = []
+  with pytest.MonkeyPatch.context() as patch:   # counts the optimizers the run builds
+    make = phases_lib.optim.make_optimizer
+    patch.setattr(phases_lib.optim, 'make_optimizer',
+                  lambda *a, **k: built.append(1) or make(*a, **k))
+    result = loop.train_and_evaluate(config, workdir)
+  result['optimizers_built'] = len(built)
   return config, workdir, result
+
+
+def test_each_phase_builds_its_optimizer_once_and_saves_its_phase_by_name(trained):
+  _, workdir, result = trained
+  assert result['optimizers_built'] == 2          # warm-up and fine-tuning, once each
+  with checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'), read_only=True) as c:
+    info = c.info(c.latest_step())
+  assert info['phase'] == info['progress']['phase'] == 'finetune'
+  assert 'phase_index' not in info['progress']
 
 
 def _arrays(workdir, step):
