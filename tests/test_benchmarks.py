@@ -59,3 +59,20 @@ def test_choose_returns_the_names_and_rejects_unknown_ones():
     assert e.code == 2
   else:
     raise AssertionError('an unknown case was accepted')
+
+
+def test_benchmarks_use_only_public_names_of_the_library():
+  # A benchmark that reaches into private names (or rebuilds a step of its own) measures
+  # something training does not run.
+  import re  # pylint: disable=g-import-not-at-top
+  modules = set()
+  private = []
+  for name in sorted(os.listdir(os.path.join(ROOT, 'benchmarks'))):
+    if not name.endswith('.py'):
+      continue
+    text = open(os.path.join(ROOT, 'benchmarks', name)).read()
+    imported = re.findall(r'from hhjax(?:\.\w+)* import (\w+)(?: as (\w+))?', text)
+    names = {alias or module for module, alias in imported}
+    modules |= names
+    private += [f'{name}: {m}' for m in re.findall(r'\b(\w+)\._\w+', text) if m in names]
+  assert 'feature_cache' in modules and not private, private
