@@ -106,7 +106,25 @@ def _run(mode: str, config: ml_collections.ConfigDict) -> None:
     print(path)
 
 
-def main(argv):
+def _fail(message) -> None:
+  """Ends the program for a mistake the user can fix: the message alone, exit status 2."""
+  logging.flush()
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(errors.EXIT_USER_ERROR)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with its errors reported as one line and exit status 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"{str(e).rstrip('.')}. Run with --helpfull to list the flags.")
+  except AttributeError as e:   # config_flags: an override of a field the config lacks
+    _fail(f'a --config.FIELD=VALUE override names a field the config does not have ({e}); '
+          'the fields are those of the --config file.')
+
+
+def _check_command_line(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if FLAGS.config is None and FLAGS.mode in ('train', 'preview_data'):
@@ -115,18 +133,20 @@ def main(argv):
     raise app.UsageError('--mode=predict needs --images=FILE_FOLDER_OR_GLOB (repeatable).')
   if NONE_OVERRIDES and FLAGS.config is None:
     raise app.UsageError(f'--config.{NONE_OVERRIDES[0]}=None needs --config=configs/....py')
+
+
+def main(argv):
   logging.info('GLIBC_TUNABLES=%s', os.environ.get('GLIBC_TUNABLES', '(unset)'))
   try:
+    _check_command_line(argv)
     if FLAGS.config is not None:
       set_none(FLAGS.config, NONE_OVERRIDES)
     config = FLAGS.config if FLAGS.config is not None else workdir_lib.load_config(FLAGS.workdir)
     config_checks.validate(config)
     _run(FLAGS.mode, config)
-  except errors.UserError as e:
+  except (errors.UserError, app.UsageError) as e:
     # Something the user can fix: the message alone says what and how; no traceback.
-    logging.flush()
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.exit(errors.EXIT_USER_ERROR)
+    _fail(e)
 
 
 if __name__ == '__main__':
@@ -136,4 +156,4 @@ if __name__ == '__main__':
   host_malloc.reexec_with_tunables()
   sys.argv, NONE_OVERRIDES = split_none_overrides(sys.argv)
   flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

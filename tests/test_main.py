@@ -81,10 +81,19 @@ def test_predict_prints_path_class_and_probability(smoke_workdir, env, tmp_path)
 
 
 def test_usage_errors_are_reported_before_any_work(tmp_path, env):
-  proc = _main(f'--workdir={tmp_path}', env=env, check=False)
-  assert proc.returncode != 0 and '--mode=train needs --config' in proc.stderr
-  proc = _main('--mode=predict', f'--workdir={tmp_path}', env=env, check=False)
-  assert proc.returncode != 0 and '--images' in proc.stderr
+  for args, needle in (
+      ([f'--workdir={tmp_path}'], '--mode=train needs --config'),
+      (['--mode=predict', f'--workdir={tmp_path}'], '--images'),
+      (['--config=configs/smoke.py'], '--workdir'),
+      (['--config=configs/smoke.py', f'--workdir={tmp_path}', '--config.batch_size=abc'],
+       "--config.batch_size=abc: invalid literal for int() with base 10: 'abc'"),
+      (['--config=configs/smoke.py', f'--workdir={tmp_path}', '--config.nope=3'],
+       "names a field the config does not have (\"'nope'\")"),
+  ):
+    proc = _main(*args, env=env, check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith('error: ') and needle in last, proc.stderr
+    assert 'Traceback' not in proc.stderr
 
 
 def test_preview_data_writes_a_grid_of_training_images(env, tmp_path):
