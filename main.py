@@ -26,6 +26,7 @@ from ml_collections import config_flags
 from hhjax import config_checks
 from hhjax import errors
 from hhjax import workdir as workdir_lib
+from hhjax import workdir_lock
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -121,6 +122,8 @@ def main(argv):
       set_none(FLAGS.config, NONE_OVERRIDES)
     config = FLAGS.config if FLAGS.config is not None else workdir_lib.load_config(FLAGS.workdir)
     config_checks.validate(config)
+    if FLAGS.mode == 'train':   # refuse a busy workdir before seconds of imports
+      workdir_lock.check_free(workdir_lib.absolute(FLAGS.workdir))
     _run(FLAGS.mode, config)
   except errors.UserError as e:
     # Something the user can fix: the message alone says what and how; no traceback.
