@@ -92,7 +92,12 @@ def report(result: Mapping[str, Any], class_names: Sequence[str], step: int, wor
                result['count'], result['loss'], result['accuracy'],
                metrics_lib.format_confusion(result['confusion'], class_names))
   if is_main:
-    workdir_lib.write_eval(workdir, out)
+    try:
+      workdir_lib.write_eval(workdir, out)
+    except Exception as e:  # pylint: disable=broad-except  # OSError here, other types on gs://
+      # The results are printed above; a read-only workdir should not turn them into a failure.
+      logging.warning('Could not write %s/%s (%s: %s); the results above are not saved.',
+                      workdir, workdir_lib.EVAL_FILE, type(e).__name__, e)
   return out
 
 
