@@ -38,6 +38,9 @@ flags.DEFINE_multi_string('images', [], 'For --mode=predict: image files, folder
 flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'],
                   'For eval and predict: the latest checkpoint or the best by validation '
                   'accuracy.')
+flags.DEFINE_enum('bad_files', None, list(config_checks.BAD_FILES),
+                  'Sets config.data.bad_files (what to do with files that are not readable '
+                  "images: 'error' or 'skip'), also where the config comes from the workdir.")
 
 
 _NONE_OVERRIDE = re.compile(r'--config\.([\w.]+)=(?:none|null)', re.IGNORECASE)
@@ -121,6 +124,8 @@ def main(argv):
     if FLAGS.config is not None:
       set_none(FLAGS.config, NONE_OVERRIDES)
     config = FLAGS.config if FLAGS.config is not None else workdir_lib.load_config(FLAGS.workdir)
+    if FLAGS.bad_files is not None:
+      config.data.bad_files = FLAGS.bad_files
     config_checks.validate(config)
     if FLAGS.mode == 'train':   # refuse a busy workdir before seconds of imports
       workdir_lock.check_free(workdir_lib.absolute(FLAGS.workdir))

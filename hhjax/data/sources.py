@@ -148,7 +148,8 @@ def _scan_folder(config: ml_collections.ConfigDict, splits: Sequence[str]) -> li
   bad = {p: r for scan in scans for p, r in scan.bad.items()}
   bad_files.apply_policy(
       bad, config.data.bad_files, where=f'file(s) in {config.data.dir}',
-      advice="Remove or repair them, or set config.data.bad_files='skip' to train without them.")
+      advice='Remove or repair them, or run again with --bad_files=skip '
+      "(config.data.bad_files='skip') to go on without them.")
   for scan in scans:
     empty = [c for c in scan.class_names if not scan.files[c]]
     if empty:
