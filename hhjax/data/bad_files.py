@@ -20,7 +20,7 @@ from hhjax.data import streams
 
 # How many bad files a message lists before it counts the rest.
 _MAX_LISTED = 20
-_FORMATS = 'PNG, JPEG, BMP, GIF, WebP'
+_FORMATS = ', '.join(decode.IMAGE_FORMATS)
 
 
 def _why_bad(path: str) -> str:
