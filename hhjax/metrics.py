@@ -72,7 +72,7 @@ def _event_files(workdir: str) -> list[str]:
   return sorted(tf.io.gfile.glob(os.path.join(workdir, TENSORBOARD_DIR, 'events.out.tfevents.*')))
 
 
-def tensorboard_points(workdir: str) -> list[tuple[str, int]] | None:
+def _tensorboard_points(workdir: str) -> list[tuple[str, int]] | None:
   """(tag, step) of every scalar in WORKDIR/tensorboard, sorted; None if a file is unreadable."""
   points = []
   for path in _event_files(workdir):
@@ -106,7 +106,7 @@ class MetricsWriter:
     if kept != rows:
       _write_rows(self.workdir, kept)
     want = sorted((tag, int(r['step'])) for r in kept for tag, _ in _scalars(r))
-    if tensorboard_points(self.workdir) != want:
+    if _tensorboard_points(self.workdir) != want:
       self._rebuild_tensorboard(kept)
 
   def _rebuild_tensorboard(self, rows: Sequence[Mapping[str, Any]]) -> None:

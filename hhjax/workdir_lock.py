@@ -51,11 +51,8 @@ def _is_url(workdir: str) -> bool:
 
 
 def _owner_info() -> dict[str, Any]:
-  now = time.time()
   return {'host': socket.gethostname(), 'pid': os.getpid(),
-          'started': datetime.datetime.fromtimestamp(now).astimezone().isoformat(
-              timespec='seconds'),
-          'heartbeat': now, 'token': uuid.uuid4().hex}
+          'started': datetime.datetime.now().astimezone().isoformat(timespec='seconds')}
 
 
 def _parse(text: str) -> dict[str, Any] | None:
@@ -66,7 +63,7 @@ def _parse(text: str) -> dict[str, Any] | None:
   return info if isinstance(info, dict) else None
 
 
-def describe(info: dict[str, Any] | None) -> str:
+def _describe(info: dict[str, Any] | None) -> str:
   """'host H, pid P, started T' of a lock's owner."""
   if not info:
     return 'owner not yet recorded'
@@ -96,11 +93,11 @@ class _LocalLock:
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       if not _flock(fd, retry_s=_RETRY_S):
-        raise _busy(self.workdir, describe(_read_owner(fd)))
+        raise _busy(self.workdir, _describe(_read_owner(fd)))
       previous = _parse(_read(fd))
       if previous:
         logging.warning('Taking over %s: the training run that held it (%s) ended without '
-                        'releasing it (killed or crashed).', self.path, describe(previous))
+                        'releasing it (killed or crashed).', self.path, _describe(previous))
       _write(fd, json.dumps(_owner_info()))
     except BaseException:
       os.close(fd)   # closing releases the flock, if taken
@@ -168,7 +165,7 @@ def check_free(workdir: str) -> None:
     return   # unreadable here: `hold` reports it
   try:
     if not _flock(fd, retry_s=0):
-      raise _busy(workdir, describe(_read_owner(fd)))
+      raise _busy(workdir, _describe(_read_owner(fd)))
   except OSError:
     pass     # a file system without flock: `hold` falls back to the lease
   finally:
@@ -205,17 +202,17 @@ class _Lease:
     if current:
       age = time.time() - float(current.get('heartbeat', 0))
       if age < STALE_AFTER_S:
-        raise _busy(self.workdir, f'{describe(current)}, last heartbeat {age:.0f} s ago; '
+        raise _busy(self.workdir, f'{_describe(current)}, last heartbeat {age:.0f} s ago; '
                     f'taken over after {STALE_AFTER_S:.0f} s without one')
       logging.warning('Taking over %s: the training run that held it (%s) has not renewed it '
-                      'for %.0f s (killed or crashed).', self.path, describe(current), age)
-    self._info = _owner_info()
+                      'for %.0f s (killed or crashed).', self.path, _describe(current), age)
+    self._info = dict(_owner_info(), heartbeat=time.time(), token=uuid.uuid4().hex)
     self._write(self._info)
     time.sleep(SETTLE_S)   # another run starting now may overwrite it: the later write wins
     winner = self._read()
     if not winner or winner.get('token') != self._info['token']:
       self._info = None
-      raise _busy(self.workdir, describe(winner))
+      raise _busy(self.workdir, _describe(winner))
     self._thread = threading.Thread(target=self._renew, name='workdir-lock', daemon=True)
     self._thread.start()
 
@@ -224,8 +221,8 @@ class _Lease:
       try:
         current = self._read()
         if not current or current.get('token') != self._info['token']:
-          logging.error('%s was taken over by another run (%s): two runs now train in %s.',
-                        self.path, describe(current), self.workdir)
+          logging.error('%s was removed or taken over by another run (%s): two runs may now '
+                        'train in %s.', self.path, _describe(current), self.workdir)
           return
         self._info = dict(self._info, heartbeat=time.time())
         self._write(self._info)
@@ -270,11 +267,9 @@ def _acquire(workdir: str, shared: bool | None):
 
 def _agree(ok: bool) -> bool:
   """With several processes: process 0's outcome, for all of them."""
-  import jax  # pylint: disable=g-import-not-at-top
+  # Deferred: main.py checks the lock before JAX loads.
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  if jax.process_count() == 1:
-    return ok
   return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
 
 
