@@ -6,6 +6,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -76,11 +77,17 @@ def test_default_config_without_network_says_what_to_do_within_seconds(tmp_path)
 
 
 def test_network_check_gives_up_after_its_timeout(monkeypatch):
-  def hang(*args, **kwargs):   # a name lookup that never answers
-    time.sleep(30)
+  answer = threading.Event()
+
+  def hang(*args, **kwargs):   # a name lookup that answers only when the test is over
+    answer.wait(30)
+    raise OSError('too late')
   monkeypatch.setattr(socket, 'create_connection', hang)
   start = time.monotonic()
-  problem = sources._network_problem('https://storage.googleapis.com/x.zip', timeout=0.5)
+  try:
+    problem = sources._network_problem('https://storage.googleapis.com/x.zip', timeout=0.5)
+  finally:
+    answer.set()
   assert time.monotonic() - start < 2
   assert problem == 'storage.googleapis.com:443: no answer within 0.5 s'
 

@@ -31,9 +31,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The smoke config, warm-up only (no second phase to compile), every checkpoint kept (so that
 # the eval beside reads a fixed one), long enough for a second run and an eval to start while
 # it trains.
-TRAIN_FLAGS = ['--config=configs/smoke.py', '--config.warmup.epochs=12',
+TRAIN_FLAGS = ['--config=configs/smoke.py', '--config.warmup.epochs=10',
                '--config.finetune.epochs=0', '--config.keep_checkpoints=100']
-STEPS = [10 * (e + 1) for e in range(12)]
+STEPS = [10 * (e + 1) for e in range(10)]
 TAGS = ('train/loss', 'train/accuracy', 'val/loss', 'val/accuracy', 'learning_rate')
 
 
