@@ -165,8 +165,9 @@ def test_second_training_run_on_a_busy_workdir_refuses_at_once(story):
   for needle in (f"host {story.owner['host']}", f'pid {story.resumed_pid}',
                  f"started {story.owner['started']}"):
     assert needle in line
-  # main.py checks the lock before the library loads: ~4 s on 2 idle cores, all startup.
-  assert story.second_s < 20, story.second_s
+  # main.py checks the lock before the library loads: 2-5 s on the 2-core CPU, all startup
+  # (more while the first run, an eval and a predict share the cores).
+  assert story.second_s < 30, story.second_s
   assert 'training images' not in story.second.stderr   # before the data is even read
 
 
