@@ -26,6 +26,7 @@ from ml_collections import config_flags
 from hhjax import config_checks
 from hhjax import errors
 from hhjax import workdir as workdir_lib
+from hhjax import workdir_lock
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -37,6 +38,9 @@ flags.DEFINE_multi_string('images', [], 'For --mode=predict: image files, folder
 flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'],
                   'For eval and predict: the latest checkpoint or the best by validation '
                   'accuracy.')
+flags.DEFINE_enum('bad_files', None, list(config_checks.BAD_FILES),
+                  'Sets config.data.bad_files (what to do with files that are not readable '
+                  "images: 'error' or 'skip'), also where the config comes from the workdir.")
 
 
 _NONE_OVERRIDE = re.compile(r'--config\.([\w.]+)=(?:none|null)', re.IGNORECASE)
@@ -142,7 +146,11 @@ def main(argv):
     if FLAGS.config is not None:
       set_none(FLAGS.config, NONE_OVERRIDES)
     config = FLAGS.config if FLAGS.config is not None else workdir_lib.load_config(FLAGS.workdir)
+    if FLAGS.bad_files is not None:
+      config.data.bad_files = FLAGS.bad_files
     config_checks.validate(config)
+    if FLAGS.mode == 'train':   # refuse a busy workdir before seconds of imports
+      workdir_lock.check_free(workdir_lib.absolute(FLAGS.workdir))
     _run(FLAGS.mode, config)
   except (errors.UserError, app.UsageError) as e:
     # Something the user can fix: the message alone says what and how; no traceback.

@@ -51,3 +51,7 @@ class DatasetDownloadError(UserError, RuntimeError):
 
 class NonFiniteLossError(UserError, RuntimeError):
   """The training loss became NaN or infinite."""
+
+
+class WorkdirBusyError(UserError, RuntimeError):
+  """Another training run holds the workdir (hhjax.workdir_lock)."""

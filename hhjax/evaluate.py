@@ -6,9 +6,11 @@ The same `Evaluator` runs at the end of every training epoch and in `--mode=eval
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -90,13 +92,45 @@ def report(result: Mapping[str, Any], class_names: Sequence[str], step: int, wor
                result['count'], result['loss'], result['accuracy'],
                metrics_lib.format_confusion(result['confusion'], class_names))
   if is_main:
-    workdir_lib.write_eval(workdir, out)
+    try:
+      workdir_lib.write_eval(workdir, out)
+    except Exception as e:  # pylint: disable=broad-except  # OSError here, other types on gs://
+      # The results are printed above; a read-only workdir should not turn them into a failure.
+      logging.warning('Could not write %s/%s (%s: %s); the results above are not saved.',
+                      workdir, workdir_lib.EVAL_FILE, type(e).__name__, e)
   return out
+
+
+# Eval and predict may run beside a training run, which deletes older checkpoints as it writes
+# new ones: a checkpoint deleted while it is read is read again as the newest, a few times.
+_READ_ATTEMPTS = 3
+
+
+def _finished_steps(workdir: str) -> set[int]:
+  path = epath.Path(workdir_lib.checkpoint_dir(workdir))
+  return {int(p.name) for p in path.iterdir() if p.name.isdigit()} if path.is_dir() else set()
 
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
                           which: str = 'latest'):
   """(mesh, model, state, class names, step) of the latest or best checkpoint in `workdir`."""
+  for _ in range(_READ_ATTEMPTS - 1):
+    before = _finished_steps(workdir)
+    try:
+      return _restore_for_inference(config, workdir, which)
+    except errors.DataNotFoundError:
+      raise             # no checkpoint at all
+    except Exception:  # pylint: disable=broad-except  # a vanished file fails in many ways
+      time.sleep(0.5)   # a deletion under way
+      gone = sorted(before - _finished_steps(workdir))
+      if not gone:
+        raise           # no checkpoint went away: the error is the checkpoint's own
+      logging.warning('A training run deleted checkpoint(s) %s while they were read; reading '
+                      'the %s one again.', gone, which)
+  return _restore_for_inference(config, workdir, which)
+
+
+def _restore_for_inference(config: ml_collections.ConfigDict, workdir: str, which: str):
   checkpointing.quiet_orbax()
   mesh = sharding.make_mesh()
   with checkpointing.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True) as ckpts:

@@ -2,6 +2,9 @@
 
 `metrics.jsonl` has one JSON object per epoch:
 `{"step", "epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy", ...}`.
+TensorBoard (WORKDIR/tensorboard/) shows the same rows; metrics.jsonl is the record, and on a
+resume the event files are rebuilt from its rows when they differ, so that a step repeated after
+a checkpoint never shows twice.
 """
 
 from collections.abc import Mapping, Sequence
@@ -15,10 +18,12 @@ from matplotlib.figure import Figure
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
+from tensorflow.core.util import event_pb2
 
 from hhjax import files
 
 METRICS_FILE = 'metrics.jsonl'
+TENSORBOARD_DIR = 'tensorboard'
 
 
 def _scalar_metadata() -> bytes:
@@ -52,6 +57,34 @@ def _write_rows(workdir: str, rows: Sequence[Mapping[str, Any]]) -> None:
                      ''.join(json.dumps(dict(r)) + '\n' for r in rows))
 
 
+def _scalars(row: Mapping[str, Any]) -> list[tuple[str, float]]:
+  """(TensorBoard tag, value) of a row: 'train/loss', 'val/accuracy', 'learning_rate', ..."""
+  out = []
+  for key, value in row.items():
+    if key.startswith(('train_', 'val_')) or key == 'learning_rate':
+      split, _, name = key.partition('_')
+      out.append((f'{split}/{name}' if key != 'learning_rate' else 'learning_rate',
+                  float(value)))
+  return out
+
+
+def _event_files(workdir: str) -> list[str]:
+  return sorted(tf.io.gfile.glob(os.path.join(workdir, TENSORBOARD_DIR, 'events.out.tfevents.*')))
+
+
+def _tensorboard_points(workdir: str) -> list[tuple[str, int]] | None:
+  """(tag, step) of every scalar in WORKDIR/tensorboard, sorted; None if a file is unreadable."""
+  points = []
+  for path in _event_files(workdir):
+    try:
+      for record in tf.data.TFRecordDataset(path):
+        event = event_pb2.Event.FromString(record.numpy())
+        points += [(v.tag, int(event.step)) for v in event.summary.value]
+    except tf.errors.OpError:   # a record cut short by a killed run
+      return None
+  return sorted(points)
+
+
 class MetricsWriter:
   """Adds epoch rows to metrics.jsonl and TensorBoard (only where `enabled`)."""
 
@@ -61,30 +94,49 @@ class MetricsWriter:
     self._tb = None
 
   def truncate_after(self, step: int) -> None:
-    """Drops rows past `step`: a resumed run rewrites what followed its checkpoint."""
+    """Drops rows past `step`: a resumed run rewrites what followed its checkpoint.
+
+    TensorBoard's events are brought in line with the rows kept (rebuilt when they differ:
+    event files cannot be cut), so each step keeps one point per tag.
+    """
     if not self.enabled:
       return
     rows = read_rows(self.workdir)
     kept = [r for r in rows if r.get('step', 0) <= step]
     if kept != rows:
       _write_rows(self.workdir, kept)
+    want = sorted((tag, int(r['step'])) for r in kept for tag, _ in _scalars(r))
+    if _tensorboard_points(self.workdir) != want:
+      self._rebuild_tensorboard(kept)
+
+  def _rebuild_tensorboard(self, rows: Sequence[Mapping[str, Any]]) -> None:
+    # The new file is complete before the old ones go: a kill in between leaves duplicates,
+    # which the next resume finds and rebuilds again, rather than lost points.
+    old = _event_files(self.workdir)
+    self.close()
+    for row in rows:
+      self._write_tensorboard(row)
+    if self._tb is not None:
+      self._tb.flush()
+    for path in old:
+      tf.io.gfile.remove(path)
 
   def _writer(self):
     if self._tb is None:
-      self._tb = tf.summary.create_file_writer(os.path.join(self.workdir, 'tensorboard'))
+      self._tb = tf.summary.create_file_writer(os.path.join(self.workdir, TENSORBOARD_DIR))
     return self._tb
+
+  def _write_tensorboard(self, row: Mapping[str, Any]) -> None:
+    metadata = _scalar_metadata()
+    with self._writer().as_default(step=int(row['step'])):
+      for tag, value in _scalars(row):
+        tf.summary.write(tag, tf.constant(value, tf.float32), metadata=metadata)
 
   def write(self, row: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
     _write_rows(self.workdir, read_rows(self.workdir) + [dict(row)])
-    metadata = _scalar_metadata()
-    with self._writer().as_default(step=int(row['step'])):
-      for key, value in row.items():
-        if key.startswith(('train_', 'val_')) or key == 'learning_rate':
-          split, _, name = key.partition('_')
-          tag = f'{split}/{name}' if key != 'learning_rate' else 'learning_rate'
-          tf.summary.write(tag, tf.constant(float(value), tf.float32), metadata=metadata)
+    self._write_tensorboard(row)
     self._tb.flush()
 
   def close(self) -> None:

@@ -23,8 +23,6 @@ from hhjax.data import bad_files
 from hhjax.data import decode
 from hhjax.model import classifier
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif')
-
 
 def expand_images(patterns: Iterable[str]) -> list[str]:
   """Files, folders (searched recursively for images) and globs, in a stable order."""
@@ -33,7 +31,7 @@ def expand_images(patterns: Iterable[str]) -> list[str]:
     if os.path.isdir(pattern):
       for root, _, names in sorted(os.walk(pattern)):
         files += [os.path.join(root, n) for n in sorted(names)
-                  if n.lower().endswith(IMAGE_EXTENSIONS)]
+                  if n.lower().endswith(decode.IMAGE_EXTENSIONS)]
     elif os.path.isfile(pattern):
       files.append(pattern)
     else:

@@ -5,6 +5,7 @@
     WORKDIR/metrics.jsonl   one row per epoch (hhjax.metrics)
     WORKDIR/tensorboard/    the same rows as TensorBoard scalars
     WORKDIR/loss.png, accuracy.png, eval.json
+    WORKDIR/train.lock      held by the training run (hhjax.workdir_lock)
 
 Paths may be local or URLs such as gs://bucket/run (etils.epath).
 """

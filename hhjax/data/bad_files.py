@@ -20,7 +20,7 @@ from hhjax.data import streams
 
 # How many bad files a message lists before it counts the rest.
 _MAX_LISTED = 20
-_FORMATS = 'PNG, JPEG, BMP, GIF, WebP'
+_FORMATS = ', '.join(decode.IMAGE_FORMATS)
 
 
 def _why_bad(path: str) -> str:
@@ -104,8 +104,8 @@ def readable_files(files: Sequence[str], policy: str,
   """
   bad = check_image_files(files, num_parallel_calls)
   apply_policy(bad, policy, where=f'of the {len(files)} files given to --images',
-               advice='Remove them from --images (or run with '
-               "config.data.bad_files='skip' to classify the others).")
+               advice='Remove them from --images, or run again with --bad_files=skip '
+               "(config.data.bad_files='skip') to classify the others.")
   good = [f for f in files if f not in bad]
   if bad and not good:
     raise errors.DataNotFoundError('None of the files given to --images is a readable image.')

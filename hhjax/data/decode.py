@@ -19,6 +19,13 @@ from hhjax import config_checks
 from hhjax import errors
 from hhjax.model import preprocessing as preprocessing_lib
 
+# What `decode_image` reads, and the file extensions that mark it (predict's folder search, the
+# bad-file messages): the one list.
+IMAGE_FORMATS = {
+    'PNG': ('.png',), 'JPEG': ('.jpg', '.jpeg', '.jpe', '.jfif'), 'BMP': ('.bmp',),
+    'GIF': ('.gif',), 'WebP': ('.webp',),
+}
+IMAGE_EXTENSIONS = tuple(ext for exts in IMAGE_FORMATS.values() for ext in exts)
 
 
 def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:

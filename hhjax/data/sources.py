@@ -6,12 +6,18 @@ pass; files that are not readable images are reported by path (config.data.bad_f
 that cannot be read as classes raises at once, saying what was found.
 
 TFDS records stay encoded in the table: decoding happens after the index stream has skipped and
-sharded (see streams.py).
+sharded (see streams.py). A dataset not yet prepared in config.data.dir is downloaded, after a
+check of a few seconds that the download host can be reached: offline, the error says what to
+do at once instead of after minutes of the download's retries.
 """
 
 from collections.abc import Iterable, Sequence
 import dataclasses
 import os
+import socket
+import threading
+import urllib.parse
+import urllib.request
 import zlib
 
 import ml_collections
@@ -142,7 +148,8 @@ def _scan_folder(config: ml_collections.ConfigDict, splits: Sequence[str]) -> li
   bad = {p: r for scan in scans for p, r in scan.bad.items()}
   bad_files.apply_policy(
       bad, config.data.bad_files, where=f'file(s) in {config.data.dir}',
-      advice="Remove or repair them, or set config.data.bad_files='skip' to train without them.")
+      advice='Remove or repair them, or run again with --bad_files=skip '
+      "(config.data.bad_files='skip') to go on without them.")
   for scan in scans:
     empty = [c for c in scan.class_names if not scan.files[c]]
     if empty:
@@ -163,6 +170,58 @@ def _folder_table(scan: _FolderScan) -> Table:
 
 # ----------------------------------------------------------------------------- TFDS
 
+# Seconds the network check before a TFDS download waits for the download host.
+NETWORK_TIMEOUT_S = 3.0
+
+
+def _network_problem(url: str, timeout: float = NETWORK_TIMEOUT_S) -> str | None:
+  """Why `url`'s host (or the proxy for it) cannot be reached within `timeout`; None if it can.
+
+  One TCP connection, name lookup included, in a thread: a lookup that hangs cannot hold the run
+  longer than `timeout`.
+  """
+  parts = urllib.parse.urlsplit(url)
+  host, port = parts.hostname, parts.port or (443 if parts.scheme == 'https' else 80)
+  proxy = urllib.request.getproxies().get(parts.scheme)
+  if proxy and not urllib.request.proxy_bypass(host):
+    proxy_parts = urllib.parse.urlsplit(proxy if '://' in proxy else f'http://{proxy}')
+    host, port = proxy_parts.hostname, proxy_parts.port or 80
+  outcome = []
+
+  def connect():
+    try:
+      socket.create_connection((host, port), timeout=timeout).close()
+      outcome.append(None)
+    except OSError as e:
+      outcome.append(f'{host}:{port} unreachable: {e.strerror or e}')
+
+  thread = threading.Thread(target=connect, name='network-check', daemon=True)
+  thread.start()
+  thread.join(timeout)
+  return outcome[0] if outcome else f'{host}:{port}: no answer within {timeout:g} s'
+
+
+def _check_network(builder) -> None:
+  """Raises DatasetDownloadError at once when the dataset's download host is out of reach."""
+  try:
+    urls = list(builder.url_infos or ())
+  except (OSError, ValueError):   # an unreadable checksums file: nothing known to check
+    urls = []
+  if not urls:
+    return
+  problem = _network_problem(urls[0])
+  if problem is None:
+    return
+  name = builder.name
+  root = str(builder.data_dir).rsplit(f'{os.sep}{name}{os.sep}', 1)[0]
+  raise errors.DatasetDownloadError(
+      f'Cannot download the TFDS dataset {name!r}, which is not prepared in {root}: no network '
+      f'({problem}). Offline, train on an image folder: --config.data.source=folder '
+      '--config.data.dir=DIR --config.data.eval_split=SPLIT, images in DIR/<split>/<class>/; '
+      f'or prepare the dataset where there is network (`tfds build {name} --data_dir=D`) and '
+      f'copy D/{name}/ into {root}/ (--config.data.dir sets that folder).')
+
+
 
 def _tfds_builder(config: ml_collections.ConfigDict):
   # Deferred: only source='tfds' reads TFDS, so folder and fake runs never load it.
@@ -177,6 +236,8 @@ def _tfds_table(config: ml_collections.ConfigDict, split: str) -> Table:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   name = config.data.name
   builder = _tfds_builder(config)
+  if not builder.is_prepared():
+    _check_network(builder)
   try:
     builder.download_and_prepare()
   except Exception as e:  # Network and checksum failures come in many types.

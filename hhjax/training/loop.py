@@ -29,6 +29,7 @@ from hhjax import evaluate
 from hhjax import metrics as metrics_lib
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
+from hhjax import workdir_lock
 from hhjax.data import pipeline
 from hhjax.model import classifier
 from hhjax.training import feature_cache
@@ -324,6 +325,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     'stop_reason'.
   """
   config_checks.validate(config)
+  # Before anything in the workdir is read or written: a second run would resume from this
+  # one's checkpoints while it trains and write every metrics row twice.
+  with workdir_lock.hold(workdir_lib.absolute(workdir), is_main=jax.process_index() == 0,
+                         several_processes=jax.process_count() > 1):
+    return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   run = _Run.create(config, workdir)
   state, progress, setup = _restore_or_initialise(run)
   # Only now that the checkpoint (if any) fits: a refused resume must leave the config that
