@@ -65,9 +65,10 @@ class Evaluator:
                          in_shardings=(repl, repl, data), out_shardings=repl)
 
   def __call__(self, params: PyTree, batch_stats: PyTree) -> dict[str, Any]:
-    totals = None
+    totals, probabilities = None, []
     for batch in self._batches():
       out = self._step(params, batch_stats, sharding.to_global(batch, self._mesh))
+      probabilities.append(out.pop('probabilities'))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     if totals is None:
       raise errors.DataError('The evaluation split yielded no batches: it holds no images.')
@@ -76,7 +77,9 @@ class Evaluator:
     return {'loss': float(totals['loss_sum']) / count,
             'accuracy': float(totals['correct']) / count,
             'count': int(count),
-            'confusion': np.asarray(totals['confusion']).round().astype(int)}
+            'confusion': np.asarray(totals['confusion']).round().astype(int),
+            # Per example in table order: the pass is in order and pads only at its end.
+            'probabilities': np.concatenate(jax.device_get(probabilities))[:int(count)]}
 
 
 def report(result: Mapping[str, Any], class_names: Sequence[str], step: int, workdir: str,
