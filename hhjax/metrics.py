@@ -1,20 +1,20 @@
 """What a run writes for people: metrics.jsonl, TensorBoard, loss/accuracy plots, confusion matrix.
 
 `metrics.jsonl` has one JSON object per epoch:
-`{"step", "epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy", ...}`.
+`{"step", "epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+"learning_rate", "time"}`; "time" is the run's wall-clock seconds up to that row, summed over
+resumes (rows written before it existed lack it).
 """
 
 from collections.abc import Mapping, Sequence
-import io
 import json
 import os
+import time
 from typing import Any
 
 from etils import epath
 from matplotlib.figure import Figure
 import numpy as np
-import tensorflow as tf
-from tensorflow.core.framework import summary_pb2
 
 from hhjax import files
 
@@ -25,6 +25,8 @@ def _scalar_metadata() -> bytes:
   # What TensorBoard's tf.summary.scalar writes: a float tensor tagged for the 'scalars'
   # plugin. Written with tf.summary.write, which is in TensorFlow itself, so logging needs no
   # `tensorboard` package (viewing does).
+  # Imported here: reading rows and plotting (python -m hhjax.compare) need no TensorFlow.
+  from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
   return summary_pb2.SummaryMetadata(
       plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars')
   ).SerializeToString()
@@ -53,12 +55,19 @@ def _write_rows(workdir: str, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 class MetricsWriter:
-  """Adds epoch rows to metrics.jsonl and TensorBoard (only where `enabled`)."""
+  """Adds epoch rows to metrics.jsonl and TensorBoard (only where `enabled`).
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  Each row gets "time": seconds since this writer was made (the run's start), plus the time of
+  the last row kept by `truncate_after` when a run resumes.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, start: float | None = None):
+    """`start`: the run's start as `time.monotonic()` (default: now)."""
     self.workdir = workdir
     self.enabled = enabled
     self._tb = None
+    self._start = time.monotonic() if start is None else start
+    self._time_before = 0.0   # a resumed run's time up to its last kept row
 
   def truncate_after(self, step: int) -> None:
     """Drops rows past `step`: a resumed run rewrites what followed its checkpoint."""
@@ -66,18 +75,22 @@ class MetricsWriter:
       return
     rows = read_rows(self.workdir)
     kept = [r for r in rows if r.get('step', 0) <= step]
+    self._time_before = float(kept[-1].get('time', 0.0)) if kept else 0.0
     if kept != rows:
       _write_rows(self.workdir, kept)
 
   def _writer(self):
     if self._tb is None:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top  (see _scalar_metadata)
       self._tb = tf.summary.create_file_writer(os.path.join(self.workdir, 'tensorboard'))
     return self._tb
 
   def write(self, row: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
-    _write_rows(self.workdir, read_rows(self.workdir) + [dict(row)])
+    row = dict(row, time=round(self._time_before + time.monotonic() - self._start, 1))
+    _write_rows(self.workdir, read_rows(self.workdir) + [row])
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (see _scalar_metadata)
     metadata = _scalar_metadata()
     with self._writer().as_default(step=int(row['step'])):
       for key, value in row.items():
@@ -120,10 +133,7 @@ def plot_history(rows: Sequence[Mapping[str, Any]], workdir: str) -> list[str]:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format='png', dpi=100)
-    paths.append(str(files.write_atomic(epath.Path(workdir) / f'{name}.png',
-                                        buffer.getvalue())))
+    paths.append(str(files.write_png(epath.Path(workdir) / f'{name}.png', fig)))
   return paths
 
 

@@ -65,6 +65,7 @@ class _Run:
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, workdir: str) -> '_Run':
+    start = time.monotonic()   # metrics rows count wall time from here
     checkpointing.quiet_orbax()
     workdir = workdir_lib.absolute(workdir)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -86,7 +87,7 @@ class _Run:
         steps_per_epoch=spe,
         ckpts=checkpointing.Checkpoints(workdir_lib.checkpoint_dir(workdir),
                                         keep=int(config.keep_checkpoints)),
-        writer=metrics_lib.MetricsWriter(workdir, enabled=is_main),
+        writer=metrics_lib.MetricsWriter(workdir, enabled=is_main, start=start),
         evaluator=evaluate.Evaluator(model, len(class_names), mesh,
                                      evaluate.eval_batches(config)),
         is_main=is_main)
