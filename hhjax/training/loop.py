@@ -27,6 +27,7 @@ from hhjax import config_checks
 from hhjax import errors
 from hhjax import evaluate
 from hhjax import metrics as metrics_lib
+from hhjax import pictures
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
 from hhjax.data import pipeline
@@ -346,6 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   result = evaluate.report(last_eval, run.class_names, step, run.workdir, run.is_main)
   result['stop_reason'] = progress.stop_reason
   if run.is_main:
+    pictures.write_eval_pictures(config, last_eval, run.class_names, step, run.workdir)
     for path in metrics_lib.plot_history(metrics_lib.read_rows(run.workdir), run.workdir):
       logging.info('Wrote %s', path)
   run.writer.close()
