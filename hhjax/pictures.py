@@ -100,11 +100,17 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], title: str) -
   return fig
 
 
+def grid_shape(count: int, max_columns: int) -> tuple[int, int]:
+  """(columns, rows) for `count` cells, at most `max_columns` wide, with rows filled evenly
+  (6 images at 5 columns: 2 rows of 3, not a row of 5 and a row of 1)."""
+  rows = max(1, math.ceil(count / max(1, max_columns)))
+  return max(1, math.ceil(count / rows)), rows
+
+
 def plot_examples(images: np.ndarray, titles: Sequence[str], colors: Sequence[str],
                   title: str, columns: int = 5) -> Figure:
   """A grid of uint8 images [k, S, S, 3], each with its (multi-line) title."""
-  columns = max(1, min(columns, len(images)))
-  rows = max(1, math.ceil(len(images) / columns))
+  columns, rows = grid_shape(len(images), columns)
   fig = Figure(figsize=(2.3 * columns, 2.7 * rows + 0.6), layout='constrained')
   for k, (image, text, color) in enumerate(zip(images, titles, colors)):
     ax = fig.add_subplot(rows, columns, k + 1)
