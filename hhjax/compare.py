@@ -113,8 +113,11 @@ def plot(names: Sequence[str], all_rows: Sequence[Sequence[Mapping[str, Any]]],
   axes = fig.subplots(1, 2)
   for rows, label in zip(all_rows, labels):
     epochs = [r['epoch'] for r in rows]
+    starts = [r['epoch'] - 0.5 for prev, r in zip(rows, rows[1:]) if r['phase'] != prev['phase']]
     for ax, key in zip(axes, ('val_accuracy', 'val_loss')):
-      ax.plot(epochs, [r[key] for r in rows], marker='o', ms=3, label=label)
+      line, = ax.plot(epochs, [r[key] for r in rows], marker='o', ms=3, label=label)
+      for x in starts:
+        ax.axvline(x, color=line.get_color(), ls=':', lw=1.2)
   for ax, what in zip(axes, ('accuracy', 'loss')):
     ax.set_title(f'Validation {what}')
     ax.set_xlabel('epoch (all phases)')
@@ -126,7 +129,7 @@ def plot(names: Sequence[str], all_rows: Sequence[Sequence[Mapping[str, Any]]],
   one_row = sum(len(t) + 6 for t in texts) < 150
   fig.legend(handles, texts, loc='outside lower center', ncols=len(texts) if one_row else 1,
              fontsize=9)
-  fig.suptitle(f'{len(names)} runs side by side', fontsize=11)
+  fig.suptitle(f'{len(names)} runs side by side (dotted: where fine-tuning starts)', fontsize=11)
   return fig
 
 
