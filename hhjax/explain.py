@@ -12,7 +12,7 @@ pass that captures A on the way, then the head's gradient with respect to A.
 Writes, each run replacing the previous one's files:
 
     WORKDIR/explain/NN_<name>.png   the image as the model sees it, and the map over it
-    WORKDIR/explain/overview.png    every image with its map, in one grid
+    WORKDIR/explain/overview.png    the images with their maps in one grid (the first 40)
     WORKDIR/explain/maps.npz        the unscaled maps [n, S, S], with 'paths', 'predicted',
                                     'probabilities' and 'class_names'
 """
@@ -50,6 +50,8 @@ PyTree = Any
 
 EXPLAIN_DIR = 'explain'
 OVERVIEW_FILE = 'overview.png'
+# The overview stays a picture one can look at; every image has its own file anyway.
+OVERVIEW_MAX = 40
 MAPS_FILE = 'maps.npz'
 
 # How strongly the map covers the image; the image stays readable underneath.
@@ -142,16 +144,22 @@ def plot_one(image: np.ndarray, heat: np.ndarray, name: str, label: str, cut: st
 
 
 def plot_overview(images: Sequence[np.ndarray], heats: Sequence[np.ndarray],
-                  titles: Sequence[str], cut: str, columns: int = 5) -> Figure:
-  """Every image under its map, each titled with its name, predicted class and probability."""
+                  titles: Sequence[str], cut: str, columns: int = 5,
+                  total: int | None = None) -> Figure:
+  """Each image under its map, titled with its name, predicted class and probability.
+
+  `total`: how many images were explained, when only the first ones are drawn here.
+  """
   columns, rows = pictures.grid_shape(len(images), columns)
   fig = Figure(figsize=(2.3 * columns, 2.55 * rows + 0.6), layout='constrained')
   for k, (image, heat, title) in enumerate(zip(images, heats, titles)):
     ax = fig.add_subplot(rows, columns, k + 1)
     _overlay(ax, image, heat)
     ax.set_title(title, fontsize=8.5)
+  shown = (f'; the first {len(images)} of {total} images'
+           if total is not None and total > len(images) else '')
   fig.suptitle(f'Grad-CAM at {cut}: where the features behind each prediction are active\n'
-               '(each map scaled to its own maximum; red = most important)', fontsize=10)
+               f'(each map scaled to its own maximum; red = most important{shown})', fontsize=10)
   return fig
 
 
@@ -175,7 +183,8 @@ def _write(directory: epath.Path, paths: Sequence[str], images: np.ndarray, maps
         directory / name, plot_one(image, heat, pictures.short_name(path), label, cut)))
   titles = [f'{pictures.short_name(p)}\n{label}' for p, label in zip(paths, labels)]
   written.append(files.write_png(directory / OVERVIEW_FILE,
-                                 plot_overview(images, maps, titles, cut)))
+                                 plot_overview(images[:OVERVIEW_MAX], maps[:OVERVIEW_MAX],
+                                               titles[:OVERVIEW_MAX], cut, total=len(paths))))
   buffer = io.BytesIO()
   np.savez_compressed(buffer, maps=maps.astype(np.float32), paths=np.array(paths, dtype=str),
                       predicted=predicted, probabilities=probs,
