@@ -126,6 +126,13 @@ def plot_examples(images: np.ndarray, titles: Sequence[str], colors: Sequence[st
   return fig
 
 
+def _source_name(config: ml_collections.ConfigDict) -> str:
+  """The data's name for titles: the image folder's name, the TFDS name, or 'fake'."""
+  if config.data.source == 'folder':
+    return os.path.basename(os.path.normpath(config.data.dir))
+  return config.data.get('name') if config.data.source == 'tfds' else config.data.source
+
+
 def write_eval_pictures(config: ml_collections.ConfigDict, result: Mapping[str, Any],
                         class_names: Sequence[str], step: int, workdir: str, *,
                         max_images: int = 20, columns: int = 5) -> list[str]:
@@ -159,10 +166,8 @@ def write_eval_pictures(config: ml_collections.ConfigDict, result: Mapping[str, 
   directory = epath.Path(workdir)
   paths = []
 
-  source = os.path.basename(os.path.normpath(config.data.dir)) if table.kind == 'path' else (
-      config.data.get('name') if config.data.source == 'tfds' else config.data.source)
   fig = plot_confusion(result['confusion'], class_names,
-                       f'Confusion matrix: {source} / {split}, step {step}\n'
+                       f'Confusion matrix: {_source_name(config)} / {split}, step {step}\n'
                        f'accuracy {result["accuracy"]:.4f} on {result["count"]} images')
   paths.append(files.write_png(directory / CONFUSION_FILE, fig))
 
@@ -176,9 +181,9 @@ def write_eval_pictures(config: ml_collections.ConfigDict, result: Mapping[str, 
   else:
     title = (f'Misclassified {split} images at step {step}, most confident first: '
              f'{len(shown)} of {len(order)} wrong (of {len(labels)})')
+  title += "\n(each image: its name, true class, predicted class and that class's probability)"
   fig = plot_examples(images, titles, ['darkgreen' if all_correct else 'firebrick'] * len(shown),
-                      title + '\n(title: file, true class, predicted class and its probability)',
-                      columns)
+                      title, columns)
   paths.append(files.write_png(directory / EXAMPLES_FILE, fig))
 
   wrong = [] if all_correct else order

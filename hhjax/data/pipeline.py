@@ -227,8 +227,10 @@ def create_dataset(config: ml_collections.ConfigDict, split: str, *, start_step:
 
 def eval_pixels(table: sources.Table, config: ml_collections.ConfigDict,
                 indices: list[int]) -> np.ndarray:
-  """Rows `indices` of `table` as the eval pass sees them, before normalisation: uint8
-  [k, S, S, 3]. For pictures of a few examples (hhjax.pictures), decoded again one by one."""
+  """Rows `indices` of `table` as the eval pass sees them: uint8 [k, S, S, 3], not normalised.
+
+  For pictures of a few examples (hhjax.pictures): they are decoded again, one by one.
+  """
   load = _loader(table, config)
   images = [load(tf.constant(i, tf.int64)).numpy() for i in indices]
   size = config.data.image_size
