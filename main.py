@@ -3,10 +3,11 @@
     python main.py --config=configs/smoke.py --workdir=/tmp/hhjax/smoke            # train + eval
     python main.py --workdir=/tmp/hhjax/smoke --mode=eval                           # evaluate
     python main.py --workdir=/tmp/hhjax/smoke --mode=predict --images=DIR_OR_GLOB   # classify
+    python main.py --workdir=/tmp/hhjax/smoke --mode=explain --images=DIR_OR_GLOB   # Grad-CAM
     python main.py --config=configs/default.py --workdir=W --mode=preview_data      # see inputs
 
-Running the same train command again resumes from the last checkpoint in --workdir. For eval
-and predict, --config is optional: the config the run saved in the workdir is used.
+Running the same train command again resumes from the last checkpoint in --workdir. For eval,
+predict and explain, --config is optional: the config the run saved in the workdir is used.
 """
 
 import os
@@ -32,11 +33,12 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     'config', None, 'Training configuration file (configs/*.py).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and plots.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'preview_data'],
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'preview_data', 'explain'],
                   'What to do.')
-flags.DEFINE_multi_string('images', [], 'For --mode=predict: image files, folders or globs.')
+flags.DEFINE_multi_string('images', [],
+                          'For --mode=predict and --mode=explain: image files, folders or globs.')
 flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'],
-                  'For eval and predict: the latest checkpoint or the best by validation '
+                  'For eval, predict and explain: the latest checkpoint or the best by validation '
                   'accuracy.')
 flags.DEFINE_enum('bad_files', None, list(config_checks.BAD_FILES),
                   'Sets config.data.bad_files (what to do with files that are not readable '
@@ -103,6 +105,9 @@ def _run(mode: str, config: ml_collections.ConfigDict) -> None:
   elif mode == 'predict':
     from hhjax import predict  # pylint: disable=g-import-not-at-top
     predict.predict(config, FLAGS.workdir, FLAGS.images, checkpoint=FLAGS.checkpoint)
+  elif mode == 'explain':
+    from hhjax import explain  # pylint: disable=g-import-not-at-top
+    explain.explain(config, FLAGS.workdir, FLAGS.images, checkpoint=FLAGS.checkpoint)
   elif mode == 'preview_data':
     from hhjax import preview  # pylint: disable=g-import-not-at-top
     path = preview.preview_data(config, FLAGS.workdir)
@@ -133,8 +138,8 @@ def _check_command_line(argv: list[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if FLAGS.config is None and FLAGS.mode in ('train', 'preview_data'):
     raise app.UsageError(f'--mode={FLAGS.mode} needs --config=configs/....py')
-  if FLAGS.mode == 'predict' and not FLAGS.images:
-    raise app.UsageError('--mode=predict needs --images=FILE_FOLDER_OR_GLOB (repeatable).')
+  if FLAGS.mode in ('predict', 'explain') and not FLAGS.images:
+    raise app.UsageError(f'--mode={FLAGS.mode} needs --images=FILE_FOLDER_OR_GLOB (repeatable).')
   if NONE_OVERRIDES and FLAGS.config is None:
     raise app.UsageError(f'--config.{NONE_OVERRIDES[0]}=None needs --config=configs/....py')
 

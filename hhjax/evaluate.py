@@ -20,6 +20,7 @@ from hhjax import checkpointing
 from hhjax import config_checks
 from hhjax import errors
 from hhjax import metrics as metrics_lib
+from hhjax import pictures
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
 from hhjax.data import pipeline
@@ -67,9 +68,10 @@ class Evaluator:
                          in_shardings=(repl, repl, data), out_shardings=repl)
 
   def __call__(self, params: PyTree, batch_stats: PyTree) -> dict[str, Any]:
-    totals = None
+    totals, probabilities = None, []
     for batch in self._batches():
       out = self._step(params, batch_stats, sharding.to_global(batch, self._mesh))
+      probabilities.append(out.pop('probabilities'))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     if totals is None:
       raise errors.DataError('The evaluation split yielded no batches: it holds no images.')
@@ -78,7 +80,9 @@ class Evaluator:
     return {'loss': float(totals['loss_sum']) / count,
             'accuracy': float(totals['correct']) / count,
             'count': int(count),
-            'confusion': np.asarray(totals['confusion']).round().astype(int)}
+            'confusion': np.asarray(totals['confusion']).round().astype(int),
+            # Per example in table order: the pass is in order and pads only at its end.
+            'probabilities': np.concatenate(jax.device_get(probabilities))[:int(count)]}
 
 
 def report(result: Mapping[str, Any], class_names: Sequence[str], step: int, workdir: str,
@@ -151,13 +155,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
              checkpoint: str = 'latest') -> dict[str, Any]:
   """Evaluates the latest (or 'best') checkpoint in `workdir` on config.data.eval_split.
 
-  Prints loss, accuracy and the confusion matrix; writes WORKDIR/eval.json.
+  Prints loss, accuracy and the confusion matrix; writes WORKDIR/eval.json and, beside it, the
+  pictures of hhjax.pictures (confusion matrix, misclassified images).
   """
   config_checks.validate(config)
   sharding.check_batch_size(eval_batch_size(config), 'config.eval_batch_size')
   mesh, model, state, class_names, step = restore_for_inference(config, workdir, checkpoint)
   evaluator = Evaluator(model, len(class_names), mesh, eval_batches(config))
   result = evaluator(state['params'], state['batch_stats'])
-  return report(result, class_names, step, workdir_lib.absolute(workdir),
-                jax.process_index() == 0)
+  is_main = jax.process_index() == 0
+  out = report(result, class_names, step, workdir_lib.absolute(workdir), is_main)
+  if is_main:
+    pictures.write_eval_pictures(config, result, class_names, step, workdir_lib.absolute(workdir))
+  return out
 

@@ -9,7 +9,9 @@ object stores such as gs:// require. Paths go through `etils.epath`, so gs:// wo
 
 from collections.abc import Iterator
 import contextlib
+import io
 import os
+from typing import Any
 import uuid
 
 from etils import epath
@@ -34,6 +36,13 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> epath.Path:
     if tmp.exists():
       tmp.unlink()
   return path
+
+
+def write_png(path: str | os.PathLike, figure: Any, dpi: int = 100) -> epath.Path:
+  """Renders a matplotlib `Figure` as PNG and writes it with `write_atomic`."""
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format='png', dpi=dpi)
+  return write_atomic(path, buffer.getvalue())
 
 
 @contextlib.contextmanager

@@ -1,24 +1,25 @@
 """What a run writes for people: metrics.jsonl, TensorBoard, loss/accuracy plots, confusion matrix.
 
 `metrics.jsonl` has one JSON object per epoch:
-`{"step", "epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy", ...}`.
-TensorBoard (WORKDIR/tensorboard/) shows the same rows; metrics.jsonl is the record, and on a
-resume the event files are rebuilt from its rows when they differ, so that a step repeated after
-a checkpoint never shows twice.
+`{"step", "epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+"learning_rate", "time"}`; "time" is the run's wall-clock seconds up to that row, summed over
+resumes (rows written before it existed lack it). TensorBoard (WORKDIR/tensorboard/) shows the
+same rows; metrics.jsonl is the record, and on a resume the event files are rebuilt from its
+rows when they differ, so that a step repeated after a checkpoint never shows twice.
+
+TensorFlow is imported on first use (`_tf`): reading rows and plotting (`python -m
+hhjax.compare`) need none, and it takes seconds to load.
 """
 
 from collections.abc import Mapping, Sequence
-import io
 import json
 import os
+import time
 from typing import Any
 
 from etils import epath
 from matplotlib.figure import Figure
 import numpy as np
-import tensorflow as tf
-from tensorflow.core.framework import summary_pb2
-from tensorflow.core.util import event_pb2
 
 from hhjax import files
 
@@ -26,10 +27,16 @@ METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
 
 
+def _tf():
+  """TensorFlow, imported on first use (see the module docstring)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf
+
+
 def _scalar_metadata() -> bytes:
   # What TensorBoard's tf.summary.scalar writes: a float tensor tagged for the 'scalars'
-  # plugin. Written with tf.summary.write, which is in TensorFlow itself, so logging needs no
-  # `tensorboard` package (viewing does).
+  # plugin. Written with tf.summary.write, which is in TensorFlow itself.
+  from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
   return summary_pb2.SummaryMetadata(
       plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars')
   ).SerializeToString()
@@ -69,11 +76,13 @@ def _scalars(row: Mapping[str, Any]) -> list[tuple[str, float]]:
 
 
 def _event_files(workdir: str) -> list[str]:
-  return sorted(tf.io.gfile.glob(os.path.join(workdir, TENSORBOARD_DIR, 'events.out.tfevents.*')))
+  return sorted(_tf().io.gfile.glob(os.path.join(workdir, TENSORBOARD_DIR, 'events.out.tfevents.*')))
 
 
 def _tensorboard_points(workdir: str) -> list[tuple[str, int]] | None:
   """(tag, step) of every scalar in WORKDIR/tensorboard, sorted; None if a file is unreadable."""
+  from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
+  tf = _tf()
   points = []
   for path in _event_files(workdir):
     try:
@@ -86,12 +95,19 @@ def _tensorboard_points(workdir: str) -> list[tuple[str, int]] | None:
 
 
 class MetricsWriter:
-  """Adds epoch rows to metrics.jsonl and TensorBoard (only where `enabled`)."""
+  """Adds epoch rows to metrics.jsonl and TensorBoard (only where `enabled`).
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  Each row gets "time": seconds since this writer was made (the run's start), plus the time of
+  the last row kept by `truncate_after` when a run resumes.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, start: float | None = None):
+    """`start`: the run's start as `time.monotonic()` (default: now)."""
     self.workdir = workdir
     self.enabled = enabled
     self._tb = None
+    self._start = time.monotonic() if start is None else start
+    self._time_before = 0.0   # a resumed run's time up to its last kept row
 
   def truncate_after(self, step: int) -> None:
     """Drops rows past `step`: a resumed run rewrites what followed its checkpoint.
@@ -103,6 +119,7 @@ class MetricsWriter:
       return
     rows = read_rows(self.workdir)
     kept = [r for r in rows if r.get('step', 0) <= step]
+    self._time_before = float(kept[-1].get('time', 0.0)) if kept else 0.0
     if kept != rows:
       _write_rows(self.workdir, kept)
     want = sorted((tag, int(r['step'])) for r in kept for tag, _ in _scalars(r))
@@ -119,14 +136,15 @@ class MetricsWriter:
     if self._tb is not None:
       self._tb.flush()
     for path in old:
-      tf.io.gfile.remove(path)
+      _tf().io.gfile.remove(path)
 
   def _writer(self):
     if self._tb is None:
-      self._tb = tf.summary.create_file_writer(os.path.join(self.workdir, TENSORBOARD_DIR))
+      self._tb = _tf().summary.create_file_writer(os.path.join(self.workdir, TENSORBOARD_DIR))
     return self._tb
 
   def _write_tensorboard(self, row: Mapping[str, Any]) -> None:
+    tf = _tf()
     metadata = _scalar_metadata()
     with self._writer().as_default(step=int(row['step'])):
       for tag, value in _scalars(row):
@@ -135,7 +153,8 @@ class MetricsWriter:
   def write(self, row: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
-    _write_rows(self.workdir, read_rows(self.workdir) + [dict(row)])
+    row = dict(row, time=round(self._time_before + time.monotonic() - self._start, 1))
+    _write_rows(self.workdir, read_rows(self.workdir) + [row])
     self._write_tensorboard(row)
     self._tb.flush()
 
@@ -172,10 +191,7 @@ def plot_history(rows: Sequence[Mapping[str, Any]], workdir: str) -> list[str]:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format='png', dpi=100)
-    paths.append(str(files.write_atomic(epath.Path(workdir) / f'{name}.png',
-                                        buffer.getvalue())))
+    paths.append(str(files.write_png(epath.Path(workdir) / f'{name}.png', fig)))
   return paths
 
 

@@ -6,6 +6,8 @@
     WORKDIR/tensorboard/    the same rows as TensorBoard scalars
     WORKDIR/loss.png, accuracy.png, eval.json
     WORKDIR/train.lock      held by the training run (hhjax.workdir_lock)
+    WORKDIR/confusion_matrix.png, misclassified.png, misclassified.json   (hhjax.pictures)
+    WORKDIR/explain/        Grad-CAM pictures of --mode=explain (hhjax.explain)
 
 Paths may be local or URLs such as gs://bucket/run (etils.epath).
 """
@@ -63,11 +65,12 @@ def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort())
 
 
-def _flat(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+def flat_fields(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """A nested config dict as {'a.b.c': value}."""
   out = {}
   for k, v in d.items():
     if isinstance(v, Mapping):
-      out.update(_flat(v, f'{prefix}{k}.'))
+      out.update(flat_fields(v, f'{prefix}{k}.'))
     else:
       out[f'{prefix}{k}'] = v
   return out
@@ -75,6 +78,6 @@ def _flat(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
   """'field: checkpoint X, now Y' for each field that differs between two config dicts."""
-  a, b = _flat(saved), _flat(current)
+  a, b = flat_fields(saved), flat_fields(current)
   return [f'{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}'
           for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

@@ -223,3 +223,16 @@ def create_dataset(config: ml_collections.ConfigDict, split: str, *, start_step:
   ds = ds.batch(batch, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE)
   return ds.with_options(streams.options(streams.num_threads(config)))
+
+
+def eval_pixels(table: sources.Table, config: ml_collections.ConfigDict,
+                indices: list[int]) -> np.ndarray:
+  """Rows `indices` of `table` as the eval pass sees them: uint8 [k, S, S, 3], not normalised.
+
+  For pictures of a few examples (hhjax.pictures): they are decoded again, one by one.
+  """
+  load = _loader(table, config)
+  images = [load(tf.constant(i, tf.int64)).numpy() for i in indices]
+  size = config.data.image_size
+  return np.clip(np.round(np.reshape(images, (len(indices), size, size, 3))), 0,
+                 255).astype(np.uint8)

@@ -27,6 +27,7 @@ from hhjax import config_checks
 from hhjax import errors
 from hhjax import evaluate
 from hhjax import metrics as metrics_lib
+from hhjax import pictures
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
 from hhjax import workdir_lock
@@ -66,6 +67,7 @@ class _Run:
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, workdir: str) -> '_Run':
+    start = time.monotonic()   # metrics rows count wall time from here
     checkpointing.quiet_orbax()
     workdir = workdir_lib.absolute(workdir)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -87,7 +89,7 @@ class _Run:
         steps_per_epoch=spe,
         ckpts=checkpointing.Checkpoints(workdir_lib.checkpoint_dir(workdir),
                                         keep=int(config.keep_checkpoints)),
-        writer=metrics_lib.MetricsWriter(workdir, enabled=is_main),
+        writer=metrics_lib.MetricsWriter(workdir, enabled=is_main, start=start),
         evaluator=evaluate.Evaluator(model, len(class_names), mesh,
                                      evaluate.eval_batches(config)),
         is_main=is_main)
@@ -354,6 +356,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   result = evaluate.report(last_eval, run.class_names, step, run.workdir, run.is_main)
   result['stop_reason'] = progress.stop_reason
   if run.is_main:
+    pictures.write_eval_pictures(config, last_eval, run.class_names, step, run.workdir)
     for path in metrics_lib.plot_history(metrics_lib.read_rows(run.workdir), run.workdir):
       logging.info('Wrote %s', path)
   run.writer.close()

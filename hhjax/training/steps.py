@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hhjax.model import classifier
 from hhjax.training import optim
 from hhjax.training import phases as phases_lib
 
@@ -109,7 +110,11 @@ def make_train_step(model, setup: phases_lib.PhaseSetup
 
 
 def make_eval_step(model, num_classes: int):
-  """`(params, batch_stats, batch) -> sums` over the masked examples, with a confusion matrix."""
+  """`(params, batch_stats, batch) -> sums` over the masked examples, with a confusion matrix.
+
+  Also returns the batch's 'probabilities' [b, num_classes], padding included: the pictures of
+  an evaluation (hhjax.pictures) rank examples by them without a second pass.
+  """
 
   def eval_step(params, batch_stats, batch):
     logits = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'],
@@ -122,6 +127,7 @@ def make_eval_step(model, num_classes: int):
     return {'loss_sum': jnp.sum(per_example_loss(logits, labels_) * mask),
             'correct': jnp.sum((pred == labels_) * mask),
             'count': jnp.sum(mask),
-            'confusion': confusion}
+            'confusion': confusion,
+            'probabilities': classifier.probabilities(logits)}
 
   return eval_step

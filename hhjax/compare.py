@@ -1,0 +1,168 @@
+"""Runs side by side: validation accuracy and loss of several workdirs on one chart, and a table.
+
+    python -m hhjax.compare /tmp/hhjax/a /tmp/hhjax/b ... [--out=compare.png]
+
+The chart draws each run's validation accuracy and loss per epoch (metrics.jsonl). The table
+gives epochs, steps, final and best validation accuracy, final loss and wall time ('-' for runs
+written before metrics.jsonl recorded it), then every config field that differs between the
+runs (config.json). Reads files only: no JAX, no TensorFlow.
+"""
+
+import argparse
+from collections.abc import Mapping, Sequence
+import json
+import os
+import sys
+from typing import Any
+
+from etils import epath
+from matplotlib.figure import Figure
+
+from hhjax import errors
+from hhjax import files
+from hhjax import metrics
+from hhjax import workdir as workdir_lib
+
+DEFAULT_OUT = 'compare.png'
+# Legend entries name at most this many differing fields; the table lists them all.
+_LEGEND_FIELDS = 2
+
+
+def run_names(workdirs: Sequence[str]) -> list[str]:
+  """The shortest path endings that tell the workdirs apart (their base names, usually)."""
+  parts = [workdir_lib.absolute(w).rstrip('/').split('/') for w in workdirs]
+  for depth in range(1, max(len(p) for p in parts) + 1):
+    names = ['/'.join(p[-depth:]) for p in parts]
+    if len(set(names)) == len(names):
+      return names
+  return [str(w) for w in workdirs]
+
+
+def _rows(workdir: str) -> list[dict[str, Any]]:
+  rows = [r for r in metrics.read_rows(workdir) if 'val_accuracy' in r]
+  if not rows:
+    raise errors.DataNotFoundError(
+        f'{workdir} has no epochs in {metrics.METRICS_FILE}: give workdirs that '
+        '`python main.py --mode=train` wrote (at least one finished epoch).')
+  return rows
+
+
+def _config(workdir: str) -> dict[str, Any]:
+  path = epath.Path(workdir) / workdir_lib.CONFIG_FILE
+  return workdir_lib.flat_fields(json.loads(path.read_text())) if path.exists() else {}
+
+
+def differing_fields(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+  """The config fields whose values are not the same in every run, sorted."""
+  fields = sorted(set().union(*configs))
+  missing = object()
+  return [f for f in fields if len({json.dumps(c.get(f, missing), sort_keys=True, default=str)
+                                    for c in configs}) > 1]
+
+
+def _value(config: Mapping[str, Any], field: str) -> str:
+  return json.dumps(config[field]) if field in config else '-'
+
+
+def _duration(seconds: float | None) -> str:
+  if seconds is None:
+    return '-'
+  seconds = int(round(seconds))
+  h, rest = divmod(seconds, 3600)
+  m, s = divmod(rest, 60)
+  return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
+
+
+def summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """Epochs, steps, final and best validation accuracy (with its epoch), final loss, time."""
+  best = max(rows, key=lambda r: r['val_accuracy'])   # the first of equals: reached soonest
+  return {'epochs': rows[-1]['epoch'], 'steps': rows[-1]['step'],
+          'final_accuracy': rows[-1]['val_accuracy'], 'best_accuracy': best['val_accuracy'],
+          'best_epoch': best['epoch'], 'final_loss': rows[-1]['val_loss'],
+          'time': rows[-1].get('time')}
+
+
+def _table(header: Sequence[str], lines: Sequence[Sequence[str]], left: int = 1) -> str:
+  """Columns padded to their widths; the first `left` columns left-aligned, the rest right."""
+  widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
+  def fmt(cells):
+    return '  '.join(str(c).ljust(w) if i < left else str(c).rjust(w)
+                     for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+  return '\n'.join([fmt(header)] + [fmt(line) for line in lines])
+
+
+def format_tables(names: Sequence[str], summaries: Sequence[Mapping[str, Any]],
+                  configs: Sequence[Mapping[str, Any]]) -> str:
+  """The results table, then the config fields that differ (runs as columns)."""
+  results = _table(
+      ['run', 'epochs', 'steps', 'final acc', 'best acc (epoch)', 'final loss', 'wall time'],
+      [[n, s['epochs'], s['steps'], f"{s['final_accuracy']:.4f}",
+        f"{s['best_accuracy']:.4f} ({s['best_epoch']})", f"{s['final_loss']:.4f}",
+        _duration(s['time'])] for n, s in zip(names, summaries)])
+  fields = differing_fields(configs)
+  if not fields:
+    return results + '\n\nThe runs have the same config.'
+  return (results + '\n\nConfig fields that differ:\n' +
+          _table(['field', *names], [[f, *(_value(c, f) for c in configs)] for f in fields]))
+
+
+def plot(names: Sequence[str], all_rows: Sequence[Sequence[Mapping[str, Any]]],
+         labels: Sequence[str]) -> Figure:
+  """Validation accuracy and loss per epoch, one line per run; the legend below both."""
+  fig = Figure(figsize=(11.0, 4.8 + 0.2 * len(names)), layout='constrained')
+  axes = fig.subplots(1, 2)
+  for rows, label in zip(all_rows, labels):
+    epochs = [r['epoch'] for r in rows]
+    starts = [r['epoch'] - 0.5 for prev, r in zip(rows, rows[1:]) if r['phase'] != prev['phase']]
+    for ax, key in zip(axes, ('val_accuracy', 'val_loss')):
+      line, = ax.plot(epochs, [r[key] for r in rows], marker='o', ms=3, label=label)
+      for x in starts:
+        ax.axvline(x, color=line.get_color(), ls=':', lw=1.2)
+  for ax, what in zip(axes, ('accuracy', 'loss')):
+    ax.set_title(f'Validation {what}')
+    ax.set_xlabel('epoch (all phases)')
+    ax.set_ylabel(what)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+  handles, texts = axes[0].get_legend_handles_labels()
+  # One row while it fits the figure's width, else one run per line.
+  one_row = sum(len(t) + 6 for t in texts) < 150
+  fig.legend(handles, texts, loc='outside lower center', ncols=len(texts) if one_row else 1,
+             fontsize=9)
+  fig.suptitle(f'{len(names)} runs side by side (dotted: where fine-tuning starts)', fontsize=11)
+  return fig
+
+
+def compare(workdirs: Sequence[str], out: str = DEFAULT_OUT) -> str:
+  """Writes the chart to `out` and returns the tables as text."""
+  names = run_names(workdirs)
+  all_rows = [_rows(w) for w in workdirs]
+  configs = [_config(w) for w in workdirs]
+  fields = differing_fields(configs)[:_LEGEND_FIELDS]
+  labels = [name + (f' ({", ".join(f"{f}={_value(c, f)}" for f in fields)})' if fields else '')
+            for name, c in zip(names, configs)]
+  files.write_png(out, plot(names, all_rows, labels))
+  return format_tables(names, [summary(r) for r in all_rows], configs)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(
+      prog='python -m hhjax.compare',
+      description='Draw the validation accuracy and loss of several training workdirs on one '
+                  'chart and print their results and differing config fields.')
+  parser.add_argument('workdirs', nargs='+', help='Workdirs written by main.py --mode=train.')
+  parser.add_argument('--out', default=DEFAULT_OUT,
+                      help=f'PNG file to write (default: ./{DEFAULT_OUT}).')
+  args = parser.parse_args(argv)
+  try:
+    tables = compare(args.workdirs, args.out)
+  except errors.UserError as e:
+    # As main.py does: the message alone says what to fix; no traceback.
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_USER_ERROR)
+  print(tables)
+  print(f'\nWrote {os.path.abspath(args.out) if "://" not in args.out else args.out}')
+
+
+if __name__ == '__main__':
+  main()

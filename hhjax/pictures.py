@@ -1,0 +1,198 @@
+"""Pictures of an evaluation: the confusion matrix and the misclassified images.
+
+`--mode=eval` and the final evaluation of a training run write them beside eval.json:
+
+    WORKDIR/confusion_matrix.png   counts and shares of each true class, class names on the axes
+    WORKDIR/misclassified.png      the misclassified eval images, most confident first; when none
+                                   is wrong, the least confident correct ones (the title says so)
+    WORKDIR/misclassified.json     every misclassified image in that order: its name, true and
+                                   predicted class, and the probability of the predicted class
+
+An example is named by its file path (image folders) or by `split[index]` (TFDS, synthetic
+data). The ranking comes from the eval pass's own probabilities; only the images shown are
+decoded again.
+"""
+
+from collections.abc import Mapping, Sequence
+import json
+import math
+import os
+from typing import Any
+
+from absl import logging
+from etils import epath
+from matplotlib.figure import Figure
+import ml_collections
+import numpy as np
+
+from hhjax import files
+from hhjax.data import pipeline
+from hhjax.data import sources
+
+CONFUSION_FILE = 'confusion_matrix.png'
+EXAMPLES_FILE = 'misclassified.png'
+EXAMPLES_JSON = 'misclassified.json'
+
+# Titles wider than this overlap their neighbours at the grid's font size.
+_MAX_NAME = 22
+
+
+def example_names(table: sources.Table, split: str) -> list[str]:
+  """One name per row of `table`: the file path, or `split[index]` where there is no file."""
+  if table.kind == 'path':
+    return [str(p) for p in table.keys]
+  return [f'{split}[{i}]' for i in range(table.size)]
+
+
+def short_name(name: str) -> str:
+  """A file's base name, shortened in the middle to fit a grid cell's title."""
+  name = os.path.basename(name) or name
+  if len(name) <= _MAX_NAME:
+    return name
+  keep = _MAX_NAME - 1
+  return name[:keep // 2] + '…' + name[-(keep - keep // 2):]
+
+
+def rank_examples(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, bool]:
+  """The examples worth looking at first, and whether every example is classified correctly.
+
+  Args:
+    probabilities: [n, classes], per example.
+    labels: [n] true classes.
+
+  Returns:
+    (indices, all_correct): the misclassified examples, most confident first; when there are
+    none, every example, least confident first.
+  """
+  predicted = np.argmax(probabilities, axis=-1)
+  confidence = probabilities[np.arange(len(predicted)), predicted]
+  wrong = np.flatnonzero(predicted != labels)
+  if len(wrong):
+    return wrong[np.argsort(-confidence[wrong], kind='stable')], False
+  return np.argsort(confidence, kind='stable'), True
+
+
+def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], title: str) -> Figure:
+  """The confusion matrix: each cell's count and its share of the true class (its row)."""
+  matrix = np.asarray(matrix).astype(int)
+  n = len(class_names)
+  totals = matrix.sum(axis=1)
+  shares = matrix / np.maximum(totals, 1)[:, None]
+  side = 2.0 + 1.0 * n
+  # No pyplot: no global state, no GUI backend. The constrained layout keeps the axis labels
+  # inside the figure with the colour bar beside it.
+  fig = Figure(figsize=(side + 1.6, side + 0.6), layout='constrained')
+  ax = fig.subplots()
+  image = ax.imshow(shares, cmap='Blues', vmin=0.0, vmax=1.0)
+  font = max(6.0, 12.0 - 0.5 * n)
+  for i in range(n):
+    for j in range(n):
+      ax.text(j, i, f'{matrix[i, j]}\n{100 * shares[i, j]:.1f} %', ha='center', va='center',
+              fontsize=font, color='white' if shares[i, j] > 0.5 else 'black')
+  names = [str(c) for c in class_names]
+  ax.set_xticks(range(n), labels=names, rotation=30 if n > 3 else 0,
+                ha='right' if n > 3 else 'center')
+  ax.set_yticks(range(n), labels=[f'{c}\n({t} images)' for c, t in zip(names, totals)])
+  ax.set_xlabel('predicted class')
+  ax.set_ylabel('true class')
+  ax.set_title(title, fontsize=10)
+  fig.colorbar(image, ax=ax, label='share of the true class', shrink=0.85)
+  return fig
+
+
+def grid_shape(count: int, max_columns: int) -> tuple[int, int]:
+  """(columns, rows) for `count` cells, at most `max_columns` wide, with rows filled evenly
+  (6 images at 5 columns: 2 rows of 3, not a row of 5 and a row of 1)."""
+  rows = max(1, math.ceil(count / max(1, max_columns)))
+  return max(1, math.ceil(count / rows)), rows
+
+
+def plot_examples(images: np.ndarray, titles: Sequence[str], colors: Sequence[str],
+                  title: str, columns: int = 5) -> Figure:
+  """A grid of uint8 images [k, S, S, 3], each with its (multi-line) title."""
+  columns, rows = grid_shape(len(images), columns)
+  fig = Figure(figsize=(2.3 * columns, 2.7 * rows + 0.6), layout='constrained')
+  for k, (image, text, color) in enumerate(zip(images, titles, colors)):
+    ax = fig.add_subplot(rows, columns, k + 1)
+    ax.imshow(image)
+    ax.set_title(text, fontsize=8.5, color=color)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():   # a thin frame: white backgrounds would run together
+      spine.set_color('lightgray')
+  if not len(images):
+    fig.text(0.5, 0.5, 'no images', ha='center', va='center')
+  fig.suptitle(title, fontsize=10)
+  return fig
+
+
+def _source_name(config: ml_collections.ConfigDict) -> str:
+  """The data's name for titles: the image folder's name, the TFDS name, or 'fake'."""
+  if config.data.source == 'folder':
+    return os.path.basename(os.path.normpath(config.data.dir))
+  return config.data.get('name') if config.data.source == 'tfds' else config.data.source
+
+
+def write_eval_pictures(config: ml_collections.ConfigDict, result: Mapping[str, Any],
+                        class_names: Sequence[str], step: int, workdir: str, *,
+                        max_images: int = 20, columns: int = 5) -> list[str]:
+  """Writes the confusion matrix, the misclassified grid and its list into `workdir`.
+
+  Args:
+    config: the run's config (which split, and how to decode its images).
+    result: an `evaluate.Evaluator` result ('confusion', 'accuracy', 'count', and per example
+      'probabilities' in the split's table order).
+    class_names: in label order.
+    step: the evaluated checkpoint's step, for the titles.
+    workdir: where eval.json lives.
+    max_images: how many images the grid shows.
+    columns: images per row of the grid.
+
+  Returns:
+    The paths written (none when the split no longer matches the evaluation).
+  """
+  split = config.data.eval_split
+  table = sources.table(config, split)
+  probabilities = np.asarray(result['probabilities'])
+  if table.size != len(probabilities):
+    logging.warning('No evaluation pictures: %s now holds %d images, the evaluation saw %d.',
+                    split, table.size, len(probabilities))
+    return []
+  names = example_names(table, split)
+  labels = np.asarray(table.labels)
+  predicted = np.argmax(probabilities, axis=-1)
+  confidence = probabilities[np.arange(len(predicted)), predicted]
+  order, all_correct = rank_examples(probabilities, labels)
+  directory = epath.Path(workdir)
+  paths = []
+
+  fig = plot_confusion(result['confusion'], class_names,
+                       f'Confusion matrix: {_source_name(config)} / {split}, step {step}\n'
+                       f'accuracy {result["accuracy"]:.4f} on {result["count"]} images')
+  paths.append(files.write_png(directory / CONFUSION_FILE, fig))
+
+  shown = [int(i) for i in order[:max_images]]
+  images = pipeline.eval_pixels(table, config, shown)
+  titles = [f'{short_name(names[i])}\ntrue: {class_names[labels[i]]}\n'
+            f'predicted: {class_names[predicted[i]]} {confidence[i]:.3f}' for i in shown]
+  if all_correct:
+    title = (f'No {split} image is misclassified at step {step}: the {len(shown)} least '
+             'confident correct ones')
+  else:
+    title = (f'Misclassified {split} images at step {step}, most confident first: '
+             f'{len(shown)} of {len(order)} wrong (of {len(labels)})')
+  title += "\n(each image: its name, true class, predicted class and that class's probability)"
+  fig = plot_examples(images, titles, ['darkgreen' if all_correct else 'firebrick'] * len(shown),
+                      title, columns)
+  paths.append(files.write_png(directory / EXAMPLES_FILE, fig))
+
+  wrong = [] if all_correct else order
+  listing = {'step': step, 'split': split, 'count': len(labels),
+             'class_names': [str(c) for c in class_names],
+             'misclassified': [{'name': names[i], 'true': str(class_names[labels[i]]),
+                                'predicted': str(class_names[predicted[i]]),
+                                'probability': float(confidence[i])} for i in wrong]}
+  paths.append(files.write_atomic(directory / EXAMPLES_JSON, json.dumps(listing, indent=2)))
+  for path in paths:
+    logging.info('Wrote %s', path)
+  return [str(p) for p in paths]
