@@ -96,20 +96,44 @@ def report(result: Mapping[str, Any], class_names: Sequence[str], step: int, wor
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
                           which: str = 'latest'):
-  """(mesh, model, state, class names, step) of the latest or best checkpoint in `workdir`."""
+  """(mesh, model, state, class names, step) of the latest or best checkpoint in `workdir`.
+
+  'latest' is the newest checkpoint that reads whole (damaged ones are skipped with a warning);
+  a damaged 'best' is an error.
+  """
   checkpointing.quiet_orbax()
   mesh = sharding.make_mesh()
-  with checkpointing.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True) as ckpts:
-    step = ckpts.best_step() if which == 'best' else ckpts.latest_step()
-    if step is None:
-      raise errors.DataNotFoundError(
-          f'No finished checkpoint in {ckpts.directory}: train first.')
+  phases = phases_lib.make_phases(config)
+
+  def restore(ckpts, step):
     class_names = ckpts.info(step).get('class_names')
     model = classifier.create_model(config, len(class_names))
-    phase = state_lib.saved_phase(ckpts, step, phases_lib.make_phases(config))
+    phase = state_lib.saved_phase(ckpts, step, phases)
     setup = phases_lib.setup(config, phase,
                              state_lib.abstract_variables(model, config)['params'])
     state, _ = state_lib.restore(ckpts, step, model, config, setup, mesh)
+    return model, state, class_names
+
+  with checkpointing.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True) as ckpts:
+    steps = ckpts.all_steps()
+    if not steps:
+      raise errors.DataNotFoundError(
+          f'No finished checkpoint in {ckpts.directory}: train first.')
+    if which == 'best':
+      step = ckpts.best_step()
+      try:
+        model, state, class_names = restore(ckpts, step)
+      except errors.CheckpointDamagedError as e:
+        raise errors.CheckpointDamagedError(
+            f'{e} It is the best one (--checkpoint=best); --checkpoint=latest uses the newest '
+            'checkpoint that can be read.') from None
+    else:
+      step, (model, state, class_names) = ckpts.newest_intact(lambda s: restore(ckpts, s))
+    if step == max(steps) or which == 'best':
+      logging.info('Using the checkpoint of step %d (%s) in %s.', step, which, ckpts.directory)
+    else:
+      logging.warning('Using the checkpoint of step %d in %s, the newest that can be read (the '
+                      'latest, step %d, is damaged).', step, ckpts.directory, max(steps))
   return mesh, model, state, class_names, step
 
 
