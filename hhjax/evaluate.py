@@ -144,6 +144,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   Prints loss, accuracy and the confusion matrix; writes WORKDIR/eval.json.
   """
   config_checks.validate(config)
+  workdir_lib.check_inference_config(config, workdir)
   sharding.check_batch_size(eval_batch_size(config), 'config.eval_batch_size')
   mesh, model, state, class_names, step = restore_for_inference(config, workdir, checkpoint)
   evaluator = Evaluator(model, len(class_names), mesh, eval_batches(config))
