@@ -22,6 +22,8 @@ import logging
 import os
 import re
 import shutil
+import sys
+import traceback
 from typing import Any, TypeVar
 
 from absl import logging as absl_logging
@@ -45,7 +47,11 @@ def _best_fn(metrics: Mapping[str, float]) -> float:
 
 
 class _QuietOrbax(logging.Filter):
-  """Drops orbax's per-save INFO lines and its warnings about expected situations."""
+  """Drops orbax's routine lines and the tracebacks of failures `Checkpoints` reports itself.
+
+  Routine: the per-save INFO lines and the warnings about expected situations. Failures: a
+  read or write that failed, which `Checkpoints` turns into one line.
+  """
 
   _EXPECTED = ('Requested `tracked_metric`', 'CheckpointManagerOptions.read_only=True',
                'Given directory is read only',
@@ -54,6 +60,11 @@ class _QuietOrbax(logging.Filter):
                'Item "state" was found in the checkpoint, but could not be restored')
 
   def filter(self, record: logging.LogRecord) -> bool:
+    if (record.name == 'asyncio' and record.exc_info and any(
+        '/orbax/' in f.filename for f in traceback.extract_tb(record.exc_info[2]))):
+      # 'Task exception was never retrieved': the other arrays of a read or write that failed
+      # (the failure itself is reported once, by `Checkpoints`).
+      return False
     if '/orbax/' not in record.pathname:
       return True
     if record.levelno < logging.WARNING:
@@ -106,11 +117,33 @@ def _os_error(error: BaseException) -> str | None:
   return None
 
 
+class _QuietClosedLoops:
+  """Drops the traceback of TensorStore's callbacks that find orbax's event loop closed.
+
+  When one array of a save or restore fails, orbax stops waiting and closes its event loop;
+  the other arrays' reads or writes finish later, and Python prints each late callback as an
+  unraisable 'Event loop is closed' traceback. The failure itself is reported by `Checkpoints`.
+  """
+
+  def __init__(self, previous):
+    self.previous = previous
+
+  def __call__(self, unraisable) -> None:
+    error = unraisable.exc_value
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    if (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed' and
+        any(f.name == 'call_soon_threadsafe' for f in frames)):
+      return
+    self.previous(unraisable)
+
+
 def quiet_orbax() -> None:
   """Keeps the training log readable: orbax logs a dozen lines per checkpoint."""
   for target in (absl_logging.get_absl_handler(), logging.getLogger('absl')):
     if not any(isinstance(f, _QuietOrbax) for f in target.filters):
       target.addFilter(_QuietOrbax())
+  if not isinstance(sys.unraisablehook, _QuietClosedLoops):
+    sys.unraisablehook = _QuietClosedLoops(sys.unraisablehook)
 
 
 class Checkpoints:
