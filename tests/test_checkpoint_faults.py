@@ -8,6 +8,7 @@ shared by the module; each test damages its own copy and runs main.py on it.
 import json
 import os
 import pathlib
+import resource
 import shutil
 import subprocess
 import sys
@@ -94,6 +95,13 @@ def _assert_same_checkpoints(workdir, reference, steps):
     for path, value in want:
       np.testing.assert_array_equal(got[path], value,
                                     err_msg=f'step {step} {jax.tree_util.keystr(path)}')
+
+
+def _assert_same_arrays(directory, step, want):
+  with checkpointing.Checkpoints(directory, read_only=True) as ckpts:
+    got = ckpts.restore_arrays(step)
+  for name, value in want.items():
+    np.testing.assert_array_equal(got[name], value)
 
 
 def _array_file(workdir, step):
@@ -218,6 +226,32 @@ def _keep_steps_up_to(workdir, last):
   for step in STEPS:
     if step > last:
       shutil.rmtree(workdir / 'checkpoints' / str(step))
+
+
+def test_a_save_that_fails_in_the_background_is_found_at_the_next_step_without_waiting(
+    tmp_path):
+  # Random values: the array file cannot be compressed below the file size limit set below.
+  state = {'w': np.random.default_rng(0).random(300_000, dtype=np.float32)}
+  with checkpointing.Checkpoints(tmp_path) as ckpts:
+    ckpts.save(1, state, {'step': 1})
+    ckpts.wait()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))   # see _FULL_DISK below
+    try:
+      ckpts.save(2, state, {'step': 2})
+      longest, deadline = 0.0, time.monotonic() + 30
+      with pytest.raises(errors.CheckpointSaveError,
+                         match=r'step 2 in .*: File too large \(errno 27\).*latest: step 1'):
+        while time.monotonic() < deadline:   # what the training loop does after each step
+          start = time.monotonic()
+          ckpts.check_saved()
+          longest = max(longest, time.monotonic() - start)
+          time.sleep(0.005)
+    finally:
+      resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert longest < 0.1   # never waits for the save
+    assert ckpts.latest_step() == 1
+  _assert_same_arrays(tmp_path, 1, state)
 
 
 # As root, write permissions are not checked: the child drops the capabilities that skip the
