@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 import traceback
 from typing import Any, TypeVar
@@ -251,7 +250,7 @@ class Checkpoints:
     absl_logging.warning('Overwriting the damaged checkpoint of step %d in %s (%s) with the '
                          'same step computed again.', step, self.directory, self._damaged[step])
     if jax.process_index() == 0:
-      shutil.rmtree(self._step_dir(step))
+      self._step_dir(step).rmtree()   # epath: local folders and gs:// alike
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'hhjax_overwrite_damaged_{step}')
     self._manager.reload()
