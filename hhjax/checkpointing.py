@@ -273,7 +273,8 @@ class Checkpoints:
                          f'JSON ({e})') from None
     if not isinstance(custom, dict):
       raise self._damage(step, f'its metadata file {STEP_METADATA_FILE} holds no metadata')
-    return dict(self._manager.metadata(step).custom_metadata or {})
+    # Read here rather than through orbax's step metadata, which opens the arrays too.
+    return custom
 
   def newest_intact(self, restore_one: Callable[[int], T]) -> tuple[int, T]:
     """(step, restore_one(step)) for the newest checkpoint that restores whole.

@@ -161,22 +161,24 @@ def test_training_resumes_from_the_newest_intact_checkpoint_past_a_truncated_one
   _assert_same_checkpoints(workdir, trained, STEPS)   # step 6 recomputed exactly
 
 
-def test_eval_skips_a_checkpoint_with_a_deleted_array_file_and_one_without_metadata(
+def test_eval_skips_checkpoints_with_a_deleted_array_file_metadata_or_manifest(
     workdir, trained, env):
   _array_file(workdir, 6).unlink()
   (workdir / 'checkpoints' / '4' / METADATA).unlink()
+  (workdir / 'checkpoints' / '3' / 'state' / 'manifest.ocdbt').unlink()   # the arrays' index
   proc, seconds, _ = _main('--mode=eval', f'--workdir={workdir}', env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Traceback' not in proc.stderr
   damaged = _warnings(proc, 'cannot be read')
-  assert len(damaged) == 2, damaged
+  assert len(damaged) == 3, damaged
   assert 'step 6 in ' in damaged[0]
   assert 'step 4 in ' in damaged[1] and f'{METADATA} is missing' in damaged[1]
-  assert len(_warnings(proc, 'Using the checkpoint of step 3')) == 1
-  assert json.loads((workdir / 'eval.json').read_text())['step'] == 3
+  assert 'step 3 in ' in damaged[2] and 'array metadata cannot be read' in damaged[2]
+  assert len(_warnings(proc, 'Using the checkpoint of step 2')) == 1
+  assert json.loads((workdir / 'eval.json').read_text())['step'] == 2
   assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()) == STEPS  # all kept
   assert seconds < 60
-  _assert_same_checkpoints(workdir, trained, [2, 3])
+  _assert_same_checkpoints(workdir, trained, [2])
 
 
 def test_a_damaged_best_checkpoint_is_an_error_naming_it(workdir):
