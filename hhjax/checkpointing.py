@@ -8,21 +8,37 @@ checkpoint that `latest_step` would return; the leftover temporary directory is 
 next run opens the workdir.
 
 Retention: the last `keep` checkpoints, plus the best one by validation accuracy.
+
+Faults: a checkpoint that cannot be read whole (a file missing or truncated) raises
+CheckpointDamagedError, and `newest_intact` falls back to the one before; nothing is deleted,
+except a damaged checkpoint whose step a resumed run computes again. A save that fails (a full
+disk, a read-only folder) raises CheckpointSaveError at the next `check_saved`, `save` or
+`wait`, with the step, the path and the OS error.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+import json
 import logging
 import os
-from typing import Any
+import re
+import sys
+import traceback
+from typing import Any, TypeVar
 
 from absl import logging as absl_logging
 from etils import epath
+import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from hhjax import errors
 from hhjax import trees
 
 BEST_METRIC = 'val_accuracy'
+# Orbax's name for the JSON metadata of a step (phase, progress, config): read only as JSON.
+STEP_METADATA_FILE = '_CHECKPOINT_METADATA'
+
+T = TypeVar('T')
 
 
 def _best_fn(metrics: Mapping[str, float]) -> float:
@@ -30,17 +46,94 @@ def _best_fn(metrics: Mapping[str, float]) -> float:
 
 
 class _QuietOrbax(logging.Filter):
-  """Drops orbax's per-save INFO lines and its warnings about expected situations."""
+  """Drops orbax's routine lines and the tracebacks of failures `Checkpoints` reports itself.
+
+  Routine: the per-save INFO lines and the warnings about expected situations. Failures: a
+  read or write that failed, which `Checkpoints` turns into one line.
+  """
 
   _EXPECTED = ('Requested `tracked_metric`', 'CheckpointManagerOptions.read_only=True',
-               'Given directory is read only')
+               'Given directory is read only',
+               # A damaged checkpoint: reported in one line by `Checkpoints` when it is used.
+               'Metadata file does not exist', 'Failed to json parse Metadata file',
+               'Item "state" was found in the checkpoint, but could not be restored')
 
   def filter(self, record: logging.LogRecord) -> bool:
+    if (record.name == 'asyncio' and record.exc_info and any(
+        '/orbax/' in f.filename for f in traceback.extract_tb(record.exc_info[2]))):
+      # 'Task exception was never retrieved': the other arrays of a read or write that failed
+      # (the failure itself is reported once, by `Checkpoints`).
+      return False
     if '/orbax/' not in record.pathname:
       return True
     if record.levelno < logging.WARNING:
       return False
+    if record.exc_info and _os_error(record.exc_info[1]) is not None:
+      return False   # a failed write: `Checkpoints` reports it, in one line, as it stops the run
     return not str(record.msg).startswith(self._EXPECTED)
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+  """`error`, then what caused it, down to the root."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+
+
+def _one_line(error: BaseException) -> str:
+  """The root cause of an orbax or TensorStore error as one short line.
+
+  Orbax wraps TensorStore's message (which names the array and the file) in its own, whose
+  text is a repr of a spec over many lines.
+  """
+  root = list(_causes(error))[-1]
+  text = (str(root).strip().splitlines() or [type(root).__name__])[0]
+  text = re.split(r' \[(?:tensorstore_spec|source locations)=', text)[0]
+  return text if len(text) <= 400 else text[:400] + '...'
+
+
+# TensorStore's status codes of a write that the storage refused, as opposed to a bug.
+_STORAGE_STATUS = re.compile(
+    r'^(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED|DATA_LOSS):')
+
+
+def _os_error(error: BaseException) -> str | None:
+  """'No space left on device (errno 28): PATH' when `error` comes from the storage, else None."""
+  for cause in _causes(error):
+    if isinstance(cause, OSError) and cause.errno:
+      where = f': {cause.filename}' if cause.filename else ''
+      return f'{cause.strerror} (errno {cause.errno}){where}'
+    text = str(cause)
+    code = re.search(r"os_error_code='(\d+)'", text)
+    if code:
+      path = re.search(r'local file "([^"]+)"', text)
+      where = f': {path.group(1)}' if path else ''
+      return f'{os.strerror(int(code.group(1)))} (errno {code.group(1)}){where}'
+    if _STORAGE_STATUS.match(text):
+      return _one_line(cause)
+  return None
+
+
+class _QuietClosedLoops:
+  """Drops the traceback of TensorStore's callbacks that find orbax's event loop closed.
+
+  When one array of a save or restore fails, orbax stops waiting and closes its event loop;
+  the other arrays' reads or writes finish later, and Python prints each late callback as an
+  unraisable 'Event loop is closed' traceback. The failure itself is reported by `Checkpoints`.
+  """
+
+  def __init__(self, previous):
+    self.previous = previous
+
+  def __call__(self, unraisable) -> None:
+    error = unraisable.exc_value
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    if (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed' and
+        any(f.name == 'call_soon_threadsafe' for f in frames)):
+      return
+    self.previous(unraisable)
 
 
 def quiet_orbax() -> None:
@@ -48,6 +141,8 @@ def quiet_orbax() -> None:
   for target in (absl_logging.get_absl_handler(), logging.getLogger('absl')):
     if not any(isinstance(f, _QuietOrbax) for f in target.filters):
       target.addFilter(_QuietOrbax())
+  if not isinstance(sys.unraisablehook, _QuietClosedLoops):
+    sys.unraisablehook = _QuietClosedLoops(sys.unraisablehook)
 
 
 class Checkpoints:
@@ -72,16 +167,25 @@ class Checkpoints:
         cleanup_tmp_directories=not read_only,
         read_only=read_only,
         enable_async_checkpointing=async_save,
+        # The step's directory is made before `save` returns, so that a folder that cannot be
+        # written fails there; made in the background, the failure left orbax's other save
+        # threads waiting for it until their timeout, and the process could not exit.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         create=not read_only)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler()})
+    self._damaged: dict[int, str] = {}   # step -> what is wrong, as found by this process
+    self._pending: int | None = None      # the step of a save that may still be running
 
   def all_steps(self) -> list[int]:
+    """Every finished checkpoint in the folder, damaged ones included."""
     return list(self._manager.all_steps())
 
   def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    """The newest checkpoint not found damaged."""
+    steps = [s for s in self._manager.all_steps() if s not in self._damaged]
+    return max(steps) if steps else None
 
   def best_step(self) -> int | None:
     """The step with the best validation accuracy (the latest when none has metrics)."""
@@ -89,23 +193,120 @@ class Checkpoints:
 
   def save(self, step: int, state: Any, info: Mapping[str, Any],
            metrics: Mapping[str, float] | None = None) -> None:
-    """Saves `state` at `step` with JSON `info`; `metrics` (with 'val_accuracy') rank it."""
-    self._manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-        metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
-        custom_metadata=dict(info), force=True)
+    """Saves `state` at `step` with JSON `info`; `metrics` (with 'val_accuracy') rank it.
+
+    The arrays are written in the background. Raises CheckpointSaveError if the previous save
+    failed or this one cannot start.
+    """
+    self._finish_pending()   # orbax waits for it anyway; here its error names its own step
+    if step in self._damaged and step in self._manager.all_steps():
+      self._remove_damaged(step)
+    try:
+      self._manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+          metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
+          custom_metadata=dict(info), force=True)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      self._raise_save_error(step, e)
+      raise
+    self._pending = step
+
+  def check_saved(self) -> None:
+    """Raises CheckpointSaveError if the last save has failed; never waits for a running one.
+
+    Cheap enough for every step: a failed save then stops training one step later.
+    """
+    if self._pending is not None and not self._manager.is_saving_in_progress():
+      self._finish_pending()
+
+  def _finish_pending(self) -> None:
+    step, self._pending = self._pending, None
+    if step is None:
+      return
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      self._raise_save_error(step, e)
+      raise
+
+  def _raise_save_error(self, step: int, error: Exception) -> None:
+    """CheckpointSaveError when the storage refused the write; a bug keeps its own error."""
+    cause = _os_error(error)
+    if cause is None:
+      return
+    kept = self.latest_step()
+    kept = (f'the checkpoints before it are intact (latest: step {kept})' if kept is not None
+            and kept != step else 'no earlier checkpoint was written')
+    raise errors.CheckpointSaveError(
+        f'Saving the checkpoint of step {step} in {self.directory} failed: {cause}. Training '
+        f'stopped; {kept}. Free space or make the folder writable, then run the same command '
+        'again to resume.') from error
+
+  def _step_dir(self, step: int) -> epath.Path:
+    return epath.Path(self.directory) / str(step)
+
+  def _remove_damaged(self, step: int) -> None:
+    """Makes room for `step` computed again, in place of its damaged checkpoint."""
+    absl_logging.warning('Overwriting the damaged checkpoint of step %d in %s (%s) with the '
+                         'same step computed again.', step, self.directory, self._damaged[step])
+    if jax.process_index() == 0:
+      self._step_dir(step).rmtree()   # epath: local folders and gs:// alike
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'hhjax_overwrite_damaged_{step}')
+    self._manager.reload()
+    del self._damaged[step]
+
+  def _damage(self, step: int, what: str) -> errors.CheckpointDamagedError:
+    self._damaged[step] = what
+    return errors.CheckpointDamagedError(
+        f'The checkpoint of step {step} in {self.directory} cannot be read: {what}.')
 
   def info(self, step: int) -> dict[str, Any]:
-    """The JSON metadata saved with `step`."""
-    return dict(self._manager.metadata(step).custom_metadata or {})
+    """The JSON metadata saved with `step`; CheckpointDamagedError if it cannot be read."""
+    path = self._step_dir(step) / STEP_METADATA_FILE
+    try:
+      custom = json.loads(path.read_text()).get('custom_metadata')
+    except FileNotFoundError:
+      raise self._damage(step, f'its metadata file {STEP_METADATA_FILE} is missing') from None
+    except (OSError, ValueError, AttributeError) as e:
+      raise self._damage(step, f'its metadata file {STEP_METADATA_FILE} is not readable '
+                         f'JSON ({e})') from None
+    if not isinstance(custom, dict):
+      raise self._damage(step, f'its metadata file {STEP_METADATA_FILE} holds no metadata')
+    # Read here rather than through orbax's step metadata, which opens the arrays too.
+    return custom
+
+  def newest_intact(self, restore_one: Callable[[int], T]) -> tuple[int, T]:
+    """(step, restore_one(step)) for the newest checkpoint that restores whole.
+
+    A damaged one (CheckpointDamagedError from `restore_one`) is reported in one warning and
+    skipped, and left in place; any other error (a config that does not fit) is raised.
+    """
+    damaged = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        return step, restore_one(step)
+      except errors.CheckpointDamagedError as e:
+        absl_logging.warning('%s It is left in place; trying the checkpoint before it.', e)
+        damaged.append(step)
+    if not damaged:
+      raise errors.DataNotFoundError(f'No finished checkpoint in {self.directory}.')
+    raise errors.CheckpointDamagedError(
+        f'No checkpoint in {self.directory} can be read whole (steps {damaged} are damaged, '
+        'see the warnings above); nothing was deleted. Put back intact copies, or move the '
+        'folder away to start afresh.')
 
   def check_fits(self, step: int, abstract_state: Any, hint: str = '') -> None:
-    """Raises CheckpointMismatchError unless the saved arrays match `abstract_state` exactly."""
-    metadata = self._manager.item_metadata(step)['state']
+    """Raises CheckpointMismatchError unless the saved arrays match `abstract_state` exactly.
+
+    CheckpointDamagedError if the checkpoint's description of its arrays cannot be read.
+    """
+    try:
+      metadata = self._manager.item_metadata(step)['state']
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise self._damage(step, f'its array metadata cannot be read ({_one_line(e)})') from e
     if metadata is None:
-      raise errors.CheckpointMismatchError(
-          f'The checkpoint at {self.directory}/{step} has no readable array metadata; it was '
-          'not written by this program or is damaged.')
+      raise self._damage(step, 'its array metadata (state/_METADATA) is missing')
     saved = trees.leaf_specs(metadata.tree if hasattr(metadata, 'tree') else metadata, '.',
                              dtypes=True)
     problem = trees.describe_differences(
@@ -124,8 +325,14 @@ class Checkpoints:
     match; anything else is an error, never a partial restore.
     """
     self.check_fits(step, abstract_state, hint)
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    # Missing or truncated array files surface as orbax's bare Exception around TensorStore's
+    # ValueError (or as FileNotFoundError, KeyError): any error of this one call means the
+    # files, since check_fits has matched the structure already.
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise self._damage(step, _one_line(e)) from e
     return restored['state']
 
   def restore_arrays(self, step: int) -> Any:
@@ -134,10 +341,11 @@ class Checkpoints:
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
 
   def wait(self) -> None:
-    """Blocks until pending saves are on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until pending saves are on disk; CheckpointSaveError if one failed."""
+    self._finish_pending()
 
   def close(self) -> None:
+    self._finish_pending()
     self._manager.close()
 
   def __enter__(self):

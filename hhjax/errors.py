@@ -37,6 +37,14 @@ class CheckpointMismatchError(UserError, ValueError):
   """A checkpoint does not fit the state the current config builds."""
 
 
+class CheckpointDamagedError(UserError, OSError):
+  """A checkpoint cannot be read whole: a file is missing, truncated or corrupt."""
+
+
+class CheckpointSaveError(UserError, OSError):
+  """A checkpoint could not be written (a full disk, a read-only folder, ...)."""
+
+
 class KerasWeightsError(UserError, ValueError):
   """A file that does not hold Keras InceptionV3 weights, or cannot be read."""
 

@@ -117,7 +117,12 @@ def _finished_steps(workdir: str) -> set[int]:
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
                           which: str = 'latest'):
-  """(mesh, model, state, class names, step) of the latest or best checkpoint in `workdir`."""
+  """(mesh, model, state, class names, step) of the latest or best checkpoint in `workdir`.
+
+  'latest' is the newest checkpoint that reads whole (damaged ones are skipped with a warning);
+  a damaged 'best' is an error. A checkpoint that a training run beside this one deletes
+  while it is read (its retention) is read again.
+  """
   for _ in range(_READ_ATTEMPTS - 1):
     before = _finished_steps(workdir)
     try:
@@ -137,17 +142,37 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
 def _restore_for_inference(config: ml_collections.ConfigDict, workdir: str, which: str):
   checkpointing.quiet_orbax()
   mesh = sharding.make_mesh()
-  with checkpointing.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True) as ckpts:
-    step = ckpts.best_step() if which == 'best' else ckpts.latest_step()
-    if step is None:
-      raise errors.DataNotFoundError(
-          f'No finished checkpoint in {ckpts.directory}: train first.')
+  phases = phases_lib.make_phases(config)
+
+  def restore(ckpts, step):
     class_names = ckpts.info(step).get('class_names')
     model = classifier.create_model(config, len(class_names))
-    phase = state_lib.saved_phase(ckpts, step, phases_lib.make_phases(config))
+    phase = state_lib.saved_phase(ckpts, step, phases)
     setup = phases_lib.setup(config, phase,
                              state_lib.abstract_variables(model, config)['params'])
     state, _ = state_lib.restore(ckpts, step, model, config, setup, mesh)
+    return model, state, class_names
+
+  with checkpointing.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True) as ckpts:
+    steps = ckpts.all_steps()
+    if not steps:
+      raise errors.DataNotFoundError(
+          f'No finished checkpoint in {ckpts.directory}: train first.')
+    if which == 'best':
+      step = ckpts.best_step()
+      try:
+        model, state, class_names = restore(ckpts, step)
+      except errors.CheckpointDamagedError as e:
+        raise errors.CheckpointDamagedError(
+            f'{e} It is the best one (--checkpoint=best); --checkpoint=latest uses the newest '
+            'checkpoint that can be read.') from None
+    else:
+      step, (model, state, class_names) = ckpts.newest_intact(lambda s: restore(ckpts, s))
+    if step == max(steps) or which == 'best':
+      logging.info('Using the checkpoint of step %d (%s) in %s.', step, which, ckpts.directory)
+    else:
+      logging.warning('Using the checkpoint of step %d in %s, the newest that can be read (the '
+                      'latest, step %d, is damaged).', step, ckpts.directory, max(steps))
   return mesh, model, state, class_names, step
 
 
@@ -159,6 +184,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   pictures of hhjax.pictures (confusion matrix, misclassified images).
   """
   config_checks.validate(config)
+  workdir_lib.check_inference_config(config, workdir)
   sharding.check_batch_size(eval_batch_size(config), 'config.eval_batch_size')
   mesh, model, state, class_names, step = restore_for_inference(config, workdir, checkpoint)
   evaluator = Evaluator(model, len(class_names), mesh, eval_batches(config))

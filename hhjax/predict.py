@@ -19,6 +19,7 @@ from hhjax import config_checks
 from hhjax import errors
 from hhjax import evaluate
 from hhjax import sharding
+from hhjax import workdir as workdir_lib
 from hhjax.data import bad_files
 from hhjax.data import decode
 from hhjax.model import classifier
@@ -53,6 +54,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: Sequence[st
     (path, class name, probability of that class) per image; process 0 also prints them.
   """
   config_checks.validate(config)
+  workdir_lib.check_inference_config(config, workdir)
   files = bad_files.readable_files(expand_images(images), config.data.get('bad_files'),
                                    config.data.get('num_parallel_calls'))
   mesh, model, state, class_names, _ = evaluate.restore_for_inference(config, workdir,

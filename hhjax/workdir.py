@@ -81,3 +81,40 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
   a, b = flat_fields(saved), flat_fields(current)
   return [f'{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}'
           for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+# The fields that decide what a trained model computes from an image: the pixels it is given
+# (size, resampling, normalisation) and the layers it has. Evaluating or predicting with other
+# values gives other numbers without any error, so eval and predict refuse them. model.dropout
+# is left out (inactive at inference), and so is everything about where the data comes from and
+# how it is batched, which may differ. The number of classes is the checkpoint's own, except
+# for the synthetic source, whose classes the config sets.
+INFERENCE_FIELDS = ('data.image_size', 'data.resize_method', 'data.preprocessing', 'model.cut',
+                    'model.head', 'model.hidden')
+
+
+def inference_differences(saved: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
+  """'config.FIELD: X in config.json, Y given' for each field of INFERENCE_FIELDS that differs."""
+  a, b = flat_fields(saved), flat_fields(given)
+  fields = list(INFERENCE_FIELDS)
+  if a.get('data.source') == b.get('data.source') == 'fake':
+    fields.append('data.fake.num_classes')
+  return [f'config.{k}: {a.get(k)!r} in {CONFIG_FILE}, {b.get(k)!r} given'
+          for k in fields if a.get(k) != b.get(k)]
+
+
+def check_inference_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a config under which eval or predict would compute another model than was trained.
+
+  Compares with WORKDIR/config.json (the config of the training run); without that file there is
+  nothing to compare with.
+  """
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    return
+  diffs = inference_differences(json.loads(path.read_text()), config_dict(config))
+  if diffs:
+    raise errors.ConfigError(
+        f'The given --config differs from the one {workdir} was trained with in what the model '
+        f'computes: {"; ".join(diffs)}. Leave out --config to use {path}, or set these fields '
+        'as they were (the data folder, splits and batch sizes may differ).')

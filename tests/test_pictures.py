@@ -8,7 +8,6 @@ tests/test_explain.py.
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 

@@ -132,17 +132,26 @@ def _check_finite(run: _Run, state: PyTree, phase: str) -> None:
 
 def _restore_or_initialise(run: _Run) -> tuple[PyTree, phases_lib.Progress,
                                                phases_lib.PhaseSetup]:
-  """The state to start from: the latest checkpoint in the workdir, else step 0."""
-  latest = run.ckpts.latest_step()
-  if latest is None:
+  """The state to start from: the newest checkpoint in the workdir that reads whole, else step 0.
+
+  Damaged later checkpoints stay in place; a save of the same step, computed again, replaces
+  each of them.
+  """
+  steps = run.ckpts.all_steps()
+  if not steps:
     setup = run.setup(run.phases[0], state_lib.abstract_variables(run.model,
                                                                   run.config)['params'])
     state = state_lib.initialise(run.model, run.config, setup.tx, run.mesh)
     run.writer.truncate_after(0)   # rows of an earlier attempt killed before its first save
     return state, phases_lib.Progress(run.phases[0].name), setup
-  phase = state_lib.saved_phase(run.ckpts, latest, run.phases)
-  setup = run.setup(phase, state_lib.abstract_variables(run.model, run.config)['params'])
-  state, saved = state_lib.restore(run.ckpts, latest, run.model, run.config, setup, run.mesh)
+
+  def restore(step):
+    phase = state_lib.saved_phase(run.ckpts, step, run.phases)
+    setup = run.setup(phase, state_lib.abstract_variables(run.model, run.config)['params'])
+    return (phase, setup) + state_lib.restore(run.ckpts, step, run.model, run.config, setup,
+                                              run.mesh)
+
+  latest, (phase, setup, state, saved) = run.ckpts.newest_intact(restore)
   saved_classes = saved.get('class_names')
   if saved_classes is not None and list(saved_classes) != run.class_names:
     raise errors.CheckpointMismatchError(
@@ -154,7 +163,12 @@ def _restore_or_initialise(run: _Run) -> tuple[PyTree, phases_lib.Progress,
     logging.warning("Resuming with a config that differs from the checkpoint's:\n  %s",
                     '\n  '.join(diffs))
   run.writer.truncate_after(latest)
-  logging.info('Resuming from step %d (phase %s) in %s.', latest, phase.name, run.workdir)
+  if latest == max(steps):
+    logging.info('Resuming from step %d (phase %s) in %s.', latest, phase.name, run.workdir)
+  else:
+    logging.warning('Resuming from step %d (phase %s) in %s, the newest checkpoint that can be '
+                    'read; each damaged later one is overwritten when training reaches its step '
+                    'again.', latest, phase.name, run.workdir)
   return state, phases_lib.Progress.from_metadata(saved), setup
 
 
@@ -291,6 +305,7 @@ def _run_phase(run: _Run, state: PyTree, progress: phases_lib.Progress,
   while step < phase_end:
     state = train_step(state, sharding.to_global(next(batches), run.mesh))
     step += 1
+    run.ckpts.check_saved()   # a save that failed in the background stops the run here
     epoch_end = (step - progress.phase_start_step) % run.steps_per_epoch == 0
     log.after_step(step, state, epoch_end)
     if epoch_end:
