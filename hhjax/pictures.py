@@ -172,7 +172,6 @@ def write_eval_pictures(config: ml_collections.ConfigDict, result: Mapping[str, 
   paths.append(files.write_png(directory / CONFUSION_FILE, fig))
 
   shown = [int(i) for i in order[:max_images]]
-  images = pipeline.eval_pixels(table, config, shown)
   titles = [f'{short_name(names[i])}\ntrue: {class_names[labels[i]]}\n'
             f'predicted: {class_names[predicted[i]]} {confidence[i]:.3f}' for i in shown]
   if all_correct:
@@ -182,17 +181,16 @@ def write_eval_pictures(config: ml_collections.ConfigDict, result: Mapping[str, 
     title = (f'Misclassified {split} images at step {step}, most confident first: '
              f'{len(shown)} of {len(order)} wrong (of {len(labels)})')
   title += "\n(each image: its name, true class, predicted class and that class's probability)"
-  fig = plot_examples(images, titles, ['darkgreen' if all_correct else 'firebrick'] * len(shown),
-                      title, columns)
+  fig = plot_examples(pipeline.eval_pixels(table, config, shown), titles,
+                      ['darkgreen' if all_correct else 'firebrick'] * len(shown), title, columns)
   paths.append(files.write_png(directory / EXAMPLES_FILE, fig))
-
   wrong = [] if all_correct else order
-  listing = {'step': step, 'split': split, 'count': len(labels),
-             'class_names': [str(c) for c in class_names],
-             'misclassified': [{'name': names[i], 'true': str(class_names[labels[i]]),
-                                'predicted': str(class_names[predicted[i]]),
-                                'probability': float(confidence[i])} for i in wrong]}
-  paths.append(files.write_atomic(directory / EXAMPLES_JSON, json.dumps(listing, indent=2)))
+  paths.append(files.write_atomic(directory / EXAMPLES_JSON, json.dumps({
+      'step': step, 'split': split, 'count': len(labels),
+      'class_names': [str(c) for c in class_names],
+      'misclassified': [{'name': names[i], 'true': str(class_names[labels[i]]),
+                         'predicted': str(class_names[predicted[i]]),
+                         'probability': float(confidence[i])} for i in wrong]}, indent=2)))
   for path in paths:
     logging.info('Wrote %s', path)
   return [str(p) for p in paths]

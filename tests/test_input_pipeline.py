@@ -2,7 +2,6 @@
 
 import io
 import logging
-import os
 import pathlib
 
 import numpy as np
@@ -15,6 +14,7 @@ from hhjax import errors
 from hhjax.data import bad_files
 from hhjax.data import decode
 from hhjax.data import pipeline
+from hhjax.data import sources
 from hhjax.data import streams
 from hhjax import preview
 
@@ -449,8 +449,11 @@ def test_evaluation_sees_every_example_exactly_once(process_count):
   assert set(seen) == {im.tobytes() for b in reference for im in b['image'][b['mask']]}
 
 
-def test_tfds_source_under_mock_data():
+def test_tfds_source_under_mock_data(monkeypatch):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  # mock_data serves records without preparing the dataset: no download, so no network check
+  # (tests/test_offline_tfds.py covers that check).
+  monkeypatch.setattr(sources, '_network_problem', lambda url: None)
   config = _config(source='tfds')
   with tfds.testing.mock_data(num_examples=5):
     info = pipeline.dataset_info(config)
@@ -474,6 +477,8 @@ def test_tfds_without_network_says_what_to_use_instead(tmp_path, monkeypatch):
   # that path fails this test); only the download itself is cut off.
   monkeypatch.setattr(tfds.download.DownloadManager, 'download', offline)
   monkeypatch.setattr(tfds.download.DownloadManager, 'download_and_extract', offline)
+  # The quick check before a download finds the host; the download itself then fails.
+  monkeypatch.setattr(sources, '_network_problem', lambda url: None)
   with pytest.raises(errors.DatasetDownloadError, match=r"(?s)no route to host.*source='folder'"):
     pipeline.create_dataset(_config(source='tfds', dir=str(tmp_path)), 'train',
                             process_count=1, process_index=0)
