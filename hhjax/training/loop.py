@@ -137,9 +137,20 @@ def _restore_or_initialise(run: _Run) -> tuple[PyTree, phases_lib.Progress,
     state = state_lib.initialise(run.model, run.config, setup.tx, run.mesh)
     run.writer.truncate_after(0)   # rows of an earlier attempt killed before its first save
     return state, phases_lib.Progress(run.phases[0].name), setup
-  phase = state_lib.saved_phase(run.ckpts, latest, run.phases)
-  setup = run.setup(phase, state_lib.abstract_variables(run.model, run.config)['params'])
-  state, saved = state_lib.restore(run.ckpts, latest, run.model, run.config, setup, run.mesh)
+  if latest == 0:
+    # Weights and nothing trained (--mode=import_keras writes this): the current config's
+    # phases run from their start, whichever phase the checkpoint was written for.
+    saved = run.ckpts.info(latest)
+    phase = run.phases[0]
+    setup = run.setup(phase, state_lib.abstract_variables(run.model, run.config)['params'])
+    variables = state_lib.restore_variables(run.ckpts, 0, run.model, run.config, run.mesh)
+    state = state_lib.from_variables(variables, setup.tx, run.config, run.mesh)
+    progress = phases_lib.Progress(phase.name)
+  else:
+    phase = state_lib.saved_phase(run.ckpts, latest, run.phases)
+    setup = run.setup(phase, state_lib.abstract_variables(run.model, run.config)['params'])
+    state, saved = state_lib.restore(run.ckpts, latest, run.model, run.config, setup, run.mesh)
+    progress = phases_lib.Progress.from_metadata(saved)
   saved_classes = saved.get('class_names')
   if saved_classes is not None and list(saved_classes) != run.class_names:
     raise errors.CheckpointMismatchError(
@@ -152,7 +163,7 @@ def _restore_or_initialise(run: _Run) -> tuple[PyTree, phases_lib.Progress,
                     '\n  '.join(diffs))
   run.writer.truncate_after(latest)
   logging.info('Resuming from step %d (phase %s) in %s.', latest, phase.name, run.workdir)
-  return state, phases_lib.Progress.from_metadata(saved), setup
+  return state, progress, setup
 
 
 def _metrics_from_state(state: PyTree) -> tuple[float, float, int]:
