@@ -51,3 +51,7 @@ class DatasetDownloadError(UserError, RuntimeError):
 
 class NonFiniteLossError(UserError, RuntimeError):
   """The training loss became NaN or infinite."""
+
+
+class MissingPackageError(UserError, ImportError):
+  """An optional package a command needs is not installed."""
