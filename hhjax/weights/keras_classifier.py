@@ -16,6 +16,7 @@ or tf_keras holding our variables. `hhjax.weights.keras_model` reads such models
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -86,8 +87,14 @@ class KerasClassifier:
 
   def abstract_variables(self, image_size: int) -> Variables:
     """Shapes of the classifier's variables at `image_size` (the flatten head depends on it)."""
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    return jax.eval_shape(self.flax_model().init, jax.random.key(0), x)
+    return _abstract_variables(self.flax_model(), image_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_variables(model: classifier.Classifier, image_size: int) -> Variables:
+  # Tracing InceptionV3 takes about a second; a read asks for the same shapes several times.
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  return jax.eval_shape(model.init, jax.random.key(0), x)
 
 
 def kind(path: str) -> str:
