@@ -7,8 +7,9 @@
     python main.py --mode=import_keras --keras_model=model.h5 --workdir=W           # from Keras
     python main.py --workdir=W --mode=export --format=keras|saved_model             # to Keras, TF
 
-Running the same train command again resumes from the last checkpoint in --workdir. For eval
-and predict, --config is optional: the config the run saved in the workdir is used.
+Running the same train command again resumes from the last checkpoint in --workdir. For eval,
+predict and export, --config is optional: the config the run saved in the workdir is used (an
+import without it starts from configs/default.py).
 """
 
 import os
