@@ -148,7 +148,7 @@ def _open_h5(path: pathlib.Path) -> Iterator[_KerasFile]:
       if keras_classifier.METADATA_ATTRIBUTE in f.attrs:
         metadata = json.loads(f.attrs[keras_classifier.METADATA_ATTRIBUTE])
     except (ValueError, TypeError) as e:
-      raise _corrupt(path, f'its model config is not JSON ({e})') from e
+      raise _corrupt(path, f'its model config or hhjax metadata is not JSON ({e})') from e
     yield _KerasFile(path, model_config, layers, metadata or {})
 
 
@@ -278,13 +278,16 @@ def _not_a_classifier(path: pathlib.Path, expected: str, layers: list[FileLayer]
 
 def _spec_from_model_config(kf: _KerasFile) -> KerasClassifier:
   """The classifier a whole-model file's config describes (checking the backbone's weights)."""
-  path, kind = kf.path, kf.model_config.get('class_name')
+  path = kf.path
+  kind = kf.model_config.get('class_name') if isinstance(kf.model_config, dict) else None
   if kind not in ('Functional', 'Model'):
     raise errors.KerasWeightsError(
         f'{path} holds a Keras {kind} model; hhjax reads the functional model the Keras tutorial '
         f"builds, keras.Model(base.input, head(base.get_layer('mixed7').output)), with "
         f"InceptionV3's layers at its top level (not nested as one layer).")
   layers = _config_layers(kf.model_config)
+  if not layers:
+    raise _corrupt(path, 'its model config lists no layers')
   for layer in layers:
     if layer.get('class_name') not in _BACKBONE_CLASSES + _HEAD_CLASSES:
       raise errors.KerasWeightsError(
