@@ -366,6 +366,15 @@ def test_exported_keras_files_import_back_bit_for_bit(exported, fine_tuned):
     jax.tree.map(np.testing.assert_array_equal, variables, ours)
 
 
+def test_an_import_refuses_a_used_workdir_and_class_names_the_data_does_not_have(
+    exported, fine_tuned, tmp_path):
+  with pytest.raises(errors.OutputExistsError, match='holds checkpoints already'):
+    import_keras.import_keras(exported.keras, str(fine_tuned.workdir), smoke.get_config())
+  with pytest.raises(errors.DataError, match=r"names its classes \['horses', 'humans'\], the "
+                                             r"config's data has \['class_0', 'class_1'\]"):
+    import_keras.import_keras(exported.keras, str(tmp_path / 'w'), smoke.get_config())
+
+
 def test_export_refuses_existing_outputs_and_names_a_missing_package(exported, fine_tuned,
                                                                     monkeypatch):
   config = workdir_lib.load_config(str(fine_tuned.workdir))
