@@ -5,9 +5,12 @@
     python main.py --workdir=/tmp/hhjax/smoke --mode=predict --images=DIR_OR_GLOB   # classify
     python main.py --workdir=/tmp/hhjax/smoke --mode=explain --images=DIR_OR_GLOB   # Grad-CAM
     python main.py --config=configs/default.py --workdir=W --mode=preview_data      # see inputs
+    python main.py --mode=import_keras --keras_model=model.h5 --workdir=W           # from Keras
+    python main.py --workdir=W --mode=export --format=keras|saved_model             # to Keras, TF
 
 Running the same train command again resumes from the last checkpoint in --workdir. For eval,
-predict and explain, --config is optional: the config the run saved in the workdir is used.
+predict, explain and export, --config is optional: the config the run saved in the workdir is
+used (an import without it starts from configs/default.py).
 """
 
 import os
@@ -33,7 +36,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     'config', None, 'Training configuration file (configs/*.py).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and plots.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'preview_data', 'explain'],
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'preview_data', 'explain',
+                                     'import_keras', 'export'],
                   'What to do.')
 flags.DEFINE_multi_string('images', [],
                           'For --mode=predict and --mode=explain: image files, folders or globs.')
@@ -43,6 +47,11 @@ flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'],
 flags.DEFINE_enum('bad_files', None, list(config_checks.BAD_FILES),
                   'Sets config.data.bad_files (what to do with files that are not readable '
                   "images: 'error' or 'skip'), also where the config comes from the workdir.")
+flags.DEFINE_string('keras_model', None,
+                    'For --mode=import_keras: a Keras classifier file (.h5 or .keras).')
+flags.DEFINE_enum('format', None, ['keras', 'saved_model'],
+                  'For --mode=export: Keras files (.keras and .h5) or a TensorFlow SavedModel.')
+flags.DEFINE_string('export_dir', None, 'For --mode=export: where to write (WORKDIR/export).')
 
 
 _NONE_OVERRIDE = re.compile(r'--config\.([\w.]+)=(?:none|null)', re.IGNORECASE)
@@ -113,6 +122,23 @@ def _run(mode: str, config: ml_collections.ConfigDict) -> None:
     path = preview.preview_data(config, FLAGS.workdir)
     logging.info('Wrote %s', path)
     print(path)
+  elif mode == 'import_keras':
+    from hhjax import import_keras  # pylint: disable=g-import-not-at-top
+    import_keras.import_keras(FLAGS.keras_model, FLAGS.workdir, config,
+                              data_class_names=FLAGS.config is not None)
+  elif mode == 'export':
+    from hhjax import export  # pylint: disable=g-import-not-at-top
+    for path in export.export(config, FLAGS.workdir, FLAGS.format, FLAGS.export_dir,
+                              checkpoint=FLAGS.checkpoint):
+      print(path)
+
+
+def _config_without_flag(mode: str) -> ml_collections.ConfigDict:
+  """Without --config: the config the workdir saved; an import starts from the default one."""
+  if mode == 'import_keras':
+    from configs import default  # pylint: disable=g-import-not-at-top
+    return default.get_config()
+  return workdir_lib.load_config(FLAGS.workdir)
 
 
 def _fail(message) -> None:
@@ -140,6 +166,10 @@ def _check_command_line(argv: list[str]) -> None:
     raise app.UsageError(f'--mode={FLAGS.mode} needs --config=configs/....py')
   if FLAGS.mode in ('predict', 'explain') and not FLAGS.images:
     raise app.UsageError(f'--mode={FLAGS.mode} needs --images=FILE_FOLDER_OR_GLOB (repeatable).')
+  if FLAGS.mode == 'import_keras' and not FLAGS.keras_model:
+    raise app.UsageError('--mode=import_keras needs --keras_model=FILE (.h5 or .keras).')
+  if FLAGS.mode == 'export' and not FLAGS.format:
+    raise app.UsageError('--mode=export needs --format=keras or --format=saved_model.')
   if NONE_OVERRIDES and FLAGS.config is None:
     raise app.UsageError(f'--config.{NONE_OVERRIDES[0]}=None needs --config=configs/....py')
 
@@ -150,7 +180,7 @@ def main(argv):
     _check_command_line(argv)
     if FLAGS.config is not None:
       set_none(FLAGS.config, NONE_OVERRIDES)
-    config = FLAGS.config if FLAGS.config is not None else workdir_lib.load_config(FLAGS.workdir)
+    config = FLAGS.config if FLAGS.config is not None else _config_without_flag(FLAGS.mode)
     if FLAGS.bad_files is not None:
       config.data.bad_files = FLAGS.bad_files
     config_checks.validate(config)

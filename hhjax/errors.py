@@ -63,3 +63,7 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 class WorkdirBusyError(UserError, RuntimeError):
   """Another training run holds the workdir (hhjax.workdir_lock)."""
+
+
+class MissingPackageError(UserError, ImportError):
+  """An optional package a command needs is not installed."""

@@ -147,10 +147,13 @@ def _restore_for_inference(config: ml_collections.ConfigDict, workdir: str, whic
   def restore(ckpts, step):
     class_names = ckpts.info(step).get('class_names')
     model = classifier.create_model(config, len(class_names))
-    phase = state_lib.saved_phase(ckpts, step, phases)
-    setup = phases_lib.setup(config, phase,
-                             state_lib.abstract_variables(model, config)['params'])
-    state, _ = state_lib.restore(ckpts, step, model, config, setup, mesh)
+    if step == 0:   # weights only (an import): any config's phases fit them
+      state = state_lib.restore_variables(ckpts, step, model, config, mesh)
+    else:
+      phase = state_lib.saved_phase(ckpts, step, phases)
+      setup = phases_lib.setup(config, phase,
+                               state_lib.abstract_variables(model, config)['params'])
+      state, _ = state_lib.restore(ckpts, step, model, config, setup, mesh)
     return model, state, class_names
 
   with checkpointing.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True) as ckpts:

@@ -146,12 +146,20 @@ def _restore_or_initialise(run: _Run) -> tuple[PyTree, phases_lib.Progress,
     return state, phases_lib.Progress(run.phases[0].name), setup
 
   def restore(step):
+    if step == 0:
+      # Weights and nothing trained (--mode=import_keras writes this): the current config's
+      # phases run from their start, whichever phase the checkpoint was written for.
+      phase = run.phases[0]
+      setup = run.setup(phase, state_lib.abstract_variables(run.model, run.config)['params'])
+      variables = state_lib.restore_variables(run.ckpts, 0, run.model, run.config, run.mesh)
+      state = state_lib.from_variables(variables, setup.tx, run.config, run.mesh)
+      return phase, setup, state, run.ckpts.info(step), phases_lib.Progress(phase.name)
     phase = state_lib.saved_phase(run.ckpts, step, run.phases)
     setup = run.setup(phase, state_lib.abstract_variables(run.model, run.config)['params'])
-    return (phase, setup) + state_lib.restore(run.ckpts, step, run.model, run.config, setup,
-                                              run.mesh)
+    state, saved = state_lib.restore(run.ckpts, step, run.model, run.config, setup, run.mesh)
+    return phase, setup, state, saved, phases_lib.Progress.from_metadata(saved)
 
-  latest, (phase, setup, state, saved) = run.ckpts.newest_intact(restore)
+  latest, (phase, setup, state, saved, progress) = run.ckpts.newest_intact(restore)
   saved_classes = saved.get('class_names')
   if saved_classes is not None and list(saved_classes) != run.class_names:
     raise errors.CheckpointMismatchError(
@@ -169,7 +177,7 @@ def _restore_or_initialise(run: _Run) -> tuple[PyTree, phases_lib.Progress,
     logging.warning('Resuming from step %d (phase %s) in %s, the newest checkpoint that can be '
                     'read; each damaged later one is overwritten when training reaches its step '
                     'again.', latest, phase.name, run.workdir)
-  return state, phases_lib.Progress.from_metadata(saved), setup
+  return state, progress, setup
 
 
 def _metrics_from_state(state: PyTree) -> tuple[float, float, int]:

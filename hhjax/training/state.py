@@ -18,6 +18,7 @@ import optax
 from hhjax import checkpointing
 from hhjax import errors
 from hhjax import sharding
+from hhjax import trees
 from hhjax import workdir as workdir_lib
 from hhjax.training import phases as phases_lib
 from hhjax.training import steps
@@ -101,6 +102,15 @@ def initialise(model, config: ml_collections.ConfigDict, tx: optax.GradientTrans
   return jax.jit(lambda v: build_state(v, tx, config.seed), out_shardings=repl)(variables)
 
 
+def from_variables(variables: PyTree, tx: optax.GradientTransformation,
+                   config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> PyTree:
+  """The state at step 0 of a phase with optimizer `tx`, from given variables (numpy or jax)."""
+  repl = sharding.replicated(mesh)
+  variables = replicate({'params': variables['params'],
+                         'batch_stats': variables['batch_stats']}, repl)
+  return jax.jit(lambda v: build_state(v, tx, config.seed), out_shardings=repl)(variables)
+
+
 def _model_hint(saved_config: Mapping[str, Any] | None,
                 config: ml_collections.ConfigDict) -> str:
   """The model fields that differ from those the checkpoint was written with, as text."""
@@ -142,3 +152,24 @@ def restore(ckpts: checkpointing.Checkpoints, step: int, model,
   hint = _model_hint(info.get('config'), config)
   state = ckpts.restore(step, abstract_state(model, config, setup.tx, mesh), hint)
   return state, info
+
+
+def restore_variables(ckpts: checkpointing.Checkpoints, step: int, model,
+                      config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> PyTree:
+  """The variables (`params`, `batch_stats`) saved at `step`, checked against the model's.
+
+  For a checkpoint at step 0 (what --mode=import_keras writes): nothing has trained yet, so its
+  optimizer state is a fresh one of whichever phase it names and is not read; the weights alone
+  start any config's first phase.
+  """
+  arrays = ckpts.restore_arrays(step)
+  variables = {'params': arrays['params'], 'batch_stats': arrays.get('batch_stats') or {}}
+  problem = trees.describe_differences(
+      trees.leaf_specs(variables), trees.leaf_specs(abstract_variables(model, config)),
+      got_name='the checkpoint', want_name='the config')
+  if problem:
+    hint = _model_hint(ckpts.info(step).get('config'), config)
+    raise errors.CheckpointMismatchError(
+        f'The checkpoint at {ckpts.directory}/{step} does not fit the current config.\n'
+        f'{hint}{problem}\nUse the config the checkpoint was written with, or another --workdir.')
+  return replicate(variables, sharding.replicated(mesh))

@@ -155,7 +155,7 @@ def _attribute_list(group: h5py.Group, name: str) -> list[str]:
 
 
 @dataclasses.dataclass
-class _FileLayer:
+class FileLayer:
   """A layer with weights in a Keras file."""
   index: int            # position among the file's layers with weights
   name: str
@@ -174,7 +174,7 @@ def _describe_expected(index: int, path: str, shapes: list[tuple[int, ...]]) -> 
   return f'layer #{index}, {path} ({weights})'
 
 
-def _open_weights_group(f: h5py.File, path: pathlib.Path) -> h5py.Group:
+def open_weights_group(f: h5py.File, path: pathlib.Path) -> h5py.Group:
   """The group that holds `layer_names`: the root, or `model_weights` in a whole-model file."""
   if _has_attribute(f, 'layer_names'):
     return f
@@ -196,7 +196,7 @@ def _has_attribute(group: h5py.Group, name: str) -> bool:
   return name in group.attrs or f'{name}0' in group.attrs
 
 
-def _file_layers(group: h5py.Group, path: pathlib.Path) -> list[_FileLayer]:
+def file_layers(group: h5py.Group, path: pathlib.Path) -> list[FileLayer]:
   """The file's layers that have weights, in the file's order (shapes only, no data read)."""
   try:
     names = _attribute_list(group, 'layer_names')
@@ -216,7 +216,7 @@ def _file_layers(group: h5py.Group, path: pathlib.Path) -> list[_FileLayer]:
           f'{len(layers)} layers with weights) cannot be read ({e}). Get a fresh copy of the '
           f'file.') from e
     if weight_names:
-      layers.append(_FileLayer(len(layers), name, layer_group, weight_names, shapes))
+      layers.append(FileLayer(len(layers), name, layer_group, weight_names, shapes))
   return layers
 
 
@@ -224,7 +224,7 @@ def _expected_shapes(order: list[str], abstract: Variables) -> list[list[tuple[i
   return [[tuple(_get(abstract, c, k).shape) for c, k in _targets(p)] for p in order]
 
 
-def _model_for_file(layers: list[_FileLayer]) -> InceptionV3:
+def _model_for_file(layers: list[FileLayer]) -> InceptionV3:
   """The InceptionV3 configuration the file's layer count and last layer point to."""
   last = layers[-1] if layers else None
   if last and len(last.shapes) == 2 and len(last.shapes[0]) == 2 and len(last.shapes[1]) == 1:
@@ -243,7 +243,7 @@ def _count_summary() -> str:
           f'{len(keras_layer_order("mixed7"))} up to mixed7)')
 
 
-def _check_layers(path: pathlib.Path, layers: list[_FileLayer], order: list[str],
+def _check_layers(path: pathlib.Path, layers: list[FileLayer], order: list[str],
                   expected: list[list[tuple[int, ...]]]) -> None:
   """Raises KerasWeightsError naming the first layer of the file that does not fit."""
   mismatches = [i for i, (layer, shapes) in enumerate(zip(layers, expected))
@@ -267,7 +267,7 @@ def _check_layers(path: pathlib.Path, layers: list[_FileLayer], order: list[str]
   raise errors.KerasWeightsError(problem + ' Is it a file of another architecture?')
 
 
-def _read_variables(path: pathlib.Path, layers: list[_FileLayer],
+def read_variables(path: pathlib.Path, layers: list[FileLayer],
                     order: list[str]) -> Variables:
   variables: Variables = {'params': {}, 'batch_stats': {}}
   for layer, target in zip(layers, order):
@@ -291,6 +291,27 @@ def _read_variables(path: pathlib.Path, layers: list[_FileLayer],
   return variables
 
 
+def open_h5(path: pathlib.Path) -> h5py.File:
+  """Opens a Keras HDF5 file for reading; a missing, non-HDF5 or truncated file is explained."""
+  if not path.is_file():
+    raise errors.DataNotFoundError(f'No Keras weights file at {path}.')
+  if not h5py.is_hdf5(path):
+    with open(path, 'rb') as f:
+      head = f.read(16)
+    raise errors.KerasWeightsError(
+        f'{path} is not an HDF5 file (it starts with {head!r}). Expected a Keras .h5 file, as '
+        f"written by model.save_weights('x.h5') or model.save('x.h5'), e.g. "
+        f'{official.OFFICIAL_WEIGHTS["imagenet"].filename}.')
+  try:
+    return h5py.File(path, 'r')
+  except OSError as e:
+    official_size = official.OFFICIAL_WEIGHTS['imagenet'].size
+    raise errors.KerasWeightsError(
+        f'{path} ({path.stat().st_size:,} bytes) is an HDF5 file that cannot be opened: {e}. '
+        f'It is probably truncated or corrupt (an interrupted download?): get a fresh copy '
+        f'(the official notop file is {official_size:,} bytes).') from e
+
+
 def load_h5(path: str | os.PathLike) -> tuple[InceptionV3, Variables]:
   """Reads Keras InceptionV3 weights from a legacy HDF5 file.
 
@@ -309,31 +330,14 @@ def load_h5(path: str | os.PathLike) -> tuple[InceptionV3, Variables]:
     KerasWeightsError: not an HDF5 file, truncated or corrupt, or not InceptionV3's weights.
   """
   path = pathlib.Path(path).expanduser()
-  if not path.is_file():
-    raise errors.DataNotFoundError(f'No Keras weights file at {path}.')
-  if not h5py.is_hdf5(path):
-    with open(path, 'rb') as f:
-      head = f.read(16)
-    raise errors.KerasWeightsError(
-        f'{path} is not an HDF5 file (it starts with {head!r}). Expected a Keras .h5 file, as '
-        f"written by model.save_weights('x.h5') or model.save('x.h5'), e.g. "
-        f'{official.OFFICIAL_WEIGHTS["imagenet"].filename}.')
-  try:
-    f = h5py.File(path, 'r')
-  except OSError as e:
-    official_size = official.OFFICIAL_WEIGHTS['imagenet'].size
-    raise errors.KerasWeightsError(
-        f'{path} ({path.stat().st_size:,} bytes) is an HDF5 file that cannot be opened: {e}. '
-        f'It is probably truncated or corrupt (an interrupted download?): get a fresh copy '
-        f'(the official notop file is {official_size:,} bytes).') from e
-  with f:
-    group = _open_weights_group(f, path)
-    layers = _file_layers(group, path)
+  with open_h5(path) as f:
+    group = open_weights_group(f, path)
+    layers = file_layers(group, path)
     model = _model_for_file(layers)
     order = keras_layer_order(model.final_endpoint, model.include_top)
     abstract = abstract_variables(model)
     _check_layers(path, layers, order, _expected_shapes(order, abstract))
-    variables = _read_variables(path, layers, order)
+    variables = read_variables(path, layers, order)
   check_variables(variables, abstract, source=str(path))
   return model, variables
 

@@ -1,0 +1,139 @@
+"""--mode=import_keras: a classifier trained in Keras becomes a workdir.
+
+    python main.py --mode=import_keras --keras_model=model.h5 --workdir=W [--config=...]
+
+The file is a whole-model .h5 (`model.save('model.h5')`, as the Keras tutorial saves), a Keras 3
+`.keras` file, or a weights-only .h5 (`save_weights`); `hhjax.weights.keras_model` reads it.
+The workdir gets `config.json` and a checkpoint at step 0, from which `--mode=eval`,
+`--mode=predict`, `--mode=export` and `--mode=train` run as from one of ours:
+
+* the config is --config (or configs/default.py) with what the file says put in:
+  config.model.cut, head, hidden and dropout, config.data.image_size (and, from files hhjax
+  exported, config.data.preprocessing); config.model.pretrained becomes None, since the
+  checkpoint holds every weight;
+* the checkpoint is the state at step 0 of the config's first phase with a fresh optimizer. The
+  training loop starts any config's phases from a step-0 checkpoint, so
+  `--mode=train --config.warmup.epochs=0 --config.finetune.epochs=5` fine-tunes the model;
+* class names: those a file hhjax exported carries; else the config's data's (an image folder's
+  class folders, TFDS's labels), when --config is given; else class_0, class_1, ...
+"""
+
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+from absl import logging
+from etils import epath
+import ml_collections
+
+from hhjax import checkpointing
+from hhjax import config_checks
+from hhjax import errors
+from hhjax import sharding
+from hhjax import workdir as workdir_lib
+from hhjax.model import classifier
+from hhjax.training import phases as phases_lib
+from hhjax.training import state as state_lib
+from hhjax.weights import keras_h5
+from hhjax.weights import keras_model
+
+
+def _set(config: ml_collections.ConfigDict, field: str, value: Any) -> None:
+  """Sets config.<field> ('model.cut'), logging a change from what the config said."""
+  section, name = field.split('.')
+  before = config[section][name]
+  if before != value:
+    logging.info('config.%s = %r (from the Keras file; the config said %r).', field, value,
+                 before)
+  config[section][name] = value
+
+
+def config_for(spec: keras_model.KerasClassifier,
+               config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` that describes the file's model."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    _set(config, 'model.cut', spec.cut)
+    _set(config, 'model.head', spec.head)
+    _set(config, 'model.hidden', spec.hidden)
+    _set(config, 'model.dropout', spec.dropout)
+    if spec.image_size:
+      _set(config, 'data.image_size', spec.image_size)
+    if spec.preprocessing:
+      _set(config, 'data.preprocessing', spec.preprocessing)
+    config.model.pretrained = None   # the checkpoint holds every weight
+  config_checks.validate(config)
+  return config
+
+
+def _class_names(spec: keras_model.KerasClassifier, config: ml_collections.ConfigDict,
+                 data_class_names: bool) -> list[str]:
+  """The file's class names, else the config's data's, else class_0, class_1, ..."""
+  names = list(spec.class_names) if spec.class_names else None
+  if data_class_names:
+    from hhjax.data import pipeline  # pylint: disable=g-import-not-at-top (TensorFlow)
+    data_names = [str(c) for c in pipeline.dataset_info(config).class_names]
+    if names is None and len(data_names) != spec.num_classes:
+      raise errors.DataError(
+          f'The Keras model has {spec.num_classes} classes, the config\'s data '
+          f'{len(data_names)}: {data_names}. Point --config at the data it was trained on.')
+    if names is not None and names != data_names:
+      raise errors.DataError(
+          f'The Keras file names its classes {names}, the config\'s data has {data_names}. '
+          'Point --config at the data it was trained on.')
+    names = data_names
+  return names or [f'class_{i}' for i in range(spec.num_classes)]
+
+
+def _check_new_workdir(workdir: str) -> None:
+  checkpoints = epath.Path(workdir_lib.checkpoint_dir(workdir))
+  if checkpoints.exists() and any(checkpoints.iterdir()):
+    raise errors.OutputExistsError(
+        f'{workdir} holds checkpoints already; import into a new --workdir.')
+
+
+def import_keras(path: str | os.PathLike, workdir: str, config: ml_collections.ConfigDict, *,
+                 data_class_names: bool = True,
+                 class_names: Sequence[str] | None = None) -> dict[str, Any]:
+  """Writes WORKDIR/config.json and a step-0 checkpoint holding the Keras classifier in `path`.
+
+  Args:
+    path: a Keras classifier file (see the module docstring).
+    workdir: a new workdir (one with checkpoints is refused).
+    config: the config to start from; it also describes a weights-only file's model.
+    data_class_names: read the class names from the config's data when the file has none.
+    class_names: the class names to record, instead (the file's must agree).
+
+  Returns:
+    {'workdir', 'model' (in words), 'class_names', 'config'}.
+  """
+  workdir = workdir_lib.absolute(workdir)
+  _check_new_workdir(workdir)
+  spec, variables = keras_model.read_classifier(pathlib.Path(path), config)
+  config = config_for(spec, config)
+  if class_names is not None:
+    names = list(class_names)
+    if (spec.class_names and list(spec.class_names) != names) or len(names) != spec.num_classes:
+      raise errors.DataError(f'class_names {names} do not fit the Keras file\'s classes '
+                             f'{spec.class_names or spec.num_classes}.')
+  else:
+    names = _class_names(spec, config, data_class_names)
+  model = classifier.create_model(config, len(names))
+  keras_h5.check_variables(variables, state_lib.abstract_variables(model, config), str(path))
+  phase = phases_lib.make_phases(config)[0]
+  setup = phases_lib.setup(config, phase, variables['params'])
+  state = state_lib.from_variables(variables, setup.tx, config, sharding.make_mesh())
+  checkpointing.quiet_orbax()
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  with checkpointing.Checkpoints(workdir_lib.checkpoint_dir(workdir),
+                                 keep=int(config.keep_checkpoints)) as ckpts:
+    ckpts.save(0, state, {
+        'phase': phase.name, 'step': 0,
+        'progress': phases_lib.Progress(phase.name).to_metadata(),
+        'class_names': names, 'config': workdir_lib.config_dict(config),
+        'imported_from': str(path)})
+    ckpts.wait()
+  workdir_lib.save_config(config, workdir, is_main=True)
+  logging.info('Imported %s (%s; classes %s) into %s.', path, spec.describe(), names, workdir)
+  return {'workdir': workdir, 'model': spec.describe(), 'class_names': names, 'config': config}

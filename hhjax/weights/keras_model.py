@@ -1,0 +1,406 @@
+"""Keras classifier files read: InceptionV3 cut at a block plus a dense head, and its weights.
+
+The classifier is the Keras tutorial's (`hhjax.weights.keras_classifier` spells it out).
+`read_classifier` reads it from the files Keras writes: the whole-model HDF5 of `model.save('x.h5')`
+(tf_keras or Keras 3), Keras 3's `.keras` archive, and the weights-only HDF5 of tf_keras's
+`save_weights('x.h5')`. The first two carry the model config, from which the cut, the head, the
+class count and the image size are read; a weights-only file says none of it, so the config's
+`model` section and `data.image_size` describe it. As for the backbone alone
+(`hhjax.weights.keras_h5`), layers with weights are paired by position and every shape is
+checked; a file that is not such a classifier is refused naming the first layer that does not fit.
+Only h5py and json are needed: neither TensorFlow nor Keras.
+"""
+
+import contextlib
+import dataclasses
+import json
+import pathlib
+import re
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from typing import Any
+
+import h5py
+import ml_collections
+import numpy as np
+
+from hhjax import errors
+from hhjax.model import inception
+from hhjax.weights import keras_classifier
+from hhjax.weights import keras_h5
+
+Variables = keras_h5.Variables
+FileLayer = keras_h5.FileLayer
+KerasClassifier = keras_classifier.KerasClassifier
+
+# Layer classes of keras.applications.InceptionV3, and of the heads hhjax represents.
+_BACKBONE_CLASSES = ('InputLayer', 'Conv2D', 'BatchNormalization', 'Activation',
+                     'MaxPooling2D', 'AveragePooling2D', 'Concatenate')
+_HEAD_CLASSES = ('Flatten', 'GlobalAveragePooling2D', 'Dense', 'Dropout')
+_POOLS = {'Flatten': 'flatten', 'GlobalAveragePooling2D': 'gap'}
+_HEAD_GRAMMAR = keras_classifier.HEAD_GRAMMAR
+
+
+def _misfit(layers: list[FileLayer], expected: list[tuple[str, list]]) -> str | None:
+  """Where `layers` first stop fitting `expected`, in words; None if they fit."""
+  for i, (layer, (path, shapes)) in enumerate(zip(layers, expected)):
+    if layer.shapes != shapes:
+      return (f'The first layer that does not fit is {layer.describe()}, where the classifier '
+              f'expects its {keras_classifier.describe_expected(i, path, shapes)}.')
+  if len(layers) < len(expected):
+    i = len(layers)
+    return ("The file ends before the classifier's "
+            f'{keras_classifier.describe_expected(i, *expected[i])}.')
+  if len(layers) > len(expected):
+    return (f'The file has more layers after the last one the classifier expects, from '
+            f'{layers[len(expected)].describe()}.')
+  return None
+
+
+# ------------------------------------------------------------------------------ opening
+
+
+@dataclasses.dataclass
+class _KerasFile:
+  """An open Keras file: its model config (if any), its layers with weights, our metadata."""
+  path: pathlib.Path
+  model_config: dict[str, Any] | None
+  layers: list[FileLayer]
+  metadata: dict[str, Any]
+
+
+def _corrupt(path: pathlib.Path, what: str) -> errors.KerasWeightsError:
+  return errors.KerasWeightsError(
+      f'{path} is truncated or corrupt: {what}. Save the model again (model.save) and retry.')
+
+
+def _snake_case(name: str) -> str:
+  """Keras's `naming.to_snake_case`, which names the groups of a .keras weights file."""
+  name = re.sub(r'\W+', '', name)
+  name = re.sub('(.)([A-Z][a-z]+)', r'\1_\2', name)
+  return re.sub('([a-z])([A-Z])', r'\1_\2', name).lower()
+
+
+def _keras3_layers(path: pathlib.Path, config_layers: list[dict], weights: h5py.File
+                   ) -> list[FileLayer]:
+  """The layers with weights of a .keras archive, in the config's (Keras's) order.
+
+  Keras 3 stores layer k's variables under layers/<class in snake case>[_n]/vars/0, 1, ...,
+  where n counts the earlier layers of the same class: its loader pairs them by position too.
+  """
+  used: dict[str, int] = {}
+  layers = []
+  for layer in config_layers:
+    key = _snake_case(str(layer.get('class_name')))
+    used[key] = used.get(key, -1) + 1
+    key = f'layers/{key}_{used[key]}' if used[key] else f'layers/{key}'
+    try:
+      group = weights.get(f'{key}/vars')
+      names = ([f'{key}/vars/{n}' for n in sorted(group.keys(), key=int)]
+               if group is not None else [])
+      shapes = [tuple(weights[n].shape) for n in names]
+    except (OSError, KeyError, ValueError) as e:
+      raise _corrupt(path, f'the weights of layer "{layer.get("name")}" cannot be read '
+                           f'({e})') from None
+    if names:
+      layers.append(FileLayer(len(layers), str(layer.get('name')), weights, names, shapes))
+  return layers
+
+
+_ARCHIVE_ERRORS = (zipfile.BadZipFile, OSError, KeyError, EOFError, json.JSONDecodeError)
+
+
+@contextlib.contextmanager
+def _open_keras_archive(path: pathlib.Path) -> Iterator[_KerasFile]:
+  try:
+    archive = zipfile.ZipFile(path)
+    members = set(archive.namelist())
+  except _ARCHIVE_ERRORS as e:
+    raise _corrupt(path, f'it starts as a zip archive (a .keras file) but cannot be read as '
+                         f'one ({e})') from None
+  with archive, tempfile.TemporaryDirectory() as tmp:
+    if 'config.json' not in members or 'model.weights.h5' not in members:
+      raise errors.KerasWeightsError(
+          f'{path} is a zip archive but not a Keras .keras file: expected config.json and '
+          f'model.weights.h5, found {sorted(members)[:10]}.')
+    try:
+      model_config = json.loads(archive.read('config.json'))
+      member = keras_classifier.METADATA_MEMBER
+      metadata = json.loads(archive.read(member)) if member in members else {}
+      weights = h5py.File(archive.extract('model.weights.h5', tmp), 'r')
+    except _ARCHIVE_ERRORS as e:
+      raise _corrupt(path, f'its archive cannot be read ({e})') from None
+    with weights:
+      layers = _keras3_layers(path, _config_layers(model_config), weights)
+      yield _KerasFile(path, model_config, layers, metadata)
+
+
+@contextlib.contextmanager
+def _open_h5(path: pathlib.Path) -> Iterator[_KerasFile]:
+  with keras_h5.open_h5(path) as f:
+    group = keras_h5.open_weights_group(f, path)
+    layers = keras_h5.file_layers(group, path)
+    model_config = metadata = None
+    try:
+      if 'model_config' in f.attrs:
+        model_config = json.loads(f.attrs['model_config'])
+      if keras_classifier.METADATA_ATTRIBUTE in f.attrs:
+        metadata = json.loads(f.attrs[keras_classifier.METADATA_ATTRIBUTE])
+    except (ValueError, TypeError) as e:
+      raise _corrupt(path, f'its model config or hhjax metadata is not JSON ({e})') from e
+    yield _KerasFile(path, model_config, layers, metadata or {})
+
+
+@contextlib.contextmanager
+def _open(path: pathlib.Path) -> Iterator[_KerasFile]:
+  """Opens a .keras archive or a legacy HDF5 file, whole-model or weights-only."""
+  if not path.is_file():
+    raise errors.DataNotFoundError(f'No Keras model file at {path}.')
+  with open(path, 'rb') as f:
+    head = f.read(4)
+  opener = _open_keras_archive if head.startswith(b'PK') else _open_h5
+  with opener(path) as keras_file:
+    yield keras_file
+
+
+# ------------------------------------------------------------------ the model config
+
+
+def _config_layers(model_config: Any) -> list[dict[str, Any]]:
+  config = model_config.get('config') if isinstance(model_config, dict) else None
+  layers = config.get('layers') if isinstance(config, dict) else None
+  return [l for l in layers if isinstance(l, dict)] if isinstance(layers, list) else []
+
+
+def _inbound_names(layer: dict[str, Any]) -> list[str]:
+  """The layers whose outputs `layer` reads, from tf_keras's or Keras 3's config format."""
+  names = []
+
+  def walk(node):
+    if isinstance(node, dict):
+      history = node.get('config', {}).get('keras_history') if node.get(
+          'class_name') == '__keras_tensor__' else None
+      if history:   # Keras 3: {'class_name': '__keras_tensor__', ... 'keras_history': [n, 0, 0]}
+        names.append(history[0])
+      else:
+        for value in node.values():
+          walk(value)
+    elif isinstance(node, list):
+      if len(node) >= 3 and isinstance(node[0], str) and isinstance(node[1], int):
+        names.append(node[0])   # tf_keras: [name, node index, tensor index, kwargs]
+      else:
+        for value in node:
+          walk(value)
+
+  walk(layer.get('inbound_nodes', []))
+  return names
+
+
+def _words(layer: dict[str, Any]) -> str:
+  """'layer "dense_1" (Dense(2, softmax))': a config layer as an error message names it."""
+  cls, cfg = layer.get('class_name'), layer.get('config') or {}
+  detail = {'Dense': lambda: f'({cfg.get("units")}, {cfg.get("activation")})',
+            'Dropout': lambda: f'({cfg.get("rate")})'}.get(cls, lambda: '')()
+  return f'layer "{layer.get("name")}" ({cls}{detail})'
+
+
+def _input_size(path: pathlib.Path, layers: list[dict[str, Any]]) -> int | None:
+  """The square input size the model was built for; None if it is left open."""
+  inputs = [l for l in layers if l.get('class_name') == 'InputLayer']
+  cfg = (inputs[0].get('config') or {}) if len(inputs) == 1 else {}
+  shape = cfg.get('batch_input_shape') or cfg.get('batch_shape')
+  if not shape or len(shape) != 4 or shape[3] != 3:
+    raise errors.KerasWeightsError(
+        f'{path}: expected one input of RGB images (batch, S, S, 3); found '
+        f'{[l.get("name") for l in inputs]} with shape {shape}.')
+  height, width = shape[1:3]
+  if height is None or width is None:
+    return None
+  if height != width:
+    raise errors.KerasWeightsError(
+        f'{path}: the model takes {height}x{width} images; hhjax trains on square images.')
+  return int(height)
+
+
+def _parse_head(path: pathlib.Path, head: list[dict[str, Any]]) -> tuple[str, int, float, int]:
+  """(kind, hidden, dropout, outputs) of the head's config layers, or an error naming the one
+  that hhjax's head cannot represent."""
+  def refuse(layer, why):
+    return errors.KerasWeightsError(
+        f'{path}: the head cannot be represented: {_words(layer)} {why}. {_HEAD_GRAMMAR}.')
+
+  for before, layer in zip(head, head[1:]):
+    if _inbound_names(layer) != [before.get('name')]:
+      raise refuse(layer, f'reads {_inbound_names(layer)}, not only the layer before it')
+  cfg = [layer.get('config') or {} for layer in head]
+  if head[0].get('class_name') not in _POOLS:
+    raise refuse(head[0], 'comes right after the backbone')
+  if cfg[0].get('keepdims') or cfg[0].get('data_format') not in (None, 'channels_last'):
+    raise refuse(head[0], 'keeps dims or is not channels_last')
+  i, hidden, dropout = 1, 0, 0.0
+  if i < len(head) - 1 and head[i].get('class_name') == 'Dense':
+    if cfg[i].get('activation') != 'relu' or not cfg[i].get('use_bias', True):
+      raise refuse(head[i], 'is a hidden layer without relu or without a bias')
+    hidden, i = int(cfg[i]['units']), i + 1
+  if i < len(head) - 1 and head[i].get('class_name') == 'Dropout':
+    if cfg[i].get('noise_shape') is not None:
+      raise refuse(head[i], 'has a noise_shape')
+    dropout, i = float(cfg[i].get('rate', 0.0)), i + 1
+  if i != len(head) - 1 or head[i].get('class_name') != 'Dense':
+    raise refuse(head[i], 'is where the output Dense layer should be')
+  units, activation = int(cfg[i].get('units', 0)), cfg[i].get('activation')
+  if not cfg[i].get('use_bias', True) or not (
+      (units == 1 and activation == 'sigmoid') or (units >= 3 and activation == 'softmax')):
+    raise refuse(head[i], 'is not an output layer hhjax has')
+  return _POOLS[head[0]['class_name']], hidden, dropout, units
+
+
+def _cut(head_input: list[str], backbone: list[FileLayer]) -> str:
+  """The block the head reads: by name, else by the backbone's layer count.
+
+  When neither tells, mixed10: the shape check then names the first layer that differs.
+  """
+  if len(head_input) == 1 and head_input[0] in inception.ENDPOINTS:
+    return head_input[0]
+  for endpoint in inception.ENDPOINTS:
+    if len(keras_h5.keras_layer_order(endpoint)) == len(backbone):
+      return endpoint
+  return inception.ENDPOINTS[-1]
+
+
+def _not_a_classifier(path: pathlib.Path, expected: str, layers: list[FileLayer],
+                      count: int, misfit: str) -> errors.KerasWeightsError:
+  return errors.KerasWeightsError(
+      f'{path} is not {expected}: it has {len(layers)} layers with weights, that model '
+      f'{count}. {misfit} Is it a model of another architecture?')
+
+
+def _spec_from_model_config(kf: _KerasFile) -> KerasClassifier:
+  """The classifier a whole-model file's config describes (checking the backbone's weights)."""
+  path = kf.path
+  kind = kf.model_config.get('class_name') if isinstance(kf.model_config, dict) else None
+  if kind not in ('Functional', 'Model'):
+    raise errors.KerasWeightsError(
+        f'{path} holds a Keras {kind} model; hhjax reads the functional model the Keras tutorial '
+        f"builds, keras.Model(base.input, head(base.get_layer('mixed7').output)), with "
+        f"InceptionV3's layers at its top level (not nested as one layer).")
+  layers = _config_layers(kf.model_config)
+  if not layers:
+    raise _corrupt(path, 'its model config lists no layers')
+  for layer in layers:
+    if layer.get('class_name') not in _BACKBONE_CLASSES + _HEAD_CLASSES:
+      raise errors.KerasWeightsError(
+          f'{path} is not an InceptionV3 classifier: {_words(layer)} is neither a layer of '
+          f"InceptionV3 nor of a head hhjax represents. {_HEAD_GRAMMAR}.")
+  start = next((i for i, l in enumerate(layers) if l.get('class_name') in _HEAD_CLASSES), None)
+  if start is None:
+    raise errors.KerasWeightsError(
+        f'{path} has no classification head (its last layer is {_words(layers[-1])}): a '
+        f'backbone alone is read as pretrained weights (config.model.pretrained).')
+  head = layers[start:]
+  for layer in head:
+    if layer.get('class_name') not in _HEAD_CLASSES:
+      raise errors.KerasWeightsError(
+          f'{path}: the head cannot be represented: {_words(layer)} follows the head\'s '
+          f'{_words(head[0])}. {_HEAD_GRAMMAR}.')
+  image_size = _input_size(path, layers)
+  backbone = kf.layers[:len(kf.layers) - sum(l.get('class_name') == 'Dense' for l in head)]
+  cut = _cut(_inbound_names(head[0]), backbone)
+  bare = KerasClassifier(cut, 'gap', 0, 0.0, 2, None)   # the head's layers are left out
+  order = keras_classifier.expected_layers(bare, inception.MIN_SIZE)[:-1]
+  misfit = _misfit(backbone, order)
+  if misfit:
+    raise _not_a_classifier(path, f'an InceptionV3 classifier (InceptionV3 cut at {cut} and '
+                            f'a head)', backbone, len(order), misfit)
+  kind, hidden, dropout, outputs = _parse_head(path, head)
+  return KerasClassifier(cut, kind, hidden, dropout, 2 if outputs == 1 else outputs, image_size)
+
+
+def _spec_from_config(kf: _KerasFile, config: ml_collections.ConfigDict | None
+                      ) -> KerasClassifier:
+  """The classifier a weights-only file is taken to be: config.model and data.image_size."""
+  if config is None:
+    raise errors.KerasWeightsError(
+        f'{kf.path} holds weights only (as save_weights writes), not which model they belong '
+        'to: give it with --config (config.model.cut, head, hidden, dropout and '
+        'config.data.image_size as the Keras model was built).')
+  last = kf.layers[-1].shapes if kf.layers else []
+  outputs = last[-1][0] if len(last) == 2 and len(last[-1]) == 1 else 1
+  # A 2-unit output is no head of ours: the shape check below names it.
+  return KerasClassifier(config.model.cut, config.model.head, int(config.model.hidden),
+                         float(config.model.dropout), 2 if outputs <= 2 else outputs,
+                         int(config.data.image_size))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_head(kf: _KerasFile, layers: list[FileLayer], paths: list[str]) -> dict[str, Any]:
+  head = {}
+  for layer, path in zip(layers, paths):
+    try:
+      kernel, bias = (np.asarray(layer.group[w], np.float32) for w in layer.weight_names)
+    except (OSError, KeyError, ValueError) as e:
+      raise _corrupt(kf.path, f'reading {layer.describe()} failed ({e})') from None
+    if not (np.all(np.isfinite(kernel)) and np.all(np.isfinite(bias))):
+      raise _corrupt(kf.path, f'{layer.describe()} holds NaN or infinite values')
+    head[path.split('/')[1]] = {'kernel': kernel, 'bias': bias}
+  return head
+
+
+def _read(kf: _KerasFile, spec: KerasClassifier) -> Variables:
+  order = keras_h5.keras_layer_order(spec.cut)
+  backbone = keras_h5.read_variables(kf.path, kf.layers[:len(order)], order)
+  head = _read_head(kf, kf.layers[len(order):], spec.layer_paths()[len(order):])
+  return {'params': {'backbone': backbone['params'], 'head': head},
+          'batch_stats': {'backbone': backbone['batch_stats']}}
+
+
+def _with_metadata(spec: KerasClassifier, kf: _KerasFile) -> KerasClassifier:
+  """The class names and preprocessing that hhjax's export stored beside the model."""
+  names, preprocessing = kf.metadata.get('class_names'), kf.metadata.get('preprocessing')
+  if names is not None and (not isinstance(names, list) or len(names) != spec.num_classes):
+    raise _corrupt(kf.path, f'its hhjax metadata lists the classes {names!r} for a model with '
+                            f'{spec.num_classes}')
+  return dataclasses.replace(spec, class_names=tuple(map(str, names)) if names else None,
+                             preprocessing=preprocessing)
+
+
+def read_classifier(path: str | pathlib.Path, config: ml_collections.ConfigDict | None = None
+                    ) -> tuple[KerasClassifier, Variables]:
+  """Reads a Keras classifier (InceptionV3 cut at a block, plus the dense head) from a file.
+
+  Args:
+    path: a whole-model .h5 (`model.save('x.h5')`, tf_keras or Keras 3), a Keras 3 `.keras`
+      file, or a weights-only .h5 (tf_keras `save_weights('x.h5')`).
+    config: describes a weights-only file's model (config.model.cut, head, hidden, dropout;
+      config.data.image_size); also the image size where a whole-model file leaves it open.
+
+  Returns:
+    (what the file says about the model, variables): `{'params': {'backbone', 'head'},
+    'batch_stats': {'backbone'}}` as `hhjax.model.classifier.Classifier` has them, float32 numpy.
+
+  Raises:
+    DataNotFoundError: no file at `path`.
+    KerasWeightsError: not a Keras file, truncated or corrupt, or not such a classifier (the
+      message names the first layer that does not fit).
+  """
+  path = pathlib.Path(path).expanduser()
+  with _open(path) as kf:
+    if kf.model_config is not None:
+      spec, source = _spec_from_model_config(kf), 'its model config'
+    else:
+      spec, source = _spec_from_config(kf, config), 'the config (a weights-only file)'
+    size = spec.image_size or (int(config.data.image_size) if config else inception.MIN_SIZE)
+    expected = keras_classifier.expected_layers(spec, size)
+    misfit = _misfit(kf.layers, expected)
+    if misfit:
+      raise _not_a_classifier(path, f'the classifier {source} describes, {spec.describe()}',
+                              kf.layers, len(expected), misfit)
+    variables = _read(kf, spec)
+    spec = _with_metadata(spec, kf)
+  keras_h5.check_variables(variables, spec.abstract_variables(size), source=str(path))
+  return spec, variables
+
+
