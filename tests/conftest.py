@@ -14,6 +14,13 @@ SHARED_DATA = pathlib.Path(
 
 
 @pytest.fixture(scope='session')
+def jax_cache_dir(tmp_path_factory) -> pathlib.Path:
+  """One JAX compilation cache for every main.py the tests start: the smoke config's steps
+  compile once for the whole session instead of once per test module."""
+  return tmp_path_factory.mktemp('jax_cache')
+
+
+@pytest.fixture(scope='session')
 def real_data_dir() -> pathlib.Path:
   """The shared horse-or-human folder (read-only); skips when it is absent."""
   if not (SHARED_DATA / 'train').is_dir():

@@ -111,11 +111,11 @@ def _array_file(workdir, step):
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
+def env(jax_cache_dir):
   # Without main.py's re-execution for glibc's malloc settings (a second per run here; tested
   # in test_host_malloc.py), which the faults do not depend on.
   env = dict(os.environ, JAX_PLATFORMS='cpu', HHJAX_MALLOC_TUNING='off',
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')))
+             JAX_COMPILATION_CACHE_DIR=str(jax_cache_dir))
   env.pop('XLA_FLAGS', None)
   return env
 

@@ -22,9 +22,9 @@ def _main(*args, env, check=True):
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
+def env(jax_cache_dir):
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')))
+             JAX_COMPILATION_CACHE_DIR=str(jax_cache_dir))
   env.pop('XLA_FLAGS', None)
   return env
 

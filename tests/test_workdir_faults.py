@@ -89,9 +89,9 @@ def _finished_checkpoints(workdir):
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
+def env(jax_cache_dir):
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')))
+             JAX_COMPILATION_CACHE_DIR=str(jax_cache_dir))
   env.pop('XLA_FLAGS', None)
   return env
 
@@ -219,8 +219,13 @@ def test_eval_that_cannot_write_eval_json_warns_and_goes_on(tmp_path, caplog):
   # A path eval.json cannot be written to, whoever runs the test (root ignores permissions).
   (tmp_path / 'eval.json').mkdir()
   result = {'loss': 0.5, 'accuracy': 0.75, 'count': 4, 'confusion': np.array([[2, 0], [1, 1]])}
-  with caplog.at_level(logging.INFO):
-    out = evaluate.report(result, ['a', 'b'], 30, str(tmp_path), is_main=True)
+  verbosity = logging.get_verbosity()   # absl's own level, whatever ran before
+  logging.set_verbosity(logging.INFO)
+  try:
+    with caplog.at_level('INFO'):
+      out = evaluate.report(result, ['a', 'b'], 30, str(tmp_path), is_main=True)
+  finally:
+    logging.set_verbosity(verbosity)
   assert out['accuracy'] == 0.75
   assert 'Evaluation at step 30 on 4 images' in caplog.text   # printed first
   assert f'Could not write {tmp_path}/eval.json (IsADirectoryError' in caplog.text
