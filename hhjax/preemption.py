@@ -6,8 +6,8 @@ training loop asks `Notice.stop_now()` after every step; when it answers True, t
 checkpoints that step and raises errors.Preempted (main.py: one line, exit status 3). The same
 command resumes from there, so no step is lost.
 
-One process: a SIGTERM handler of our own sets a flag. Later SIGTERMs, during the save too, only
-set it again, so a second signal cannot cut a checkpoint short.
+One process: a SIGTERM handler of our own sets a flag. Later SIGTERMs, during the save and the
+exit too, only set it again, so a second signal cannot cut a checkpoint short.
 
 Several processes (jax.distributed): all must stop at the same step, since saving is a
 collective. JAX's preemption sync manager agrees on it: `jax.distributed.initialize` installs a
@@ -52,13 +52,17 @@ class Notice:
     return self
 
   def __exit__(self, *exc) -> None:
-    if self._previous is not None:
+    if self._previous is not None and not self._received:
       signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    self._previous = None
 
   def _on_sigterm(self, signum, frame) -> None:
     del signum, frame
     self._received = True   # no logging here: the loop says what happened when it stops
+    # Ignored from now on, until the process ends: Python puts back the default action (death)
+    # for its own handlers as it shuts down, and a repeated SIGTERM must neither cut the save
+    # short nor turn exit status 3 into a kill.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
   def stop_now(self) -> bool:
     """Called once after every training step, by every process: True to stop at this step."""
