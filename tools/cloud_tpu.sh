@@ -32,6 +32,7 @@
 #   --weights=FILE.h5      HHJAX_WEIGHTS        default: none ('imagenet', downloaded on each host)
 #   --on-demand            HHJAX_SPOT=0         an on-demand TPU instead of a spot one
 #   --attempts=N           HHJAX_ATTEMPTS       default 20: train runs at most N times
+#                          HHJAX_RETRY_PAUSE_S  default 10: seconds between two attempts
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
@@ -50,6 +51,7 @@ EVAL_SPLIT=${HHJAX_EVAL_SPLIT:-validation}
 WEIGHTS=${HHJAX_WEIGHTS:-}
 SPOT=${HHJAX_SPOT:-1}
 ATTEMPTS=${HHJAX_ATTEMPTS:-20}
+PAUSE=${HHJAX_RETRY_PAUSE_S:-10}
 STEPS=()
 EXTRA=()
 
@@ -163,7 +165,7 @@ step_train() {
     run "$TRAIN_COMMAND"
     return
   fi
-  local attempt log statuses expected
+  local attempt log statuses count expected
   for ((attempt = 1; attempt <= ATTEMPTS; attempt++)); do
     if [[ $(queued_state) != ACTIVE ]]; then   # preempted (SUSPENDED, FAILED) or deleted
       echo "The TPU $NAME is not ACTIVE: creating it again." >&2
@@ -175,20 +177,21 @@ step_train() {
     expected=$(hosts)
     log=$(mktemp)
     run "$TRAIN_COMMAND" 2>&1 | tee "$log" || true
-    statuses=$(grep -o 'hhjax exit status [0-9]*' "$log" | awk '{print $4}' | sort | uniq -c)
+    statuses=$( (grep -oE 'hhjax exit status [0-9]+' "$log" || true) | awk '{print $4}' |
+               sort -n | xargs)
     rm -f "$log"
-    echo "Attempt $attempt: exit statuses (count status): ${statuses:-none}" >&2
-    if [[ -n $statuses ]] && ! grep -qv ' 0$' <<<"$statuses" &&
-       [[ $(awk '{n += $1} END {print n}' <<<"$statuses") == "$expected" ]]; then
+    count=$(wc -w <<<"$statuses")
+    echo "Attempt $attempt: exit statuses ${statuses:-none} ($count of $expected hosts)." >&2
+    if ((count == expected)) && [[ -z ${statuses//[0 ]/} ]]; then
       echo "Training finished: $WORKDIR" >&2
       return 0
     fi
-    if grep -q ' 2$' <<<"$statuses"; then
+    if [[ " $statuses " == *" 2 "* ]]; then
       fail "main.py stopped with a mistake to fix (exit status 2): see its error above."
     fi
     # 3: preempted after a checkpoint; 4: a host was lost; none: a host's connection dropped.
     echo "Resuming from the last checkpoint in $WORKDIR." >&2
-    sleep 10
+    sleep "$PAUSE"
   done
   fail "training did not finish in $ATTEMPTS attempts (--attempts=N allows more)."
 }
