@@ -30,6 +30,7 @@ from ml_collections import config_flags
 # Light modules only: the library loads after the config has been checked.
 from hhjax import config_checks
 from hhjax import errors
+from hhjax import peers
 from hhjax import workdir as workdir_lib
 from hhjax import workdir_lock
 
@@ -98,7 +99,6 @@ def _run(mode: str, config: ml_collections.ConfigDict) -> None:
   tf.config.set_visible_devices([], 'GPU')
   # The library loads only now (seconds of JAX and TensorFlow imports), so that mistakes in the
   # command line and the config are reported at once.
-  from hhjax import peers  # pylint: disable=g-import-not-at-top
   from hhjax import sharding  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
@@ -151,6 +151,7 @@ def _fail(message) -> None:
   """Ends the program for a mistake the user can fix: the message alone, exit status 2."""
   logging.flush()
   print(f'error: {message}', file=sys.stderr, flush=True)
+  peers.end_failed(errors.EXIT_USER_ERROR)   # several processes: no wait for the others
   sys.exit(errors.EXIT_USER_ERROR)
 
 

@@ -16,7 +16,8 @@ workdir lock) and ends at once with errors.EXIT_PEER_LOST, without waiting for c
 the shutdown barrier. JAX's own heartbeat timeout is set to twice ours, as a backstop.
 
 A process that ends marks itself done (`finish`), or failed: the others then stop at once and
-point to its log, rather than wait `timeout` seconds.
+point to its log, rather than wait `timeout` seconds. A failed one ends without JAX's shutdown
+barrier (`end_failed`), where it would wait for the others until JAX's timeout.
 
 `timeout` is HHJAX_PEER_TIMEOUT_S (default 60 s). A lost process is found within about
 `timeout + timeout / 10` seconds; a slow one (a long compile, a checkpoint written to gs://)
@@ -42,6 +43,7 @@ _DONE, _FAILED = 'done', 'failed'
 _CLEANUP_S = 10.0
 
 _watch = None
+_started = False   # this process watched others: it is one of several
 _cleanups: list[Callable[[], None]] = []
 
 
@@ -143,10 +145,11 @@ class _Watch:
 
 def start() -> None:
   """Starts watching the other processes (after jax.distributed.initialize)."""
-  global _watch
+  global _watch, _started
   state = _client()
   if _watch is None and state.client is not None and state.num_processes > 1:
     _watch = _Watch(state.process_id, state.num_processes, timeout_s())
+    _started = True
 
 
 def finish(ok: bool) -> None:
@@ -187,3 +190,16 @@ def exit_peer_failure(error: BaseException) -> None:
   """Ends the process as `_exit_lost` does, for a collective that failed in the main thread."""
   _exit_lost(f'A collective operation with the other processes failed '
              f'({str(error).splitlines()[0][:200]}): another process of this run was lost.')
+
+
+def end_failed(status: int) -> None:
+  """Ends a process of several that stopped with an error (already reported), with `status`.
+
+  Without JAX's shutdown barrier: the other processes, told by `finish(False)`, stop at once
+  instead of meeting it there. One process alone returns and exits as usual.
+  """
+  if _started:
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)   # pylint: disable=protected-access
