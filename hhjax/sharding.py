@@ -24,8 +24,9 @@ def maybe_initialize_distributed() -> None:
   Recognises a launch by hand (JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and
   JAX_PROCESS_ID in each process), SLURM and Open MPI launches with more than one task, and
   Cloud TPU VMs (a slice of one host or several), where `jax.distributed.initialize()` finds
-  the coordinator by itself. Then watches the other processes (hhjax.peers): a lost one stops this one within
-  HHJAX_PEER_TIMEOUT_S seconds; JAX's own heartbeat timeout, twice that, is the backstop.
+  the coordinator by itself. Then watches the other processes (hhjax.peers): a lost one stops
+  this one within HHJAX_PEER_TIMEOUT_S seconds; JAX's own heartbeat timeout, twice that, is the
+  backstop.
 
   On CPU, JAX 0.10 runs cross-process collectives over Gloo (TCP) by default
   (jax_cpu_collectives_implementation='gloo'), so nothing needs selecting here.

@@ -7,7 +7,8 @@ converted folder. `load_backbone` puts them into the classifier's backbone.
 
 A converted folder is the one converted on-disk format: an orbax checkpoint of the variables and
 the model's configuration, for machines where the training job should not read HDF5 or reach the
-network. Files and folders may be local or on storage that TensorFlow reads (gs://). The converter command writes it:
+network. Files and folders may be local or on storage that TensorFlow reads (gs://). The
+converter command writes it:
 
     python -m hhjax.weights.pretrained \
         --h5 inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5 --out /data/inception_v3_notop
