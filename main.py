@@ -11,6 +11,10 @@
 Running the same train command again resumes from the last checkpoint in --workdir. For eval,
 predict, explain and export, --config is optional: the config the run saved in the workdir is
 used (an import without it starts from configs/default.py).
+
+Exit status: 0 done; 1 a bug (with its traceback); 2 a mistake to fix (`error: ...`); 3
+preempted (SIGTERM): a checkpoint was saved, run the same command to resume; 4 another process
+of a multi-process run was lost: run the same command on every host to resume.
 """
 
 import os
@@ -29,6 +33,7 @@ from ml_collections import config_flags
 # Light modules only: the library loads after the config has been checked.
 from hhjax import config_checks
 from hhjax import errors
+from hhjax import peers
 from hhjax import workdir as workdir_lib
 from hhjax import workdir_lock
 
@@ -105,6 +110,26 @@ def _run(mode: str, config: ml_collections.ConfigDict) -> None:
   # command line and the config are reported at once.
   from hhjax import sharding  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed()
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() > 0:
+    # Progress and results once, from process 0; the others say only what goes wrong.
+    logging.set_verbosity(logging.WARNING)
+  ok = False
+  try:
+    _run_mode(mode, config)
+    ok = True
+  except errors.Preempted:
+    ok = True   # every process stops at the same step
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    if peers.is_peer_failure(e):
+      peers.exit_peer_failure(e)   # one line and exit status 4, without waiting for the others
+    raise
+  finally:
+    peers.finish(ok)
+
+
+def _run_mode(mode: str, config: ml_collections.ConfigDict) -> None:
   if mode == 'train':
     from hhjax.training import loop  # pylint: disable=g-import-not-at-top
     loop.train_and_evaluate(config, FLAGS.workdir)
@@ -141,10 +166,18 @@ def _config_without_flag(mode: str) -> ml_collections.ConfigDict:
   return workdir_lib.load_config(FLAGS.workdir)
 
 
+def _preempted(error: errors.Preempted) -> None:
+  """Ends the program after a preemption's checkpoint: one line, exit status 3."""
+  logging.flush()
+  print(error, file=sys.stderr, flush=True)
+  sys.exit(errors.EXIT_PREEMPTED)
+
+
 def _fail(message) -> None:
   """Ends the program for a mistake the user can fix: the message alone, exit status 2."""
   logging.flush()
   print(f'error: {message}', file=sys.stderr, flush=True)
+  peers.end_failed(errors.EXIT_USER_ERROR)   # several processes: no wait for the others
   sys.exit(errors.EXIT_USER_ERROR)
 
 
@@ -187,6 +220,8 @@ def main(argv):
     if FLAGS.mode == 'train':   # refuse a busy workdir before seconds of imports
       workdir_lock.check_free(workdir_lib.absolute(FLAGS.workdir))
     _run(FLAGS.mode, config)
+  except errors.Preempted as e:
+    _preempted(e)
   except (errors.UserError, app.UsageError) as e:
     # Something the user can fix: the message alone says what and how; no traceback.
     _fail(e)

@@ -145,6 +145,18 @@ def quiet_orbax() -> None:
     sys.unraisablehook = _QuietClosedLoops(sys.unraisablehook)
 
 
+class _Manager(ocp.CheckpointManager):
+  """Orbax's CheckpointManager without its calls to JAX's preemption sync point.
+
+  The training loop makes those calls itself, one per step (hhjax.preemption); orbax would add
+  its own with each saved step, some from its background thread, and JAX's count would go back.
+  """
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
+
+
 class Checkpoints:
   """Saves and restores the training state in `directory` (usually WORKDIR/checkpoints)."""
 
@@ -172,7 +184,7 @@ class Checkpoints:
         # threads waiting for it until their timeout, and the process could not exit.
         async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         create=not read_only)
-    self._manager = ocp.CheckpointManager(
+    self._manager = _Manager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler()})
     self._damaged: dict[int, str] = {}   # step -> what is wrong, as found by this process

@@ -9,8 +9,17 @@ Each subclass also derives from the built-in exception a caller would expect (`V
 `FileNotFoundError`, ...), so library code can catch either.
 """
 
-# The exit status of `main.py` for a UserError.
+# The exit statuses of `main.py` besides 0 (done) and 1 (a bug: a traceback). A launcher that
+# relaunches after a preemption (tools/cloud_tpu.sh, a SLURM script) tells them apart.
+# A UserError: fix what the message says, then run again.
 EXIT_USER_ERROR = 2
+# Training stopped on SIGTERM (a preemption notice) at a step boundary, after saving a checkpoint
+# there: the same command resumes with no step lost.
+EXIT_PREEMPTED = 3
+# Another process of a multi-process run was lost (killed, crashed, its host gone): this one
+# stopped rather than wait in a collective. The same command on every host resumes from the last
+# checkpoint.
+EXIT_PEER_LOST = 4
 
 
 class UserError(Exception):
@@ -67,3 +76,15 @@ class WorkdirBusyError(UserError, RuntimeError):
 
 class MissingPackageError(UserError, ImportError):
   """An optional package a command needs is not installed."""
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM after checkpointing its current step (not a failure).
+
+  main.py prints the message and exits with EXIT_PREEMPTED.
+  """
+
+  def __init__(self, step: int):
+    self.step = step
+    super().__init__(f'preempted at step {step}; checkpoint saved; run the same command to '
+                     'resume')

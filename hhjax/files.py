@@ -1,4 +1,4 @@
-"""Writing files so that a reader never sees half of one.
+"""Writing files so that a reader never sees half of one; a file's size and time on any storage.
 
 Every file a run writes for later (config.json, metrics.jsonl, eval.json, downloads, caches)
 goes through `write_atomic` or `atomic_path`: the data is written under a temporary name in the
@@ -9,6 +9,7 @@ object stores such as gs:// require. Paths go through `etils.epath`, so gs:// wo
 
 from collections.abc import Iterator
 import contextlib
+import errno
 import io
 import os
 from typing import Any
@@ -60,3 +61,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[epath.Path]:
   finally:
     if tmp.exists():
       tmp.unlink()
+
+
+def is_url(path: str | os.PathLike) -> bool:
+  """Whether `path` names storage other than the local file system (gs://, ram://, ...)."""
+  return '://' in os.fspath(path)
+
+
+def stat(path: str | os.PathLike) -> tuple[int, int]:
+  """(size in bytes, modification time in ns) of a local file or of a URL that TensorFlow reads.
+
+  Raises OSError (FileNotFoundError when there is nothing at `path`), as `os.stat` does.
+  """
+  if not is_url(path):
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # seconds to load; URLs only
+  try:
+    st = tf.io.gfile.stat(os.fspath(path))
+  except tf.errors.NotFoundError:
+    raise FileNotFoundError(errno.ENOENT, 'No such file or directory', os.fspath(path)) from None
+  except tf.errors.OpError as e:
+    raise OSError(errno.EIO, e.message, os.fspath(path)) from None
+  return st.length, st.mtime_nsec

@@ -14,10 +14,12 @@ import os
 import jax
 import ml_collections
 import numpy as np
+import tensorflow as tf
 
 from hhjax import config_checks
 from hhjax import errors
 from hhjax import evaluate
+from hhjax import files as files_lib
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
 from hhjax.data import bad_files
@@ -25,18 +27,30 @@ from hhjax.data import decode
 from hhjax.model import classifier
 
 
+def _glob(pattern: str) -> list[str]:
+  """Files matching `pattern`: locally with `**` across folders, elsewhere (gs://) as gfile does."""
+  if files_lib.is_url(pattern):
+    matches = tf.io.gfile.glob(pattern)
+  else:
+    matches = glob.glob(pattern, recursive=True)
+  return [m for m in sorted(matches) if not tf.io.gfile.isdir(m)]
+
+
 def expand_images(patterns: Iterable[str]) -> list[str]:
-  """Files, folders (searched recursively for images) and globs, in a stable order."""
+  """Files, folders (searched recursively for images) and globs, in a stable order.
+
+  Local paths and URLs (gs://) alike, through tf.io.gfile.
+  """
   files = []
   for pattern in patterns:
-    if os.path.isdir(pattern):
-      for root, _, names in sorted(os.walk(pattern)):
+    if tf.io.gfile.isdir(pattern):
+      for root, _, names in sorted(tf.io.gfile.walk(pattern)):
         files += [os.path.join(root, n) for n in sorted(names)
                   if n.lower().endswith(decode.IMAGE_EXTENSIONS)]
-    elif os.path.isfile(pattern):
+    elif tf.io.gfile.exists(pattern):
       files.append(pattern)
     else:
-      found = [m for m in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(m)]
+      found = _glob(pattern)
       if not found:
         raise errors.DataNotFoundError(
             f'--images {pattern!r}: no such file, folder or glob match.')

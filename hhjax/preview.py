@@ -3,10 +3,10 @@
     python main.py --mode=preview_data --config=configs/default.py --workdir=/tmp/hhjax/preview
 """
 
-import os
-
+from etils import epath
 import ml_collections
 
+from hhjax import files
 from hhjax.data import pipeline
 from hhjax.model import preprocessing
 
@@ -58,8 +58,7 @@ def preview_data(config: ml_collections.ConfigDict, workdir: str, *, num_images:
   fig.suptitle(f'{source} / {config.data.train_split}, seed {config.seed}, step 0: '
                f'{_describe_augmentation(config)}', fontsize=9)
   fig.tight_layout()
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'preview_data.png')
-  fig.savefig(path, dpi=80)
-  return path
+  path = epath.Path(workdir) / 'preview_data.png'   # local or gs://
+  path.parent.mkdir(parents=True, exist_ok=True)
+  return str(files.write_png(path, fig, dpi=80))
 

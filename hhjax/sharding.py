@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 from hhjax import errors
+from hhjax import peers
 
 DATA_AXIS = 'data'
 
@@ -22,8 +23,13 @@ def maybe_initialize_distributed() -> None:
 
   Recognises a launch by hand (JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and
   JAX_PROCESS_ID in each process), SLURM and Open MPI launches with more than one task, and
-  multi-host Cloud TPU slices, where `jax.distributed.initialize()` finds the coordinator by
-  itself.
+  Cloud TPU VMs (a slice of one host or several), where `jax.distributed.initialize()` finds
+  the coordinator by itself. Then watches the other processes (hhjax.peers): a lost one stops
+  this one within HHJAX_PEER_TIMEOUT_S seconds; JAX's own heartbeat timeout, twice that, is the
+  backstop.
+
+  On CPU, JAX 0.10 runs cross-process collectives over Gloo (TCP) by default
+  (jax_cpu_collectives_implementation='gloo'), so nothing needs selecting here.
   """
   env = os.environ
   several = (
@@ -31,7 +37,10 @@ def maybe_initialize_distributed() -> None:
       or int(env.get('JAX_NUM_PROCESSES', '1')) > 1
       or int(env.get('SLURM_NTASKS', '1')) > 1
       or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
-      or len([h for h in env.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1)
+      or len([h for h in env.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
+      # A Cloud TPU VM lists its slice's hosts in the metadata server, not always in the
+      # environment: JAX reads them there. With one host it is a run of one process.
+      or _on_cloud_tpu_vm())
   if several:
     # JAX reads JAX_COORDINATOR_ADDRESS itself, but not the process count and id.
     kwargs = {}
@@ -39,9 +48,20 @@ def maybe_initialize_distributed() -> None:
       kwargs['num_processes'] = int(env['JAX_NUM_PROCESSES'])
     if 'JAX_PROCESS_ID' in env:
       kwargs['process_id'] = int(env['JAX_PROCESS_ID'])
-    jax.distributed.initialize(**kwargs)
+    timeout = peers.timeout_s()
+    # Backstops to hhjax.peers: JAX aborts a process whose peers stop beating, and bounds the
+    # wait for all processes at exit (its defaults: 100 and 300 s).
+    jax.distributed.initialize(heartbeat_timeout_seconds=int(2 * timeout + 1),
+                               shutdown_timeout_seconds=int(2 * timeout + 1), **kwargs)
+    peers.start()
     logging.info('Process %d of %d, %d local / %d global devices.', jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _on_cloud_tpu_vm() -> bool:
+  # Set by `import jax` when it finds TPU chips and libtpu; JAX keeps it under jax._src only.
+  from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
+  return bool(getattr(cloud_tpu_init, 'running_in_cloud_tpu_vm', False))
 
 
 def make_mesh() -> Mesh:

@@ -275,8 +275,11 @@ def _agree(ok: bool) -> bool:
 
 @contextlib.contextmanager
 def hold(workdir: str, is_main: bool = True, shared: bool | None = None,
-         several_processes: bool = False) -> Iterator[None]:
+         several_processes: bool = False) -> Iterator[Any]:
   """Holds the workdir's lock for the block; raises WorkdirBusyError if another run has it.
+
+  Yields the lock (None outside process 0), whose `release()` a process that must end at once
+  may call early (hhjax.peers).
 
   Args:
     workdir: an absolute local path or a URL (gs://...).
@@ -297,7 +300,7 @@ def hold(workdir: str, is_main: bool = True, shared: bool | None = None,
     raise errors.WorkdirBusyError(
         f'{workdir} is in use by another training run (the log of process 0 says which).')
   try:
-    yield
+    yield lock
   finally:
     if lock is not None:
       lock.release()

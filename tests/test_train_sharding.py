@@ -89,5 +89,8 @@ def test_launch_by_hand_passes_process_count_and_id_to_jax(monkeypatch):
   monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', '127.0.0.1:12345')
   monkeypatch.setenv('JAX_NUM_PROCESSES', '2')
   monkeypatch.setenv('JAX_PROCESS_ID', '1')
+  monkeypatch.delenv('HHJAX_PEER_TIMEOUT_S', raising=False)
   sharding.maybe_initialize_distributed()
-  assert calls == [{'num_processes': 2, 'process_id': 1}]
+  # Plus JAX's heartbeat and shutdown timeouts, twice hhjax.peers' 60 s (backstops).
+  assert calls == [{'num_processes': 2, 'process_id': 1, 'heartbeat_timeout_seconds': 121,
+                    'shutdown_timeout_seconds': 121}]

@@ -7,7 +7,6 @@ it and goes on without them.
 """
 
 from collections.abc import Mapping, Sequence
-import os
 
 from absl import logging
 import numpy as np
@@ -15,6 +14,7 @@ import tensorflow as tf
 
 from hhjax import config_checks
 from hhjax import errors
+from hhjax import files
 from hhjax.data import decode
 from hhjax.data import streams
 
@@ -26,9 +26,9 @@ _FORMATS = ', '.join(decode.IMAGE_FORMATS)
 def _why_bad(path: str) -> str:
   """A short reason why `path` does not decode (it has already failed once)."""
   try:
-    if os.path.getsize(path) == 0:
+    if tf.io.gfile.stat(path).length == 0:
       return 'empty file (0 bytes)'
-    with open(path, 'rb') as f:
+    with tf.io.gfile.GFile(path, 'rb') as f:   # local files and URLs (gs://) alike
       header = f.read(30)
     if header[:2] == b'BM' and len(header) == 30 and header[28] in (1, 2, 4):
       return (f'{header[28]}-bit BMP: TensorFlow decodes BMPs of 8, 24 and 32 bits; convert '
@@ -52,11 +52,9 @@ def check_image_files(paths: Sequence[str],
   stats = {}
   for path in paths:
     try:
-      st = os.stat(path)
+      stats[path] = files.stat(path)   # local files and URLs (gs://) alike
     except OSError as e:  # A dangling link, or a file removed since it was listed.
       _CHECKED[path] = (-1, -1, f'cannot read: {e.strerror}')
-      continue
-    stats[path] = (st.st_size, st.st_mtime_ns)
   todo = [p for p in stats if _CHECKED.get(p, (None, None))[:2] != stats[p]]
   if todo:
     ds = tf.data.Dataset.from_tensor_slices(np.array(todo, dtype=object))

@@ -22,13 +22,13 @@ costs only augmentation. Off by default, so memory stays small for any dataset.
 
 import dataclasses
 import hashlib
-import os
 
 from absl import logging
 import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from hhjax import files
 from hhjax.data import augment
 from hhjax.data import decode
 from hhjax.data import sources
@@ -102,8 +102,8 @@ def _fingerprint(table: sources.Table) -> str:
   digest = hashlib.sha256(table.kind.encode() + table.labels.tobytes())
   for key in table.keys:
     if table.kind == 'path':
-      st = os.stat(key)
-      key = f'{key}\0{st.st_size}\0{st.st_mtime_ns}\0'.encode()
+      size, mtime = files.stat(key)
+      key = f'{key}\0{size}\0{mtime}\0'.encode()
     digest.update(key)
   return digest.hexdigest()
 

@@ -22,6 +22,7 @@ import zlib
 
 import ml_collections
 import numpy as np
+import tensorflow as tf
 
 from hhjax import config_checks
 from hhjax import errors
@@ -50,28 +51,38 @@ class Table:
 # ----------------------------------------------------------------------------- image folders
 
 
+# Image folders are listed through tf.io.gfile, so that config.data.dir may be local or a URL
+# (gs://...), as tf.io.read_file reads either.
+
+
 def _visible(names: Iterable[str]) -> list[str]:
-  # Dot files (.DS_Store, ._x AppleDouble, .ipynb_checkpoints) are OS or tool metadata.
-  return sorted(n for n in names if not n.startswith('.'))
+  # Dot files (.DS_Store, ._x AppleDouble, .ipynb_checkpoints) are OS or tool metadata. GCS lists
+  # folders with a trailing '/'.
+  return sorted(n.rstrip('/') for n in names if not n.startswith('.'))
+
+
+def _folders_in(path: str) -> list[str]:
+  return [n for n in _visible(tf.io.gfile.listdir(path))
+          if tf.io.gfile.isdir(os.path.join(path, n))]
 
 
 def _class_folders(split_dir: str) -> list[str]:
-  return [n for n in _visible(os.listdir(split_dir)) if os.path.isdir(os.path.join(split_dir, n))]
+  return _folders_in(split_dir)
 
 
 def _files_under(class_dir: str) -> list[str]:
   """Every visible file below class_dir, sorted, recursing like flow_from_directory."""
   found = []
-  for dirpath, dirnames, filenames in os.walk(class_dir):
-    dirnames[:] = _visible(dirnames)
+  for dirpath, dirnames, filenames in tf.io.gfile.walk(class_dir):
+    dirnames[:] = _visible(dirnames)   # walk descends into what is left here
     found.extend(os.path.join(dirpath, f) for f in _visible(filenames))
   return sorted(found)
 
 
 def _split_dir(root: str, split: str) -> str:
   split_dir = os.path.join(root, split)
-  if not os.path.isdir(split_dir):
-    present = [n for n in _visible(os.listdir(root)) if os.path.isdir(os.path.join(root, n))]
+  if not tf.io.gfile.isdir(split_dir):
+    present = _folders_in(root)
     raise errors.DataNotFoundError(
         f'No folder for split {split!r}: {split_dir} does not exist. {root} holds '
         f'{present or "no folders"}. Expected the layout DIR/<split>/<class>/<image>; set '
@@ -83,7 +94,7 @@ def _folder_classes(root: str, split: str) -> list[str]:
   split_dir = _split_dir(root, split)
   classes = _class_folders(split_dir)
   if len(classes) < 2:
-    loose = [n for n in _visible(os.listdir(split_dir)) if n not in classes]
+    loose = [n for n in _visible(tf.io.gfile.listdir(split_dir)) if n not in classes]
     raise errors.DataError(
         f'{split_dir} must hold one folder per class (at least two); found '
         f'{len(classes)} class folder(s) {classes} and {len(loose)} other file(s). Expected '
@@ -97,7 +108,7 @@ def _check_root(config: ml_collections.ConfigDict) -> str:
     raise errors.ConfigError(
         "config.data.source='folder' needs config.data.dir: the folder that holds "
         '<split>/<class>/<image> (e.g. the horse-or-human folder).')
-  if not os.path.isdir(root):
+  if not tf.io.gfile.isdir(root):
     raise errors.DataNotFoundError(f'Image folder {root!r} (config.data.dir) does not exist or '
                                    'is not a folder.')
   return root

@@ -9,7 +9,8 @@ per-step loop only feeds the jitted step; `_StepLog` owns the progress lines and
 
 Everything needed to continue exactly is in the state or in the checkpoint's metadata (phase,
 phase start, whether the phase is finished), so a run killed at any moment and started again
-with the same command ends with the same parameters as an uninterrupted one.
+with the same command ends with the same parameters as an uninterrupted one. On SIGTERM the run
+checkpoints the step it is at and stops (hhjax.preemption), so the next run loses no step.
 """
 
 from collections.abc import Iterator
@@ -27,7 +28,9 @@ from hhjax import config_checks
 from hhjax import errors
 from hhjax import evaluate
 from hhjax import metrics as metrics_lib
+from hhjax import peers
 from hhjax import pictures
+from hhjax import preemption
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
 from hhjax import workdir_lock
@@ -63,10 +66,12 @@ class _Run:
   writer: metrics_lib.MetricsWriter
   evaluator: evaluate.Evaluator
   is_main: bool
+  notice: preemption.Notice
   train_iter: Iterator[Any] | None = None   # the image stream, kept across phases
 
   @classmethod
-  def create(cls, config: ml_collections.ConfigDict, workdir: str) -> '_Run':
+  def create(cls, config: ml_collections.ConfigDict, workdir: str,
+             notice: preemption.Notice) -> '_Run':
     start = time.monotonic()   # metrics rows count wall time from here
     checkpointing.quiet_orbax()
     workdir = workdir_lib.absolute(workdir)
@@ -92,7 +97,7 @@ class _Run:
         writer=metrics_lib.MetricsWriter(workdir, enabled=is_main, start=start),
         evaluator=evaluate.Evaluator(model, len(class_names), mesh,
                                      evaluate.eval_batches(config)),
-        is_main=is_main)
+        is_main=is_main, notice=notice)
 
   @property
   def total_steps(self) -> int:
@@ -314,15 +319,19 @@ def _run_phase(run: _Run, state: PyTree, progress: phases_lib.Progress,
     state = train_step(state, sharding.to_global(next(batches), run.mesh))
     step += 1
     run.ckpts.check_saved()   # a save that failed in the background stops the run here
+    preempted = run.notice.stop_now()   # every process, every step: the same answer in each
     epoch_end = (step - progress.phase_start_step) % run.steps_per_epoch == 0
     log.after_step(step, state, epoch_end)
-    if epoch_end:
+    if epoch_end:   # a preempted epoch end still evaluates: its row belongs to this step
       state, last_eval = _end_epoch(run, state, progress, phase_end, evaluator)
       log.restart(step)
-      if progress.phase_done:
-        break
-    elif checkpoint_every and step % checkpoint_every == 0:
+    elif preempted or (checkpoint_every and step % checkpoint_every == 0):
       run.save(state, progress)
+    if preempted:
+      run.ckpts.wait()
+      raise errors.Preempted(step)
+    if epoch_end and progress.phase_done:
+      break
   return state, last_eval
 
 
@@ -353,12 +362,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Before anything in the workdir is read or written: a second run would resume from this
   # one's checkpoints while it trains and write every metrics row twice.
   with workdir_lock.hold(workdir_lib.absolute(workdir), is_main=jax.process_index() == 0,
-                         several_processes=jax.process_count() > 1):
-    return _train(config, workdir)
+                         several_processes=jax.process_count() > 1) as lock:
+    # A process that loses a peer ends at once: it lets the workdir go first (a gs:// lease
+    # would otherwise block the relaunch for minutes).
+    with peers.cleanup(lock and lock.release), preemption.Notice() as notice:
+      return _train(config, workdir, notice)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  run = _Run.create(config, workdir)
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           notice: preemption.Notice) -> dict[str, Any]:
+  run = _Run.create(config, workdir, notice)
   state, progress, setup = _restore_or_initialise(run)
   # Only now that the checkpoint (if any) fits: a refused resume must leave the config that
   # eval and predict read for that checkpoint as it was.

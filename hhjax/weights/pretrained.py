@@ -7,7 +7,8 @@ converted folder. `load_backbone` puts them into the classifier's backbone.
 
 A converted folder is the one converted on-disk format: an orbax checkpoint of the variables and
 the model's configuration, for machines where the training job should not read HDF5 or reach the
-network. The converter command writes it:
+network. Files and folders may be local or on storage that TensorFlow reads (gs://). The
+converter command writes it:
 
     python -m hhjax.weights.pretrained \
         --h5 inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5 --out /data/inception_v3_notop
@@ -20,9 +21,11 @@ from collections.abc import Mapping
 import os
 import pathlib
 import sys
+import tempfile
 from typing import Any
 
 from absl import logging
+from etils import epath
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
@@ -30,6 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from hhjax import errors
+from hhjax import files
 from hhjax import trees
 from hhjax.model.inception import InceptionV3
 from hhjax.weights import keras_h5
@@ -51,13 +55,20 @@ def _model_from_metadata(meta: dict[str, Any], source: str) -> InceptionV3:
                      num_classes=meta['num_classes'])
 
 
+def _path(path: str | os.PathLike) -> epath.Path:
+  """A local path made absolute, or a URL (gs://) as it is: orbax reads and writes both."""
+  if files.is_url(path):
+    return epath.Path(path)
+  return epath.Path(pathlib.Path(path).expanduser().resolve())
+
+
 def save_converted(directory: str | os.PathLike, model: InceptionV3,
-                   variables: Variables) -> pathlib.Path:
+                   variables: Variables) -> epath.Path:
   """Writes `variables` and the model's configuration as an orbax checkpoint in `directory`.
 
   The folder must not exist yet. `load_converted` and `load_pretrained` read it back.
   """
-  directory = pathlib.Path(directory).expanduser().resolve()
+  directory = _path(directory)
   if directory.exists():
     raise errors.OutputExistsError(
         f'{directory} exists already: remove it or choose another folder.')
@@ -77,7 +88,7 @@ def load_converted(directory: str | os.PathLike) -> tuple[InceptionV3, Variables
   Returns:
     (model, variables) as `keras_h5.load_h5` returns them.
   """
-  directory = pathlib.Path(directory).expanduser().resolve()
+  directory = _path(directory)
   if not (directory / 'metadata').exists() or not (directory / 'variables').exists():
     found = sorted(p.name for p in directory.iterdir())[:10] if directory.is_dir() else 'nothing'
     raise errors.KerasWeightsError(
@@ -107,6 +118,26 @@ def _load_official(name: str) -> tuple[InceptionV3, Variables]:
   return model, variables
 
 
+def _load_url(url: str) -> tuple[InceptionV3, Variables]:
+  """A converted folder or a Keras .h5 file on storage that TensorFlow reads (gs://, ...)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # seconds to load; URLs only
+  if tf.io.gfile.isdir(url):
+    return load_converted(url)   # orbax reads gs:// itself
+  if not tf.io.gfile.exists(url):
+    names = ' or '.join(map(repr, official.OFFICIAL_WEIGHTS))
+    raise errors.DataNotFoundError(
+        f'Pretrained weights {url!r}: expected {names}, a Keras .h5 file or a converted folder, '
+        'but nothing exists there.')
+  # h5py reads local files only: a copy in a temporary folder (88 MB for the notop file).
+  with tempfile.TemporaryDirectory(prefix='hhjax_weights_') as tmp:
+    local = os.path.join(tmp, os.path.basename(url.rstrip('/')) or 'weights.h5')
+    tf.io.gfile.copy(url, local)
+    try:
+      return keras_h5.load_h5(local)
+    except errors.UserError as e:
+      raise type(e)(str(e).replace(local, url)) from None
+
+
 def load_pretrained(spec: str | os.PathLike, *,
                     final_endpoint: str | None = None) -> tuple[InceptionV3, Variables]:
   """Pretrained InceptionV3 weights from a name, an .h5 file or a converted folder.
@@ -121,6 +152,8 @@ def load_pretrained(spec: str | os.PathLike, *,
   """
   if isinstance(spec, str) and spec in official.OFFICIAL_WEIGHTS:
     model, variables = _load_official(spec)
+  elif files.is_url(spec):
+    model, variables = _load_url(os.fspath(spec))
   else:
     path = pathlib.Path(spec).expanduser()
     if path.is_dir():
@@ -191,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
   try:
     if args.h5 in official.OFFICIAL_WEIGHTS:
       model, variables = keras_h5.load_h5(official.fetch_official(args.h5))
+    elif files.is_url(args.h5):
+      model, variables = _load_url(args.h5)
     else:
       model, variables = keras_h5.load_h5(args.h5)
     out = save_converted(args.out, model, variables)

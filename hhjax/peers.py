@@ -1,0 +1,205 @@
+"""A multi-process run that loses a process: the others stop within a bounded time, in one line.
+
+A process killed, crashed or gone with its host leaves the others waiting in the next
+collective. On CPU the Gloo collective fails at once (the peer's sockets close), but then the
+exit waits for orbax's threads and JAX's shutdown barrier; on TPU and GPU the collective itself
+waits. Either way JAX ends such a wait only after its heartbeat timeout, by aborting the process
+with a C++ stack trace.
+
+So each process of a jax.distributed run watches the others (`start`, called by
+hhjax.sharding): a daemon thread bumps this process's counter in the coordination service's
+key-value store every `timeout / 10` seconds and reads everyone's; another checks every second
+that each peer's counter moved within the last `timeout` seconds and that the store answered
+within it. If not, or if the main thread's collective fails (`is_peer_failure`), the process
+prints one line, `error: ...` (which process, how to resume), runs the `cleanup` callbacks (the
+workdir lock) and ends at once with errors.EXIT_PEER_LOST, without waiting for collectives or
+the shutdown barrier. JAX's own heartbeat timeout is set to twice ours, as a backstop.
+
+A process that ends marks itself done (`finish`), or failed: the others then stop at once and
+point to its log, rather than wait `timeout` seconds. A failed one ends without JAX's shutdown
+barrier (`end_failed`), where it would wait for the others until JAX's timeout.
+
+`timeout` is HHJAX_PEER_TIMEOUT_S (default 60 s). A lost process is found within about
+`timeout + timeout / 10` seconds; a slow one (a long compile, a checkpoint written to gs://)
+is not mistaken for a lost one, since the threads beat independently of the work.
+"""
+
+from collections.abc import Callable, Iterator
+import contextlib
+import os
+import sys
+import threading
+import time
+
+from absl import logging
+
+from hhjax import errors
+
+TIMEOUT_ENV = 'HHJAX_PEER_TIMEOUT_S'
+DEFAULT_TIMEOUT_S = 60.0
+_KEY = 'hhjax/peers/'
+_DONE, _FAILED = 'done', 'failed'
+# Seconds the cleanup callbacks get before the process ends anyway.
+_CLEANUP_S = 10.0
+
+_watch = None
+_started = False   # this process watched others: it is one of several
+_cleanups: list[Callable[[], None]] = []
+
+
+def timeout_s() -> float:
+  """Seconds without a heartbeat after which a peer counts as lost (HHJAX_PEER_TIMEOUT_S)."""
+  value = os.environ.get(TIMEOUT_ENV, '')
+  try:
+    seconds = float(value) if value else DEFAULT_TIMEOUT_S
+  except ValueError:
+    seconds = -1.0
+  if seconds <= 0:
+    raise errors.ConfigError(f'{TIMEOUT_ENV}={value!r}: expected a number of seconds > 0.')
+  return seconds
+
+
+def _client():
+  # The coordination service's client: JAX exposes its key-value store under jax._src only.
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return distributed.global_state
+
+
+def _resume_advice() -> str:
+  return ('once every host is up again, run the same command on every host: training resumes '
+          'from the last checkpoint.')
+
+
+def _exit_lost(message: str) -> None:
+  """Prints `error: message`, runs the cleanups (bounded) and ends the process: exit status 4."""
+  logging.flush()
+  print(f'error: {message} This process stops too (exit status {errors.EXIT_PEER_LOST}); '
+        f'{_resume_advice()}', file=sys.stderr, flush=True)
+  if _cleanups:
+    done = threading.Thread(target=lambda: [f() for f in reversed(_cleanups)], daemon=True)
+    done.start()
+    done.join(_CLEANUP_S)
+  sys.stderr.flush()
+  os._exit(errors.EXIT_PEER_LOST)   # pylint: disable=protected-access  # no atexit: it would wait
+
+
+class _Watch:
+  """The two daemon threads of `start`."""
+
+  def __init__(self, index: int, count: int, timeout: float):
+    self._state = _client()
+    self._index, self._count, self._timeout = index, count, timeout
+    self._interval = max(0.2, timeout / 10)
+    now = time.monotonic()
+    self._answered = now                 # the store's last answer
+    self._seen = {p: (None, now) for p in range(count) if p != index}   # value, when it changed
+    self._stop = threading.Event()
+    self._beats = 0
+    for target, name in ((self._beat, 'peers-beat'), (self._check, 'peers-check')):
+      threading.Thread(target=target, name=name, daemon=True).start()
+
+  def _beat(self) -> None:
+    while not self._stop.is_set():
+      try:
+        self._beats += 1
+        self._state.client.key_value_set(f'{_KEY}{self._index}', str(self._beats),
+                                         allow_overwrite=True)
+        values = dict(self._state.client.key_value_dir_get(_KEY))
+      except Exception as e:  # pylint: disable=broad-except  # the store's errors vary
+        if self._stop.is_set():
+          return
+        _exit_lost(f'The coordination service (run by process 0) stopped answering '
+                   f'({str(e).splitlines()[0][:200]}): process 0 was probably lost.')
+        return
+      now = time.monotonic()
+      self._answered = now
+      for peer, (value, since) in list(self._seen.items()):
+        new = values.get(f'{_KEY}{peer}')
+        if new == _FAILED:
+          _exit_lost(f'Process {peer} of {self._count} stopped with an error: its log says '
+                     'why.')
+        if new != value:
+          self._seen[peer] = (new, now)
+      self._stop.wait(self._interval)
+
+  def _check(self) -> None:
+    while not self._stop.wait(1.0):
+      now = time.monotonic()
+      if now - self._answered > self._timeout:
+        _exit_lost(f'The coordination service (run by process 0) has not answered for '
+                   f'{self._timeout:.0f} s: process 0 was probably lost.')
+      for peer, (value, since) in self._seen.items():
+        if value != _DONE and now - since > self._timeout:
+          _exit_lost(f'Process {peer} of {self._count} has sent no heartbeat for '
+                     f'{self._timeout:.0f} s: it was lost (killed, crashed, or its host '
+                     'went away).')
+
+  def finish(self, ok: bool) -> None:
+    self._stop.set()
+    try:
+      self._state.client.key_value_set(f'{_KEY}{self._index}', _DONE if ok else _FAILED,
+                                       allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except  # the store may be gone; nothing to tell
+      pass
+
+
+def start() -> None:
+  """Starts watching the other processes (after jax.distributed.initialize)."""
+  global _watch, _started
+  state = _client()
+  if _watch is None and state.client is not None and state.num_processes > 1:
+    _watch = _Watch(state.process_id, state.num_processes, timeout_s())
+    _started = True
+
+
+def finish(ok: bool) -> None:
+  """Stops watching; tells the others this process ended normally (`ok`) or with an error."""
+  global _watch
+  if _watch is not None:
+    _watch.finish(ok)
+    _watch = None
+
+
+@contextlib.contextmanager
+def cleanup(callback: Callable[[], None] | None) -> Iterator[None]:
+  """Runs `callback` (e.g. releasing the workdir lock) if a lost peer ends the process inside."""
+  if callback is None:
+    yield
+    return
+  _cleanups.append(callback)
+  try:
+    yield
+  finally:
+    _cleanups.remove(callback)
+
+
+_COLLECTIVE_FAILURES = ('Gloo', 'Connection reset by peer', 'Connection closed by peer',
+                        'heartbeat', 'coordination service', 'UNAVAILABLE')
+
+
+def is_peer_failure(error: BaseException) -> bool:
+  """Whether `error` is a collective or coordination call that failed because a peer went away."""
+  if _watch is None or type(error).__name__ not in ('JaxRuntimeError', 'XlaRuntimeError',
+                                                      'ValueError', 'RuntimeError'):
+    return False
+  text = str(error)
+  return any(s in text for s in _COLLECTIVE_FAILURES)
+
+
+def exit_peer_failure(error: BaseException) -> None:
+  """Ends the process as `_exit_lost` does, for a collective that failed in the main thread."""
+  _exit_lost(f'A collective operation with the other processes failed '
+             f'({str(error).splitlines()[0][:200]}): another process of this run was lost.')
+
+
+def end_failed(status: int) -> None:
+  """Ends a process of several that stopped with an error (already reported), with `status`.
+
+  Without JAX's shutdown barrier: the other processes, told by `finish(False)`, stop at once
+  instead of meeting it there. One process alone returns and exits as usual.
+  """
+  if _started:
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)   # pylint: disable=protected-access
