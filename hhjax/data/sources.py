@@ -1,9 +1,11 @@
 """The three sources as in-memory tables: image folders, TFDS datasets and synthetic images.
 
 Image folders (`DIR/<split>/<class>/<image>`, classes sorted by name, as Keras's
-`flow_from_directory`) are checked once per process by decoding every file in a parallel tf.data
-pass; files that are not readable images are reported by path (config.data.bad_files). A layout
-that cannot be read as classes raises at once, saying what was found.
+`flow_from_directory`) are checked by decoding each file once; the verdicts are kept on disk
+while files keep their size and time, so a later run decodes only new or changed files
+(bad_files.py); files that are not readable images are reported by path
+(config.data.bad_files). A layout that cannot be read as classes raises at once, saying what
+was found.
 
 TFDS records stay encoded in the table: decoding happens after the index stream has skipped and
 sharded (see streams.py).
@@ -128,7 +130,7 @@ def _scan_folder_split(config: ml_collections.ConfigDict, split: str) -> _Folder
   all_files = [f for c in classes for f in files[c]]
   if not all_files:
     raise errors.DataError(f'{split_dir} holds no files: its class folders {classes} are empty.')
-  bad = bad_files.check_image_files(all_files, config.data.num_parallel_calls)
+  bad = bad_files.check_image_files(all_files, config.data.num_parallel_calls, folder=split_dir)
   good = {c: [f for f in files[c] if f not in bad] for c in classes}
   return _FolderScan(split, split_dir, tuple(classes), good, bad)
 
