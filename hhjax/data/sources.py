@@ -1,4 +1,4 @@
-"""The three sources as in-memory tables: image folders, TFDS datasets and synthetic images.
+"""The three sources as tables of rows: image folders, TFDS datasets and synthetic images.
 
 Image folders (`DIR/<split>/<class>/<image>`, classes sorted by name, as Keras's
 `flow_from_directory`) are checked by decoding each file once; the verdicts are kept on disk
@@ -7,8 +7,9 @@ while files keep their size and time, so a later run decodes only new or changed
 (config.data.bad_files). A layout that cannot be read as classes raises at once, saying what
 was found.
 
-TFDS records stay encoded in the table: decoding happens after the index stream has skipped and
-sharded (see streams.py).
+A TFDS dataset prepared as ArrayRecord is read record by record (records.py): the table holds no
+examples. One prepared only as TFRecord is held encoded in memory. Either way decoding happens
+after the index stream has skipped and sharded (see streams.py).
 """
 
 from collections.abc import Iterable, Sequence
@@ -16,31 +17,33 @@ import dataclasses
 import os
 import zlib
 
+from absl import logging
 import ml_collections
 import numpy as np
 
 from hhjax import config_checks
 from hhjax import errors
 from hhjax.data import bad_files
-
+from hhjax.data import records
 
 
 @dataclasses.dataclass(frozen=True)
 class Table:
-  """One split as an in-memory table: the rows that the index stream points into.
+  """One split as a table: the rows that the index stream points into.
 
-  kind: 'path' (keys are file paths), 'bytes' (keys are encoded images), 'decoded' (keys are
+  kind: 'path' (keys are file paths), 'bytes' (keys are encoded images), 'records' (keys are
+  records.Records, read on demand, each with its label; labels is None), 'decoded' (keys are
   resized float32 images [N, S, S, 3]) or 'fake' (no keys: images are generated from the index).
   """
   kind: str
-  keys: np.ndarray | None
-  labels: np.ndarray
+  keys: np.ndarray | records.Records | None
+  labels: np.ndarray | None
   class_names: tuple[str, ...]
   salt: int = 0
 
   @property
   def size(self) -> int:
-    return len(self.labels)
+    return len(self.keys) if self.labels is None else len(self.labels)
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -190,6 +193,10 @@ def _tfds_table(config: ml_collections.ConfigDict, split: str) -> Table:
   if 'image' not in features or 'label' not in features:
     raise errors.DataError(f'TFDS dataset {name!r} has features {list(features)}; the pipeline '
                            "reads 'image' and 'label'.")
+  class_names = tuple(features['label'].names)
+  on_demand = records.open_split(builder, split)
+  if on_demand is not None:
+    return Table('records', on_demand, None, class_names)
   # Keep the records encoded: decoding happens after the index stream has skipped and sharded.
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders={'image': tfds.decode.SkipDecoding()})
@@ -199,8 +206,13 @@ def _tfds_table(config: ml_collections.ConfigDict, split: str) -> Table:
     labels.append(example['label'])
   if not images:
     raise errors.DataError(f'TFDS split {name}/{split} is empty.')
+  logging.info('TFDS %s is prepared as %s, without random access: holding split %r in memory '
+               '(%d encoded images, %.0f MB, in every process). Prepared as ArrayRecord '
+               "(download_and_prepare(file_format='array_record'), or tfds convert_format) it "
+               'would be read record by record.', name, builder.info.file_format, split,
+               len(images), sum(len(i) for i in images) / 2**20)
   return Table('bytes', np.array(images, dtype=object), np.array(labels, np.int32),
-               tuple(features['label'].names))
+               class_names)
 
 
 def _tfds_sizes(config: ml_collections.ConfigDict,
