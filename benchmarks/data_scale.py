@@ -14,13 +14,14 @@ Then measures, for each N, source and number of processes:
 Sources: 'folder', 'tfds' (the ArrayRecord copy), 'tfds_tfrecord' (the TFRecord copy) and
 'fake' (synthetic images: the floor that does not depend on the data). With 2 processes they
 run under jax.distributed over a loopback coordinator, one CPU device each. Prints JSON lines
-and asserts nothing; the machine's load is in every record. --repo measures another checkout
-of the code with the same data (e.g. an older commit unpacked with `git archive`).
+and asserts nothing; the machine's load is in every record. --code measures other checkouts of
+the code on the same data, back to back case by case (e.g. an older commit unpacked with
+`git archive`).
 
     python benchmarks/data_scale.py --sizes=1000 --sources=folder,tfds --processes=1
     python benchmarks/data_scale.py --sizes=1000,10000,50000 > /tmp/after.jsonl
-    python benchmarks/data_scale.py --repo=/tmp/hhjax-before --label=before > /tmp/before.jsonl
-    python benchmarks/data_scale.py --table /tmp/before.jsonl /tmp/after.jsonl
+    python benchmarks/data_scale.py --code=before=/tmp/hhjax-before,after=. > /tmp/both.jsonl
+    python benchmarks/data_scale.py --table /tmp/both.jsonl
 """
 
 import argparse
@@ -64,8 +65,9 @@ def _parse_args(argv=None):
   parser.add_argument('--processes', default='1,2', help="comma-separated: '1', '2'")
   parser.add_argument('--measures', default=','.join(MEASURES),
                       help=f'comma-separated, of {MEASURES}')
-  parser.add_argument('--repo', default=str(ROOT), help='the checkout whose code is measured')
-  parser.add_argument('--label', default='after', help="a name for --repo's code in records")
+  parser.add_argument('--code', default=f'after={ROOT}',
+                      help='comma-separated LABEL=PATH: the checkouts whose code is measured, '
+                      'one after the other for each case (back to back)')
   parser.add_argument('--steps', type=int, default=30,
                       help='timed batches of 20 (150 px) per pipeline measurement')
   parser.add_argument('--timeout_s', type=float, default=1800,
@@ -79,7 +81,10 @@ def _parse_args(argv=None):
   parser.add_argument('--n', type=int, help=argparse.SUPPRESS)
   parser.add_argument('--process_index', type=int, default=0, help=argparse.SUPPRESS)
   parser.add_argument('--process_count', type=int, default=1, help=argparse.SUPPRESS)
+  parser.add_argument('--repo', help=argparse.SUPPRESS)
+  parser.add_argument('--label', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  args.code = [tuple(c.split('=', 1)) for c in args.code.split(',') if c]
   for name, valid in (('sources', SOURCES), ('measures', MEASURES), ('processes', ('1', '2'))):
     chosen = [x for x in getattr(args, name).split(',') if x]
     unknown = sorted(set(chosen) - set(valid))
@@ -301,14 +306,24 @@ class _Child:
       else:
         lines.append((time.perf_counter() - self.start, line.rstrip('\n')))
 
+  def exited(self) -> bool:
+    """Whether the process has ended; it is left to `stop` to reap (and read its rusage)."""
+    info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    return info is not None
+
+  def wait(self, timeout_s: float) -> None:
+    deadline = time.perf_counter() + timeout_s
+    while not self.exited() and time.perf_counter() < deadline:
+      time.sleep(0.2)
+
   def first(self, pattern: re.Pattern) -> float | None:
     return next((t for t, line in list(self.lines) if pattern.search(line)), None)
 
   def stop(self) -> dict[str, float]:
     """Kills the process (if still running); its bytes read and peak resident memory."""
     record = _io(self.proc.pid)
-    if self.proc.poll() is None:
-      self.proc.send_signal(signal.SIGKILL)
+    if not self.exited():
+      os.kill(self.proc.pid, signal.SIGKILL)
     _, status, usage = os.wait4(self.proc.pid, 0)
     self.proc.returncode = os.waitstatus_to_exitcode(status)
     for t in self._threads:
@@ -338,31 +353,33 @@ def _checkpointed(workdir: pathlib.Path) -> bool:
   return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
-def measure_start(args, source: str, n: int, count: int) -> None:
+def measure_start(args, label: str, repo: str, source: str, n: int, count: int) -> None:
   """main.py to its first progress line: fresh, then resumed from a checkpoint of that run."""
   root = pathlib.Path(args.data_root)
-  workdir = root / 'work' / f'{args.label}_{source}_{n}_{count}p'
+  workdir = root / 'work' / f'{label}_{source}_{n}_{count}p'
   subprocess.run(['rm', '-rf', str(workdir)], check=True)
-  argv = [str(pathlib.Path(args.repo) / 'main.py'), '--config=configs/smoke.py',
+  argv = [str(pathlib.Path(repo) / 'main.py'), '--config=configs/smoke.py',
           f'--workdir={workdir}', '--config.steps_per_epoch=100000',
           '--config.warmup.epochs=1', '--config.finetune.epochs=0',
           '--config.log_every_steps=1', '--config.checkpoint_every_steps=1',
           f'--config.data.num_parallel_calls={2 // count}', *_data_flags(args, source, n)]
   for run in ('fresh', 'resume'):
+    if run == 'fresh':  # the first run on this data: no image-check verdicts kept yet
+      subprocess.run(['rm', '-rf', str(root / 'hhjax_cache')], check=True)
     load = os.getloadavg()[0]
-    children = [_Child(argv, env, args.repo) for env in _process_envs(count, root)]
+    children = [_Child(argv, env, repo) for env in _process_envs(count, root)]
     deadline = time.perf_counter() + args.timeout_s
     while time.perf_counter() < deadline:
       done = all(c.first(PROGRESS) is not None for c in children)
       if done and (run == 'resume' or _checkpointed(workdir)):
         break
-      if any(c.proc.poll() is not None for c in children):
+      if any(c.exited() for c in children):
         break
       time.sleep(0.2)
     for i, child in enumerate(children):
       first = child.first(PROGRESS)
       stats = child.stop()
-      record = {'bench': 'data_scale', 'code': args.label, 'measure': 'start', 'run': run,
+      record = {'bench': 'data_scale', 'code': label, 'measure': 'start', 'run': run,
                 'source': source, 'n': n, 'processes': count, 'process': i,
                 'first_step_s': first, **stats, **_cpu(), 'load_avg_1m_at_launch': load}
       if first is None:
@@ -372,25 +389,23 @@ def measure_start(args, source: str, n: int, count: int) -> None:
       return
 
 
-def measure_pipeline(args, source: str, n: int, count: int) -> None:
+def measure_pipeline(args, label: str, repo: str, source: str, n: int, count: int) -> None:
   """The training stream alone, in `count` processes at once."""
   root = pathlib.Path(args.data_root)
+  subprocess.run(['rm', '-rf', str(root / 'hhjax_cache')], check=True)  # info_s: a full check
   children = []
   for i, env in enumerate(_process_envs(count, root)):
     argv = [str(pathlib.Path(__file__).resolve()), '--child=pipeline', f'--source={source}',
             f'--n={n}', f'--process_index={i}', f'--process_count={count}',
-            f'--data_root={args.data_root}', f'--repo={args.repo}', f'--steps={args.steps}',
-            f'--label={args.label}']
-    children.append(_Child(argv, env, args.repo))
+            f'--data_root={args.data_root}', f'--repo={repo}', f'--steps={args.steps}',
+            f'--label={label}']
+    children.append(_Child(argv, env, repo))
   for i, child in enumerate(children):
-    try:
-      child.proc.wait(timeout=args.timeout_s)
-    except subprocess.TimeoutExpired:
-      pass
+    child.wait(args.timeout_s)
     stats = child.stop()
     records = [json.loads(line) for line in child.stdout if line.startswith('{')]
     if not records:
-      records = [{'bench': 'data_scale', 'code': args.label, 'measure': 'pipeline',
+      records = [{'bench': 'data_scale', 'code': label, 'measure': 'pipeline',
                   'source': source, 'n': n, 'processes': count, 'process': i,
                   'error': f'exit {child.proc.returncode}: {child.tail()}'}]
     for record in records:
@@ -421,6 +436,7 @@ def pipeline_child(args) -> None:
     node[keys[-1]] = int(value) if value.isdigit() else value
   sharding.maybe_initialize_distributed()
   pid = os.getpid()
+  io_start = _io(pid)
   t0 = time.perf_counter()
   info = pipeline.dataset_info(config)
   t_info = time.perf_counter()
@@ -443,7 +459,7 @@ def pipeline_child(args) -> None:
          'source': args.source, 'n': args.n, 'processes': args.process_count,
          'process': args.process_index, 'train_examples': info.num_examples['train'],
          'info_s': t_info - t0, 'first_batch_s': t_first - t0,
-         'info_rchar_mb': io_info.get('rchar_mb'),
+         'info_read_mb': io_info['rchar_mb'] - io_start['rchar_mb'],
          'images_per_s': images / seconds,
          'rchar_kb_per_image': (io_after['rchar_mb'] - io_before['rchar_mb']) * 1024 / images,
          **_cpu()})
@@ -453,7 +469,7 @@ def pipeline_child(args) -> None:
 
 
 def table(paths: list[str]) -> str:
-  """Markdown: one row per (source, N, processes), before and after side by side."""
+  """Markdown: one row per (source, N, processes), the codes side by side in each cell."""
   rows = collections.defaultdict(dict)
   labels = []
   for path in paths:
@@ -461,39 +477,43 @@ def table(paths: list[str]) -> str:
       if not line.startswith('{'):
         continue
       r = json.loads(line)
-      if r.get('bench') != 'data_scale' or 'error' in r:
+      if r.get('bench') != 'data_scale' or 'error' in r or 'skipped' in r:
         continue
       if r['code'] not in labels:
         labels.append(r['code'])
-      key = (r['source'], r['n'], r['processes'])
-      cell = rows[key].setdefault(r['code'], collections.defaultdict(list))
+      cell = rows[(r['source'], r['n'], r['processes'])].setdefault(
+          r['code'], collections.defaultdict(list))
       if r['measure'] == 'start':
         cell[f'{r["run"]}_s'].append(r['first_step_s'])
-        cell[f'{r["run"]}_mb'].append(r['peak_rss_mb'])
+        cell['peak_mb'].append(r['peak_rss_mb'])
         cell[f'{r["run"]}_read'].append(r['rchar_mb'])
       else:
         cell['ips'].append(r['images_per_s'])
         cell['kb'].append(r['rchar_kb_per_image'])
+        cell['check_s'].append(r['info_s'])
+        cell['check_read'].append(r['info_read_mb'])
 
-  def fmt(cell, key, how, digits=0):
-    values = cell.get(key) if cell else None
-    if not values:
-      return '–'
-    return f'{how(values):.{digits}f}'
+  columns = [('fresh start s', 'fresh_s', max, 1), ('resume s', 'resume_s', max, 1),
+             ('peak RSS MB', 'peak_mb', max, 0), ('MB read, resume', 'resume_read', max, 0),
+             ('pipeline: sizes and check s', 'check_s', max, 1),
+             ('check MB read', 'check_read', max, 0),
+             ('img/s', 'ips', sum, 0), ('KB read / image', 'kb', max, 0)]
 
-  columns = [('fresh s', 'fresh_s', max, 1), ('resume s', 'resume_s', max, 1),
-             ('peak MB (resume)', 'resume_mb', max, 0),
-             ('MB read / process (resume)', 'resume_read', max, 0),
-             ('pipeline img/s', 'ips', sum, 0), ('KB read / image', 'kb', max, 0)]
-  header = '| source | N | processes | ' + ' | '.join(
-      f'{name} ({" / ".join(labels)})' for name, *_ in columns) + ' |'
-  lines = [header, '|' + '---|' * 3 + '---:|' * len(columns)]
+  def cell_text(row, key, how, digits):
+    values = [how(row[label][key]) if label in row and row[label].get(key) else None
+              for label in labels]
+    return ' / '.join('–' if v is None else f'{v:,.{digits}f}' for v in values)
+
+  lines = ['| source | N | processes | ' + ' | '.join(name for name, *_ in columns) + ' |',
+           '|---|---:|---:|' + '---:|' * len(columns)]
   order = {s: k for k, s in enumerate(SOURCES)}
-  for (source, n, count) in sorted(rows, key=lambda k: (order.get(k[0], 9), k[1], k[2])):
-    cells = [' / '.join(fmt(rows[(source, n, count)].get(label), key, how, digits)
-                        for label in labels) for _, key, how, digits in columns]
+  for key in sorted(rows, key=lambda k: (order.get(k[0], 9), k[1], k[2])):
+    source, n, count = key
+    cells = [cell_text(rows[key], *column[1:]) for column in columns]
     lines.append(f'| {source} | {n:,} | {count} | ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines)
+  return (f'Each cell: {" / ".join(labels)}. Times and memory: the slowest / largest process; '
+          'img/s: all processes together; bytes read: per process (rchar).\n\n' +
+          '\n'.join(lines))
 
 
 def main():
@@ -510,14 +530,21 @@ def main():
     generate(root, n, args.sources)
   if args.generate_only:
     return
-  print(f'{_cpu()}, code {args.label} at {args.repo}', file=sys.stderr, flush=True)
+  print(f'{_cpu()}, code {args.code}', file=sys.stderr, flush=True)
   for n in args.sizes:
     for source in args.sources:
       for count in args.processes:
-        if 'start' in args.measures:
-          measure_start(args, source, n, count)
-        if 'pipeline' in args.measures:
-          measure_pipeline(args, source, n, count)
+        for measure in args.measures:
+          for label, repo in args.code:
+            if source == 'tfds' and not (pathlib.Path(repo) / 'hhjax/data/records.py').exists():
+              # This code reads TFDS only through as_dataset, which has no ArrayRecord reader.
+              _emit({'bench': 'data_scale', 'code': label, 'measure': measure, 'source': source,
+                     'n': n, 'processes': count, 'skipped': 'no ArrayRecord reader'})
+              continue
+            if measure == 'start':
+              measure_start(args, label, repo, source, n, count)
+            else:
+              measure_pipeline(args, label, repo, source, n, count)
 
 
 if __name__ == '__main__':
