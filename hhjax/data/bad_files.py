@@ -68,6 +68,8 @@ def _format_eta(seconds: float) -> str:
 def _decode_all(paths: Sequence[str], num_parallel_calls: int | None, what: str
                 ) -> dict[str, str | None]:
   """{path: None if it decodes, else why not}, logging the count, rate and ETA as it goes."""
+  if not paths:  # a process's share of very few files may be none
+    return {}
   start = last = time.perf_counter()
   logging.info('Checking %s: decoding %s file(s) once (verdicts are kept while a file keeps '
                'its size and time).', what, f'{len(paths):,}')
