@@ -7,7 +7,8 @@ Then measures, for each N, source and number of processes:
 
   start     `main.py` (configs/smoke.py on that data, so the model costs little) from launch to
             its first progress line, in a fresh workdir and again as a resume of it: seconds,
-            peak resident memory and bytes read (`rchar` of /proc/PID/io) per process.
+            CPU seconds (until it is stopped just after that line), peak resident memory and
+            bytes read (`rchar` of /proc/PID/io) per process.
   pipeline  the training stream alone (`dataset_info`, then `create_dataset` as training
             consumes it): seconds to the first batch, steady images/s, bytes read per image.
 
@@ -329,6 +330,8 @@ class _Child:
     for t in self._threads:
       t.join(timeout=5)
     record['peak_rss_mb'] = usage.ru_maxrss / 1024
+    # CPU seconds of all its threads: what the start cost, less blurred by a busy machine.
+    record['cpu_s'] = usage.ru_utime + usage.ru_stime
     return record
 
   def tail(self, n: int = 5) -> str:
@@ -410,6 +413,7 @@ def measure_pipeline(args, label: str, repo: str, source: str, n: int, count: in
                   'error': f'exit {child.proc.returncode}: {child.tail()}'}]
     for record in records:
       record['peak_rss_mb'] = stats['peak_rss_mb']
+      record['cpu_s'] = stats['cpu_s']
       _emit(record)
 
 
@@ -485,6 +489,7 @@ def table(paths: list[str]) -> str:
           r['code'], collections.defaultdict(list))
       if r['measure'] == 'start':
         cell[f'{r["run"]}_s'].append(r['first_step_s'])
+        cell[f'{r["run"]}_cpu'].append(r['cpu_s'])
         cell['peak_mb'].append(r['peak_rss_mb'])
         cell[f'{r["run"]}_read'].append(r['rchar_mb'])
       else:
@@ -493,7 +498,8 @@ def table(paths: list[str]) -> str:
         cell['check_s'].append(r['info_s'])
         cell['check_read'].append(r['info_read_mb'])
 
-  columns = [('fresh start s', 'fresh_s', max, 1), ('resume s', 'resume_s', max, 1),
+  columns = [('fresh start s', 'fresh_s', max, 1), ('fresh CPU s', 'fresh_cpu', max, 0),
+             ('resume s', 'resume_s', max, 1), ('resume CPU s', 'resume_cpu', max, 0),
              ('peak RSS MB', 'peak_mb', max, 0), ('MB read, resume', 'resume_read', max, 0),
              ('pipeline: sizes and check s', 'check_s', max, 1),
              ('check MB read', 'check_read', max, 0),
