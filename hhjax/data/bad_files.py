@@ -61,8 +61,8 @@ def _known(path: str, signature: check_cache.Signature) -> bool:
 
 def _format_eta(seconds: float) -> str:
   minutes, seconds = divmod(int(seconds), 60)
-  return f'{minutes // 60}:{minutes % 60:02d}:{seconds:02d}' if minutes >= 60 else \
-      f'{minutes}:{seconds:02d}'
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}:{minutes:02d}:{seconds:02d}' if hours else f'{minutes}:{seconds:02d}'
 
 
 def _decode_all(paths: Sequence[str], num_parallel_calls: int | None, what: str
