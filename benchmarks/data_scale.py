@@ -1,6 +1,6 @@
 """Start-up time, memory and bytes read of the input pipeline as the dataset grows.
 
-Generates, once, under --data_root: for each N an image folder of N training and N/10
+Generates, once, under --data_root (which also keeps each run's log in logs/): for each N an image folder of N training and N/10
 validation images (JPEG and PNG, 200-500 px, three classes, a handful of bad files) and the
 same readable images as a TFDS dataset prepared on disk twice, as TFRecord and as ArrayRecord.
 Then measures, for each N, source and number of processes:
@@ -382,6 +382,9 @@ def measure_start(args, label: str, repo: str, source: str, n: int, count: int) 
     for i, child in enumerate(children):
       first = child.first(PROGRESS)
       stats = child.stop()
+      log = root / 'logs' / f'{workdir.name}_{run}_{i}.log'
+      log.parent.mkdir(exist_ok=True)
+      log.write_text(''.join(f'{t:8.2f} {line}\n' for t, line in child.lines))
       record = {'bench': 'data_scale', 'code': label, 'measure': 'start', 'run': run,
                 'source': source, 'n': n, 'processes': count, 'process': i,
                 'first_step_s': first, **stats, **_cpu(), 'load_avg_1m_at_launch': load}
