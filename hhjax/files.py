@@ -5,6 +5,7 @@ goes through `write_atomic` or `atomic_path`: the data is written under a tempor
 same folder, then renamed over the destination. A process killed mid-write leaves the old file
 (or none), never a truncated one; and the whole file is rewritten rather than appended, which
 object stores such as gs:// require. Paths go through `etils.epath`, so gs:// works too.
+`cache_dir()` is the one per-user folder for downloads and caches.
 """
 
 from collections.abc import Iterator
@@ -13,9 +14,18 @@ import errno
 import io
 import os
 from typing import Any
+import pathlib
 import uuid
 
 from etils import epath
+
+# Where downloads and per-user caches live (Keras's weights, image-check verdicts).
+CACHE_DIR_ENV = 'HHJAX_CACHE_DIR'
+
+
+def cache_dir() -> pathlib.Path:
+  """Where downloads and caches are kept: $HHJAX_CACHE_DIR or ~/.cache/hhjax."""
+  return pathlib.Path(os.environ.get(CACHE_DIR_ENV) or '~/.cache/hhjax').expanduser()
 
 
 def _temporary(path: epath.Path) -> epath.Path:

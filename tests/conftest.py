@@ -13,6 +13,19 @@ SHARED_DATA = pathlib.Path(
     os.environ.get('HHJAX_SHARED_DATA', ROOT.parent / 'shared' / 'data' / 'horse-or-human'))
 
 
+@pytest.fixture(autouse=True, scope='session')
+def private_cache_dir(tmp_path_factory) -> pathlib.Path:
+  """The tests' own $HHJAX_CACHE_DIR (image-check verdicts, downloads): never the user's."""
+  path = tmp_path_factory.mktemp('hhjax_cache')
+  previous = os.environ.get('HHJAX_CACHE_DIR')
+  os.environ['HHJAX_CACHE_DIR'] = str(path)
+  yield path
+  if previous is None:
+    os.environ.pop('HHJAX_CACHE_DIR', None)
+  else:
+    os.environ['HHJAX_CACHE_DIR'] = previous
+
+
 @pytest.fixture(scope='session')
 def jax_cache_dir(tmp_path_factory) -> pathlib.Path:
   """One JAX compilation cache for every main.py the tests start: the smoke config's steps

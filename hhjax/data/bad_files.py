@@ -1,26 +1,38 @@
-"""Files that are not readable images: found once per process, reported by path, one policy.
+"""Files that are not readable images: each decoded once, its verdict kept, one policy.
 
 An image folder (at dataset_info / create_dataset) and the files given to predict are checked
-the same way: every file is decoded once in a parallel tf.data pass, and those that fail get a
-short reason. config.data.bad_files then decides: 'error' raises with the list, 'skip' warns with
-it and goes on without them.
+the same way: a file is decoded in a parallel tf.data pass, and one that fails gets a short
+reason. A verdict holds while the file keeps its size and modification time: within the
+process, and for an image folder across runs too, in a verdict file per folder (check_cache.py),
+so a resume decodes only new and changed files. With several processes (jax.distributed), each
+decodes only its share of a folder's files to check and the verdicts are exchanged, so all
+processes know them all. A check that decodes logs its progress (count, rate, ETA).
+config.data.bad_files then decides: 'error' raises with the list, 'skip' warns with it and goes
+on without them.
 """
 
 from collections.abc import Mapping, Sequence
+import json
+import time
+import zlib
 
 from absl import logging
+import jax
 import numpy as np
 import tensorflow as tf
 
 from hhjax import config_checks
 from hhjax import errors
 from hhjax import files
+from hhjax.data import check_cache
 from hhjax.data import decode
 from hhjax.data import streams
 
 # How many bad files a message lists before it counts the rest.
 _MAX_LISTED = 20
 _FORMATS = ', '.join(decode.IMAGE_FORMATS)
+# Seconds between progress lines of a check that decodes.
+PROGRESS_EVERY_S = 10.0
 
 
 def _why_bad(path: str) -> str:
@@ -39,32 +51,136 @@ def _why_bad(path: str) -> str:
   return 'failed to decode in tf.data but not on a second try'
 
 
-# path -> (size, mtime_ns, reason or None): a folder is decoded once per process.
-_CHECKED: dict[str, tuple[int, int, str | None]] = {}
+# path -> ((size, mtime_ns), reason or None): what this process knows.
+_CHECKED: dict[str, check_cache.Verdict] = {}
 
 
-def check_image_files(paths: Sequence[str],
-                      num_parallel_calls: int | None = None) -> dict[str, str]:
-  """Decodes every file once, in parallel; returns {path: reason} for those that fail.
+def _known(path: str, signature: check_cache.Signature) -> bool:
+  return path in _CHECKED and _CHECKED[path][0] == signature
 
-  Results are remembered per process for files whose size and modification time are unchanged.
+
+def _format_eta(seconds: float) -> str:
+  minutes, seconds = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}:{minutes:02d}:{seconds:02d}' if hours else f'{minutes}:{seconds:02d}'
+
+
+def _decode_all(paths: Sequence[str], num_parallel_calls: int | None, what: str
+                ) -> dict[str, str | None]:
+  """{path: None if it decodes, else why not}, logging the count, rate and ETA as it goes."""
+  if not paths:  # a process's share of very few files may be none
+    return {}
+  start = last = time.perf_counter()
+  logging.info('Checking %s: decoding %s file(s) once (verdicts are kept while a file keeps '
+               'its size and time).', what, f'{len(paths):,}')
+  ds = tf.data.Dataset.from_tensor_slices(np.array(paths, dtype=object))
+  ds = ds.map(lambda p: (p, tf.shape(decode.decode_image(tf.io.read_file(p)))),
+              num_parallel_calls=num_parallel_calls or tf.data.AUTOTUNE, deterministic=False)
+  ds = ds.ignore_errors().batch(64).with_options(streams.options(num_parallel_calls))
+  good = set()
+  for batch, _ in ds.as_numpy_iterator():
+    good.update(p.decode() for p in batch)
+    now = time.perf_counter()
+    if now - last >= PROGRESS_EVERY_S:
+      last = now
+      rate = len(good) / (now - start)
+      logging.info('Checking %s: %s of %s files decoded, %.0f files/s, ETA %s', what,
+                   f'{len(good):,}', f'{len(paths):,}', rate,
+                   _format_eta((len(paths) - len(good)) / max(rate, 1e-9)))
+  result = {p: None if p in good else _why_bad(p) for p in paths}
+  seconds = time.perf_counter() - start
+  logging.info('Checked %s: %s file(s) in %.1f s (%.0f files/s), %d unreadable.', what,
+               f'{len(paths):,}', seconds, len(paths) / max(seconds, 1e-9),
+               len(paths) - len(good))
+  return result
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+def _allgather(array: np.ndarray) -> np.ndarray:
+  """[processes, ...]: `array` (same shape in every process) from every process.
+
+  int32 and uint8 only: without jax_enable_x64, JAX would narrow 64-bit integers.
   """
-  stats = {}
-  for path in paths:
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(array))
+
+
+def _agree_on_todo(folder: str, paths: Sequence[str], todo: set[str]) -> list[str]:
+  """The files that any process has no verdict for, in `paths` order, the same everywhere."""
+  identity = np.array([len(paths), zlib.crc32('\0'.join(paths).encode()) & 0x7fffffff],
+                      np.int32)
+  if not (_allgather(identity) == identity).all():
+    raise errors.DataError(
+        f'The processes of this run list different files in {folder}: was the folder changed '
+        'while the run started? Start the run again once it holds what it should.')
+  mask = _allgather(np.array([p in todo for p in paths], np.uint8)).max(axis=0)
+  return [p for p, m in zip(paths, mask) if m]
+
+
+def _decode_shared(todo: list[str], num_parallel_calls: int | None, folder: str
+                   ) -> dict[str, str | None]:
+  """Each process decodes a contiguous share of `todo`; every process gets every verdict."""
+  index, count = jax.process_index(), jax.process_count()
+  lo, hi = index * len(todo) // count, (index + 1) * len(todo) // count
+  mine = _decode_all(todo[lo:hi], num_parallel_calls,
+                     f'{folder} (process {index} of {count}: its share of {len(todo):,})')
+  payload = json.dumps({lo + k: mine[p] for k, p in enumerate(todo[lo:hi])
+                        if mine[p] is not None}).encode()
+  lengths = _allgather(np.array([len(payload)], np.int32)).ravel()
+  buffer = np.zeros(int(lengths.max()), np.uint8)
+  buffer[:len(payload)] = np.frombuffer(payload, np.uint8)
+  verdicts = dict.fromkeys(todo)
+  for row, length in zip(_allgather(buffer), lengths):
+    for k, reason in json.loads(row[:length].tobytes()).items():
+      verdicts[todo[int(k)]] = reason
+  return verdicts
+
+
+# ----------------------------------------------------------------------------- checking
+
+
+def check_image_files(paths: Sequence[str], num_parallel_calls: int | None = None, *,
+                      folder: str | None = None) -> dict[str, str]:
+  """Decodes every file not checked before, in parallel; returns {path: reason} of the bad ones.
+
+  Args:
+    paths: the files.
+    num_parallel_calls: tf.data threads for decoding (None: autotuned).
+    folder: the folder that holds `paths` (an image folder's split): its verdicts are read from
+      and written to its verdict file (check_cache.py), and with several processes each
+      decodes only its share. Every process must then make the same call (as training does).
+      None (files named one by one): verdicts are kept in this process only.
+  """
+  signatures, bad = {}, {}
+  for path in dict.fromkeys(paths):
     try:
-      stats[path] = files.stat(path)   # local files and URLs (gs://) alike
+      signatures[path] = files.stat(path)   # local files and URLs (gs://) alike
     except OSError as e:  # A dangling link, or a file removed since it was listed.
-      _CHECKED[path] = (-1, -1, f'cannot read: {e.strerror}')
-  todo = [p for p in stats if _CHECKED.get(p, (None, None))[:2] != stats[p]]
+      bad[path] = f'cannot read: {e.strerror}'
+  todo = {p for p, s in signatures.items() if not _known(p, s)}
+  if todo and folder is not None:
+    for path, verdict in check_cache.load(folder).items():
+      if path in todo and verdict[0] == signatures[path]:
+        _CHECKED[path] = verdict
+    todo = {p for p in todo if not _known(p, signatures[p])}
+  shared = folder is not None and jax.process_count() > 1
+  if shared:
+    todo = _agree_on_todo(folder, list(signatures), todo)
+  else:
+    todo = [p for p in signatures if p in todo]
   if todo:
-    ds = tf.data.Dataset.from_tensor_slices(np.array(todo, dtype=object))
-    ds = ds.map(lambda p: (p, tf.shape(decode.decode_image(tf.io.read_file(p)))),
-                num_parallel_calls=num_parallel_calls or tf.data.AUTOTUNE, deterministic=False)
-    ds = ds.ignore_errors().with_options(streams.options(num_parallel_calls))
-    good = {p.decode() for p, _ in ds.as_numpy_iterator()}
-    for p in todo:
-      _CHECKED[p] = stats[p] + (None if p in good else _why_bad(p),)
-  return {p: _CHECKED[p][2] for p in paths if _CHECKED[p][2] is not None}
+    if shared:
+      verdicts = _decode_shared(todo, num_parallel_calls, folder)
+    else:
+      verdicts = _decode_all(todo, num_parallel_calls, folder or 'image files')
+    for path in todo:
+      _CHECKED[path] = (signatures[path], verdicts[path])
+    if folder is not None:
+      check_cache.save(folder, {p: _CHECKED[p] for p in signatures})
+  bad.update({p: _CHECKED[p][1] for p in signatures if _CHECKED[p][1] is not None})
+  return {p: bad[p] for p in paths if p in bad}
 
 
 def apply_policy(bad: Mapping[str, str], policy: str, *, where: str, advice: str) -> None:

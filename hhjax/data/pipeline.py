@@ -5,8 +5,9 @@
     for batch in train.as_numpy_iterator(): ...   # {'image': f32 [b,H,W,3], 'label': i32 [b]}
 
 How the stream is built, and why:
-  * Every source becomes a small in-memory table (sources.py): file paths, or TFDS's encoded
-    records, plus labels. An image folder is decode-checked first (bad_files.py).
+  * Every source becomes a table (sources.py): file paths plus labels, TFDS records read on
+    demand (ArrayRecord; records.py) or held encoded in memory (TFRecord). An image folder is
+    decode-checked first, each file once while it keeps its size and time (bad_files.py).
   * A stateless index stream (streams.py) says which row every global position reads: epoch e
     is a permutation seeded by (config.seed, e), `start_step` skips positions before anything
     is decoded, and each process takes its own slots of every global batch.
@@ -73,32 +74,46 @@ def _fake_loader(table: sources.Table, config: ml_collections.ConfigDict):
         [size, size, 3], streams.stateless_seed(table.salt, streams.FAKE_SALT, index),
         maxval=255.0)
     # A brightness that grows with the label makes fake classes learnable.
-    level = 127.5 * tf.cast(tf.gather(labels, index), tf.float32) / num_classes
-    return tf.floor(noise / 2 + level)
+    label = tf.gather(labels, index)
+    level = 127.5 * tf.cast(label, tf.float32) / num_classes
+    return tf.floor(noise / 2 + level), label
   return load_fake
 
 
 def _loader(table: sources.Table, config: ml_collections.ConfigDict):
-  """index -> float32 [S, S, 3] image in [0, 255], before augmentation and normalisation."""
+  """index -> (float32 [S, S, 3] image in [0, 255], int32 label), before augmentation.
+
+  A record carries its own label; the other tables hold theirs.
+  """
   if table.kind == 'fake':
     return _fake_loader(table, config)
   if table.kind == 'decoded':
-    images = tf.constant(table.keys)
-    return lambda index: tf.gather(images, index)
+    images, labels = tf.constant(table.keys), tf.constant(table.labels)
+    return lambda index: (tf.gather(images, index), tf.gather(labels, index))
+
+  def resized(contents):
+    return decode.resize(decode.decode_image(contents), config.data.image_size,
+                         config.data.resize_method)
+  if table.kind == 'records':
+    def load_record(index):
+      contents, label = table.keys.read(index)
+      return resized(contents), label
+    return load_record
   # A list, not a numpy 'S' array: numpy would strip trailing NUL bytes off encoded images.
-  keys = tf.constant(list(table.keys), tf.string)
+  keys, labels = tf.constant(list(table.keys), tf.string), tf.constant(table.labels)
 
   def load(index):
     contents = tf.gather(keys, index)
     if table.kind == 'path':
       contents = tf.io.read_file(contents)
-    return decode.resize(decode.decode_image(contents), config.data.image_size,
-                         config.data.resize_method)
+    return resized(contents), tf.gather(labels, index)
   return load
 
 
 def _fingerprint(table: sources.Table) -> str:
   """Identifies a table's contents: its keys (with file sizes and times) and labels."""
+  if table.kind == 'records':
+    return hashlib.sha256(f'records\0{table.keys.origin}\0{table.size}'.encode()).hexdigest()
   digest = hashlib.sha256(table.kind.encode() + table.labels.tobytes())
   for key in table.keys:
     if table.kind == 'path':
@@ -120,12 +135,15 @@ def _decoded_table(table: sources.Table, config: ml_collections.ConfigDict) -> s
     threads = streams.num_threads(config)
     ds = tf.data.Dataset.range(table.size).map(_loader(table, config),
                                                num_parallel_calls=threads or tf.data.AUTOTUNE)
-    images = np.stack(list(ds.with_options(streams.options(threads)).as_numpy_iterator()))
+    rows = list(ds.with_options(streams.options(threads)).as_numpy_iterator())
+    images = np.stack([image for image, _ in rows])
+    labels = np.array([label for _, label in rows], np.int32)
+    del rows
     logging.info('Holding %d decoded images in memory (%.0f MB).', table.size,
                  images.nbytes / 2**20)
     while len(_DECODED) >= _MAX_DECODED:
       _DECODED.pop(next(iter(_DECODED)))
-    _DECODED[key] = sources.Table('decoded', images, table.labels, table.class_names)
+    _DECODED[key] = sources.Table('decoded', images, labels, table.class_names)
   return _DECODED[key]
 
 
@@ -140,19 +158,17 @@ def _train_examples(table: sources.Table, config: ml_collections.ConfigDict, loa
   seed = int(config.seed)
   ds = streams.train_index_stream(table.size, seed, config.batch_size, start_step=start_step,
                                   process_index=index, process_count=count)
-  labels = tf.constant(table.labels)
   aug = config.data.augment.to_dict()
   preprocessing = config.data.preprocessing
   image_dtype = config.data.get('image_dtype', 'float32')
 
   @tf.autograph.experimental.do_not_convert  # plain TF ops; AutoGraph only warns here
   def example(position, i):
-    image = load(i)
+    image, label = load(i)
     if aug['enabled']:
       image = augment.random_augment(
           image, streams.stateless_seed(seed, streams.AUGMENT_SALT, position), aug)
-    return {'image': decode.to_output(image, preprocessing, image_dtype),
-            'label': tf.gather(labels, i)}
+    return {'image': decode.to_output(image, preprocessing, image_dtype), 'label': label}
   return batch, _map(ds, example, config)
 
 
@@ -164,17 +180,23 @@ def _eval_examples(table: sources.Table, config: ml_collections.ConfigDict, load
   batch, index, count = streams.process_layout(global_batch, process_index, process_count)
   ds = streams.eval_index_stream(table.size, global_batch, process_index=index,
                                  process_count=count)
-  labels = tf.constant(table.labels)
   size = config.data.image_size
   preprocessing = config.data.preprocessing
   image_dtype = config.data.get('image_dtype', 'float32')
 
   @tf.autograph.experimental.do_not_convert
+  def loaded(i):
+    image, label = load(i)
+    return decode.to_output(image, preprocessing, image_dtype), label
+
+  def padding():
+    return tf.zeros([size, size, 3], tf.dtypes.as_dtype(image_dtype)), tf.constant(0, tf.int32)
+
   def example(position, i, valid):
     del position
-    image = tf.cond(valid, lambda: decode.to_output(load(i), preprocessing, image_dtype),
-                    lambda: tf.zeros([size, size, 3], tf.dtypes.as_dtype(image_dtype)))
-    return {'image': image, 'label': tf.where(valid, tf.gather(labels, i), 0), 'mask': valid}
+    # Padding reads nothing: a record read or a file opened for it would be wasted.
+    image, label = tf.cond(valid, lambda: loaded(i), padding)
+    return {'image': image, 'label': label, 'mask': valid}
   return batch, _map(ds, example, config)
 
 

@@ -1,12 +1,16 @@
-"""The three sources as in-memory tables: image folders, TFDS datasets and synthetic images.
+"""The three sources as tables of rows: image folders, TFDS datasets and synthetic images.
 
 Image folders (`DIR/<split>/<class>/<image>`, classes sorted by name, as Keras's
-`flow_from_directory`) are checked once per process by decoding every file in a parallel tf.data
-pass; files that are not readable images are reported by path (config.data.bad_files). A layout
-that cannot be read as classes raises at once, saying what was found.
+`flow_from_directory`) are checked by decoding each file once; the verdicts are kept on disk
+while files keep their size and time, so a later run decodes only new or changed files
+(bad_files.py); files that are not readable images are reported by path
+(config.data.bad_files). A layout that cannot be read as classes raises at once, saying what
+was found.
 
-TFDS records stay encoded in the table: decoding happens after the index stream has skipped and
-sharded (see streams.py). A dataset not yet prepared in config.data.dir is downloaded, after a
+A TFDS dataset prepared as ArrayRecord is read record by record (records.py): the table holds no
+examples. One prepared only as TFRecord is held encoded in memory. Either way decoding happens
+after the index stream has skipped and sharded (see streams.py).
+A dataset not yet prepared in config.data.dir is downloaded, after a
 check of a few seconds that the download host can be reached: offline, the error says what to
 do at once instead of after minutes of the download's retries.
 """
@@ -20,6 +24,7 @@ import urllib.parse
 import urllib.request
 import zlib
 
+from absl import logging
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -27,25 +32,26 @@ import tensorflow as tf
 from hhjax import config_checks
 from hhjax import errors
 from hhjax.data import bad_files
-
+from hhjax.data import records
 
 
 @dataclasses.dataclass(frozen=True)
 class Table:
-  """One split as an in-memory table: the rows that the index stream points into.
+  """One split as a table: the rows that the index stream points into.
 
-  kind: 'path' (keys are file paths), 'bytes' (keys are encoded images), 'decoded' (keys are
+  kind: 'path' (keys are file paths), 'bytes' (keys are encoded images), 'records' (keys are
+  records.Records, read on demand, each with its label; labels is None), 'decoded' (keys are
   resized float32 images [N, S, S, 3]) or 'fake' (no keys: images are generated from the index).
   """
   kind: str
-  keys: np.ndarray | None
-  labels: np.ndarray
+  keys: np.ndarray | records.Records | None
+  labels: np.ndarray | None
   class_names: tuple[str, ...]
   salt: int = 0
 
   @property
   def size(self) -> int:
-    return len(self.labels)
+    return len(self.keys) if self.labels is None else len(self.labels)
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -145,7 +151,7 @@ def _scan_folder_split(config: ml_collections.ConfigDict, split: str) -> _Folder
   all_files = [f for c in classes for f in files[c]]
   if not all_files:
     raise errors.DataError(f'{split_dir} holds no files: its class folders {classes} are empty.')
-  bad = bad_files.check_image_files(all_files, config.data.num_parallel_calls)
+  bad = bad_files.check_image_files(all_files, config.data.num_parallel_calls, folder=split_dir)
   good = {c: [f for f in files[c] if f not in bad] for c in classes}
   return _FolderScan(split, split_dir, tuple(classes), good, bad)
 
@@ -260,6 +266,10 @@ def _tfds_table(config: ml_collections.ConfigDict, split: str) -> Table:
   if 'image' not in features or 'label' not in features:
     raise errors.DataError(f'TFDS dataset {name!r} has features {list(features)}; the pipeline '
                            "reads 'image' and 'label'.")
+  class_names = tuple(features['label'].names)
+  on_demand = records.open_split(builder, split)
+  if on_demand is not None:
+    return Table('records', on_demand, None, class_names)
   # Keep the records encoded: decoding happens after the index stream has skipped and sharded.
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders={'image': tfds.decode.SkipDecoding()})
@@ -269,8 +279,13 @@ def _tfds_table(config: ml_collections.ConfigDict, split: str) -> Table:
     labels.append(example['label'])
   if not images:
     raise errors.DataError(f'TFDS split {name}/{split} is empty.')
+  logging.info('TFDS %s is prepared as %s, without random access: holding split %r in memory '
+               '(%d encoded images, %.0f MB, in every process). Prepared as ArrayRecord '
+               "(download_and_prepare(file_format='array_record'), or tfds convert_format) it "
+               'would be read record by record.', name, builder.info.file_format, split,
+               len(images), sum(len(i) for i in images) / 2**20)
   return Table('bytes', np.array(images, dtype=object), np.array(labels, np.int32),
-               tuple(features['label'].names))
+               class_names)
 
 
 def _tfds_sizes(config: ml_collections.ConfigDict,

@@ -1,12 +1,13 @@
 """Index streams: which table row each position of a run reads, decided before any decoding.
 
-Every source becomes a small in-memory table (file paths, or TFDS's encoded records, plus
-labels); the streams here say which row each position of a run reads, and why that design:
+Every source becomes a table of rows (file paths plus labels, or TFDS records read on demand
+or held encoded); the streams here say which row each position of a run reads, and why that
+design:
   * The train stream is a stream of (global position, table index): epoch e is a stateless
     permutation of the table seeded by (config.seed, e), and global position p is example
     p % N of epoch p // N. Global step s is positions [s*B, (s+1)*B).
-  * `start_step` skips positions on this cheap index stream; decoding and augmentation happen
-    after the skip, so resuming at step 10,000 decodes nothing it does not yield.
+  * `start_step` skips positions on this cheap index stream; reading, decoding and augmentation
+    happen after the skip, so resuming at step 10,000 reads nothing it does not yield.
   * Augmentation draws its parameters statelessly from (config.seed, position): the same
     (seed, step) gives the same batch with any number of parallel map threads, in any run.
   * Process i of P decodes slots [i*b, (i+1)*b) of every global batch (b = B / P): the

@@ -42,7 +42,7 @@ OFFICIAL_WEIGHTS = {
         _KERAS_URL + 'inception_v3_weights_tf_dim_ordering_tf_kernels.h5',
         md5='9a0d58056eeedaa3f26cb7ebd46da564', size=None, include_top=True),
 }
-CACHE_DIR_ENV = 'HHJAX_CACHE_DIR'
+CACHE_DIR_ENV = files.CACHE_DIR_ENV
 # Seconds to wait for the server. Short: a machine without network access should hear so at
 # once, with the way out, rather than hang.
 DOWNLOAD_TIMEOUT_S = 10.0
@@ -52,7 +52,7 @@ _urlopen = urllib.request.urlopen
 
 def cache_dir() -> pathlib.Path:
   """Where downloads are kept: $HHJAX_CACHE_DIR or ~/.cache/hhjax."""
-  return pathlib.Path(os.environ.get(CACHE_DIR_ENV) or '~/.cache/hhjax').expanduser()
+  return files.cache_dir()
 
 
 def _md5(path: pathlib.Path) -> str:
