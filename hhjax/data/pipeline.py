@@ -254,7 +254,7 @@ def eval_pixels(table: sources.Table, config: ml_collections.ConfigDict,
   For pictures of a few examples (hhjax.pictures): they are decoded again, one by one.
   """
   load = _loader(table, config)
-  images = [load(tf.constant(i, tf.int64)).numpy() for i in indices]
+  images = [load(tf.constant(i, tf.int64))[0].numpy() for i in indices]
   size = config.data.image_size
   return np.clip(np.round(np.reshape(images, (len(indices), size, size, 3))), 0,
                  255).astype(np.uint8)
