@@ -71,6 +71,9 @@ def _parse_args(argv=None):
                       'one after the other for each case (back to back)')
   parser.add_argument('--steps', type=int, default=30,
                       help='timed batches of 20 (150 px) per pipeline measurement')
+  parser.add_argument('--warmup_steps', type=int, default=15,
+                      help='batches before the timed ones: enough for a process to have opened '
+                      "every ArrayRecord shard (the first read of one reads its ~1 MB index)")
   parser.add_argument('--timeout_s', type=float, default=1800,
                       help='a start measurement that takes longer is recorded as an error')
   parser.add_argument('--generate_only', action='store_true',
@@ -404,6 +407,7 @@ def measure_pipeline(args, label: str, repo: str, source: str, n: int, count: in
     argv = [str(pathlib.Path(__file__).resolve()), '--child=pipeline', f'--source={source}',
             f'--n={n}', f'--process_index={i}', f'--process_count={count}',
             f'--data_root={args.data_root}', f'--repo={repo}', f'--steps={args.steps}',
+            f'--warmup_steps={args.warmup_steps}',
             f'--label={label}']
     children.append(_Child(argv, env, repo))
   for i, child in enumerate(children):
@@ -453,7 +457,7 @@ def pipeline_child(args) -> None:
                                     process_count=args.process_count).as_numpy_iterator()
   next(batches)
   t_first = time.perf_counter()
-  for _ in range(3):
+  for _ in range(args.warmup_steps):
     next(batches)
   io_before = _io(pid)
   start = time.perf_counter()
