@@ -194,7 +194,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   result = evaluator(state['params'], state['batch_stats'])
   is_main = jax.process_index() == 0
   out = report(result, class_names, step, workdir_lib.absolute(workdir), is_main)
-  if is_main:
-    pictures.write_eval_pictures(config, result, class_names, step, workdir_lib.absolute(workdir))
+  pictures.write_eval_pictures(config, result, class_names, step, workdir_lib.absolute(workdir),
+                               is_main=is_main)
   return out
 

@@ -135,7 +135,8 @@ def _source_name(config: ml_collections.ConfigDict) -> str:
 
 def write_eval_pictures(config: ml_collections.ConfigDict, result: Mapping[str, Any],
                         class_names: Sequence[str], step: int, workdir: str, *,
-                        max_images: int = 20, columns: int = 5) -> list[str]:
+                        is_main: bool = True, max_images: int = 20,
+                        columns: int = 5) -> list[str]:
   """Writes the confusion matrix, the misclassified grid and its list into `workdir`.
 
   Args:
@@ -145,6 +146,8 @@ def write_eval_pictures(config: ml_collections.ConfigDict, result: Mapping[str, 
     class_names: in label order.
     step: the evaluated checkpoint's step, for the titles.
     workdir: where eval.json lives.
+    is_main: whether this process draws and writes (process 0); the others only take part in
+      listing the split.
     max_images: how many images the grid shows.
     columns: images per row of the grid.
 
@@ -152,7 +155,11 @@ def write_eval_pictures(config: ml_collections.ConfigDict, result: Mapping[str, 
     The paths written (none when the split no longer matches the evaluation).
   """
   split = config.data.eval_split
+  # Every process lists the split: with several processes, checking an image folder is a
+  # collective step (hhjax.data.bad_files) that all of them must take. Only `is_main` draws.
   table = sources.table(config, split)
+  if not is_main:
+    return []
   probabilities = np.asarray(result['probabilities'])
   if table.size != len(probabilities):
     logging.warning('No evaluation pictures: %s now holds %d images, the evaluation saw %d.',

@@ -391,8 +391,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     last_eval = run.evaluator(state['params'], state['batch_stats'])
   result = evaluate.report(last_eval, run.class_names, step, run.workdir, run.is_main)
   result['stop_reason'] = progress.stop_reason
+  pictures.write_eval_pictures(config, last_eval, run.class_names, step, run.workdir,
+                               is_main=run.is_main)
   if run.is_main:
-    pictures.write_eval_pictures(config, last_eval, run.class_names, step, run.workdir)
     for path in metrics_lib.plot_history(metrics_lib.read_rows(run.workdir), run.workdir):
       logging.info('Wrote %s', path)
   run.writer.close()
