@@ -138,7 +138,10 @@ class _QuietClosedLoops:
 
 def quiet_orbax() -> None:
   """Keeps the training log readable: orbax logs a dozen lines per checkpoint."""
-  for target in (absl_logging.get_absl_handler(), logging.getLogger('absl')):
+  # The asyncio logger itself too: a task of a failed read collected at exit, after the
+  # handlers are gone, is printed by logging's last-resort handler, which no handler filter sees.
+  for target in (absl_logging.get_absl_handler(), logging.getLogger('absl'),
+                 logging.getLogger('asyncio')):
     if not any(isinstance(f, _QuietOrbax) for f in target.filters):
       target.addFilter(_QuietOrbax())
   if not isinstance(sys.unraisablehook, _QuietClosedLoops):
