@@ -59,10 +59,9 @@ class _QuietOrbax(logging.Filter):
                'Item "state" was found in the checkpoint, but could not be restored')
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if (record.name == 'asyncio' and record.exc_info and any(
-        '/orbax/' in f.filename for f in traceback.extract_tb(record.exc_info[2]))):
-      # 'Task exception was never retrieved': the other arrays of a read or write that failed
-      # (the failure itself is reported once, by `Checkpoints`).
+    if record.name == 'asyncio' and record.exc_info and _from_orbax(record.exc_info[1]):
+      # 'Task (or Future) exception was never retrieved': the other arrays of a read or write
+      # that failed (the failure itself is reported once, by `Checkpoints`).
       return False
     if '/orbax/' not in record.pathname:
       return True
@@ -80,6 +79,16 @@ def _causes(error: BaseException) -> Iterator[BaseException]:
     seen.add(id(error))
     yield error
     error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+
+
+def _from_orbax(error: BaseException | None) -> bool:
+  """Whether `error` was raised in orbax's code or by TensorStore under it."""
+  for cause in _causes(error):
+    if any('/orbax/' in f.filename for f in traceback.extract_tb(cause.__traceback__)):
+      return True
+    if re.search(r"\[(?:tensorstore_spec|source locations|os_error_code)=", str(cause)):
+      return True   # TensorStore's errors carry no Python frames, only these suffixes
+  return False
 
 
 def _one_line(error: BaseException) -> str:
@@ -117,11 +126,13 @@ def _os_error(error: BaseException) -> str | None:
 
 
 class _QuietClosedLoops:
-  """Drops the traceback of TensorStore's callbacks that find orbax's event loop closed.
+  """Drops the unraisable tracebacks that the other arrays of a failed save or restore leave.
 
   When one array of a save or restore fails, orbax stops waiting and closes its event loop;
   the other arrays' reads or writes finish later, and Python prints each late callback as an
-  unraisable 'Event loop is closed' traceback. The failure itself is reported by `Checkpoints`.
+  unraisable 'Event loop is closed' traceback. The reads left suspended are closed when they are
+  collected, and orbax's read coroutine turns that close into an exception of its own, which
+  Python prints too. The failure itself is reported once, by `Checkpoints`.
   """
 
   def __init__(self, previous):
@@ -132,6 +143,9 @@ class _QuietClosedLoops:
     frames = traceback.extract_tb(unraisable.exc_traceback)
     if (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed' and
         any(f.name == 'call_soon_threadsafe' for f in frames)):
+      return
+    code = getattr(unraisable.object, 'cr_code', None)   # a coroutine being collected
+    if code is not None and '/orbax/' in code.co_filename:
       return
     self.previous(unraisable)
 

@@ -104,3 +104,39 @@ def test_array_shapes_names_match_orbax(tmp_path):
     names = trees.leaf_specs(state, '.', dtypes=True)
     optax_state_names = [k for k in names if k.startswith('opt')]
     assert optax_state_names == ['opt_state.inner_states.train.inner_state.0.nu.head.w']
+
+
+def _asyncio_record(error):
+  import logging  # pylint: disable=g-import-not-at-top
+  return logging.LogRecord('asyncio', logging.ERROR, '/usr/lib/python3/asyncio/base_events.py',
+                           1771, 'Future exception was never retrieved', None,
+                           (type(error), error, None))
+
+
+def test_log_filter_drops_the_leftover_errors_of_a_failed_save_and_keeps_others():
+  quiet = checkpointing._QuietOrbax()
+  # TensorStore's errors reach asyncio without Python frames: known by their suffix.
+  for text in ('UNKNOWN: Error writing local file "/w/d/892e": Failed to write 760422 bytes to '
+               "file 6: File too large [os_error_code='27']",
+               'NOT_FOUND: Error opening "zarr" driver: Metadata at "a/.zarray" does not exist '
+               "[tensorstore_spec='{}']"):
+    assert not quiet.filter(_asyncio_record(ValueError(text)))
+  assert quiet.filter(_asyncio_record(ValueError('a bug in a task of our own')))
+
+
+def test_unraisable_hook_drops_orbax_coroutines_collected_after_a_failure_and_passes_others():
+  import types  # pylint: disable=g-import-not-at-top
+  passed = []
+  hook = checkpointing._QuietClosedLoops(passed.append)
+  scope = {}   # a coroutine function as if defined in orbax's package
+  exec(compile('async def read(): pass', '/site-packages/orbax/checkpoint/x.py', 'exec'), scope)
+  read = scope['read']()
+  try:
+    hook(types.SimpleNamespace(object=read, exc_value=Exception('reading array index'),
+                               exc_traceback=None))
+  finally:
+    read.close()
+  assert not passed
+  other = types.SimpleNamespace(object=None, exc_value=ValueError('ours'), exc_traceback=None)
+  hook(other)
+  assert passed == [other]
