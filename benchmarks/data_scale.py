@@ -1,8 +1,9 @@
 """Start-up time, memory and bytes read of the input pipeline as the dataset grows.
 
-Generates, once, under --data_root (which also keeps each run's log in logs/): for each N an image folder of N training and N/10
-validation images (JPEG and PNG, 200-500 px, three classes, a handful of bad files) and the
-same readable images as a TFDS dataset prepared on disk twice, as TFRecord and as ArrayRecord.
+Generates, once, under --data_root (which also keeps each run's log in logs/): for each N an
+image folder of N training and N/10 validation images (JPEG and PNG, 200-500 px, three classes,
+a handful of bad files) and the same readable images as a TFDS dataset prepared on disk twice,
+as TFRecord and as ArrayRecord.
 Then measures, for each N, source and number of processes:
 
   start     `main.py` (configs/smoke.py on that data, so the model costs little) from launch to
@@ -503,33 +504,37 @@ def table(paths: list[str]) -> str:
         cell['ips'].append(r['images_per_s'])
         cell['kb'].append(r['rchar_kb_per_image'])
         cell['check_s'].append(r['info_s'])
+        cell['first_batch_s'].append(r['first_batch_s'])
         if 'info_cpu_s' in r:
           cell['check_cpu'].append(r['info_cpu_s'])
         cell['check_read'].append(r['info_read_mb'])
 
-  columns = [('fresh start s', 'fresh_s', max, 1), ('fresh CPU s', 'fresh_cpu', max, 0),
-             ('resume s', 'resume_s', max, 1), ('resume CPU s', 'resume_cpu', max, 0),
-             ('peak RSS MB', 'peak_mb', max, 0), ('MB read, resume', 'resume_read', max, 0),
-             ('pipeline: sizes and check s', 'check_s', max, 1),
-             ('check CPU s', 'check_cpu', max, 1),
-             ('check MB read', 'check_read', max, 0),
-             ('img/s', 'ips', sum, 0), ('KB read / image', 'kb', max, 0)]
+  start = [('fresh s', 'fresh_s', max, 1), ('fresh CPU s', 'fresh_cpu', max, 0),
+           ('resume s', 'resume_s', max, 1), ('resume CPU s', 'resume_cpu', max, 0),
+           ('peak RSS MB', 'peak_mb', max, 0), ('MB read, resume', 'resume_read', max, 0)]
+  alone = [('sizes + check s', 'check_s', max, 1), ('check CPU s', 'check_cpu', max, 1),
+           ('check MB read', 'check_read', max, 0), ('first batch s', 'first_batch_s', max, 1),
+           ('img/s', 'ips', sum, 0), ('KB read / image', 'kb', max, 0)]
 
   def cell_text(row, key, how, digits):
     values = [how(row[label][key]) if label in row and row[label].get(key) else None
               for label in labels]
     return ' / '.join('–' if v is None else f'{v:,.{digits}f}' for v in values)
 
-  lines = ['| source | N | processes | ' + ' | '.join(name for name, *_ in columns) + ' |',
-           '|---|---:|---:|' + '---:|' * len(columns)]
   order = {s: k for k, s in enumerate(SOURCES)}
-  for key in sorted(rows, key=lambda k: (order.get(k[0], 9), k[1], k[2])):
-    source, n, count = key
-    cells = [cell_text(rows[key], *column[1:]) for column in columns]
-    lines.append(f'| {source} | {n:,} | {count} | ' + ' | '.join(cells) + ' |')
-  return (f'Each cell: {" / ".join(labels)}. Times and memory: the slowest / largest process; '
-          'img/s: all processes together; bytes read: per process (rchar).\n\n' +
-          '\n'.join(lines))
+  text = [f'Each cell: {" / ".join(labels)}. Times and memory: the slowest / largest process; '
+          'img/s: all processes together; bytes read: per process (rchar).']
+  for title, columns in (('main.py to its first progress line', start),
+                         ('the pipeline alone', alone)):
+    keys = [k for k in rows if any(c[1] in cell for cell in rows[k].values() for c in columns)]
+    text += ['', title, '',
+             '| source | N | processes | ' + ' | '.join(c[0] for c in columns) + ' |',
+             '|---|---:|---:|' + '---:|' * len(columns)]
+    for key in sorted(keys, key=lambda k: (order.get(k[0], 9), k[1], k[2])):
+      source, n, count = key
+      cells = [cell_text(rows[key], *column[1:]) for column in columns]
+      text.append(f'| {source} | {n:,} | {count} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(text)
 
 
 def main():
