@@ -2,16 +2,18 @@
 
 An image folder (at dataset_info / create_dataset) and the files given to predict are checked
 the same way: a file is decoded in a parallel tf.data pass, and one that fails gets a short
-reason. A verdict holds while the file keeps its size and modification time: within the
-process, and for an image folder across runs too, in a verdict file per folder (check_cache.py),
-so a resume decodes only new and changed files. With several processes (jax.distributed), each
-decodes only its share of a folder's files to check and the verdicts are exchanged, so all
-processes know them all. A check that decodes logs its progress (count, rate, ETA).
-config.data.bad_files then decides: 'error' raises with the list, 'skip' warns with it and goes
-on without them.
+reason. A verdict holds while the file keeps its size and modification time: within the process,
+and for an image folder across runs too, in a verdict file per folder (check_cache.py), so a
+resume decodes only new and changed files. With several processes (jax.distributed), each
+decodes only its share of a folder's files to check and the verdicts are exchanged through
+jax.distributed's key-value store, so all processes know them all. A check that decodes logs its
+progress (count, rate, ETA). config.data.bad_files then decides: 'error' raises with the list,
+'skip' warns with it and goes on without them.
 """
 
+import base64
 from collections.abc import Mapping, Sequence
+import itertools
 import json
 import time
 import zlib
@@ -97,43 +99,59 @@ def _decode_all(paths: Sequence[str], num_parallel_calls: int | None, what: str
 
 # ----------------------------------------------------------------------------- several processes
 
-
-def _allgather(array: np.ndarray) -> np.ndarray:
-  """[processes, ...]: `array` (same shape in every process) from every process.
-
-  int32 and uint8 only: without jax_enable_x64, JAX would narrow 64-bit integers.
-  """
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(array))
+# How long a process waits for the others' shares: they may take far longer than its own (the
+# device collectives' 30 s would fail there), and a process that dies ends the run anyway.
+_EXCHANGE_TIMEOUT_MS = 24 * 3600 * 1000
+# The n-th shared check of this process: every process makes the same calls, in the same order.
+_exchanges = itertools.count()
 
 
-def _agree_on_todo(folder: str, paths: Sequence[str], todo: set[str]) -> list[str]:
+def _store():
+  """jax.distributed's key-value store (the coordination service), or None without it."""
+  if not jax.distributed.is_initialized():
+    return None
+  # Not in JAX's public API; orbax reaches it the same way for its own signalling.
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return distributed.global_state.client
+
+
+def _exchange(store, key: str, mine: str) -> list[str]:
+  """Every process's value under `key`, in process order; waits for those not there yet."""
+  index = jax.process_index()
+  store.key_value_set(f'{key}/{index}', mine)
+  return [mine if i == index else store.blocking_key_value_get(f'{key}/{i}', _EXCHANGE_TIMEOUT_MS)
+          for i in range(jax.process_count())]
+
+
+def _agree_on_todo(store, key: str, folder: str, paths: Sequence[str],
+                   todo: set[str]) -> list[str]:
   """The files that any process has no verdict for, in `paths` order, the same everywhere."""
-  identity = np.array([len(paths), zlib.crc32('\0'.join(paths).encode()) & 0x7fffffff],
-                      np.int32)
-  if not (_allgather(identity) == identity).all():
-    raise errors.DataError(
-        f'The processes of this run list different files in {folder}: was the folder changed '
-        'while the run started? Start the run again once it holds what it should.')
-  mask = _allgather(np.array([p in todo for p in paths], np.uint8)).max(axis=0)
-  return [p for p, m in zip(paths, mask) if m]
+  listing = [len(paths), zlib.crc32('\0'.join(paths).encode())]
+  mask = np.packbits(np.array([p in todo for p in paths], bool))
+  union = np.zeros(len(paths), bool)
+  for text in _exchange(store, f'{key}/todo', json.dumps(
+      {'listing': listing, 'todo': base64.b64encode(mask.tobytes()).decode()})):
+    other = json.loads(text)
+    if other['listing'] != listing:
+      raise errors.DataError(
+          f'The processes of this run list different files in {folder}: was the folder '
+          'changed while the run started? Start the run again once it holds what it should.')
+    bits = np.frombuffer(base64.b64decode(other['todo']), np.uint8)
+    union |= np.unpackbits(bits, count=len(paths)).astype(bool)
+  return [p for p, m in zip(paths, union) if m]
 
 
-def _decode_shared(todo: list[str], num_parallel_calls: int | None, folder: str
-                   ) -> dict[str, str | None]:
+def _decode_shared(store, key: str, todo: list[str], num_parallel_calls: int | None,
+                   folder: str) -> dict[str, str | None]:
   """Each process decodes a contiguous share of `todo`; every process gets every verdict."""
   index, count = jax.process_index(), jax.process_count()
   lo, hi = index * len(todo) // count, (index + 1) * len(todo) // count
   mine = _decode_all(todo[lo:hi], num_parallel_calls,
                      f'{folder} (process {index} of {count}: its share of {len(todo):,})')
-  payload = json.dumps({lo + k: mine[p] for k, p in enumerate(todo[lo:hi])
-                        if mine[p] is not None}).encode()
-  lengths = _allgather(np.array([len(payload)], np.int32)).ravel()
-  buffer = np.zeros(int(lengths.max()), np.uint8)
-  buffer[:len(payload)] = np.frombuffer(payload, np.uint8)
+  bad = {lo + k: mine[p] for k, p in enumerate(todo[lo:hi]) if mine[p] is not None}
   verdicts = dict.fromkeys(todo)
-  for row, length in zip(_allgather(buffer), lengths):
-    for k, reason in json.loads(row[:length].tobytes()).items():
+  for text in _exchange(store, f'{key}/bad', json.dumps(bad)):
+    for k, reason in json.loads(text).items():
       verdicts[todo[int(k)]] = reason
   return verdicts
 
@@ -165,14 +183,17 @@ def check_image_files(paths: Sequence[str], num_parallel_calls: int | None = Non
       if path in todo and verdict[0] == signatures[path]:
         _CHECKED[path] = verdict
     todo = {p for p in todo if not _known(p, signatures[p])}
-  shared = folder is not None and jax.process_count() > 1
-  if shared:
-    todo = _agree_on_todo(folder, list(signatures), todo)
+  # Without jax.distributed's store (several processes launched otherwise), each process
+  # checks what it does not know itself: slower, but the verdicts are the same.
+  store = _store() if folder is not None and jax.process_count() > 1 else None
+  if store is not None:
+    key = f'hhjax/image_check/{next(_exchanges)}'
+    todo = _agree_on_todo(store, key, folder, list(signatures), todo)
   else:
     todo = [p for p in signatures if p in todo]
   if todo:
-    if shared:
-      verdicts = _decode_shared(todo, num_parallel_calls, folder)
+    if store is not None:
+      verdicts = _decode_shared(store, key, todo, num_parallel_calls, folder)
     else:
       verdicts = _decode_all(todo, num_parallel_calls, folder or 'image files')
     for path in todo:
