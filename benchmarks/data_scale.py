@@ -377,7 +377,9 @@ def measure_start(args, label: str, repo: str, source: str, n: int, count: int) 
     children = [_Child(argv, env, repo) for env in _process_envs(count, root)]
     deadline = time.perf_counter() + args.timeout_s
     while time.perf_counter() < deadline:
-      done = all(c.first(PROGRESS) is not None for c in children)
+      # Process 0's line: a step is collective, so every process has taken it then (processes
+      # other than 0 log warnings only).
+      done = children[0].first(PROGRESS) is not None
       if done and (run == 'resume' or _checkpointed(workdir)):
         break
       if any(c.exited() for c in children):
@@ -385,6 +387,8 @@ def measure_start(args, label: str, repo: str, source: str, n: int, count: int) 
       time.sleep(0.2)
     for i, child in enumerate(children):
       first = child.first(PROGRESS)
+      if first is None and i > 0:
+        first = children[0].first(PROGRESS)   # launched together: the same time from launch
       stats = child.stop()
       log = root / 'logs' / f'{workdir.name}_{run}_{i}.log'
       log.parent.mkdir(exist_ok=True)
@@ -395,7 +399,7 @@ def measure_start(args, label: str, repo: str, source: str, n: int, count: int) 
       if first is None:
         record['error'] = f'no progress line (exit {child.proc.returncode}): {child.tail()}'
       _emit(record)
-    if any(c.first(PROGRESS) is None for c in children):
+    if children[0].first(PROGRESS) is None:
       return
 
 
