@@ -87,7 +87,7 @@ def test_a_new_run_decodes_no_file_of_an_unchanged_folder(tmp_path, monkeypatch,
   config = _config(source='folder', dir=str(root))
   data_files = sorted(root.rglob('*'))
   monkeypatch.setattr(bad_files, 'PROGRESS_EVERY_S', 0.0)
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):
     info = pipeline.dataset_info(config)
   assert len(decoded) == 10
   assert 'files/s, ETA' in caplog.text  # a check that decodes says how far it is
@@ -129,7 +129,7 @@ def test_an_unusable_verdict_file_means_checking_again(tmp_path, monkeypatch, de
   pipeline.dataset_info(config)
   check_cache.path_for(str(root / 'train')).write_text('{"format": 1, "files": {"trunc')
   _new_run(monkeypatch, decoded)
-  with caplog.at_level(logging.WARNING):
+  with caplog.at_level(logging.WARNING, logger='absl'):
     pipeline.dataset_info(config)
   assert len(decoded) == 6 and 'Ignoring the image-check verdicts' in caplog.text
 
@@ -242,7 +242,7 @@ def test_tfds_records_give_the_in_memory_batches_and_resume_exactly(tfds_dirs, c
   on_demand = _tfds_config(tfds_dirs['array_record'])
   in_memory = _tfds_config(tfds_dirs['tfrecord'])
   assert pipeline.sources.table(on_demand, 'train').kind == 'records'
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):
     assert pipeline.sources.table(in_memory, 'train').kind == 'bytes'
   assert 'without random access: holding split' in caplog.text
   assert pipeline.dataset_info(on_demand) == pipeline.dataset_info(in_memory)

@@ -232,7 +232,7 @@ def test_bad_files_are_reported_by_path_before_anything_runs(tmp_path):
 
 def test_skipping_bad_files_warns_with_their_count(tmp_path, caplog):
   config = _folder_config(_folder_with_bad_files(tmp_path), bad_files='skip')
-  with caplog.at_level(logging.WARNING):
+  with caplog.at_level(logging.WARNING, logger='absl'):
     info = pipeline.dataset_info(config)
   assert f'Skipping {len(BAD_FILES)} file(s)' in caplog.text
   assert 'truncated.jpg' in caplog.text
@@ -322,7 +322,7 @@ def test_readable_files_follow_the_bad_files_policy(tmp_path, caplog):
   assert message.startswith('22 of the 24 files given to --images are not readable images')
   assert 'empty_00.png: empty file (0 bytes)' in message and 'empty_20.png' not in message
   assert '  ... and 2 more' in message and "config.data.bad_files='skip'" in message
-  with caplog.at_level(logging.WARNING):
+  with caplog.at_level(logging.WARNING, logger='absl'):
     assert bad_files.readable_files(files, 'skip') == [str(p) for p in good]
   assert 'Skipping 22 file(s)' in caplog.text
   with pytest.raises(errors.DataNotFoundError, match='None of the files given to --images'):

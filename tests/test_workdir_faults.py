@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 
-from absl import logging
 import numpy as np
 from PIL import Image
 import pytest
@@ -219,13 +218,8 @@ def test_eval_that_cannot_write_eval_json_warns_and_goes_on(tmp_path, caplog):
   # A path eval.json cannot be written to, whoever runs the test (root ignores permissions).
   (tmp_path / 'eval.json').mkdir()
   result = {'loss': 0.5, 'accuracy': 0.75, 'count': 4, 'confusion': np.array([[2, 0], [1, 1]])}
-  verbosity = logging.get_verbosity()   # absl's own level, whatever ran before
-  logging.set_verbosity(logging.INFO)
-  try:
-    with caplog.at_level('INFO'):
-      out = evaluate.report(result, ['a', 'b'], 30, str(tmp_path), is_main=True)
-  finally:
-    logging.set_verbosity(verbosity)
+  with caplog.at_level('INFO', logger='absl'):
+    out = evaluate.report(result, ['a', 'b'], 30, str(tmp_path), is_main=True)
   assert out['accuracy'] == 0.75
   assert 'Evaluation at step 30 on 4 images' in caplog.text   # printed first
   assert f'Could not write {tmp_path}/eval.json (IsADirectoryError' in caplog.text
@@ -246,7 +240,7 @@ def test_eval_reads_again_when_a_training_run_deletes_the_checkpoint_it_reads(
     return 'restored'
 
   monkeypatch.setattr(evaluate, '_restore_for_inference', restore)
-  with caplog.at_level(logging.WARNING):
+  with caplog.at_level('WARNING', logger='absl'):
     assert evaluate.restore_for_inference(None, str(tmp_path), 'latest') == 'restored'
   assert calls == ['latest', 'latest'] and 'deleted checkpoint(s) [5]' in caplog.text
 

@@ -6,7 +6,6 @@ import os
 import socket
 import time
 
-from absl import logging
 import pytest
 
 from hhjax import errors
@@ -44,7 +43,7 @@ def test_local_lock_refuses_a_second_holder_naming_the_first(tmp_path):
 def test_local_lock_left_filled_is_taken_over_with_a_warning(tmp_path, caplog):
   stale = {'host': 'elsewhere', 'pid': 4242, 'started': '2024-01-02T03:04:05+00:00'}
   (tmp_path / workdir_lock.LOCK_FILE).write_text(json.dumps(stale))
-  with caplog.at_level(logging.WARNING), workdir_lock.hold(str(tmp_path)):
+  with caplog.at_level('WARNING', logger='absl'), workdir_lock.hold(str(tmp_path)):
     assert _owner(tmp_path)['pid'] == os.getpid()
   assert ('the training run that held it (host elsewhere, pid 4242, started '
           '2024-01-02T03:04:05+00:00) ended without releasing it') in caplog.text
@@ -68,7 +67,8 @@ def test_lease_without_heartbeat_for_the_stale_age_is_taken_over(tmp_path, caplo
   stale = {'host': 'worker-3', 'pid': 7, 'started': 'yesterday', 'token': 'x',
            'heartbeat': time.time() - workdir_lock.STALE_AFTER_S - 1}
   (tmp_path / workdir_lock.LOCK_FILE).write_text(json.dumps(stale))
-  with caplog.at_level(logging.WARNING), workdir_lock.hold(str(tmp_path), shared=True):
+  with (caplog.at_level('WARNING', logger='absl'),
+        workdir_lock.hold(str(tmp_path), shared=True)):
     assert _owner(tmp_path)['pid'] == os.getpid()
   assert 'held it (host worker-3, pid 7, started yesterday) has not renewed it for 601 s' in (
       caplog.text)
