@@ -8,31 +8,27 @@ class count and the image size are read; a weights-only file says none of it, so
 `model` section and `data.image_size` describe it. As for the backbone alone
 (`hhjax.weights.keras_h5`), layers with weights are paired by position and every shape is
 checked; a file that is not such a classifier is refused naming the first layer that does not fit.
-Only h5py and json are needed: neither TensorFlow nor Keras.
+The files are opened by `hhjax.weights.keras_files`. Only h5py and json are needed: neither
+TensorFlow nor Keras.
 """
 
-import contextlib
 import dataclasses
-import json
 import pathlib
-import re
-import tempfile
-import zipfile
-from collections.abc import Iterator
 from typing import Any
 
-import h5py
 import ml_collections
 import numpy as np
 
 from hhjax import errors
 from hhjax.model import inception
 from hhjax.weights import keras_classifier
+from hhjax.weights import keras_files
 from hhjax.weights import keras_h5
 
 Variables = keras_h5.Variables
 FileLayer = keras_h5.FileLayer
 KerasClassifier = keras_classifier.KerasClassifier
+KerasFile = keras_files.KerasFile
 
 # Layer classes of keras.applications.InceptionV3, and of the heads hhjax represents.
 _BACKBONE_CLASSES = ('InputLayer', 'Conv2D', 'BatchNormalization', 'Activation',
@@ -58,119 +54,7 @@ def _misfit(layers: list[FileLayer], expected: list[tuple[str, list]]) -> str | 
   return None
 
 
-# ------------------------------------------------------------------------------ opening
-
-
-@dataclasses.dataclass
-class _KerasFile:
-  """An open Keras file: its model config (if any), its layers with weights, our metadata."""
-  path: pathlib.Path
-  model_config: dict[str, Any] | None
-  layers: list[FileLayer]
-  metadata: dict[str, Any]
-
-
-def _corrupt(path: pathlib.Path, what: str) -> errors.KerasWeightsError:
-  return errors.KerasWeightsError(
-      f'{path} is truncated or corrupt: {what}. Save the model again (model.save) and retry.')
-
-
-def _snake_case(name: str) -> str:
-  """Keras's `naming.to_snake_case`, which names the groups of a .keras weights file."""
-  name = re.sub(r'\W+', '', name)
-  name = re.sub('(.)([A-Z][a-z]+)', r'\1_\2', name)
-  return re.sub('([a-z])([A-Z])', r'\1_\2', name).lower()
-
-
-def _keras3_layers(path: pathlib.Path, config_layers: list[dict], weights: h5py.File
-                   ) -> list[FileLayer]:
-  """The layers with weights of a .keras archive, in the config's (Keras's) order.
-
-  Keras 3 stores layer k's variables under layers/<class in snake case>[_n]/vars/0, 1, ...,
-  where n counts the earlier layers of the same class: its loader pairs them by position too.
-  """
-  used: dict[str, int] = {}
-  layers = []
-  for layer in config_layers:
-    key = _snake_case(str(layer.get('class_name')))
-    used[key] = used.get(key, -1) + 1
-    key = f'layers/{key}_{used[key]}' if used[key] else f'layers/{key}'
-    try:
-      group = weights.get(f'{key}/vars')
-      names = ([f'{key}/vars/{n}' for n in sorted(group.keys(), key=int)]
-               if group is not None else [])
-      shapes = [tuple(weights[n].shape) for n in names]
-    except (OSError, KeyError, ValueError) as e:
-      raise _corrupt(path, f'the weights of layer "{layer.get("name")}" cannot be read '
-                           f'({e})') from None
-    if names:
-      layers.append(FileLayer(len(layers), str(layer.get('name')), weights, names, shapes))
-  return layers
-
-
-_ARCHIVE_ERRORS = (zipfile.BadZipFile, OSError, KeyError, EOFError, json.JSONDecodeError)
-
-
-@contextlib.contextmanager
-def _open_keras_archive(path: pathlib.Path) -> Iterator[_KerasFile]:
-  try:
-    archive = zipfile.ZipFile(path)
-    members = set(archive.namelist())
-  except _ARCHIVE_ERRORS as e:
-    raise _corrupt(path, f'it starts as a zip archive (a .keras file) but cannot be read as '
-                         f'one ({e})') from None
-  with archive, tempfile.TemporaryDirectory() as tmp:
-    if 'config.json' not in members or 'model.weights.h5' not in members:
-      raise errors.KerasWeightsError(
-          f'{path} is a zip archive but not a Keras .keras file: expected config.json and '
-          f'model.weights.h5, found {sorted(members)[:10]}.')
-    try:
-      model_config = json.loads(archive.read('config.json'))
-      member = keras_classifier.METADATA_MEMBER
-      metadata = json.loads(archive.read(member)) if member in members else {}
-      weights = h5py.File(archive.extract('model.weights.h5', tmp), 'r')
-    except _ARCHIVE_ERRORS as e:
-      raise _corrupt(path, f'its archive cannot be read ({e})') from None
-    with weights:
-      layers = _keras3_layers(path, _config_layers(model_config), weights)
-      yield _KerasFile(path, model_config, layers, metadata)
-
-
-@contextlib.contextmanager
-def _open_h5(path: pathlib.Path) -> Iterator[_KerasFile]:
-  with keras_h5.open_h5(path) as f:
-    group = keras_h5.open_weights_group(f, path)
-    layers = keras_h5.file_layers(group, path)
-    model_config = metadata = None
-    try:
-      if 'model_config' in f.attrs:
-        model_config = json.loads(f.attrs['model_config'])
-      if keras_classifier.METADATA_ATTRIBUTE in f.attrs:
-        metadata = json.loads(f.attrs[keras_classifier.METADATA_ATTRIBUTE])
-    except (ValueError, TypeError) as e:
-      raise _corrupt(path, f'its model config or hhjax metadata is not JSON ({e})') from e
-    yield _KerasFile(path, model_config, layers, metadata or {})
-
-
-@contextlib.contextmanager
-def _open(path: pathlib.Path) -> Iterator[_KerasFile]:
-  """Opens a .keras archive or a legacy HDF5 file, whole-model or weights-only."""
-  if not path.is_file():
-    raise errors.DataNotFoundError(f'No Keras model file at {path}.')
-  with open(path, 'rb') as f:
-    head = f.read(4)
-  opener = _open_keras_archive if head.startswith(b'PK') else _open_h5
-  with opener(path) as keras_file:
-    yield keras_file
-
-
 # ------------------------------------------------------------------ the model config
-
-
-def _config_layers(model_config: Any) -> list[dict[str, Any]]:
-  config = model_config.get('config') if isinstance(model_config, dict) else None
-  layers = config.get('layers') if isinstance(config, dict) else None
-  return [l for l in layers if isinstance(l, dict)] if isinstance(layers, list) else []
 
 
 def _inbound_names(layer: dict[str, Any]) -> list[str]:
@@ -276,7 +160,7 @@ def _not_a_classifier(path: pathlib.Path, expected: str, layers: list[FileLayer]
       f'{count}. {misfit} Is it a model of another architecture?')
 
 
-def _spec_from_model_config(kf: _KerasFile) -> KerasClassifier:
+def _spec_from_model_config(kf: KerasFile) -> KerasClassifier:
   """The classifier a whole-model file's config describes (checking the backbone's weights)."""
   path = kf.path
   kind = kf.model_config.get('class_name') if isinstance(kf.model_config, dict) else None
@@ -285,9 +169,9 @@ def _spec_from_model_config(kf: _KerasFile) -> KerasClassifier:
         f'{path} holds a Keras {kind} model; hhjax reads the functional model the Keras tutorial '
         f"builds, keras.Model(base.input, head(base.get_layer('mixed7').output)), with "
         f"InceptionV3's layers at its top level (not nested as one layer).")
-  layers = _config_layers(kf.model_config)
+  layers = keras_files.config_layers(kf.model_config)
   if not layers:
-    raise _corrupt(path, 'its model config lists no layers')
+    raise keras_files.corrupt(path, 'its model config lists no layers')
   for layer in layers:
     if layer.get('class_name') not in _BACKBONE_CLASSES + _HEAD_CLASSES:
       raise errors.KerasWeightsError(
@@ -317,7 +201,7 @@ def _spec_from_model_config(kf: _KerasFile) -> KerasClassifier:
   return KerasClassifier(cut, kind, hidden, dropout, 2 if outputs == 1 else outputs, image_size)
 
 
-def _spec_from_config(kf: _KerasFile, config: ml_collections.ConfigDict | None
+def _spec_from_config(kf: KerasFile, config: ml_collections.ConfigDict | None
                       ) -> KerasClassifier:
   """The classifier a weights-only file is taken to be: config.model and data.image_size."""
   if config is None:
@@ -336,20 +220,20 @@ def _spec_from_config(kf: _KerasFile, config: ml_collections.ConfigDict | None
 # --------------------------------------------------------------------------- reading
 
 
-def _read_head(kf: _KerasFile, layers: list[FileLayer], paths: list[str]) -> dict[str, Any]:
+def _read_head(kf: KerasFile, layers: list[FileLayer], paths: list[str]) -> dict[str, Any]:
   head = {}
   for layer, path in zip(layers, paths):
     try:
       kernel, bias = (np.asarray(layer.group[w], np.float32) for w in layer.weight_names)
     except (OSError, KeyError, ValueError) as e:
-      raise _corrupt(kf.path, f'reading {layer.describe()} failed ({e})') from None
+      raise keras_files.corrupt(kf.path, f'reading {layer.describe()} failed ({e})') from None
     if not (np.all(np.isfinite(kernel)) and np.all(np.isfinite(bias))):
-      raise _corrupt(kf.path, f'{layer.describe()} holds NaN or infinite values')
+      raise keras_files.corrupt(kf.path, f'{layer.describe()} holds NaN or infinite values')
     head[path.split('/')[1]] = {'kernel': kernel, 'bias': bias}
   return head
 
 
-def _read(kf: _KerasFile, spec: KerasClassifier) -> Variables:
+def _read(kf: KerasFile, spec: KerasClassifier) -> Variables:
   order = keras_h5.keras_layer_order(spec.cut)
   backbone = keras_h5.read_variables(kf.path, kf.layers[:len(order)], order)
   head = _read_head(kf, kf.layers[len(order):], spec.layer_paths()[len(order):])
@@ -357,12 +241,12 @@ def _read(kf: _KerasFile, spec: KerasClassifier) -> Variables:
           'batch_stats': {'backbone': backbone['batch_stats']}}
 
 
-def _with_metadata(spec: KerasClassifier, kf: _KerasFile) -> KerasClassifier:
+def _with_metadata(spec: KerasClassifier, kf: KerasFile) -> KerasClassifier:
   """The class names and preprocessing that hhjax's export stored beside the model."""
   names, preprocessing = kf.metadata.get('class_names'), kf.metadata.get('preprocessing')
   if names is not None and (not isinstance(names, list) or len(names) != spec.num_classes):
-    raise _corrupt(kf.path, f'its hhjax metadata lists the classes {names!r} for a model with '
-                            f'{spec.num_classes}')
+    raise keras_files.corrupt(kf.path, f'its hhjax metadata lists the classes {names!r} for a '
+                                       f'model with {spec.num_classes}')
   return dataclasses.replace(spec, class_names=tuple(map(str, names)) if names else None,
                              preprocessing=preprocessing)
 
@@ -387,7 +271,7 @@ def read_classifier(path: str | pathlib.Path, config: ml_collections.ConfigDict 
       message names the first layer that does not fit).
   """
   path = pathlib.Path(path).expanduser()
-  with _open(path) as kf:
+  with keras_files.open_file(path) as kf:
     if kf.model_config is not None:
       spec, source = _spec_from_model_config(kf), 'its model config'
     else:
