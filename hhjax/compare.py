@@ -18,6 +18,7 @@ from typing import Any
 from etils import epath
 from matplotlib.figure import Figure
 
+from hhjax import durations
 from hhjax import errors
 from hhjax import files
 from hhjax import metrics
@@ -67,10 +68,7 @@ def _value(config: Mapping[str, Any], field: str) -> str:
 def _duration(seconds: float | None) -> str:
   if seconds is None:
     return '-'
-  seconds = int(round(seconds))
-  h, rest = divmod(seconds, 3600)
-  m, s = divmod(rest, 60)
-  return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
+  return durations.format_duration(round(seconds))
 
 
 def summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from hhjax import config_checks
+from hhjax import durations
 from hhjax import errors
 from hhjax import files
 from hhjax.data import check_cache
@@ -61,12 +62,6 @@ def _known(path: str, signature: check_cache.Signature) -> bool:
   return path in _CHECKED and _CHECKED[path][0] == signature
 
 
-def _format_eta(seconds: float) -> str:
-  minutes, seconds = divmod(int(seconds), 60)
-  hours, minutes = divmod(minutes, 60)
-  return f'{hours}:{minutes:02d}:{seconds:02d}' if hours else f'{minutes}:{seconds:02d}'
-
-
 def _decode_all(paths: Sequence[str], num_parallel_calls: int | None, what: str
                 ) -> dict[str, str | None]:
   """{path: None if it decodes, else why not}, logging the count, rate and ETA as it goes."""
@@ -88,7 +83,7 @@ def _decode_all(paths: Sequence[str], num_parallel_calls: int | None, what: str
       rate = len(good) / (now - start)
       logging.info('Checking %s: %s of %s files decoded, %.0f files/s, ETA %s', what,
                    f'{len(good):,}', f'{len(paths):,}', rate,
-                   _format_eta((len(paths) - len(good)) / max(rate, 1e-9)))
+                   durations.format_duration((len(paths) - len(good)) / max(rate, 1e-9)))
   result = {p: None if p in good else _why_bad(p) for p in paths}
   seconds = time.perf_counter() - start
   logging.info('Checked %s: %s file(s) in %.1f s (%.0f files/s), %d unreadable.', what,

@@ -25,6 +25,7 @@ import ml_collections
 
 from hhjax import checkpointing
 from hhjax import config_checks
+from hhjax import durations
 from hhjax import errors
 from hhjax import evaluate
 from hhjax import metrics as metrics_lib
@@ -193,13 +194,6 @@ def _metrics_from_state(state: PyTree) -> tuple[float, float, int]:
   return float(m['loss_sum']) / count, float(m['correct']) / count, count
 
 
-def _format_eta(seconds: float) -> str:
-  seconds = int(max(0, seconds))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
-
-
 class _StepLog:
   """Progress lines every config.log_every_steps steps: loss, accuracy, images/s and ETA.
 
@@ -233,7 +227,7 @@ class _StepLog:
     epoch, in_epoch = divmod(step - self._progress.phase_start_step, self._run.steps_per_epoch)
     logging.info('%s epoch %d/%d step %d/%d  loss %.4f  accuracy %.4f  %.1f img/s  ETA %s',
                  self._phase.name, epoch + (1 if in_epoch else 0), self._phase.epochs, step,
-                 self._run.total_steps, loss, acc, rate, _format_eta(eta))
+                 self._run.total_steps, loss, acc, rate, durations.format_duration(eta))
     self.restart(step)
 
 
