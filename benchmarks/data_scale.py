@@ -28,6 +28,7 @@ the code on the same data, back to back case by case (e.g. an older commit unpac
 
 import argparse
 import collections
+import contextlib
 import io
 import json
 import multiprocessing
@@ -102,12 +103,9 @@ def _parse_args(argv=None):
 
 
 def _cpu() -> dict:
-  model = 'unknown'
-  try:
-    with open('/proc/cpuinfo') as f:
-      model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
+  model = 'unknown'   # where /proc/cpuinfo is missing or names no model
+  with contextlib.suppress(OSError, StopIteration), open('/proc/cpuinfo') as f:
+    model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
   return {'cpu': model, 'cpus': os.cpu_count(), 'load_avg_1m': round(os.getloadavg()[0], 2)}
 
 

@@ -136,11 +136,10 @@ class _Watch:
 
   def finish(self, ok: bool) -> None:
     self._stop.set()
-    try:
+    # The store may be gone already (the coordinator's process ended): nothing left to tell.
+    with contextlib.suppress(Exception):
       self._state.client.key_value_set(f'{_KEY}{self._index}', _DONE if ok else _FAILED,
                                        allow_overwrite=True)
-    except Exception:  # pylint: disable=broad-except  # the store may be gone; nothing to tell
-      pass
 
 
 def start() -> None:

@@ -36,8 +36,8 @@ def test_local_lock_refuses_a_second_holder_naming_the_first(tmp_path):
           'train in another --workdir; eval and predict may run beside it.')
   assert (tmp_path / workdir_lock.LOCK_FILE).read_text() == ''   # released cleanly
   workdir_lock.check_free(str(tmp_path))
-  with workdir_lock.hold(str(tmp_path)):
-    pass
+  with workdir_lock.hold(str(tmp_path)):   # free again: taken at once
+    assert _owner(tmp_path)['pid'] == os.getpid()
 
 
 def test_local_lock_left_filled_is_taken_over_with_a_warning(tmp_path, caplog):
