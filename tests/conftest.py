@@ -34,6 +34,15 @@ def jax_cache_dir(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope='session')
+def env(jax_cache_dir) -> dict[str, str]:
+  """The environment of the main.py processes the tests start: CPU, the shared compilation
+  cache, no XLA flags of the caller's. Files that need another override this fixture."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(jax_cache_dir))
+  env.pop('XLA_FLAGS', None)
+  return env
+
+
+@pytest.fixture(scope='session')
 def real_data_dir() -> pathlib.Path:
   """The shared horse-or-human folder (read-only); skips when it is absent."""
   if not (SHARED_DATA / 'train').is_dir():

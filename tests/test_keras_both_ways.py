@@ -325,13 +325,18 @@ def _fits_one_step(model, data):
   assert np.isfinite(history.history['loss'][0])
 
 
+def _worst_difference(model, exported, what):
+  """The largest |Keras's probability - hhjax's| over the exported model's test images."""
+  worst = np.abs(model.predict(exported.inputs, verbose=0)[:, 0]
+                 - exported.probabilities[:, 1]).max()
+  print(f'export {what}: max |keras - hhjax| = {worst:.2e}')
+  return worst
+
+
 def test_exported_keras_file_loads_in_keras3_predicts_as_hhjax_and_fits(exported, data):
   import keras  # pylint: disable=g-import-not-at-top
   model = keras.saving.load_model(str(exported.keras))
-  worst = np.abs(model.predict(exported.inputs, verbose=0)[:, 0]
-                 - exported.probabilities[:, 1]).max()
-  print(f'export model.keras in Keras 3: max |keras - hhjax| = {worst:.2e}')
-  assert worst <= KERAS_TOLERANCE
+  assert _worst_difference(model, exported, 'model.keras in Keras 3') <= KERAS_TOLERANCE
   assert type(model.optimizer).__name__ == 'RMSprop'
   model.jit_compile = False   # XLA's compile time is no part of the test
   _fits_one_step(model, data)
@@ -340,10 +345,7 @@ def test_exported_keras_file_loads_in_keras3_predicts_as_hhjax_and_fits(exported
 def test_exported_h5_loads_in_tf_keras_predicts_as_hhjax_and_fits(exported, data):
   import tf_keras  # pylint: disable=g-import-not-at-top
   model = tf_keras.models.load_model(str(exported.h5))
-  worst = np.abs(model.predict(exported.inputs, verbose=0)[:, 0]
-                 - exported.probabilities[:, 1]).max()
-  print(f'export model.h5 in tf_keras: max |keras - hhjax| = {worst:.2e}')
-  assert worst <= KERAS_TOLERANCE
+  assert _worst_difference(model, exported, 'model.h5 in tf_keras') <= KERAS_TOLERANCE
   _fits_one_step(model, data)
 
 

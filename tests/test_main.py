@@ -1,7 +1,6 @@
 """The command line, as a user runs it: the smoke config end to end, then eval and predict."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -19,14 +18,6 @@ def _main(*args, env, check=True):
   if check:
     assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
-
-
-@pytest.fixture(scope='module')
-def env(jax_cache_dir):
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=str(jax_cache_dir))
-  env.pop('XLA_FLAGS', None)
-  return env
 
 
 @pytest.fixture(scope='module')

@@ -42,14 +42,6 @@ def _png(path, min_side=200):
 
 
 @pytest.fixture(scope='module')
-def env(jax_cache_dir):
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=str(jax_cache_dir))
-  env.pop('XLA_FLAGS', None)
-  return env
-
-
-@pytest.fixture(scope='module')
 def trained(real_data_dir, tmp_path_factory, env):
   """Two warm-up epochs of 3 steps on the real folder; the final evaluation on validation."""
   workdir = tmp_path_factory.mktemp('real')

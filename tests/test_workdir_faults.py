@@ -9,7 +9,6 @@ it. Smaller faults of the same commands are checked in-process.
 
 import dataclasses
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -85,14 +84,6 @@ def _rows(workdir):
 def _finished_checkpoints(workdir):
   ckpts = workdir / 'checkpoints'
   return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.exists() else []
-
-
-@pytest.fixture(scope='module')
-def env(jax_cache_dir):
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=str(jax_cache_dir))
-  env.pop('XLA_FLAGS', None)
-  return env
 
 
 @dataclasses.dataclass
