@@ -22,6 +22,8 @@ barrier (`end_failed`), where it would wait for the others until JAX's timeout.
 `timeout` is HHJAX_PEER_TIMEOUT_S (default 60 s). A lost process is found within about
 `timeout + timeout / 10` seconds; a slow one (a long compile, a checkpoint written to gs://)
 is not mistaken for a lost one, since the threads beat independently of the work.
+
+`key_value_store` is that store, for the other exchanges between processes (the image check's).
 """
 
 from collections.abc import Callable, Iterator
@@ -63,6 +65,12 @@ def _client():
   # The coordination service's client: JAX exposes its key-value store under jax._src only.
   from jax._src import distributed  # pylint: disable=g-import-not-at-top
   return distributed.global_state
+
+
+def key_value_store():
+  """jax.distributed's key-value store (the coordination service), or None without it."""
+  import jax  # pylint: disable=g-import-not-at-top  # main.py imports this module before JAX
+  return _client().client if jax.distributed.is_initialized() else None
 
 
 def _resume_advice() -> str:

@@ -27,6 +27,7 @@ from hhjax import config_checks
 from hhjax import durations
 from hhjax import errors
 from hhjax import files
+from hhjax import peers
 from hhjax.data import check_cache
 from hhjax.data import decode
 from hhjax.data import streams
@@ -101,15 +102,6 @@ _EXCHANGE_TIMEOUT_MS = 24 * 3600 * 1000
 _exchanges = itertools.count()
 
 
-def _store():
-  """jax.distributed's key-value store (the coordination service), or None without it."""
-  if not jax.distributed.is_initialized():
-    return None
-  # Not in JAX's public API; orbax reaches it the same way for its own signalling.
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  return distributed.global_state.client
-
-
 def _exchange(store, key: str, mine: str) -> list[str]:
   """Every process's value under `key`, in process order; waits for those not there yet."""
   index = jax.process_index()
@@ -180,7 +172,7 @@ def check_image_files(paths: Sequence[str], num_parallel_calls: int | None = Non
     todo = {p for p in todo if not _known(p, signatures[p])}
   # Without jax.distributed's store (several processes launched otherwise), each process
   # checks what it does not know itself: slower, but the verdicts are the same.
-  store = _store() if folder is not None and jax.process_count() > 1 else None
+  store = peers.key_value_store() if folder is not None and jax.process_count() > 1 else None
   if store is not None:
     key = f'hhjax/image_check/{next(_exchanges)}'
     todo = _agree_on_todo(store, key, folder, list(signatures), todo)
