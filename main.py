@@ -131,8 +131,8 @@ def _run(mode: str, config: ml_collections.ConfigDict) -> None:
 
 def _run_mode(mode: str, config: ml_collections.ConfigDict) -> None:
   if mode == 'train':
-    from hhjax.training import loop  # pylint: disable=g-import-not-at-top
-    loop.train_and_evaluate(config, FLAGS.workdir)
+    from hhjax import train  # pylint: disable=g-import-not-at-top
+    train.train_and_evaluate(config, FLAGS.workdir)
   elif mode == 'eval':
     from hhjax import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.evaluate(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint)

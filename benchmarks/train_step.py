@@ -129,14 +129,15 @@ def build_step(config, case: str):
   cached case, whose batch holds indices into `features`.
   """
   import jax.numpy as jnp
-  from hhjax.model import classifier  # pylint: disable=g-import-not-at-top
+  from hhjax import entry  # pylint: disable=g-import-not-at-top
   from hhjax.training import feature_cache  # pylint: disable=g-import-not-at-top
   from hhjax.training import phases as phases_lib  # pylint: disable=g-import-not-at-top
   from hhjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   from hhjax.training import steps  # pylint: disable=g-import-not-at-top
-  model = classifier.create_model(config, num_classes=2)
-  phase = next(p for p in phases_lib.make_phases(config) if p.name == CASES[case][0])
-  setup = phases_lib.setup(config, phase, state_lib.abstract_variables(model, config)['params'])
+  model = entry.model(config, 2)
+  phase = next(p for p in entry.phases(config) if p.name == CASES[case][0])
+  params = state_lib.abstract_variables(model, config.data.image_size)['params']
+  setup = entry.setup_for(config)(phase, params)
   if case == 'forward':
     def forward(state, batch):
       logits = model.apply({'params': state['params'], 'batch_stats': state['batch_stats']},
@@ -166,7 +167,9 @@ def build(config, case: str, image_dtype: str = 'float32', cache_examples: int =
   mesh = sharding.make_mesh()
   repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
   step, model, labels, tx = build_step(config, case)
-  variables = jax.jit(lambda: state_lib.init_variables(model, config), out_shardings=repl)()
+  variables = jax.jit(
+      lambda: state_lib.init_variables(model, config.data.image_size, config.seed),
+      out_shardings=repl)()
   state = jax.jit(lambda v: state_lib.build_state(v, tx, config.seed),
                   out_shardings=repl)(variables)
   b, s = int(config.batch_size), int(config.data.image_size)

@@ -29,6 +29,7 @@ from hhjax.model import inception
 from hhjax.model import lowering
 from hhjax.model import preprocessing
 from hhjax.training import optim
+from hhjax.training import phases
 
 # config.data: the input pipeline's value sets.
 SOURCES = ('tfds', 'folder', 'fake')
@@ -37,9 +38,6 @@ IMAGE_DTYPES = ('float32', 'uint8')
 BAD_FILES = ('error', 'skip')
 # config.data.augment.fill_mode: the modes of Keras's ImageDataGenerator.
 FILL_MODES = ('nearest', 'reflect', 'wrap', 'constant')
-# config.early_stopping: the metrics of an epoch's row, and which way is better.
-EARLY_STOPPING_METRICS = ('train_accuracy', 'train_loss', 'val_accuracy', 'val_loss')
-EARLY_STOPPING_MODES = ('max', 'min')
 # config.speed fields read by lowering.parse_switch: the model's rewrites, then the cache.
 SPEED_SWITCHES = tuple(f.name for f in dataclasses.fields(lowering.Lowering)) + (
     'cache_features',)
@@ -140,7 +138,7 @@ RULES: dict[str, _Rule] = {
     'model.dropout': _number(0, 1),
     'speed.compute_dtype': _optional(_one_of(tuple(lowering.COMPUTE_DTYPES))),
     'speed.cache_features_max_mb': _number(0, low_open=True),
-    'optimizer.name': _one_of(optim.OPTIMIZERS),
+    'optimizer.name': _one_of(tuple(optim.OPTIMIZERS)),
     'optimizer.rho': _number(0, 1),
     'optimizer.epsilon': _number(0, low_open=True),
     'warmup.epochs': _integer(0),
@@ -151,9 +149,9 @@ RULES: dict[str, _Rule] = {
     'finetune.train_bn': _BOOL,
     # The loop reads any false value ('' from the command line too) as "no early stopping".
     'early_stopping.metric': _Rule(
-        lambda v: not v or (isinstance(v, str) and v in EARLY_STOPPING_METRICS),
-        'None or ' + _one_of(EARLY_STOPPING_METRICS).allowed),
-    'early_stopping.mode': _one_of(EARLY_STOPPING_MODES),
+        lambda v: not v or (isinstance(v, str) and v in phases.EARLY_STOPPING_METRICS),
+        'None or ' + _one_of(phases.EARLY_STOPPING_METRICS).allowed),
+    'early_stopping.mode': _one_of(phases.EARLY_STOPPING_MODES),
     'early_stopping.threshold': _NUMBER,
 }
 

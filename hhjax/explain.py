@@ -32,8 +32,7 @@ from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 
-from hhjax import config_checks
-from hhjax import evaluate
+from hhjax import entry
 from hhjax import files
 from hhjax import pictures
 from hhjax import predict
@@ -201,14 +200,13 @@ def explain(config: ml_collections.ConfigDict, workdir: str, images: Sequence[st
     The paths written into WORKDIR/explain/ (process 0 writes and prints them; the others
     compute their share and return []).
   """
-  config_checks.validate(config)
   paths = bad_files.readable_files(predict.expand_images(images), config.data.get('bad_files'),
                                    config.data.get('num_parallel_calls'))
-  mesh, model, state, class_names, step = evaluate.restore_for_inference(config, workdir,
+  mesh, model, state, class_names, step = entry.restore_for_inference(config, workdir,
                                                                          checkpoint)
   step_fn = make_gradcam(model, mesh)
   data = sharding.data_sharded(mesh)
-  batch_size = evaluate.eval_batch_size(config)
+  batch_size = entry.eval_batch_size(config)
   batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
   inputs, maps, predicted, probs = [], [], [], []
   for start in range(0, len(paths), batch_size):

@@ -39,9 +39,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from hhjax import config_checks
+from hhjax import entry
 from hhjax import errors
-from hhjax import evaluate
 from hhjax import workdir as workdir_lib
 from hhjax.model import classifier
 from hhjax.model import inception
@@ -183,7 +182,6 @@ def export(config: ml_collections.ConfigDict, workdir: str, fmt: str,
   Returns:
     The paths written.
   """
-  config_checks.validate(config)
   if fmt not in FORMATS:
     raise errors.ConfigError(f'--format must be one of {FORMATS}, got {fmt!r}.')
   out_dir = pathlib.Path(export_dir or os.path.join(workdir_lib.absolute(workdir), 'export'))
@@ -193,12 +191,12 @@ def export(config: ml_collections.ConfigDict, workdir: str, fmt: str,
   if fmt == 'keras':
     _import('keras', '--format=keras (the .keras file)')
     _import('tf_keras', '--format=keras (the .h5 file)')
-  _, model, state, class_names, step = evaluate.restore_for_inference(config, workdir,
+  _, model, state, class_names, step = entry.restore_for_inference(config, workdir,
                                                                       checkpoint)
   variables = jax.tree.map(np.asarray, jax.device_get(
       {'params': state['params'], 'batch_stats': state['batch_stats']}))
   if fmt == 'keras':
-    spec = keras_classifier.KerasClassifier.from_config(config, len(class_names), class_names)
+    spec = entry.keras_classifier_spec(config, len(class_names), class_names)
     paths = export_keras(spec, variables, config, out_dir)
   else:
     paths = [export_saved_model(model, variables, list(class_names),

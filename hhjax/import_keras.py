@@ -29,11 +29,12 @@ import ml_collections
 
 from hhjax import checkpointing
 from hhjax import config_checks
+from hhjax import entry
 from hhjax import errors
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
-from hhjax.model import classifier
 from hhjax.training import phases as phases_lib
+from hhjax.training import restore
 from hhjax.training import state as state_lib
 from hhjax.weights import keras_h5
 from hhjax.weights import keras_model
@@ -110,7 +111,8 @@ def import_keras(path: str | os.PathLike, workdir: str, config: ml_collections.C
   """
   workdir = workdir_lib.absolute(workdir)
   _check_new_workdir(workdir)
-  spec, variables = keras_model.read_classifier(pathlib.Path(path), config)
+  spec, variables = keras_model.read_classifier(pathlib.Path(path),
+                                                entry.keras_classifier_spec(config))
   config = config_for(spec, config)
   if class_names is not None:
     names = list(class_names)
@@ -119,20 +121,21 @@ def import_keras(path: str | os.PathLike, workdir: str, config: ml_collections.C
                              f'{spec.class_names or spec.num_classes}.')
   else:
     names = _class_names(spec, config, data_class_names)
-  model = classifier.create_model(config, len(names))
-  keras_h5.check_variables(variables, state_lib.abstract_variables(model, config), str(path))
-  phase = phases_lib.make_phases(config)[0]
-  setup = phases_lib.setup(config, phase, variables['params'])
-  state = state_lib.from_variables(variables, setup.tx, config, sharding.make_mesh())
+  model = entry.model(config, len(names))
+  keras_h5.check_variables(variables,
+                           state_lib.abstract_variables(model, entry.image_size(config)),
+                           str(path))
+  phase = entry.phases(config)[0]
+  setup = entry.setup_for(config)(phase, variables['params'])
+  state = state_lib.from_variables(variables, setup.tx, int(config.seed), sharding.make_mesh())
   checkpointing.quiet_orbax()
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   with checkpointing.Checkpoints(workdir_lib.checkpoint_dir(workdir),
                                  keep=int(config.keep_checkpoints)) as ckpts:
-    ckpts.save(0, state, {
-        'phase': phase.name, 'step': 0,
-        'progress': phases_lib.Progress(phase.name).to_metadata(),
-        'class_names': names, 'config': workdir_lib.config_dict(config),
-        'imported_from': str(path)})
+    restore.save(ckpts, state, restore.CheckpointMeta(
+        step=0, phase=phase.name, progress=phases_lib.Progress(phase.name),
+        class_names=tuple(names), config=workdir_lib.config_dict(config),
+        imported_from=str(path)))
     ckpts.wait()
   workdir_lib.save_config(config, workdir, is_main=True)
   logging.info('Imported %s (%s; classes %s) into %s.', path, spec.describe(), names, workdir)

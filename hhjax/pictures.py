@@ -141,7 +141,7 @@ def write_eval_pictures(config: ml_collections.ConfigDict, result: Mapping[str, 
 
   Args:
     config: the run's config (which split, and how to decode its images).
-    result: an `evaluate.Evaluator` result ('confusion', 'accuracy', 'count', and per example
+    result: an `evaluation.Evaluator` result ('confusion', 'accuracy', 'count', and per example
       'probabilities' in the split's table order).
     class_names: in label order.
     step: the evaluated checkpoint's step, for the titles.

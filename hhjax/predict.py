@@ -16,9 +16,8 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from hhjax import config_checks
+from hhjax import entry
 from hhjax import errors
-from hhjax import evaluate
 from hhjax import files as files_lib
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
@@ -67,11 +66,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: Sequence[st
   Returns:
     (path, class name, probability of that class) per image; process 0 also prints them.
   """
-  config_checks.validate(config)
   workdir_lib.check_inference_config(config, workdir)
   files = bad_files.readable_files(expand_images(images), config.data.get('bad_files'),
                                    config.data.get('num_parallel_calls'))
-  mesh, model, state, class_names, _ = evaluate.restore_for_inference(config, workdir,
+  mesh, model, state, class_names, _ = entry.restore_for_inference(config, workdir,
                                                                       checkpoint)
   repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
 
@@ -80,7 +78,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: Sequence[st
     return classifier.probabilities(
         model.apply({'params': params, 'batch_stats': batch_stats}, images_, train=False))
 
-  batch_size = evaluate.eval_batch_size(config)
+  batch_size = entry.eval_batch_size(config)
   batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
   results = []
   is_main = jax.process_index() == 0   # every process computes; one prints

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from hhjax import entry
 from hhjax import checkpointing
 from hhjax import errors
 from hhjax import evaluate
@@ -188,7 +189,7 @@ def test_a_damaged_best_checkpoint_is_an_error_naming_it(workdir):
   config = workdir_lib.load_config(str(workdir))
   with pytest.raises(errors.CheckpointDamagedError,
                      match=rf'step {best} in .*cannot be read: .*--checkpoint=best') as raised:
-    evaluate.restore_for_inference(config, str(workdir), 'best')
+    entry.restore_for_inference(config, str(workdir), 'best')
   assert '\n' not in str(raised.value)
 
 

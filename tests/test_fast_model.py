@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hhjax import entry
 from hhjax.model import lowering
 from hhjax.model import inception
 from hhjax.weights import keras_h5
@@ -160,19 +161,19 @@ def test_config_speed_switches_reach_the_classifier():
   from configs import default  # pylint: disable=g-import-not-at-top
   from hhjax.model import classifier as models  # pylint: disable=g-import-not-at-top
   config = default.get_config()
-  auto = models.create_model(config, 2)
+  auto = entry.model(config, 2)
   expected = jax.default_backend() == 'cpu'
   assert auto.lowering == lowering.Lowering(expected, expected, expected, expected)
   assert auto.dtype == jnp.float32
   config.speed.fold_bn = 'off'
   config.speed.merge_1x1 = 'on'
   config.speed.compute_dtype = 'bfloat16'
-  model = models.create_model(config, 2)
+  model = entry.model(config, 2)
   assert (model.lowering.fold_bn, model.lowering.merge_1x1) == (False, True)
   assert model.dtype == jnp.bfloat16
   config.speed.fold_bn = 'sometimes'
   with pytest.raises(ValueError, match='config.speed.fold_bn'):
-    models.create_model(config, 2)
+    entry.model(config, 2)
 
 
 def test_classifier_normalises_uint8_images_on_the_device_as_the_pipeline_does():
@@ -184,7 +185,7 @@ def test_classifier_normalises_uint8_images_on_the_device_as_the_pipeline_does()
   pixels = np.random.default_rng(3).integers(0, 256, (2, 75, 75, 3)).astype(np.uint8)
   for preprocessing in ('inception', 'rescale'):
     config.data.preprocessing = preprocessing
-    model = models.create_model(config, 2)
+    model = entry.model(config, 2)
     floats = decode.normalize(tf.constant(pixels), preprocessing).numpy()
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), floats)
     apply = jax.jit(model.apply)

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from configs import smoke
+from hhjax import entry
 from hhjax import sharding
 from hhjax.data import pipeline
 from hhjax.model import classifier as models
 from hhjax.training import feature_cache
-from hhjax.training import loop
+from hhjax import train
 from hhjax.training import phases as phases_lib
 from hhjax.training import state as state_lib
 from hhjax.training import steps
@@ -33,15 +34,15 @@ def small_config():
 def prepared():
   config = small_config()
   mesh = sharding.make_mesh()
-  model = models.create_model(config, config.data.fake.num_classes)
-  phase = phases_lib.make_phases(config)[0]
-  variables = state_lib.init_variables(model, config)
+  model = entry.model(config, config.data.fake.num_classes)
+  phase = entry.phases(config)[0]
+  variables = state_lib.init_variables(model, config.data.image_size, config.seed)
   # Nonzero BatchNorm statistics, so that the cached backbone does real work.
   rng = np.random.default_rng(0)
   variables['batch_stats'] = jax.tree.map(
       lambda v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape), jnp.float32),
       variables['batch_stats'])
-  setup = phases_lib.setup(config, phase, variables['params'])
+  setup = entry.setup_for(config)(phase, variables['params'])
   state = state_lib.build_state(variables, setup.tx, config.seed)
   return config, mesh, model, setup, state
 
@@ -126,8 +127,8 @@ def test_cache_is_not_used_when_the_backbone_trains(prepared, mode):
   config = small_config()
   config.speed.cache_features = mode
   config.finetune.epochs = 1
-  warmup, finetune = (phases_lib.setup(config, phase, state['params'])
-                      for phase in phases_lib.make_phases(config))
+  warmup, finetune = (entry.setup_for(config)(phase, state['params'])
+                      for phase in entry.phases(config))
   assert not feature_cache.wanted(config, finetune)
   assert feature_cache.wanted(config, warmup)
   config.speed.cache_features = 'off'
@@ -164,7 +165,7 @@ def test_training_with_the_cache_ends_where_training_on_images_ends(tmp_path, mo
   results, step_counts = {}, {}
   for mode in ('on', 'off'):
     config.speed.cache_features = mode
-    results[mode] = loop.train_and_evaluate(config, str(tmp_path / mode))
+    results[mode] = train.train_and_evaluate(config, str(tmp_path / mode))
     step_counts[mode], steps_built[:] = len(steps_built), []
   assert built == [True]   # the warm-up only; the fine-tuning trains the backbone
   # One train step per phase: the cached phase builds none on images to throw away.

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
+from hhjax import entry
 from hhjax import errors
 from hhjax import evaluate
 from hhjax import export
@@ -31,7 +32,7 @@ from hhjax import workdir as workdir_lib
 from hhjax.data import pipeline
 from hhjax.model import classifier
 from hhjax.model import preprocessing
-from hhjax.training import loop
+from hhjax import train
 from hhjax.weights import keras_model
 import keras_classifiers
 
@@ -65,7 +66,7 @@ def _probabilities(model, variables, pixels):
 def hhjax_probabilities(workdir, pixels: np.ndarray) -> tuple[np.ndarray, list[str]]:
   """What hhjax's predict computes for uint8 `pixels`, from the workdir's latest checkpoint."""
   config = workdir_lib.load_config(str(workdir))
-  _, model, state, class_names, _ = evaluate.restore_for_inference(config, str(workdir))
+  _, model, state, class_names, _ = entry.restore_for_inference(config, str(workdir))
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
   return np.asarray(_probabilities(model, variables, pixels)), list(class_names)
 
@@ -188,7 +189,8 @@ def test_weights_only_h5_takes_the_model_from_the_config(tf_keras_tutorial, data
     keras_model.read_classifier(tf_keras_tutorial.weights)
   config = base_config(data.folder)
   config.model.cut, config.model.head, config.model.hidden = 'mixed7', 'flatten', 1024
-  spec, variables = keras_model.read_classifier(tf_keras_tutorial.weights, config)
+  spec, variables = keras_model.read_classifier(tf_keras_tutorial.weights,
+                                                      entry.keras_classifier_spec(config))
   whole_spec, whole = keras_model.read_classifier(tf_keras_tutorial.h5)
   assert spec == whole_spec
   jax.tree.map(np.testing.assert_array_equal, variables, whole)
@@ -197,7 +199,8 @@ def test_weights_only_h5_takes_the_model_from_the_config(tf_keras_tutorial, data
   with pytest.raises(errors.KerasWeightsError,
                      match=r'layer #140 "dense(_\d+)?" \(dense(_\d+)?/kernel:0 \(6912, 1024\)'
                            r'.*head/hidden \(kernel \(6912, 512\)'):
-    keras_model.read_classifier(tf_keras_tutorial.weights, config)
+    keras_model.read_classifier(tf_keras_tutorial.weights,
+                                                      entry.keras_classifier_spec(config))
 
 
 def test_keras3_keras_file_imported_predicts_as_keras3(keras3_model, keras3_workdir, data):
@@ -256,7 +259,7 @@ def fine_tuned(keras3_model, keras3_workdir, tmp_path_factory):
   keras_losses, untrained = keras_classifiers.fine_tune_losses(
       keras, tf, keras3_model.model, batches, cut='mixed5', hidden=True,
       unfreeze_from='mixed5', learning_rate=LEARNING_RATE)
-  loop.train_and_evaluate(config, str(workdir))
+  train.train_and_evaluate(config, str(workdir))
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   return types.SimpleNamespace(workdir=workdir, rows=rows, keras_losses=keras_losses,
                                untrained=untrained)
@@ -360,7 +363,7 @@ def test_saved_model_serves_uint8_batches_as_hhjax_predicts_without_jax(exported
 
 def test_exported_keras_files_import_back_bit_for_bit(exported, fine_tuned):
   config = workdir_lib.load_config(str(fine_tuned.workdir))
-  _, _, state, _, _ = evaluate.restore_for_inference(config, str(fine_tuned.workdir))
+  _, _, state, _, _ = entry.restore_for_inference(config, str(fine_tuned.workdir))
   ours = jax.device_get({'params': state['params'], 'batch_stats': state['batch_stats']})
   for path in (exported.keras, exported.h5):
     spec, variables = keras_model.read_classifier(path)

@@ -20,7 +20,7 @@ from hhjax import checkpointing
 from hhjax import evaluate
 from hhjax import predict
 from hhjax import workdir as workdir_lib
-from hhjax.training import loop
+from hhjax import train
 
 DATA = pathlib.Path(__file__).parent / 'data'
 
@@ -31,7 +31,7 @@ def resumed(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('legacy') / 'run'
   shutil.copytree(DATA / 'legacy_workdir', workdir)
   config = workdir_lib.load_config(str(workdir))
-  result = loop.train_and_evaluate(config, str(workdir))
+  result = train.train_and_evaluate(config, str(workdir))
   return workdir, config, result
 
 

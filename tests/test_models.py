@@ -9,11 +9,18 @@ import numpy as np
 import pytest
 
 from configs import default
+from hhjax import entry
 from hhjax import errors
 from hhjax.model import classifier as models
 from hhjax.model import inception
 from hhjax.training import state as state_lib
 from hhjax.weights import pretrained
+
+
+def _init(model, config):
+  """The model's random initial variables, as a function of nothing (to jit or eval_shape)."""
+  return functools.partial(state_lib.init_variables, model, config.data.image_size,
+                           config.seed)
 
 
 def _config(**model):
@@ -28,18 +35,18 @@ def _count(tree):
 
 
 def _shapes(config, num_classes=2):
-  model = models.create_model(config, num_classes)
-  return jax.eval_shape(functools.partial(state_lib.init_variables, model, config))
+  model = entry.model(config, num_classes)
+  return jax.eval_shape(_init(model, config))
 
 
 def test_unknown_cut_lists_the_valid_ones():
   with pytest.raises(ValueError, match=r"cut='mixed11'.*'mixed0', 'mixed1'.*'mixed10'"):
-    models.create_model(_config(cut='mixed11'), 2)
+    entry.model(_config(cut='mixed11'), 2)
 
 
 def test_unknown_head_is_an_error():
   with pytest.raises(ValueError, match=r"head must be one of \('flatten', 'gap'\)"):
-    models.create_model(_config(head='pool'), 2)
+    entry.model(_config(head='pool'), 2)
 
 
 def test_seed_model_has_keras_parameter_counts():
@@ -74,8 +81,8 @@ def test_head_options_gap_and_no_hidden_layer():
 
 def test_dense_layers_use_keras_glorot_uniform_and_zero_bias():
   config = _config(cut='mixed0', head='flatten', hidden=128)
-  model = models.create_model(config, 3)
-  head = jax.jit(functools.partial(state_lib.init_variables, model, config))()['params']['head']
+  model = entry.model(config, 3)
+  head = jax.jit(_init(model, config))()['params']['head']
   for name, (fan_in, fan_out) in (('hidden', (7 * 7 * 256, 128)), ('output', (128, 3))):
     kernel = np.asarray(head[name]['kernel'])
     limit = np.sqrt(6 / (fan_in + fan_out))
@@ -103,8 +110,8 @@ def converted_mixed1(tmp_path_factory):
 def test_pretrained_backbone_is_loaded_and_the_head_kept(converted_mixed1):
   path, source = converted_mixed1
   config = _config(cut='mixed0', head='gap', hidden=4)
-  model = models.create_model(config, 2)
-  variables = jax.jit(functools.partial(state_lib.init_variables, model, config))()
+  model = entry.model(config, 2)
+  variables = jax.jit(_init(model, config))()
   loaded = pretrained.load_backbone(variables, str(path), 'mixed0')
   for collection in ('params', 'batch_stats'):
     got = traverse_util.flatten_dict(loaded[collection]['backbone'], sep='/')

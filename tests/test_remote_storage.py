@@ -14,7 +14,7 @@ import tensorflow as tf
 from hhjax import errors
 from hhjax import predict
 from hhjax.data import bad_files
-from hhjax.training import loop
+from hhjax import train
 from hhjax.weights import pretrained
 
 ROOT = 'ram://hhjax-test/horse-or-human'
@@ -50,7 +50,7 @@ def _config(data_dir):
 
 def test_training_and_predict_read_an_image_folder_through_gfile(remote_folder, tmp_path):
   config = _config(remote_folder)
-  result = loop.train_and_evaluate(config, str(tmp_path / 'run'))
+  result = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert result['step'] == 2
   assert result['count'] == 2 * PER_CLASS['validation']   # the dot files were left out
   assert result['class_names'] == ['horses', 'humans']

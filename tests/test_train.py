@@ -14,6 +14,7 @@ from PIL import Image
 import pytest
 
 from configs import smoke
+from hhjax import entry
 from hhjax import checkpointing
 from hhjax import config_checks
 from hhjax import errors
@@ -22,11 +23,17 @@ from hhjax import predict
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
 from hhjax.model import classifier as models
-from hhjax.training import loop
+from hhjax import train
 from hhjax.training import phases as phases_lib
 from hhjax.training import state as state_lib
 from hhjax.training import steps
 from hhjax.weights import pretrained
+
+
+def _init(model, config):
+  """The model's random initial variables, as a function of nothing (to jit or eval_shape)."""
+  return functools.partial(state_lib.init_variables, model, config.data.image_size,
+                           config.seed)
 
 
 def tiny_config():
@@ -61,7 +68,7 @@ def trained(tmp_path_factory, keras_notop_h5):
     make = phases_lib.optim.make_optimizer
     patch.setattr(phases_lib.optim, 'make_optimizer',
                   lambda *a, **k: built.append(1) or make(*a, **k))
-    result = loop.train_and_evaluate(config, workdir)
+    result = train.train_and_evaluate(config, workdir)
   result['optimizers_built'] = len(built)
   return config, workdir, result
 
@@ -120,8 +127,8 @@ def test_warmup_leaves_the_pretrained_backbone_bit_identical(trained, keras_noto
     for k in want:   # the run started from the file, and warm-up did not touch it
       np.testing.assert_array_equal(got[k], want[k], err_msg=k)
   # ... while the head did train.
-  model = models.create_model(config, 2)
-  initial = jax.jit(functools.partial(state_lib.init_variables, model, config))()
+  model = entry.model(config, 2)
+  initial = jax.jit(_init(model, config))()
   assert not np.array_equal(after_warmup['params']['head']['output']['kernel'],
                             initial['params']['head']['output']['kernel'])
 
@@ -152,16 +159,16 @@ def _count_primitive(jaxpr, name):
 
 def test_warmup_step_has_no_backward_pass_through_the_backbone():
   config = tiny_config()
-  model = models.create_model(config, 2)
+  model = entry.model(config, 2)
   mesh = sharding.make_mesh()
   batch = {'image': jnp.zeros((2, 75, 75, 3)), 'label': jnp.zeros((2,), jnp.int32)}
-  variables = jax.eval_shape(functools.partial(state_lib.init_variables, model, config))
+  variables = state_lib.abstract_variables(model, config.data.image_size)
   forward = jax.make_jaxpr(lambda v: model.apply(v, batch['image']))(variables)
   convs_forward = _count_primitive(forward.jaxpr, 'conv_general_dilated')
   counts = {}
-  for phase in phases_lib.make_phases(config):
-    setup = phases_lib.setup(config, phase, variables['params'])
-    state = state_lib.abstract_state(model, config, setup.tx, mesh)
+  for phase in entry.phases(config):
+    setup = entry.setup_for(config)(phase, variables['params'])
+    state = state_lib.abstract_state(model, config.data.image_size, config.seed, setup.tx, mesh)
     step = steps.make_train_step(model, setup)
     counts[phase.name] = _count_primitive(jax.make_jaxpr(step)(state, batch).jaxpr,
                                           'conv_general_dilated')
@@ -206,7 +213,7 @@ def test_rerunning_a_finished_run_trains_nothing(trained, tmp_path):
   # Precedence: the workdir's checkpoint wins over config.model.pretrained (never read here).
   config = config.copy_and_resolve_references()
   config.model.pretrained = str(tmp_path / 'missing.h5')
-  again = loop.train_and_evaluate(config, workdir)
+  again = train.train_and_evaluate(config, workdir)
   assert again['step'] == 6 and again['accuracy'] == result['accuracy']
   assert open(os.path.join(workdir, 'metrics.jsonl')).read() == rows_before
 
@@ -217,7 +224,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(trained):
   other.model.cut = 'mixed1'
   with pytest.raises(errors.CheckpointMismatchError,
                      match=r"(?s)config\.model\.cut: checkpoint 'mixed0', now 'mixed1'.*mixed1"):
-    loop.train_and_evaluate(other, workdir)
+    train.train_and_evaluate(other, workdir)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -227,7 +234,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   config.checkpoint_every_steps = 1
   with pytest.raises(errors.NonFiniteLossError,
                      match=r'NaN or infinite at step (\d+).*last good checkpoint \(step 1\)'):
-    loop.train_and_evaluate(config, str(tmp_path))
+    train.train_and_evaluate(config, str(tmp_path))
   with checkpointing.Checkpoints(tmp_path / 'checkpoints', read_only=True) as ckpts:
     assert ckpts.all_steps() == [1]
 
@@ -243,11 +250,11 @@ def test_config_errors_name_the_field():
   config = tiny_config()
   config.finetune.unfreeze_from = 'mixed5'
   with pytest.raises(ValueError, match=r"unfreeze_from='mixed5'.*'stem'.*'mixed0'"):
-    phases_lib.make_phases(config)
+    entry.phases(config)
   config = tiny_config()
   config.warmup.epochs = config.finetune.epochs = 0
   with pytest.raises(ValueError, match='Nothing to train'):
-    phases_lib.make_phases(config)
+    entry.phases(config)
   config = tiny_config()
   config.early_stopping.metric = 'accuracy'
   with pytest.raises(ValueError, match='early_stopping.metric'):
@@ -260,7 +267,7 @@ def test_refused_resume_leaves_the_saved_config_for_eval(trained):
   other = config.copy_and_resolve_references()
   other.model.hidden = 4
   with pytest.raises(errors.CheckpointMismatchError, match='hidden'):
-    loop.train_and_evaluate(other, workdir)
+    train.train_and_evaluate(other, workdir)
   assert open(os.path.join(workdir, 'config.json')).read() == before
   again = evaluate.evaluate(workdir_lib.load_config(workdir), workdir)
   assert again['accuracy'] == result['accuracy']
@@ -287,10 +294,10 @@ def test_resume_finds_the_phase_by_name_when_warmup_epochs_change(tmp_path):
   config = tiny_config()
   config.steps_per_epoch = 1
   config.warmup.epochs, config.finetune.epochs = 1, 2
-  loop.train_and_evaluate(config, str(tmp_path))          # checkpoints at steps 1, 2, 3
+  train.train_and_evaluate(config, str(tmp_path))          # checkpoints at steps 1, 2, 3
   shutil.rmtree(tmp_path / 'checkpoints' / '3')          # as if killed during the last epoch
   config.warmup.epochs = 0                                  # the warm-up is done anyway
-  result = loop.train_and_evaluate(config, str(tmp_path))
+  result = train.train_and_evaluate(config, str(tmp_path))
   assert result['step'] == 3                                # fine-tuning ends its 2nd epoch
   rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   assert [(r['step'], r['phase']) for r in rows] == [(1, 'warmup'), (2, 'finetune'),

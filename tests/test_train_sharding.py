@@ -18,7 +18,7 @@ import jax, numpy as np
 from configs import smoke
 from hhjax import checkpointing
 from hhjax import errors
-from hhjax.training import loop
+from hhjax import train
 
 workdir, out = sys.argv[2], sys.argv[3]
 config = smoke.get_config()
@@ -36,11 +36,11 @@ errors = []
 if jax.device_count() > 1:
   config.batch_size = 12
   try:
-    loop.train_and_evaluate(config, workdir + '_bad')
+    train.train_and_evaluate(config, workdir + '_bad')
   except ValueError as e:
     errors.append(str(e))
 config.batch_size = 8
-result = loop.train_and_evaluate(config, workdir)
+result = train.train_and_evaluate(config, workdir)
 with checkpointing.Checkpoints(workdir + '/checkpoints', read_only=True) as ckpts:
   state = ckpts.restore_arrays(ckpts.latest_step())
 leaves = jax.tree_util.tree_flatten_with_path(

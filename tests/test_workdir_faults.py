@@ -21,9 +21,10 @@ import pytest
 import tensorflow as tf
 
 from hhjax import errors
-from hhjax import evaluate
 from hhjax import predict as predict_lib
 from hhjax.data import bad_files
+from hhjax.training import evaluation
+from hhjax.training import restore
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The smoke config, warm-up only (no second phase to compile), every checkpoint kept (so that
@@ -210,7 +211,7 @@ def test_eval_that_cannot_write_eval_json_warns_and_goes_on(tmp_path, caplog):
   (tmp_path / 'eval.json').mkdir()
   result = {'loss': 0.5, 'accuracy': 0.75, 'count': 4, 'confusion': np.array([[2, 0], [1, 1]])}
   with caplog.at_level('INFO', logger='absl'):
-    out = evaluate.report(result, ['a', 'b'], 30, str(tmp_path), is_main=True)
+    out = evaluation.report(result, ['a', 'b'], 30, str(tmp_path), is_main=True)
   assert out['accuracy'] == 0.75
   assert 'Evaluation at step 30 on 4 images' in caplog.text   # printed first
   assert f'Could not write {tmp_path}/eval.json (IsADirectoryError' in caplog.text
@@ -223,20 +224,20 @@ def test_eval_reads_again_when_a_training_run_deletes_the_checkpoint_it_reads(
     (tmp_path / 'checkpoints' / str(step)).mkdir(parents=True)
   calls = []
 
-  def restore(config, workdir, which):   # the first read loses its checkpoint to rotation
+  def read(workdir, target, which):   # the first read loses its checkpoint to rotation
     calls.append(which)
     if len(calls) == 1:
       (tmp_path / 'checkpoints' / '5').rmdir()
       raise ValueError('NOT_FOUND: Error opening "zarr" driver')
     return 'restored'
 
-  monkeypatch.setattr(evaluate, '_restore_for_inference', restore)
+  monkeypatch.setattr(restore, '_read_only', read)
   with caplog.at_level('WARNING', logger='absl'):
-    assert evaluate.restore_for_inference(None, str(tmp_path), 'latest') == 'restored'
+    assert restore.for_inference(str(tmp_path), None, 'latest') == 'restored'
   assert calls == ['latest', 'latest'] and 'deleted checkpoint(s) [5]' in caplog.text
 
-  def broken(config, workdir, which):    # nothing deleted: the error is the checkpoint's own
+  def broken(workdir, target, which):    # nothing deleted: the error is the checkpoint's own
     raise ValueError('damaged')
-  monkeypatch.setattr(evaluate, '_restore_for_inference', broken)
+  monkeypatch.setattr(restore, '_read_only', broken)
   with pytest.raises(ValueError, match='damaged'):
-    evaluate.restore_for_inference(None, str(tmp_path), 'latest')
+    restore.for_inference(str(tmp_path), None, 'latest')

@@ -10,12 +10,12 @@ Parameters are `{'backbone': ..., 'head': ...}`, so freezing rules read
 `^backbone/mixed6/...` and `^head/...`.
 """
 
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from hhjax import errors
 from hhjax.model import inception
@@ -137,22 +137,28 @@ def backbone_blocks(cut: str) -> tuple[str, ...]:
   return inception.ENDPOINTS[:inception.ENDPOINTS.index(cut) + 1]
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int) -> Classifier:
-  """The classifier that `config.model` describes, for `num_classes` classes.
+def create_model(model: Mapping[str, Any], num_classes: int, *, preprocessing: str,
+                 speed: Mapping[str, Any] | None = None) -> Classifier:
+  """The classifier that `model` (config.model: cut, head, hidden, dropout) describes.
 
-  `config.speed` (optional) picks the backbone's lowerings ('auto': on for the CPU backend)
-  and the compute dtype.
+  Args:
+    model: config.model, or any mapping with its fields.
+    num_classes: the number of classes (2: one sigmoid output).
+    preprocessing: how the images were normalised (config.data.preprocessing), for uint8
+      batches normalised on the device.
+    speed: config.speed (optional): the backbone's lowerings ('auto': on for the CPU backend)
+      and the compute dtype.
   """
-  m = config.model
-  check_cut(m.cut)
-  if m.head not in HEADS:
-    raise errors.ConfigError(f'config.model.head must be one of {HEADS}, got {m.head!r}.')
+  check_cut(model['cut'])
+  if model['head'] not in HEADS:
+    raise errors.ConfigError(f'config.model.head must be one of {HEADS}, got {model["head"]!r}.')
   num_outputs(num_classes)
-  speed = config.get('speed') or {}
-  return Classifier(cut=m.cut, num_classes=num_classes, head=m.head, hidden=int(m.hidden),
-                    dropout=float(m.dropout), lowering=lowering_lib.Lowering.from_config(speed),
+  speed = speed or {}
+  return Classifier(cut=model['cut'], num_classes=num_classes, head=model['head'],
+                    hidden=int(model['hidden']), dropout=float(model['dropout']),
+                    lowering=lowering_lib.Lowering.from_config(speed),
                     dtype=lowering_lib.compute_dtype(speed.get('compute_dtype')),
-                    preprocessing=config.data.preprocessing)
+                    preprocessing=preprocessing)
 
 
 def probabilities(logits: jax.Array) -> jax.Array:

@@ -7,7 +7,8 @@ matches a path gives its label, and every parameter must be matched. Labels are 
 the labels to differentiate only the trainable parameters (see `split` / `merge`).
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+import dataclasses
 import re
 from typing import Any
 
@@ -17,10 +18,17 @@ import optax
 TRAIN = 'train'
 FREEZE = 'freeze'
 LABELS = (TRAIN, FREEZE)
-# config.optimizer.name: Keras's RMSprop is the one optimizer the recipe uses.
-OPTIMIZERS = ('rmsprop',)
 
 Rules = Sequence[tuple[str, str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """config.optimizer: which optimizer, with its Keras arguments (the learning rate is a
+  phase's)."""
+  name: str = 'rmsprop'
+  rho: float = 0.9
+  epsilon: float = 1e-7
 
 
 def keras_rmsprop(learning_rate: float | optax.Schedule, rho: float = 0.9,
@@ -104,15 +112,28 @@ def finetune_rules(unfreeze_from: str, endpoints: Sequence[str]) -> list[tuple[s
           ('^backbone/', FREEZE)]
 
 
+def _rmsprop(spec: OptimizerSpec, learning_rate: float) -> optax.GradientTransformation:
+  return keras_rmsprop(learning_rate, spec.rho, spec.epsilon)
+
+
+# config.optimizer.name -> the optimizer it builds: Keras's RMSprop is the one the recipe uses.
+# The only place a name is looked up, so an unknown name can only be an error.
+OPTIMIZERS: dict[str, Callable[[OptimizerSpec, float], optax.GradientTransformation]] = {
+    'rmsprop': _rmsprop,
+}
+
+
 def make_optimizer(labels: Mapping[str, Any], learning_rate: float,
-                   rho: float = 0.9, epsilon: float = 1e-7) -> optax.GradientTransformation:
-  """Keras RMSprop on the parameters labelled 'train'; 'freeze' parameters get zero updates.
+                   spec: OptimizerSpec = OptimizerSpec()) -> optax.GradientTransformation:
+  """`spec`'s optimizer on the parameters labelled 'train'; 'freeze' parameters get zero updates.
 
   The frozen part holds no optimizer state (optax masks it out).
   """
+  if spec.name not in OPTIMIZERS:
+    raise ValueError(f'config.optimizer.name must be one of {tuple(OPTIMIZERS)}, got '
+                     f'{spec.name!r}.')
   return optax.partition(
-      {TRAIN: keras_rmsprop(learning_rate, rho, epsilon), FREEZE: optax.set_to_zero()},
-      labels)
+      {TRAIN: OPTIMIZERS[spec.name](spec, learning_rate), FREEZE: optax.set_to_zero()}, labels)
 
 
 def split(tree: Mapping[str, Any], labels: Mapping[str, Any]) -> tuple[dict, dict]:

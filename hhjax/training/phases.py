@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 import dataclasses
 from typing import Any
 
-import ml_collections
 import optax
 
 from hhjax import errors
@@ -40,21 +39,28 @@ def _rules(value) -> tuple[tuple[str, str], ...] | None:
   return tuple((str(p), str(l)) for p, l in value)
 
 
-def make_phases(config: ml_collections.ConfigDict) -> list[Phase]:
-  """The phases `config` asks for, in order (a phase with 0 epochs is left out)."""
-  blocks = classifier.backbone_blocks(config.model.cut)
+def make_phases(warmup: Mapping[str, Any], finetune: Mapping[str, Any],
+                cut: str) -> list[Phase]:
+  """The phases asked for, in order (a phase with 0 epochs is left out).
+
+  Args:
+    warmup: config.warmup (epochs, learning_rate, param_labels).
+    finetune: config.finetune (epochs, learning_rate, unfreeze_from, train_bn, param_labels).
+    cut: the backbone's last block (config.model.cut): fine-tuning opens blocks up to it.
+  """
+  blocks = classifier.backbone_blocks(cut)
   phases = []
-  if config.warmup.epochs > 0:
-    rules = _rules(config.warmup.get('param_labels')) or (
+  if warmup['epochs'] > 0:
+    rules = _rules(warmup.get('param_labels')) or (
         ('^head/', optim.TRAIN), ('^backbone/', optim.FREEZE))
-    phases.append(Phase('warmup', int(config.warmup.epochs),
-                        float(config.warmup.learning_rate), rules, None))
-  if config.finetune.epochs > 0:
-    ft = config.finetune
-    default_rules = tuple(optim.finetune_rules(ft.unfreeze_from, blocks))  # validates the name
+    phases.append(Phase('warmup', int(warmup['epochs']), float(warmup['learning_rate']), rules,
+                        None))
+  if finetune['epochs'] > 0:
+    ft = finetune
+    default_rules = tuple(optim.finetune_rules(ft['unfreeze_from'], blocks))  # checks the name
     rules = _rules(ft.get('param_labels')) or default_rules
-    phases.append(Phase('finetune', int(ft.epochs), float(ft.learning_rate), rules,
-                        ft.unfreeze_from if ft.train_bn else None))
+    phases.append(Phase('finetune', int(ft['epochs']), float(ft['learning_rate']), rules,
+                        ft['unfreeze_from'] if ft['train_bn'] else None))
   if not phases:
     raise errors.ConfigError(
         'Nothing to train: config.warmup.epochs and config.finetune.epochs are 0.')
@@ -69,11 +75,10 @@ class PhaseSetup:
   tx: optax.GradientTransformation
 
 
-def setup(config: ml_collections.ConfigDict, phase: Phase, params: PyTree) -> PhaseSetup:
+def setup(phase: Phase, params: PyTree, optimizer: optim.OptimizerSpec) -> PhaseSetup:
   """Labels `params` (arrays or shapes) by the phase's rules and builds its optimizer."""
   labels = optim.param_labels(params, phase.rules)
-  tx = optim.make_optimizer(labels, phase.learning_rate, rho=float(config.optimizer.rho),
-                            epsilon=float(config.optimizer.epsilon))
+  tx = optim.make_optimizer(labels, phase.learning_rate, optimizer)
   return PhaseSetup(phase, labels, tx)
 
 
@@ -112,17 +117,32 @@ class Progress:
     return Progress(phases[i].name, phase_start_step=step, epochs_done=self.epochs_done)
 
 
-def early_stop(config: ml_collections.ConfigDict, row: Mapping[str, float]) -> str | None:
-  """Why `row` (an epoch's metrics) ends the phase per config.early_stopping, or None.
+# config.early_stopping: the metrics of an epoch's row, and which way is better.
+EARLY_STOPPING_METRICS = ('train_accuracy', 'train_loss', 'val_accuracy', 'val_loss')
+EARLY_STOPPING_MODES = ('max', 'min')
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStopping:
+  """config.early_stopping: end a phase when `metric` passes `threshold` at an epoch's end.
+
+  A false `metric` (None, or '' from the command line) means no early stopping.
+  """
+  metric: str | None = None
+  threshold: float = 0.999
+  mode: str = 'max'        # 'max': stop above the threshold; 'min': below it
+
+
+def early_stop(rule: EarlyStopping, row: Mapping[str, float]) -> str | None:
+  """Why `row` (an epoch's metrics) ends the phase per `rule`, or None.
 
   config_checks.validate has checked the metric and the mode before the run started.
   """
-  es = config.early_stopping
-  if not es.metric:
+  if not rule.metric:
     return None
-  value, threshold = row[es.metric], float(es.threshold)
-  above = es.get('mode', 'max') == 'max'
+  value, threshold = row[rule.metric], float(rule.threshold)
+  above = rule.mode == 'max'
   if (above and value > threshold) or (not above and value < threshold):
-    return (f'{es.metric} = {value:.4f} {">" if above else "<"} {threshold} '
+    return (f'{rule.metric} = {value:.4f} {">" if above else "<"} {threshold} '
             '(config.early_stopping)')
   return None

@@ -21,7 +21,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from hhjax.model import classifier
@@ -54,15 +53,6 @@ class KerasClassifier:
   image_size: int | None     # None where the file leaves the input size open
   class_names: tuple[str, ...] | None = None   # only in files hhjax exported
   preprocessing: str | None = None             # idem
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, num_classes: int,
-                  class_names=None) -> 'KerasClassifier':
-    """The classifier config.model and config.data describe."""
-    m = config.model
-    return cls(m.cut, m.head, int(m.hidden), float(m.dropout), num_classes,
-               int(config.data.image_size), tuple(class_names) if class_names else None,
-               config.data.preprocessing)
 
   def describe(self) -> str:
     """'InceptionV3 cut at mixed7 -> Flatten -> Dense(1024, relu) -> ...', for messages."""

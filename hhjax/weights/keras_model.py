@@ -16,7 +16,6 @@ import dataclasses
 import pathlib
 from typing import Any
 
-import ml_collections
 import numpy as np
 
 from hhjax import errors
@@ -201,10 +200,10 @@ def _spec_from_model_config(kf: KerasFile) -> KerasClassifier:
   return KerasClassifier(cut, kind, hidden, dropout, 2 if outputs == 1 else outputs, image_size)
 
 
-def _spec_from_config(kf: KerasFile, config: ml_collections.ConfigDict | None
-                      ) -> KerasClassifier:
-  """The classifier a weights-only file is taken to be: config.model and data.image_size."""
-  if config is None:
+def _spec_from_config(kf: KerasFile, described: KerasClassifier | None) -> KerasClassifier:
+  """The classifier a weights-only file is taken to be: what the config describes, with the
+  number of outputs the file's last layer has."""
+  if described is None:
     raise errors.KerasWeightsError(
         f'{kf.path} holds weights only (as save_weights writes), not which model they belong '
         'to: give it with --config (config.model.cut, head, hidden, dropout and '
@@ -212,9 +211,8 @@ def _spec_from_config(kf: KerasFile, config: ml_collections.ConfigDict | None
   last = kf.layers[-1].shapes if kf.layers else []
   outputs = last[-1][0] if len(last) == 2 and len(last[-1]) == 1 else 1
   # A 2-unit output is no head of ours: the shape check below names it.
-  return KerasClassifier(config.model.cut, config.model.head, int(config.model.hidden),
-                         float(config.model.dropout), 2 if outputs <= 2 else outputs,
-                         int(config.data.image_size))
+  return dataclasses.replace(described, num_classes=2 if outputs <= 2 else outputs,
+                             class_names=None, preprocessing=None)
 
 
 # --------------------------------------------------------------------------- reading
@@ -251,15 +249,16 @@ def _with_metadata(spec: KerasClassifier, kf: KerasFile) -> KerasClassifier:
                              preprocessing=preprocessing)
 
 
-def read_classifier(path: str | pathlib.Path, config: ml_collections.ConfigDict | None = None
+def read_classifier(path: str | pathlib.Path, described: KerasClassifier | None = None
                     ) -> tuple[KerasClassifier, Variables]:
   """Reads a Keras classifier (InceptionV3 cut at a block, plus the dense head) from a file.
 
   Args:
     path: a whole-model .h5 (`model.save('x.h5')`, tf_keras or Keras 3), a Keras 3 `.keras`
       file, or a weights-only .h5 (tf_keras `save_weights('x.h5')`).
-    config: describes a weights-only file's model (config.model.cut, head, hidden, dropout;
-      config.data.image_size); also the image size where a whole-model file leaves it open.
+    described: the classifier the config describes (config.model.cut, head, hidden, dropout
+      and config.data.image_size; `hhjax.entry.keras_classifier`): what a weights-only file is
+      taken to be, and the image size where a whole-model file leaves it open.
 
   Returns:
     (what the file says about the model, variables): `{'params': {'backbone', 'head'},
@@ -275,8 +274,8 @@ def read_classifier(path: str | pathlib.Path, config: ml_collections.ConfigDict 
     if kf.model_config is not None:
       spec, source = _spec_from_model_config(kf), 'its model config'
     else:
-      spec, source = _spec_from_config(kf, config), 'the config (a weights-only file)'
-    size = spec.image_size or (int(config.data.image_size) if config else inception.MIN_SIZE)
+      spec, source = _spec_from_config(kf, described), 'the config (a weights-only file)'
+    size = spec.image_size or (described.image_size if described else inception.MIN_SIZE)
     expected = keras_classifier.expected_layers(spec, size)
     misfit = _misfit(kf.layers, expected)
     if misfit:

@@ -1,6 +1,9 @@
-"""The training loop: restore or initialise, run each phase, evaluate, plot.
+"""--mode=train: restore or initialise, run each phase, evaluate, plot.
 
     train_and_evaluate(config, workdir)
+
+This is the train mode's entry point: it reads the config and hands explicit values to the
+training library below it (hhjax.training: phases, steps, state, restore, evaluation).
 
 reads as its steps: `_Run.create` (data, model, phases, checkpoints), `_restore_or_initialise`,
 then `_run_phase` for each phase left, then the final evaluation and plots. Inside a phase the
@@ -24,10 +27,9 @@ import jax
 import ml_collections
 
 from hhjax import checkpointing
-from hhjax import config_checks
 from hhjax import durations
+from hhjax import entry
 from hhjax import errors
-from hhjax import evaluate
 from hhjax import metrics as metrics_lib
 from hhjax import peers
 from hhjax import pictures
@@ -37,9 +39,11 @@ from hhjax import workdir as workdir_lib
 from hhjax import workdir_lock
 from hhjax.data import pipeline
 from hhjax.model import classifier
+from hhjax.training import evaluation
 from hhjax.training import feature_cache
 from hhjax.training import optim
 from hhjax.training import phases as phases_lib
+from hhjax.training import restore
 from hhjax.training import state as state_lib
 from hhjax.training import steps
 
@@ -65,7 +69,9 @@ class _Run:
   steps_per_epoch: int
   ckpts: checkpointing.Checkpoints
   writer: metrics_lib.MetricsWriter
-  evaluator: evaluate.Evaluator
+  evaluator: evaluation.Evaluator
+  target: restore.Target
+  early_stopping: phases_lib.EarlyStopping
   is_main: bool
   notice: preemption.Notice
   train_iter: Iterator[Any] | None = None   # the image stream, kept across phases
@@ -79,26 +85,27 @@ class _Run:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(int(config.batch_size), 'config.batch_size')
-    sharding.check_batch_size(evaluate.eval_batch_size(config), 'config.eval_batch_size')
+    sharding.check_batch_size(entry.eval_batch_size(config), 'config.eval_batch_size')
     info = pipeline.dataset_info(config)
     class_names = [str(c) for c in info.class_names]
     num_train = int(info.num_examples[config.data.train_split])
     spe = steps_per_epoch(config, num_train)
-    model = classifier.create_model(config, len(class_names))
+    model = entry.model(config, len(class_names))
     logging.info('%d training images, %d classes %s; %d steps per epoch of %d images; '
                  '%d device(s): %s.', num_train, len(class_names), class_names, spe,
                  config.batch_size, jax.device_count(), jax.devices()[0].platform)
     is_main = jax.process_index() == 0
     return cls(
         config=config, workdir=workdir, mesh=mesh, model=model,
-        phases=phases_lib.make_phases(config), class_names=class_names, num_train=num_train,
+        phases=entry.phases(config), class_names=class_names, num_train=num_train,
         steps_per_epoch=spe,
         ckpts=checkpointing.Checkpoints(workdir_lib.checkpoint_dir(workdir),
                                         keep=int(config.keep_checkpoints)),
         writer=metrics_lib.MetricsWriter(workdir, enabled=is_main, start=start),
-        evaluator=evaluate.Evaluator(model, len(class_names), mesh,
-                                     evaluate.eval_batches(config)),
-        is_main=is_main, notice=notice)
+        evaluator=evaluation.Evaluator(model, len(class_names), mesh,
+                                       evaluation.eval_batches(config)),
+        target=entry.restore_target(config, mesh, model_for=lambda _: model),
+        early_stopping=entry.early_stopping(config), is_main=is_main, notice=notice)
 
   @property
   def total_steps(self) -> int:
@@ -106,20 +113,16 @@ class _Run:
     return sum(p.epochs for p in self.phases) * self.steps_per_epoch
 
   def setup(self, phase: phases_lib.Phase, params: PyTree) -> phases_lib.PhaseSetup:
-    return phases_lib.setup(self.config, phase, params)
+    return self.target.setup_for(phase, params)
 
   def save(self, state: PyTree, progress: phases_lib.Progress,
            metrics: dict[str, float] | None = None) -> None:
     """Checkpoints `state`; first stops the run if a loss has become NaN or infinite."""
     _check_finite(self, state, progress.phase)
     step = int(jax.device_get(state['step']))
-    self.ckpts.save(step, state, {
-        'phase': progress.phase,
-        'step': step,
-        'progress': progress.to_metadata(),
-        'class_names': self.class_names,
-        'config': workdir_lib.config_dict(self.config),
-    }, metrics)
+    restore.save(self.ckpts, state, restore.CheckpointMeta(
+        step=step, phase=progress.phase, progress=progress,
+        class_names=tuple(self.class_names), config=self.target.config), metrics)
 
 
 def _check_finite(run: _Run, state: PyTree, phase: str) -> None:
@@ -145,34 +148,22 @@ def _restore_or_initialise(run: _Run) -> tuple[PyTree, phases_lib.Progress,
   """
   steps = run.ckpts.all_steps()
   if not steps:
-    setup = run.setup(run.phases[0], state_lib.abstract_variables(run.model,
-                                                                  run.config)['params'])
-    state = state_lib.initialise(run.model, run.config, setup.tx, run.mesh)
+    abstract = state_lib.abstract_variables(run.model, run.target.image_size)
+    setup = run.setup(run.phases[0], abstract['params'])
+    state = state_lib.initialise(run.model, run.target.image_size, run.target.seed, setup.tx,
+                                 run.mesh, pretrained_weights=entry.pretrained(run.config),
+                                 cut=run.config.model.cut)
     run.writer.truncate_after(0)   # rows of an earlier attempt killed before its first save
     return state, phases_lib.Progress(run.phases[0].name), setup
 
-  def restore(step):
-    if step == 0:
-      # Weights and nothing trained (--mode=import_keras writes this): the current config's
-      # phases run from their start, whichever phase the checkpoint was written for.
-      phase = run.phases[0]
-      setup = run.setup(phase, state_lib.abstract_variables(run.model, run.config)['params'])
-      variables = state_lib.restore_variables(run.ckpts, 0, run.model, run.config, run.mesh)
-      state = state_lib.from_variables(variables, setup.tx, run.config, run.mesh)
-      return phase, setup, state, run.ckpts.info(step), phases_lib.Progress(phase.name)
-    phase = state_lib.saved_phase(run.ckpts, step, run.phases)
-    setup = run.setup(phase, state_lib.abstract_variables(run.model, run.config)['params'])
-    state, saved = state_lib.restore(run.ckpts, step, run.model, run.config, setup, run.mesh)
-    return phase, setup, state, saved, phases_lib.Progress.from_metadata(saved)
-
-  latest, (phase, setup, state, saved, progress) = run.ckpts.newest_intact(restore)
-  saved_classes = saved.get('class_names')
+  restored = restore.latest(run.ckpts, run.target)
+  latest, phase, saved = restored.step, restored.phase, restored.meta
+  saved_classes = saved.class_names
   if saved_classes is not None and list(saved_classes) != run.class_names:
     raise errors.CheckpointMismatchError(
         f'The checkpoint in {run.workdir} was trained on classes {saved_classes}, the data '
         f'now has {run.class_names}. Use another --workdir.')
-  diffs = workdir_lib.config_differences(saved.get('config', {}),
-                                         workdir_lib.config_dict(run.config))
+  diffs = workdir_lib.config_differences(saved.config, run.target.config)
   if diffs:
     logging.warning("Resuming with a config that differs from the checkpoint's:\n  %s",
                     '\n  '.join(diffs))
@@ -183,7 +174,7 @@ def _restore_or_initialise(run: _Run) -> tuple[PyTree, phases_lib.Progress,
     logging.warning('Resuming from step %d (phase %s) in %s, the newest checkpoint that can be '
                     'read; each damaged later one is overwritten when training reaches its step '
                     'again.', latest, phase.name, run.workdir)
-  return state, progress, setup
+  return restored.state, restored.progress, restored.setup
 
 
 def _metrics_from_state(state: PyTree) -> tuple[float, float, int]:
@@ -232,7 +223,7 @@ class _StepLog:
 
 
 def _end_epoch(run: _Run, state: PyTree, progress: phases_lib.Progress, phase_end: int,
-               evaluator: evaluate.Evaluator) -> tuple[PyTree, dict[str, Any]]:
+               evaluator: evaluation.Evaluator) -> tuple[PyTree, dict[str, Any]]:
   """Evaluates, writes the epoch's row, decides early stopping and saves a checkpoint."""
   step = int(jax.device_get(state['step']))
   train_loss, train_acc, _ = _metrics_from_state(state)
@@ -249,7 +240,7 @@ def _end_epoch(run: _Run, state: PyTree, progress: phases_lib.Progress, phase_en
                result['loss'], result['accuracy'], result['count'],
                time.perf_counter() - t_eval)
   run.writer.write(row)
-  reason = phases_lib.early_stop(run.config, row)
+  reason = phases_lib.early_stop(run.early_stopping, row)
   if reason:
     logging.info('Early stopping of phase %s: %s.', progress.phase, reason)
     progress.stop_reason = reason
@@ -280,7 +271,7 @@ def _phase_inputs(run: _Run, setup: phases_lib.PhaseSetup, state: PyTree, step: 
                                   run.num_train)
   if cache is not None:
     run.train_iter = None   # a later phase on images starts its stream where this one ends
-    evaluator = evaluate.Evaluator(cache.head_model, len(run.class_names), run.mesh,
+    evaluator = evaluation.Evaluator(cache.head_model, len(run.class_names), run.mesh,
                                    cache.eval_batches)
     return cache.train_step(setup), cache.batches(start_step=step), evaluator
   if run.train_iter is None:
@@ -352,7 +343,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The final evaluation (loss, accuracy, confusion matrix, class names) plus 'step' and
     'stop_reason'.
   """
-  config_checks.validate(config)
   # Before anything in the workdir is read or written: a second run would resume from this
   # one's checkpoints while it trains and write every metrics row twice.
   with workdir_lock.hold(workdir_lib.absolute(workdir), is_main=jax.process_index() == 0,
@@ -383,7 +373,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   step = int(jax.device_get(state['step']))
   if last_eval is None:
     last_eval = run.evaluator(state['params'], state['batch_stats'])
-  result = evaluate.report(last_eval, run.class_names, step, run.workdir, run.is_main)
+  result = evaluation.report(last_eval, run.class_names, step, run.workdir, run.is_main)
   result['stop_reason'] = progress.stop_reason
   pictures.write_eval_pictures(config, last_eval, run.class_names, step, run.workdir,
                                is_main=run.is_main)

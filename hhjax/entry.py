@@ -1,0 +1,107 @@
+"""The config, unpacked once: what the entry points hand down to the layers below.
+
+main.py's modes (hhjax.train, evaluate, predict, explain, export, import_keras, preview) read
+the config; every function below them takes values, a sub-config or a small spec, so that its
+signature says what it reads. This module is where a config becomes those:
+
+    model(config, num_classes)        the Classifier (config.model, config.speed, and the
+                                      preprocessing config.data says the images get)
+    phases(config), optimizer(config), setup_for(config), early_stopping(config)
+    restore_target(config, mesh)      what a checkpoint is restored into
+    restore_for_inference(config, workdir, which)
+
+It never reads a field for a layer that has no use for it: the model gets no data fields but
+the preprocessing it must match, the data pipeline no model or speed fields.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+
+from hhjax import sharding
+from hhjax import workdir as workdir_lib
+from hhjax.model import classifier
+from hhjax.training import optim
+from hhjax.training import phases as phases_lib
+from hhjax.training import restore
+from hhjax.weights import keras_classifier
+
+PyTree = Any
+
+
+def model(config: ml_collections.ConfigDict, num_classes: int) -> classifier.Classifier:
+  """The classifier config.model describes, for images preprocessed as config.data says."""
+  return classifier.create_model(config.model, num_classes,
+                                 preprocessing=config.data.preprocessing,
+                                 speed=config.get('speed'))
+
+
+def image_size(config: ml_collections.ConfigDict) -> int:
+  return int(config.data.image_size)
+
+
+def eval_batch_size(config: ml_collections.ConfigDict) -> int:
+  return int(config.get('eval_batch_size') or config.batch_size)
+
+
+def pretrained(config: ml_collections.ConfigDict) -> str | None:
+  """config.model.pretrained, with the command line's `None` (a string there) meaning none."""
+  spec = config.model.get('pretrained')
+  if spec is None or str(spec).strip().lower() in ('', 'none', 'null'):
+    return None
+  return str(spec)
+
+
+def phases(config: ml_collections.ConfigDict) -> list[phases_lib.Phase]:
+  """The phases config.warmup and config.finetune ask for, in order."""
+  return phases_lib.make_phases(config.warmup, config.finetune, config.model.cut)
+
+
+def optimizer(config: ml_collections.ConfigDict) -> optim.OptimizerSpec:
+  opt = config.optimizer
+  return optim.OptimizerSpec(name=str(opt.get('name', 'rmsprop')), rho=float(opt.rho),
+                             epsilon=float(opt.epsilon))
+
+
+def setup_for(config: ml_collections.ConfigDict
+              ) -> Callable[[phases_lib.Phase, PyTree], phases_lib.PhaseSetup]:
+  """(phase, params) -> the phase's labels and optimizer, with config.optimizer's settings."""
+  spec = optimizer(config)
+  return lambda phase, params: phases_lib.setup(phase, params, spec)
+
+
+def early_stopping(config: ml_collections.ConfigDict) -> phases_lib.EarlyStopping:
+  es = config.early_stopping
+  return phases_lib.EarlyStopping(metric=es.metric or None, threshold=float(es.threshold),
+                                  mode=str(es.get('mode', 'max')))
+
+
+def keras_classifier_spec(config: ml_collections.ConfigDict, num_classes: int = 2,
+                          class_names=None) -> keras_classifier.KerasClassifier:
+  """The Keras classifier config.model and config.data describe."""
+  m = config.model
+  return keras_classifier.KerasClassifier(
+      m.cut, m.head, int(m.hidden), float(m.dropout), num_classes, image_size(config),
+      tuple(class_names) if class_names else None, config.data.preprocessing)
+
+
+def restore_target(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
+                   model_for: Callable[[int], Any] | None = None,
+                   training: bool = True) -> restore.Target:
+  """What a checkpoint is restored into under `config` (by default a model for the
+  checkpoint's own classes)."""
+  return restore.Target(
+      model_for=model_for or (lambda n: model(config, n)), phases=phases(config),
+      setup_for=setup_for(config), image_size=image_size(config), seed=int(config.seed),
+      mesh=mesh, config=workdir_lib.config_dict(config), training=training)
+
+
+def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
+                          which: str = 'latest'):
+  """(mesh, model, state, class names, step) of the latest or best checkpoint in `workdir`."""
+  mesh = sharding.make_mesh()
+  restored = restore.for_inference(workdir, restore_target(config, mesh, training=False), which)
+  return (mesh, restored.model, restored.state, list(restored.meta.class_names or ()),
+          restored.step)

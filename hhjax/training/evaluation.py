@@ -1,0 +1,97 @@
+"""One pass of evaluation: loss, accuracy, the confusion matrix and per-example probabilities.
+
+The same `Evaluator` runs at the end of every training epoch (hhjax.train), in
+`--mode=eval` (hhjax.evaluate) and over cached features (hhjax.training.feature_cache);
+`report` logs a result and writes WORKDIR/eval.json.
+"""
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from hhjax import errors
+from hhjax import metrics as metrics_lib
+from hhjax import sharding
+from hhjax import workdir as workdir_lib
+from hhjax.data import pipeline
+from hhjax.training import steps
+
+PyTree = Any
+Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
+
+
+def eval_batch_size(config: ml_collections.ConfigDict) -> int:
+  return int(config.get('eval_batch_size') or config.batch_size)
+
+
+def eval_batches(config: ml_collections.ConfigDict) -> Batches:
+  """One pass of config.data.eval_split per call; the dataset is built once, on first use."""
+  dataset = None
+
+  def batches():
+    nonlocal dataset
+    if dataset is None:
+      dataset = pipeline.create_dataset(config, config.data.eval_split)
+    return dataset.as_numpy_iterator()
+
+  return batches
+
+
+class Evaluator:
+  """Runs the jitted eval step over one pass of batches (the eval split, or cached features).
+
+  Args:
+    model: anything with `apply(variables, images, train=False)`.
+    num_classes: for the confusion matrix.
+    mesh: the device mesh.
+    batches: returns a fresh iterable of padded batches with 'mask' per call.
+  """
+
+  def __init__(self, model, num_classes: int, mesh: jax.sharding.Mesh, batches: Batches):
+    self._mesh = mesh
+    self._batches = batches
+    repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
+    self._step = jax.jit(steps.make_eval_step(model, num_classes),
+                         in_shardings=(repl, repl, data), out_shardings=repl)
+
+  def __call__(self, params: PyTree, batch_stats: PyTree) -> dict[str, Any]:
+    totals, probabilities = None, []
+    for batch in self._batches():
+      out = self._step(params, batch_stats, sharding.to_global(batch, self._mesh))
+      probabilities.append(out.pop('probabilities'))
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    if totals is None:
+      raise errors.DataError('The evaluation split yielded no batches: it holds no images.')
+    totals = jax.device_get(totals)
+    count = float(totals['count'])
+    return {'loss': float(totals['loss_sum']) / count,
+            'accuracy': float(totals['correct']) / count,
+            'count': int(count),
+            'confusion': np.asarray(totals['confusion']).round().astype(int),
+            # Per example in table order: the pass is in order and pads only at its end.
+            'probabilities': np.concatenate(jax.device_get(probabilities))[:int(count)]}
+
+
+def report(result: Mapping[str, Any], class_names: Sequence[str], step: int, workdir: str,
+           is_main: bool) -> dict[str, Any]:
+  """Logs an evaluation with its confusion matrix; process 0 writes WORKDIR/eval.json."""
+  out = {'step': step, 'loss': result['loss'], 'accuracy': result['accuracy'],
+         'count': result['count'], 'class_names': list(class_names),
+         'confusion': np.asarray(result['confusion']).tolist()}
+  logging.info('Evaluation at step %d on %d images: loss %.4f, accuracy %.4f\n'
+               'Confusion matrix (rows: true class, columns: predicted):\n%s', step,
+               result['count'], result['loss'], result['accuracy'],
+               metrics_lib.format_confusion(result['confusion'], class_names))
+  if is_main:
+    try:
+      workdir_lib.write_eval(workdir, out)
+    except Exception as e:  # pylint: disable=broad-except  # OSError here, other types on gs://
+      # The results are printed above; a read-only workdir should not turn them into a failure.
+      logging.warning('Could not write %s/%s (%s: %s); the results above are not saved.',
+                      workdir, workdir_lib.EVAL_FILE, type(e).__name__, e)
+  return out
