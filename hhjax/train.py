@@ -339,6 +339,9 @@ def _next_phase(run: _Run, state: PyTree, progress: phases_lib.Progress
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains as `config` says, resuming from WORKDIR/checkpoints if there are any.
 
+  `config` is taken as checked: main.py runs `config_checks.validate` on it before anything
+  loads; call it first when calling this from a program of your own.
+
   Returns:
     The final evaluation (loss, accuracy, confusion matrix, class names) plus 'step' and
     'stop_reason'.

@@ -25,10 +25,6 @@ PyTree = Any
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 
 
-def eval_batch_size(config: ml_collections.ConfigDict) -> int:
-  return int(config.get('eval_batch_size') or config.batch_size)
-
-
 def eval_batches(config: ml_collections.ConfigDict) -> Batches:
   """One pass of config.data.eval_split per call; the dataset is built once, on first use."""
   dataset = None
