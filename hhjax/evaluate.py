@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from hhjax import checkpointing
+from hhjax import compat
 from hhjax import config_checks
 from hhjax import errors
 from hhjax import metrics as metrics_lib
@@ -140,7 +141,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _restore_for_inference(config: ml_collections.ConfigDict, workdir: str, which: str):
-  checkpointing.quiet_orbax()
+  compat.quiet_orbax()
   mesh = sharding.make_mesh()
   phases = phases_lib.make_phases(config)
 
