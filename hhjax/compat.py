@@ -3,12 +3,14 @@
 Each workaround names the version it was written for: jax 0.10.2 and orbax-checkpoint 0.12.8
 (requirements.txt), tensorstore 0.1.86 (installed with orbax).
 
+- JAX's private modules (`jax._src`), imported here only: the coordination service's key-value
+  store (hhjax.peers) and whether this is a Cloud TPU VM (hhjax.sharding).
 - Orbax's CheckpointManager without its preemption sync point (`checkpoint_manager`).
 - TensorStore's errors read as text: `storage_error`, `one_line` (hhjax.checkpointing).
 - Orbax's logging quieted: `quiet_orbax`.
 
-Only the standard library and absl are imported at module level; orbax is imported inside the
-functions.
+Only the standard library and absl are imported at module level: main.py imports hhjax.peers,
+and so this module, before JAX loads; JAX and orbax are imported inside the functions.
 """
 
 from collections.abc import Iterator
@@ -20,6 +22,27 @@ import sys
 import traceback
 
 from absl import logging as absl_logging
+
+
+# --- JAX (written for jax 0.10.2) -----------------------------------------------------------
+
+def distributed_state():
+  """jax.distributed's state: `client` (the key-value store), `process_id`, `num_processes`.
+
+  jax 0.10.2 exposes the coordination service's client only as
+  `jax._src.distributed.global_state.client` (None before `jax.distributed.initialize`).
+  """
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return distributed.global_state
+
+
+def on_cloud_tpu_vm() -> bool:
+  """Whether `import jax` found TPU chips and libtpu on a Cloud TPU VM.
+
+  jax 0.10.2 keeps that flag as `jax._src.cloud_tpu_init.running_in_cloud_tpu_vm` only.
+  """
+  from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
+  return bool(getattr(cloud_tpu_init, 'running_in_cloud_tpu_vm', False))
 
 
 # --- orbax's CheckpointManager (written for orbax-checkpoint 0.12.8) ------------------------
