@@ -1,7 +1,9 @@
 """Workarounds for the quirks of the pinned libraries: all that hhjax knows of their insides.
 
 Each workaround names the version it was written for: jax 0.10.2 and orbax-checkpoint 0.12.8
-(requirements.txt), tensorstore 0.1.86 (installed with orbax).
+(requirements.txt), tensorstore 0.1.86 (installed with orbax). tests/test_compat.py fails when
+a library changes under one of them: a private module or attribute gone, a method no longer
+called, a message or an error text worded otherwise. Upgrading a pin means running it first.
 
 - JAX's private modules (`jax._src`), imported here only: the coordination service's key-value
   store (hhjax.peers) and whether this is a Cloud TPU VM (hhjax.sharding).
