@@ -14,15 +14,14 @@ CheckpointDamagedError, and `newest_intact` falls back to the one before; nothin
 except a damaged checkpoint whose step a resumed run computes again. A save that fails (a full
 disk, a read-only folder) raises CheckpointSaveError at the next `check_saved`, `save` or
 `wait`, with the step, the path and the OS error.
+
+What this takes from orbax's and TensorStore's insides (their log lines, their error texts, the
+manager's preemption calls) is in hhjax.compat.
 """
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 import json
-import logging
 import os
-import re
-import sys
-import traceback
 from typing import Any, TypeVar
 
 from absl import logging as absl_logging
@@ -31,6 +30,7 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from hhjax import compat
 from hhjax import errors
 from hhjax import trees
 
@@ -43,135 +43,6 @@ T = TypeVar('T')
 
 def _best_fn(metrics: Mapping[str, float]) -> float:
   return float(metrics[BEST_METRIC])
-
-
-class _QuietOrbax(logging.Filter):
-  """Drops orbax's routine lines and the tracebacks of failures `Checkpoints` reports itself.
-
-  Routine: the per-save INFO lines and the warnings about expected situations. Failures: a
-  read or write that failed, which `Checkpoints` turns into one line.
-  """
-
-  _EXPECTED = ('Requested `tracked_metric`', 'CheckpointManagerOptions.read_only=True',
-               'Given directory is read only',
-               # A damaged checkpoint: reported in one line by `Checkpoints` when it is used.
-               'Metadata file does not exist', 'Failed to json parse Metadata file',
-               'Item "state" was found in the checkpoint, but could not be restored')
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if record.name == 'asyncio' and record.exc_info and _from_orbax(record.exc_info[1]):
-      # 'Task (or Future) exception was never retrieved': the other arrays of a read or write
-      # that failed (the failure itself is reported once, by `Checkpoints`).
-      return False
-    if '/orbax/' not in record.pathname:
-      return True
-    if record.levelno < logging.WARNING:
-      return False
-    if record.exc_info and _os_error(record.exc_info[1]) is not None:
-      return False   # a failed write: `Checkpoints` reports it, in one line, as it stops the run
-    return not str(record.msg).startswith(self._EXPECTED)
-
-
-def _causes(error: BaseException) -> Iterator[BaseException]:
-  """`error`, then what caused it, down to the root."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    yield error
-    error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
-
-
-def _from_orbax(error: BaseException | None) -> bool:
-  """Whether `error` was raised in orbax's code or by TensorStore under it."""
-  for cause in _causes(error):
-    if any('/orbax/' in f.filename for f in traceback.extract_tb(cause.__traceback__)):
-      return True
-    if re.search(r"\[(?:tensorstore_spec|source locations|os_error_code)=", str(cause)):
-      return True   # TensorStore's errors carry no Python frames, only these suffixes
-  return False
-
-
-def _one_line(error: BaseException) -> str:
-  """The root cause of an orbax or TensorStore error as one short line.
-
-  Orbax wraps TensorStore's message (which names the array and the file) in its own, whose
-  text is a repr of a spec over many lines.
-  """
-  root = list(_causes(error))[-1]
-  text = (str(root).strip().splitlines() or [type(root).__name__])[0]
-  text = re.split(r' \[(?:tensorstore_spec|source locations)=', text)[0]
-  return text if len(text) <= 400 else text[:400] + '...'
-
-
-# TensorStore's status codes of a write that the storage refused, as opposed to a bug.
-_STORAGE_STATUS = re.compile(
-    r'^(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED|DATA_LOSS):')
-
-
-def _os_error(error: BaseException) -> str | None:
-  """'No space left on device (errno 28): PATH' when `error` comes from the storage, else None."""
-  for cause in _causes(error):
-    if isinstance(cause, OSError) and cause.errno:
-      where = f': {cause.filename}' if cause.filename else ''
-      return f'{cause.strerror} (errno {cause.errno}){where}'
-    text = str(cause)
-    code = re.search(r"os_error_code='(\d+)'", text)
-    if code:
-      path = re.search(r'local file "([^"]+)"', text)
-      where = f': {path.group(1)}' if path else ''
-      return f'{os.strerror(int(code.group(1)))} (errno {code.group(1)}){where}'
-    if _STORAGE_STATUS.match(text):
-      return _one_line(cause)
-  return None
-
-
-class _QuietClosedLoops:
-  """Drops the unraisable tracebacks that the other arrays of a failed save or restore leave.
-
-  When one array of a save or restore fails, orbax stops waiting and closes its event loop;
-  the other arrays' reads or writes finish later, and Python prints each late callback as an
-  unraisable 'Event loop is closed' traceback. The reads left suspended are closed when they are
-  collected, and orbax's read coroutine turns that close into an exception of its own, which
-  Python prints too. The failure itself is reported once, by `Checkpoints`.
-  """
-
-  def __init__(self, previous):
-    self.previous = previous
-
-  def __call__(self, unraisable) -> None:
-    error = unraisable.exc_value
-    frames = traceback.extract_tb(unraisable.exc_traceback)
-    if (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed' and
-        any(f.name == 'call_soon_threadsafe' for f in frames)):
-      return
-    code = getattr(unraisable.object, 'cr_code', None)   # a coroutine being collected
-    if code is not None and '/orbax/' in code.co_filename:
-      return
-    self.previous(unraisable)
-
-
-def quiet_orbax() -> None:
-  """Keeps the training log readable: orbax logs a dozen lines per checkpoint."""
-  # The asyncio logger itself too: a task of a failed read collected at exit, after the
-  # handlers are gone, is printed by logging's last-resort handler, which no handler filter sees.
-  for target in (absl_logging.get_absl_handler(), logging.getLogger('absl'),
-                 logging.getLogger('asyncio')):
-    if not any(isinstance(f, _QuietOrbax) for f in target.filters):
-      target.addFilter(_QuietOrbax())
-  if not isinstance(sys.unraisablehook, _QuietClosedLoops):
-    sys.unraisablehook = _QuietClosedLoops(sys.unraisablehook)
-
-
-class _Manager(ocp.CheckpointManager):
-  """Orbax's CheckpointManager without its calls to JAX's preemption sync point.
-
-  The training loop makes those calls itself, one per step (hhjax.preemption); orbax would add
-  its own with each saved step, some from its background thread, and JAX's count would go back.
-  """
-
-  def reached_preemption(self, step: int) -> bool:
-    del step
-    return False
 
 
 class Checkpoints:
@@ -201,7 +72,8 @@ class Checkpoints:
         # threads waiting for it until their timeout, and the process could not exit.
         async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         create=not read_only)
-    self._manager = _Manager(
+    # Without orbax's calls to the preemption sync point: hhjax.preemption makes them.
+    self._manager = compat.checkpoint_manager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler()})
     self._damaged: dict[int, str] = {}   # step -> what is wrong, as found by this process
@@ -260,7 +132,7 @@ class Checkpoints:
 
   def _raise_save_error(self, step: int, error: Exception) -> None:
     """CheckpointSaveError when the storage refused the write; a bug keeps its own error."""
-    cause = _os_error(error)
+    cause = compat.storage_error(error)
     if cause is None:
       return
     kept = self.latest_step()
@@ -333,7 +205,7 @@ class Checkpoints:
     try:
       metadata = self._manager.item_metadata(step)['state']
     except Exception as e:  # pylint: disable=broad-exception-caught
-      raise self._damage(step, f'its array metadata cannot be read ({_one_line(e)})') from e
+      raise self._damage(step, f'its array metadata cannot be read ({compat.one_line(e)})') from e
     if metadata is None:
       raise self._damage(step, 'its array metadata (state/_METADATA) is missing')
     saved = trees.leaf_specs(metadata.tree if hasattr(metadata, 'tree') else metadata, '.',
@@ -361,7 +233,7 @@ class Checkpoints:
     # ValueError (or as FileNotFoundError, KeyError): any error of this one call means the
     # files, since check_fits has matched the structure already.
     except Exception as e:  # pylint: disable=broad-exception-caught
-      raise self._damage(step, _one_line(e)) from e
+      raise self._damage(step, compat.one_line(e)) from e
     return restored['state']
 
   def restore_arrays(self, step: int) -> Any:

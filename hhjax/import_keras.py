@@ -28,6 +28,7 @@ from etils import epath
 import ml_collections
 
 from hhjax import checkpointing
+from hhjax import compat
 from hhjax import config_checks
 from hhjax import entry
 from hhjax import errors
@@ -128,7 +129,7 @@ def import_keras(path: str | os.PathLike, workdir: str, config: ml_collections.C
   phase = entry.phases(config)[0]
   setup = entry.setup_for(config)(phase, variables['params'])
   state = state_lib.from_variables(variables, setup.tx, int(config.seed), sharding.make_mesh())
-  checkpointing.quiet_orbax()
+  compat.quiet_orbax()
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   with checkpointing.Checkpoints(workdir_lib.checkpoint_dir(workdir),
                                  keep=int(config.keep_checkpoints)) as ckpts:

@@ -35,6 +35,7 @@ import time
 
 from absl import logging
 
+from hhjax import compat
 from hhjax import errors
 
 TIMEOUT_ENV = 'HHJAX_PEER_TIMEOUT_S'
@@ -61,16 +62,10 @@ def timeout_s() -> float:
   return seconds
 
 
-def _client():
-  # The coordination service's client: JAX exposes its key-value store under jax._src only.
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  return distributed.global_state
-
-
 def key_value_store():
   """jax.distributed's key-value store (the coordination service), or None without it."""
   import jax  # pylint: disable=g-import-not-at-top  # main.py imports this module before JAX
-  return _client().client if jax.distributed.is_initialized() else None
+  return compat.distributed_state().client if jax.distributed.is_initialized() else None
 
 
 def _resume_advice() -> str:
@@ -95,7 +90,7 @@ class _Watch:
   """The two daemon threads of `start`."""
 
   def __init__(self, index: int, count: int, timeout: float):
-    self._state = _client()
+    self._state = compat.distributed_state()
     self._index, self._count, self._timeout = index, count, timeout
     self._interval = max(0.2, timeout / 10)
     now = time.monotonic()
@@ -153,7 +148,7 @@ class _Watch:
 def start() -> None:
   """Starts watching the other processes (after jax.distributed.initialize)."""
   global _watch, _started
-  state = _client()
+  state = compat.distributed_state()
   if _watch is None and state.client is not None and state.num_processes > 1:
     _watch = _Watch(state.process_id, state.num_processes, timeout_s())
     _started = True

@@ -12,6 +12,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
+from hhjax import compat
 from hhjax import errors
 from hhjax import peers
 
@@ -40,7 +41,7 @@ def maybe_initialize_distributed() -> None:
       or len([h for h in env.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
       # A Cloud TPU VM lists its slice's hosts in the metadata server, not always in the
       # environment: JAX reads them there. With one host it is a run of one process.
-      or _on_cloud_tpu_vm())
+      or compat.on_cloud_tpu_vm())
   if several:
     # JAX reads JAX_COORDINATOR_ADDRESS itself, but not the process count and id.
     kwargs = {}
@@ -56,12 +57,6 @@ def maybe_initialize_distributed() -> None:
     peers.start()
     logging.info('Process %d of %d, %d local / %d global devices.', jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
-
-
-def _on_cloud_tpu_vm() -> bool:
-  # Set by `import jax` when it finds TPU chips and libtpu; JAX keeps it under jax._src only.
-  from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
-  return bool(getattr(cloud_tpu_init, 'running_in_cloud_tpu_vm', False))
 
 
 def make_mesh() -> Mesh:

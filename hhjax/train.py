@@ -27,6 +27,7 @@ import jax
 import ml_collections
 
 from hhjax import checkpointing
+from hhjax import compat
 from hhjax import durations
 from hhjax import entry
 from hhjax import errors
@@ -80,7 +81,7 @@ class _Run:
   def create(cls, config: ml_collections.ConfigDict, workdir: str,
              notice: preemption.Notice) -> '_Run':
     start = time.monotonic()   # metrics rows count wall time from here
-    checkpointing.quiet_orbax()
+    compat.quiet_orbax()
     workdir = workdir_lib.absolute(workdir)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh()

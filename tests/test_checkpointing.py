@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from hhjax import checkpointing
+from hhjax import compat
 from hhjax import errors
 from hhjax import trees
 from hhjax.training import optim
@@ -114,7 +115,7 @@ def _asyncio_record(error):
 
 
 def test_log_filter_drops_the_leftover_errors_of_a_failed_save_and_keeps_others():
-  quiet = checkpointing._QuietOrbax()
+  quiet = compat._QuietOrbax()
   # TensorStore's errors reach asyncio without Python frames: known by their suffix.
   for text in ('UNKNOWN: Error writing local file "/w/d/892e": Failed to write 760422 bytes to '
                "file 6: File too large [os_error_code='27']",
@@ -127,7 +128,7 @@ def test_log_filter_drops_the_leftover_errors_of_a_failed_save_and_keeps_others(
 def test_unraisable_hook_drops_orbax_coroutines_collected_after_a_failure_and_passes_others():
   import types  # pylint: disable=g-import-not-at-top
   passed = []
-  hook = checkpointing._QuietClosedLoops(passed.append)
+  hook = compat._QuietClosedLoops(passed.append)
   scope = {}   # a coroutine function as if defined in orbax's package
   exec(compile('async def read(): pass', '/site-packages/orbax/checkpoint/x.py', 'exec'), scope)
   read = scope['read']()

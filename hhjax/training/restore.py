@@ -25,6 +25,7 @@ from etils import epath
 import jax
 
 from hhjax import checkpointing
+from hhjax import compat
 from hhjax import errors
 from hhjax import sharding
 from hhjax import trees
@@ -246,7 +247,7 @@ def for_inference(workdir: str, target: Target, which: str = 'latest') -> Restor
 
 
 def _read_only(workdir: str, target: Target, which: str) -> Restored:
-  checkpointing.quiet_orbax()
+  compat.quiet_orbax()
   with checkpointing.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True) as ckpts:
     steps = ckpts.all_steps()
     if not steps:
