@@ -29,8 +29,11 @@ from typing import Any
 
 import tensorflow as tf
 
-from hhjax import config_checks
 from hhjax import errors
+from hhjax.data import spec as data_spec
+
+# config.data.augment.fill_mode: what `apply_transform` accepts, as Keras does.
+FILL_MODES = data_spec.FILL_MODES
 
 # Coordinates this close to the border count as inside: scipy decides "inside" in float64, and
 # an exact 90 degree rotation must not turn a border row into fill.
@@ -134,8 +137,8 @@ def apply_transform(image: tf.Tensor, params: Mapping[str, Any], *, fill_mode: s
   Returns:
     The transformed image, float32 [H, W, C].
   """
-  if fill_mode not in config_checks.FILL_MODES:
-    raise ValueError(f'fill_mode must be one of {config_checks.FILL_MODES}, got {fill_mode!r}.')
+  if fill_mode not in FILL_MODES:
+    raise ValueError(f'fill_mode must be one of {FILL_MODES}, got {fill_mode!r}.')
   image = tf.convert_to_tensor(image, tf.float32)
   height, width = tf.shape(image)[0], tf.shape(image)[1]
   m = keras_transform_matrix(

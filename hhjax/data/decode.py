@@ -15,9 +15,13 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from hhjax import config_checks
 from hhjax import errors
+from hhjax.data import spec as data_spec
 from hhjax.model import preprocessing as preprocessing_lib
+
+# config.data.resize_method and config.data.image_dtype: what `resize` and `to_output` accept.
+RESIZE_METHODS = data_spec.RESIZE_METHODS
+IMAGE_DTYPES = data_spec.IMAGE_DTYPES
 
 # What `decode_image` reads, and the file extensions that mark it (predict's folder search, the
 # bad-file messages): the one list.
@@ -105,7 +109,7 @@ def resize(image: tf.Tensor, size: int, method: str = 'bilinear') -> tf.Tensor:
 
   'nearest' picks the same pixels as PIL's NEAREST, which Keras's flow_from_directory uses.
   """
-  _check_choice('resize_method', method, config_checks.RESIZE_METHODS)
+  _check_choice('resize_method', method, RESIZE_METHODS)
   image = tf.image.resize(image, [size, size], method=method)
   return tf.cast(image, tf.float32)
 
@@ -127,7 +131,7 @@ def to_output(image: tf.Tensor, preprocessing: str, image_dtype: str = 'float32'
   the device. Without augmentation and with 'nearest' resizing the pixels are whole numbers
   already, so 'uint8' changes nothing; otherwise each value moves by at most half a grey level.
   """
-  _check_choice('image_dtype', image_dtype, config_checks.IMAGE_DTYPES)
+  _check_choice('image_dtype', image_dtype, IMAGE_DTYPES)
   if image_dtype == 'float32':
     return normalize(image, preprocessing)
   return tf.cast(tf.clip_by_value(tf.round(tf.cast(image, tf.float32)), 0.0, 255.0), tf.uint8)

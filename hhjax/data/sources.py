@@ -29,10 +29,13 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from hhjax import config_checks
 from hhjax import errors
 from hhjax.data import bad_files
 from hhjax.data import records
+from hhjax.data import spec as data_spec
+
+# config.data.source: the sources below.
+SOURCES = data_spec.SOURCES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,9 +321,9 @@ def _fake_table(config: ml_collections.ConfigDict, split: str) -> Table:
 
 
 def _check_source(config: ml_collections.ConfigDict) -> None:
-  if config.data.source not in config_checks.SOURCES:
+  if config.data.source not in SOURCES:
     raise errors.ConfigError(
-        f'config.data.source must be one of {config_checks.SOURCES}, got {config.data.source!r}.')
+        f'config.data.source must be one of {SOURCES}, got {config.data.source!r}.')
 
 
 def table(config: ml_collections.ConfigDict, split: str) -> Table:
