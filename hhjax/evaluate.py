@@ -24,6 +24,7 @@ from hhjax import pictures
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
 from hhjax.data import pipeline
+from hhjax.data import spec as data_spec
 from hhjax.model import classifier
 from hhjax.training import phases as phases_lib
 from hhjax.training import state as state_lib
@@ -44,7 +45,8 @@ def eval_batches(config: ml_collections.ConfigDict) -> Batches:
   def batches():
     nonlocal dataset
     if dataset is None:
-      dataset = pipeline.create_dataset(config, config.data.eval_split)
+      dataset = pipeline.create_dataset(data_spec.DataSpec.from_config(config),
+                                        config.data.eval_split)
     return dataset.as_numpy_iterator()
 
   return batches

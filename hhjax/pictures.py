@@ -28,6 +28,7 @@ import numpy as np
 from hhjax import files
 from hhjax.data import pipeline
 from hhjax.data import sources
+from hhjax.data import spec as data_spec
 
 CONFUSION_FILE = 'confusion_matrix.png'
 EXAMPLES_FILE = 'misclassified.png'
@@ -157,7 +158,8 @@ def write_eval_pictures(config: ml_collections.ConfigDict, result: Mapping[str, 
   split = config.data.eval_split
   # Every process lists the split: with several processes, checking an image folder is a
   # collective step (hhjax.data.bad_files) that all of them must take. Only `is_main` draws.
-  table = sources.table(config, split)
+  data = data_spec.DataSpec.from_config(config)
+  table = sources.table(data, split)
   if not is_main:
     return []
   probabilities = np.asarray(result['probabilities'])
@@ -188,7 +190,7 @@ def write_eval_pictures(config: ml_collections.ConfigDict, result: Mapping[str, 
     title = (f'Misclassified {split} images at step {step}, most confident first: '
              f'{len(shown)} of {len(order)} wrong (of {len(labels)})')
   title += "\n(each image: its name, true class, predicted class and that class's probability)"
-  fig = plot_examples(pipeline.eval_pixels(table, config, shown), titles,
+  fig = plot_examples(pipeline.eval_pixels(table, data, shown), titles,
                       ['darkgreen' if all_correct else 'firebrick'] * len(shown), title, columns)
   paths.append(files.write_png(directory / EXAMPLES_FILE, fig))
   wrong = [] if all_correct else order

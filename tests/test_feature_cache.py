@@ -11,12 +11,19 @@ import pytest
 from configs import smoke
 from hhjax import sharding
 from hhjax.data import pipeline
+from hhjax.data import spec as data_spec
 from hhjax.model import classifier as models
 from hhjax.training import feature_cache
 from hhjax.training import loop
 from hhjax.training import phases as phases_lib
 from hhjax.training import state as state_lib
 from hhjax.training import steps
+
+
+def _spec(config):
+  """What the input pipeline reads of `config`."""
+  return data_spec.DataSpec.from_config(config)
+
 
 STEPS = 4
 
@@ -56,7 +63,7 @@ def test_cached_steps_equal_steps_on_images(prepared):
   step = jax.jit(steps.make_train_step(model, setup), in_shardings=(repl, data),
                  out_shardings=repl)
   on_images, stream = state, pipeline.create_dataset(
-      config, config.data.train_split, start_step=start).as_numpy_iterator()
+      _spec(config), config.data.train_split, start_step=start).as_numpy_iterator()
   image_labels = []
   for _ in range(STEPS):
     batch = next(stream)
@@ -87,7 +94,7 @@ def test_cached_eval_batches_hold_the_backbone_output(prepared):
   config, mesh, model, _, state = prepared
   batches = feature_cache.compute_features(model, state['params'], state['batch_stats'],
                                            config, config.data.eval_split, mesh)
-  images = next(pipeline.create_dataset(config, config.data.eval_split)
+  images = next(pipeline.create_dataset(_spec(config), config.data.eval_split)
                 .as_numpy_iterator())
   full = jax.jit(lambda v, x: model.apply(v, x))(
       {'params': state['params'], 'batch_stats': state['batch_stats']}, images['image'])
@@ -187,7 +194,7 @@ def test_cached_features_of_uint8_batches_are_those_of_the_normalised_images(pre
   config.data.image_dtype = 'uint8'     # pixels travel as bytes; the model normalises them
   batches = feature_cache.compute_features(model, state['params'], state['batch_stats'],
                                            config, config.data.eval_split, mesh)
-  images = next(pipeline.create_dataset(config, config.data.eval_split)
+  images = next(pipeline.create_dataset(_spec(config), config.data.eval_split)
                 .as_numpy_iterator())
   assert images['image'].dtype == np.uint8
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}

@@ -21,6 +21,13 @@ from hhjax import pictures
 from hhjax import predict
 from hhjax import workdir as workdir_lib
 from hhjax.data import sources
+from hhjax.data import spec as data_spec
+
+
+def _spec(config):
+  """What the input pipeline reads of `config`."""
+  return data_spec.DataSpec.from_config(config)
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 75
@@ -110,7 +117,7 @@ def test_eval_pictures_of_a_run_without_mistakes_show_the_least_confident(tmp_pa
   assert listing['misclassified'] == [] and listing['count'] == 12
   order, all_correct = pictures.rank_examples(result['probabilities'], labels)
   assert all_correct and list(order[:4]) == [11, 10, 9, 8]
-  names = pictures.example_names(sources.table(config, 'test'), 'test')
+  names = pictures.example_names(sources.table(_spec(config), 'test'), 'test')
   assert names[11] == 'test[11]'
   grid = _png(tmp_path / pictures.EXAMPLES_FILE)
   assert grid.shape[:2] == _grid_pixels(4)

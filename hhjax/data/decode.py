@@ -11,7 +11,6 @@ formulas are defined once, in `hhjax.model.preprocessing`.
 
 import re
 
-import ml_collections
 import numpy as np
 import tensorflow as tf
 
@@ -137,20 +136,25 @@ def to_output(image: tf.Tensor, preprocessing: str, image_dtype: str = 'float32'
   return tf.cast(tf.clip_by_value(tf.round(tf.cast(image, tf.float32)), 0.0, 255.0), tf.uint8)
 
 
-def preprocess_image(contents: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
-  """Encoded image bytes -> the float32 [S, S, 3] model input of evaluation (no augmentation)."""
-  image = resize(decode_image(contents), config.data.image_size, config.data.resize_method)
-  return normalize(image, config.data.preprocessing)
+def preprocess_image(contents: tf.Tensor, image_size: int, resize_method: str,
+                     preprocessing: str) -> tf.Tensor:
+  """Encoded image bytes -> the float32 [S, S, 3] model input of evaluation (no augmentation).
+
+  The arguments are config.data's fields of the same names.
+  """
+  image = resize(decode_image(contents), image_size, resize_method)
+  return normalize(image, preprocessing)
 
 
-def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
+def load_image(path: str, image_size: int, resize_method: str, preprocessing: str) -> np.ndarray:
   """One image file -> its float32 [S, S, 3] model input, as the eval split would give it.
 
   A missing file raises DataNotFoundError and an unreadable one DataError, each naming the path
   with TensorFlow's reason in one line.
   """
   try:
-    return preprocess_image(tf.io.read_file(path), config).numpy()
+    return preprocess_image(tf.io.read_file(path), image_size, resize_method,
+                            preprocessing).numpy()
   except tf.errors.NotFoundError as e:
     raise errors.DataNotFoundError(f'{path}: no such file ({error_reason(e)}).') from None
   except tf.errors.OpError as e:

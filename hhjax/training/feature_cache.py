@@ -27,6 +27,7 @@ import numpy as np
 from hhjax import errors
 from hhjax import sharding
 from hhjax.data import pipeline
+from hhjax.data import spec as data_spec
 from hhjax.data import streams
 from hhjax.model import inception
 from hhjax.model import lowering
@@ -112,7 +113,8 @@ def compute_features(model, params: PyTree, batch_stats: PyTree,
       in_shardings=(repl, repl, data), out_shardings=data)
   p, s = params['backbone'], batch_stats.get('backbone', {})
   batches = []
-  for batch in pipeline.create_dataset(config, split, training=False).as_numpy_iterator():
+  data = data_spec.DataSpec.from_config(config)
+  for batch in pipeline.create_dataset(data, split, training=False).as_numpy_iterator():
     features = forward(p, s, sharding.to_global({'image': batch['image']}, mesh)['image'])
     batches.append({'image': np.asarray(jax.device_get(features)), 'label': batch['label'],
                     'mask': batch['mask']})

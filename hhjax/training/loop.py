@@ -36,6 +36,7 @@ from hhjax import sharding
 from hhjax import workdir as workdir_lib
 from hhjax import workdir_lock
 from hhjax.data import pipeline
+from hhjax.data import spec as data_spec
 from hhjax.model import classifier
 from hhjax.training import feature_cache
 from hhjax.training import optim
@@ -80,7 +81,7 @@ class _Run:
     mesh = sharding.make_mesh()
     sharding.check_batch_size(int(config.batch_size), 'config.batch_size')
     sharding.check_batch_size(evaluate.eval_batch_size(config), 'config.eval_batch_size')
-    info = pipeline.dataset_info(config)
+    info = pipeline.dataset_info(data_spec.DataSpec.from_config(config))
     class_names = [str(c) for c in info.class_names]
     num_train = int(info.num_examples[config.data.train_split])
     spe = steps_per_epoch(config, num_train)
@@ -285,7 +286,8 @@ def _phase_inputs(run: _Run, setup: phases_lib.PhaseSetup, state: PyTree, step: 
     return cache.train_step(setup), cache.batches(start_step=step), evaluator
   if run.train_iter is None:
     run.train_iter = pipeline.create_dataset(
-        run.config, run.config.data.train_split, start_step=step).as_numpy_iterator()
+        data_spec.DataSpec.from_config(run.config), run.config.data.train_split,
+        start_step=step).as_numpy_iterator()
   repl, data = sharding.replicated(run.mesh), sharding.data_sharded(run.mesh)
   train_step = jax.jit(steps.make_train_step(run.model, setup), in_shardings=(repl, data),
                        out_shardings=repl, donate_argnums=0)
