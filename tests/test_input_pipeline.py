@@ -1,5 +1,6 @@
 """The input pipeline: decoding, folders and bad files, determinism, resume, sharding, eval."""
 
+import dataclasses
 import io
 import logging
 import pathlib
@@ -300,6 +301,16 @@ def test_unknown_config_values_are_config_errors_naming_the_field(tmp_path, fiel
   expected = rf"config\.data\.{field} must be one of .*'{value}'"
   with pytest.raises(errors.ConfigError, match=expected):
     pipeline.create_dataset(_spec(config), 'train', process_count=1, process_index=0)
+
+
+def test_a_source_name_without_an_implementation_reads_nothing():
+  assert sources.SOURCES == data_spec.SOURCES
+  unknown = dataclasses.replace(_spec(_fake_config()), source='hdf5')
+  expected = r"config\.data\.source must be one of \('tfds', 'folder', 'fake'\), got 'hdf5'"
+  with pytest.raises(errors.ConfigError, match=expected):
+    sources.table(unknown, 'train')
+  with pytest.raises(errors.ConfigError, match=expected):
+    sources.sizes_and_class_names(unknown)
 
 
 # ----------------------------------------------------------------------------- files one by one

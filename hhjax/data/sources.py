@@ -15,7 +15,7 @@ check of a few seconds that the download host can be reached: offline, the error
 do at once instead of after minutes of the download's retries.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 import dataclasses
 import os
 import socket
@@ -32,9 +32,6 @@ from hhjax import errors
 from hhjax.data import bad_files
 from hhjax.data import records
 from hhjax.data import spec as data_spec
-
-# config.data.source: the sources below.
-SOURCES = data_spec.SOURCES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +184,17 @@ def _folder_table(scan: _FolderScan) -> Table:
                scan.class_names)
 
 
+def _folder_split_table(spec: data_spec.DataSpec, split: str) -> Table:
+  return _folder_table(_scan_folder(spec, [split])[0])
+
+
+def _folder_sizes(spec: data_spec.DataSpec,
+                  splits: Sequence[str]) -> tuple[dict[str, int], tuple[str, ...]]:
+  scans = _scan_folder(spec, splits)
+  return ({s.split: sum(len(f) for f in s.files.values()) for s in scans},
+          scans[0].class_names)
+
+
 # ----------------------------------------------------------------------------- TFDS
 
 # Seconds the network check before a TFDS download waits for the download host.
@@ -316,23 +324,47 @@ def _fake_table(spec: data_spec.DataSpec, split: str) -> Table:
   return Table('fake', None, labels, names, salt=zlib.crc32(split.encode()) & 0x7fffffff)
 
 
+def _fake_sizes(spec: data_spec.DataSpec,
+                splits: Sequence[str]) -> tuple[dict[str, int], tuple[str, ...]]:
+  tables = [_fake_table(spec, s) for s in splits]
+  return {s: t.size for s, t in zip(splits, tables)}, tables[0].class_names
+
+
 # ----------------------------------------------------------------------------- any source
 
 
-def _check_source(spec: data_spec.DataSpec) -> None:
-  if spec.source not in SOURCES:
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """How one config.data.source gives a split's table, and the sizes and class names."""
+  table: Callable[[data_spec.DataSpec, str], Table]
+  sizes: Callable[[data_spec.DataSpec, Sequence[str]], tuple[dict[str, int], tuple[str, ...]]]
+
+
+# config.data.source -> its implementation: the only place a source name is dispatched on.
+_SOURCES = {
+    'tfds': _Source(_tfds_table, _tfds_sizes),
+    'folder': _Source(_folder_split_table, _folder_sizes),
+    'fake': _Source(_fake_table, _fake_sizes),
+}
+# The names config_checks accepts (spec.py holds them, so that it need not import TensorFlow)
+# are exactly the names implemented here.
+if tuple(_SOURCES) != data_spec.SOURCES:
+  raise ImportError(f'spec.SOURCES {data_spec.SOURCES} and the sources implemented in '
+                    f'{__name__} {tuple(_SOURCES)} differ.')
+SOURCES = tuple(_SOURCES)   # the names config.data.source may take
+
+
+def _source(spec: data_spec.DataSpec) -> _Source:
+  try:
+    return _SOURCES[spec.source]
+  except KeyError:
     raise errors.ConfigError(
-        f'config.data.source must be one of {SOURCES}, got {spec.source!r}.')
+        f'config.data.source must be one of {SOURCES}, got {spec.source!r}.') from None
 
 
 def table(spec: data_spec.DataSpec, split: str) -> Table:
   """The table of `split` from spec.source; an image folder is checked first."""
-  _check_source(spec)
-  if spec.source == 'folder':
-    return _folder_table(_scan_folder(spec, [split])[0])
-  if spec.source == 'tfds':
-    return _tfds_table(spec, split)
-  return _fake_table(spec, split)
+  return _source(spec).table(spec, split)
 
 
 def sizes_and_class_names(
@@ -343,13 +375,4 @@ def sizes_and_class_names(
   with bad_files='skip', and raise with 'error'). For TFDS, sizes come from the dataset's
   metadata when it has them, otherwise from reading the split.
   """
-  _check_source(spec)
-  splits = list(dict.fromkeys([spec.train_split, spec.eval_split]))
-  if spec.source == 'folder':
-    scans = _scan_folder(spec, splits)
-    return ({s.split: sum(len(f) for f in s.files.values()) for s in scans},
-            scans[0].class_names)
-  if spec.source == 'tfds':
-    return _tfds_sizes(spec, splits)
-  tables = [_fake_table(spec, s) for s in splits]
-  return {s: t.size for s, t in zip(splits, tables)}, tables[0].class_names
+  return _source(spec).sizes(spec, list(dict.fromkeys([spec.train_split, spec.eval_split])))

@@ -15,7 +15,8 @@ owning modules use the same tuples.
 import dataclasses
 from typing import Any
 
-# config.data.source: the sources of sources.py.
+# config.data.source: the sources of sources.py, whose name -> implementation mapping must have
+# exactly these keys (it checks so when imported).
 SOURCES = ('tfds', 'folder', 'fake')
 # config.data.resize_method and config.data.image_dtype: what decode.py resizes with and emits.
 RESIZE_METHODS = ('bilinear', 'nearest')
