@@ -303,6 +303,17 @@ def test_unknown_config_values_are_config_errors_naming_the_field(tmp_path, fiel
     pipeline.create_dataset(_spec(config), 'train', process_count=1, process_index=0)
 
 
+def test_the_spec_of_an_older_config_gives_absent_fields_their_defaults():
+  tree = default.get_config().to_dict()   # as a workdir's config.json holds it
+  del tree['data']['image_dtype'], tree['data']['cache_decoded'], tree['data']['augment']['cval']
+  tree['data']['augment']['zoom_range'] = [0.8, 1.2]
+  spec = data_spec.DataSpec.from_config(tree)
+  assert (spec.image_dtype, spec.cache_decoded, spec.augment.cval) == ('float32', False, 0.0)
+  assert spec.augment.zoom_range == (0.8, 1.2)
+  assert spec.eval_batch_size == spec.batch_size == tree['batch_size']   # eval_batch_size None
+  assert dataclasses.replace(spec, image_size=75).image_size == 75
+
+
 def test_a_source_name_without_an_implementation_reads_nothing():
   assert sources.SOURCES == data_spec.SOURCES
   unknown = dataclasses.replace(_spec(_fake_config()), source='hdf5')

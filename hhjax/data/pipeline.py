@@ -1,6 +1,6 @@
 """tf.data input pipeline: TFDS `horses_or_humans`, image folders and synthetic images.
 
-    data = data_spec.DataSpec.from_config(config) # what the pipeline reads (spec.py)
+    data = data_spec.DataSpec.from_config(config)  # what the pipeline reads (spec.py)
     info = dataset_info(data)                     # sizes, number of classes, class names
     train = create_dataset(data, data.train_split, start_step=step)
     for batch in train.as_numpy_iterator(): ...   # {'image': f32 [b,H,W,3], 'label': i32 [b]}

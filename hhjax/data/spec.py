@@ -99,8 +99,7 @@ class DataSpec:
     config written by an older version lacks take the defaults above.
     """
     data = config['data']
-    names = {f.name for f in dataclasses.fields(cls)} - {'fake', 'augment', 'seed', 'batch_size',
-                                                        'eval_batch_size'}
+    names = _field_names(cls) - {'fake', 'augment', 'seed', 'batch_size', 'eval_batch_size'}
     return cls(
         **_present(data, names),
         fake=FakeSpec(**_present(data['fake'], _field_names(FakeSpec))),
