@@ -36,6 +36,7 @@ from hhjax import errors
 from hhjax import peers
 from hhjax import workdir as workdir_lib
 from hhjax import workdir_lock
+from hhjax.data import spec as data_spec
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -49,7 +50,7 @@ flags.DEFINE_multi_string('images', [],
 flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'],
                   'For eval, predict and explain: the latest checkpoint or the best by validation '
                   'accuracy.')
-flags.DEFINE_enum('bad_files', None, list(config_checks.BAD_FILES),
+flags.DEFINE_enum('bad_files', None, list(data_spec.BAD_FILES),
                   'Sets config.data.bad_files (what to do with files that are not readable '
                   "images: 'error' or 'skip'), also where the config comes from the workdir.")
 flags.DEFINE_string('keras_model', None,

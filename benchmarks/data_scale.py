@@ -448,14 +448,19 @@ def pipeline_child(args) -> None:
     for key in keys[:-1]:
       node = node[key]
     node[keys[-1]] = int(value) if value.isdigit() else value
+  try:
+    from hhjax.data import spec as data_spec  # pylint: disable=g-import-not-at-top
+    data = data_spec.DataSpec.from_config(config)
+  except ImportError:   # code from before the data spec reads the config itself
+    data = config
   sharding.maybe_initialize_distributed()
   pid = os.getpid()
   io_start = _io(pid)
   t0, cpu0 = time.perf_counter(), time.process_time()
-  info = pipeline.dataset_info(config)
+  info = pipeline.dataset_info(data)
   t_info, cpu_info = time.perf_counter(), time.process_time()
   io_info = _io(pid)
-  batches = pipeline.create_dataset(config, config.data.train_split,
+  batches = pipeline.create_dataset(data, config.data.train_split,
                                     process_index=args.process_index,
                                     process_count=args.process_count).as_numpy_iterator()
   next(batches)

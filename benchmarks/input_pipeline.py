@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 from hhjax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from hhjax.data import spec  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_DATA = ROOT.parent / 'shared' / 'data' / 'horse-or-human'
 
@@ -43,7 +44,8 @@ def _parse_args():
   return parser.parse_args()
 
 
-def _config(args, source: str, threads: int | None, augment: bool, cache: bool = False):
+def _spec(args, source: str, threads: int | None, augment: bool,
+          cache: bool = False) -> spec.DataSpec:
   config = default.get_config()
   config.batch_size = args.batch_size
   config.data.image_size = args.image_size
@@ -56,11 +58,11 @@ def _config(args, source: str, threads: int | None, augment: bool, cache: bool =
     config.data.eval_split = 'validation'
   else:
     config.data.fake.num_train_examples = 1024
-  return config
+  return spec.DataSpec.from_config(config)
 
 
-def _images_per_second(config, args) -> float:
-  ds = pipeline.create_dataset(config, config.data.train_split, process_index=0, process_count=1)
+def _images_per_second(data: spec.DataSpec, args) -> float:
+  ds = pipeline.create_dataset(data, data.train_split, process_index=0, process_count=1)
   batches = ds.as_numpy_iterator()
   for _ in range(args.warmup_steps):
     next(batches)
@@ -80,7 +82,7 @@ def main():
         f'{args.steps} timed batches after {args.warmup_steps}')
   if 'folder' in sources:
     start = time.perf_counter()
-    info = pipeline.dataset_info(_config(args, 'folder', None, True))
+    info = pipeline.dataset_info(_spec(args, 'folder', None, True))
     print(f'folder check (decode every file once): {sum(info.num_examples.values())} files in '
           f'{time.perf_counter() - start:.1f} s')
   print(f'{"source":8} {"augment":8} {"cached":7} {"threads":>7} {"images/s":>9}')
@@ -88,8 +90,8 @@ def main():
     for augment in args.augment.split(','):
       for cache in args.cache_decoded.split(',') if source == 'folder' else ['off']:
         for threads in (int(t) for t in args.threads.split(',')):
-          config = _config(args, source, threads, augment == 'on', cache == 'on')
-          rate = _images_per_second(config, args)
+          data = _spec(args, source, threads, augment == 'on', cache == 'on')
+          rate = _images_per_second(data, args)
           print(f'{source:8} {augment:8} {cache:7} {threads:7d} {rate:9.0f}', flush=True)
 
 

@@ -131,7 +131,6 @@ def build_step(config, case: str):
   import jax.numpy as jnp
   from hhjax import entry  # pylint: disable=g-import-not-at-top
   from hhjax.training import feature_cache  # pylint: disable=g-import-not-at-top
-  from hhjax.training import phases as phases_lib  # pylint: disable=g-import-not-at-top
   from hhjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   from hhjax.training import steps  # pylint: disable=g-import-not-at-top
   model = entry.model(config, 2)

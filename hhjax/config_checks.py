@@ -8,8 +8,10 @@ what is allowed, instead of minutes later in the input pipeline or the training 
 
 Each allowed set is defined once. The model's and the optimizer's sets are read from the
 modules that use them (those import jax, flax and optax, not TensorFlow), so those modules
-must not import this one. The input pipeline's and the training loop's sets are defined here,
-because hhjax.data imports TensorFlow and hhjax.training.loop orbax: they read them from here.
+must not import this one. The input pipeline's sets are read from hhjax.data.spec, which
+defines them beside the fields they constrain without importing TensorFlow. The training
+loop's sets are defined here, because hhjax.training.loop imports orbax: it reads them from
+here.
 
 Fields absent from a config are skipped: a workdir written by an older version may lack them.
 """
@@ -24,6 +26,7 @@ from typing import Any
 import ml_collections
 
 from hhjax import errors
+from hhjax.data import spec as data_spec
 from hhjax.model import classifier
 from hhjax.model import inception
 from hhjax.model import lowering
@@ -31,13 +34,6 @@ from hhjax.model import preprocessing
 from hhjax.training import optim
 from hhjax.training import phases
 
-# config.data: the input pipeline's value sets.
-SOURCES = ('tfds', 'folder', 'fake')
-RESIZE_METHODS = ('bilinear', 'nearest')
-IMAGE_DTYPES = ('float32', 'uint8')
-BAD_FILES = ('error', 'skip')
-# config.data.augment.fill_mode: the modes of Keras's ImageDataGenerator.
-FILL_MODES = ('nearest', 'reflect', 'wrap', 'constant')
 # config.speed fields read by lowering.parse_switch: the model's rewrites, then the cache.
 SPEED_SWITCHES = tuple(f.name for f in dataclasses.fields(lowering.Lowering)) + (
     'cache_features',)
@@ -109,12 +105,12 @@ RULES: dict[str, _Rule] = {
     'log_every_steps': _integer(0),
     'checkpoint_every_steps': _integer(0),
     'keep_checkpoints': _integer(1),
-    'data.source': _one_of(SOURCES),
+    'data.source': _one_of(data_spec.SOURCES),
     'data.image_size': _integer(inception.MIN_SIZE),
-    'data.resize_method': _one_of(RESIZE_METHODS),
+    'data.resize_method': _one_of(data_spec.RESIZE_METHODS),
     'data.preprocessing': _one_of(preprocessing.NAMES),
-    'data.image_dtype': _one_of(IMAGE_DTYPES),
-    'data.bad_files': _one_of(BAD_FILES),
+    'data.image_dtype': _one_of(data_spec.IMAGE_DTYPES),
+    'data.bad_files': _one_of(data_spec.BAD_FILES),
     'data.cache_decoded': _BOOL,
     'data.num_parallel_calls': _optional(_integer(1)),
     'data.fake.num_train_examples': _integer(1),
@@ -130,7 +126,7 @@ RULES: dict[str, _Rule] = {
         'with 0 < lower <= upper'),
     'data.augment.horizontal_flip': _BOOL,
     'data.augment.vertical_flip': _BOOL,
-    'data.augment.fill_mode': _one_of(FILL_MODES),
+    'data.augment.fill_mode': _one_of(data_spec.FILL_MODES),
     'data.augment.cval': _NUMBER,
     'model.cut': _one_of(inception.ENDPOINTS),
     'model.head': _one_of(classifier.HEADS),

@@ -4,8 +4,10 @@ main.py's modes (hhjax.train, evaluate, predict, explain, export, import_keras, 
 the config; every function below them takes values, a sub-config or a small spec, so that its
 signature says what it reads. This module is where a config becomes those:
 
+    data(config)                      the DataSpec the input pipeline reads
     model(config, num_classes)        the Classifier (config.model, config.speed, and the
                                       preprocessing config.data says the images get)
+    feature_cache(config)             config.speed's feature-cache settings
     phases(config), optimizer(config), setup_for(config), early_stopping(config)
     restore_target(config, mesh)      what a checkpoint is restored into
     restore_for_inference(config, workdir, which)
@@ -22,13 +24,20 @@ import ml_collections
 
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
+from hhjax.data import spec as data_spec
 from hhjax.model import classifier
+from hhjax.model import lowering
 from hhjax.training import optim
 from hhjax.training import phases as phases_lib
 from hhjax.training import restore
 from hhjax.weights import keras_classifier
 
 PyTree = Any
+
+
+def data(config: ml_collections.ConfigDict) -> data_spec.DataSpec:
+  """What the input pipeline reads: config.data, the seed and the batch sizes."""
+  return data_spec.DataSpec.from_config(config)
 
 
 def model(config: ml_collections.ConfigDict, num_classes: int) -> classifier.Classifier:
@@ -44,6 +53,18 @@ def image_size(config: ml_collections.ConfigDict) -> int:
 
 def eval_batch_size(config: ml_collections.ConfigDict) -> int:
   return int(config.get('eval_batch_size') or config.batch_size)
+
+
+def feature_cache(config: ml_collections.ConfigDict):
+  """config.speed.cache_features ('auto', 'on', 'off'; absent: off) and its size limit, as a
+  `hhjax.training.feature_cache.Settings`."""
+  # That module reads images (TensorFlow), which --mode=import_keras need not load.
+  from hhjax.training import feature_cache as feature_cache_lib  # pylint: disable=g-import-not-at-top
+  speed = config.get('speed') or {}
+  return feature_cache_lib.Settings(
+      mode=lowering.parse_switch(speed.get('cache_features', 'off'),
+                                 'config.speed.cache_features'),
+      max_mb=float(speed.get('cache_features_max_mb', 4096)))
 
 
 def pretrained(config: ml_collections.ConfigDict) -> str | None:

@@ -29,10 +29,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh, model, state, class_names, step = entry.restore_for_inference(config, workdir,
                                                                       checkpoint)
   evaluator = evaluation.Evaluator(model, len(class_names), mesh,
-                                   evaluation.eval_batches(config))
+                                   evaluation.eval_batches(entry.data(config)))
   result = evaluator(state['params'], state['batch_stats'])
   is_main = jax.process_index() == 0
   out = evaluation.report(result, class_names, step, workdir_lib.absolute(workdir), is_main)
-  pictures.write_eval_pictures(config, result, class_names, step, workdir_lib.absolute(workdir),
+  pictures.write_eval_pictures(entry.data(config), result, class_names, step, workdir_lib.absolute(workdir),
                                is_main=is_main)
   return out

@@ -210,7 +210,9 @@ def explain(config: ml_collections.ConfigDict, workdir: str, images: Sequence[st
   batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
   inputs, maps, predicted, probs = [], [], [], []
   for start in range(0, len(paths), batch_size):
-    chunk = np.stack([decode.load_image(p, config) for p in paths[start:start + batch_size]])
+    chunk = np.stack([decode.load_image(p, config.data.image_size, config.data.resize_method,
+                                        config.data.preprocessing)
+                      for p in paths[start:start + batch_size]])
     padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:],
                                              chunk.dtype)])
     out = jax.device_get(step_fn(state['params'], state['batch_stats'],

@@ -75,7 +75,8 @@ def _class_names(spec: keras_model.KerasClassifier, config: ml_collections.Confi
   names = list(spec.class_names) if spec.class_names else None
   if data_class_names:
     from hhjax.data import pipeline  # pylint: disable=g-import-not-at-top (TensorFlow)
-    data_names = [str(c) for c in pipeline.dataset_info(config).class_names]
+    info = pipeline.dataset_info(entry.data(config))
+    data_names = [str(c) for c in info.class_names]
     if names is None and len(data_names) != spec.num_classes:
       raise errors.DataError(
           f'The Keras model has {spec.num_classes} classes, the config\'s data '

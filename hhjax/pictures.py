@@ -22,12 +22,12 @@ from typing import Any
 from absl import logging
 from etils import epath
 from matplotlib.figure import Figure
-import ml_collections
 import numpy as np
 
 from hhjax import files
 from hhjax.data import pipeline
 from hhjax.data import sources
+from hhjax.data import spec as data_spec
 
 CONFUSION_FILE = 'confusion_matrix.png'
 EXAMPLES_FILE = 'misclassified.png'
@@ -126,21 +126,21 @@ def plot_examples(images: np.ndarray, titles: Sequence[str], colors: Sequence[st
   return fig
 
 
-def _source_name(config: ml_collections.ConfigDict) -> str:
+def _source_name(data: data_spec.DataSpec) -> str:
   """The data's name for titles: the image folder's name, the TFDS name, or 'fake'."""
-  if config.data.source == 'folder':
-    return os.path.basename(os.path.normpath(config.data.dir))
-  return config.data.get('name') if config.data.source == 'tfds' else config.data.source
+  if data.source == 'folder':
+    return os.path.basename(os.path.normpath(data.dir))
+  return data.name if data.source == 'tfds' else data.source
 
 
-def write_eval_pictures(config: ml_collections.ConfigDict, result: Mapping[str, Any],
+def write_eval_pictures(data: data_spec.DataSpec, result: Mapping[str, Any],
                         class_names: Sequence[str], step: int, workdir: str, *,
                         is_main: bool = True, max_images: int = 20,
                         columns: int = 5) -> list[str]:
   """Writes the confusion matrix, the misclassified grid and its list into `workdir`.
 
   Args:
-    config: the run's config (which split, and how to decode its images).
+    data: the run's data (which split, and how to decode its images).
     result: an `evaluation.Evaluator` result ('confusion', 'accuracy', 'count', and per example
       'probabilities' in the split's table order).
     class_names: in label order.
@@ -154,10 +154,10 @@ def write_eval_pictures(config: ml_collections.ConfigDict, result: Mapping[str, 
   Returns:
     The paths written (none when the split no longer matches the evaluation).
   """
-  split = config.data.eval_split
+  split = data.eval_split
   # Every process lists the split: with several processes, checking an image folder is a
   # collective step (hhjax.data.bad_files) that all of them must take. Only `is_main` draws.
-  table = sources.table(config, split)
+  table = sources.table(data, split)
   if not is_main:
     return []
   probabilities = np.asarray(result['probabilities'])
@@ -174,7 +174,7 @@ def write_eval_pictures(config: ml_collections.ConfigDict, result: Mapping[str, 
   paths = []
 
   fig = plot_confusion(result['confusion'], class_names,
-                       f'Confusion matrix: {_source_name(config)} / {split}, step {step}\n'
+                       f'Confusion matrix: {_source_name(data)} / {split}, step {step}\n'
                        f'accuracy {result["accuracy"]:.4f} on {result["count"]} images')
   paths.append(files.write_png(directory / CONFUSION_FILE, fig))
 
@@ -188,7 +188,7 @@ def write_eval_pictures(config: ml_collections.ConfigDict, result: Mapping[str, 
     title = (f'Misclassified {split} images at step {step}, most confident first: '
              f'{len(shown)} of {len(order)} wrong (of {len(labels)})')
   title += "\n(each image: its name, true class, predicted class and that class's probability)"
-  fig = plot_examples(pipeline.eval_pixels(table, config, shown), titles,
+  fig = plot_examples(pipeline.eval_pixels(table, data, shown), titles,
                       ['darkgreen' if all_correct else 'firebrick'] * len(shown), title, columns)
   paths.append(files.write_png(directory / EXAMPLES_FILE, fig))
   wrong = [] if all_correct else order

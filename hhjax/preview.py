@@ -6,6 +6,7 @@
 from etils import epath
 import ml_collections
 
+from hhjax import entry
 from hhjax import files
 from hhjax.data import pipeline
 from hhjax.model import preprocessing
@@ -37,8 +38,9 @@ def preview_data(config: ml_collections.ConfigDict, workdir: str, *, num_images:
   """
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top  (Agg, no pyplot)
 
-  info = pipeline.dataset_info(config)
-  ds = pipeline.create_dataset(config, config.data.train_split, process_index=0, process_count=1)
+  data = entry.data(config)
+  info = pipeline.dataset_info(data)
+  ds = pipeline.create_dataset(data, config.data.train_split, process_index=0, process_count=1)
   images, labels = [], []
   for batch in ds.as_numpy_iterator():
     images.extend(batch['image'])

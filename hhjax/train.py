@@ -39,6 +39,7 @@ from hhjax import sharding
 from hhjax import workdir as workdir_lib
 from hhjax import workdir_lock
 from hhjax.data import pipeline
+from hhjax.data import spec as data_spec
 from hhjax.model import classifier
 from hhjax.training import evaluation
 from hhjax.training import feature_cache
@@ -63,6 +64,7 @@ class _Run:
   config: ml_collections.ConfigDict
   workdir: str
   mesh: jax.sharding.Mesh
+  data: data_spec.DataSpec
   model: classifier.Classifier
   phases: list[phases_lib.Phase]
   class_names: list[str]
@@ -73,6 +75,7 @@ class _Run:
   evaluator: evaluation.Evaluator
   target: restore.Target
   early_stopping: phases_lib.EarlyStopping
+  cache: feature_cache.Settings
   is_main: bool
   notice: preemption.Notice
   train_iter: Iterator[Any] | None = None   # the image stream, kept across phases
@@ -87,9 +90,10 @@ class _Run:
     mesh = sharding.make_mesh()
     sharding.check_batch_size(int(config.batch_size), 'config.batch_size')
     sharding.check_batch_size(entry.eval_batch_size(config), 'config.eval_batch_size')
-    info = pipeline.dataset_info(config)
+    data = entry.data(config)
+    info = pipeline.dataset_info(data)
     class_names = [str(c) for c in info.class_names]
-    num_train = int(info.num_examples[config.data.train_split])
+    num_train = int(info.num_examples[data.train_split])
     spe = steps_per_epoch(config, num_train)
     model = entry.model(config, len(class_names))
     logging.info('%d training images, %d classes %s; %d steps per epoch of %d images; '
@@ -97,16 +101,17 @@ class _Run:
                  config.batch_size, jax.device_count(), jax.devices()[0].platform)
     is_main = jax.process_index() == 0
     return cls(
-        config=config, workdir=workdir, mesh=mesh, model=model,
+        config=config, workdir=workdir, mesh=mesh, data=data, model=model,
         phases=entry.phases(config), class_names=class_names, num_train=num_train,
         steps_per_epoch=spe,
         ckpts=checkpointing.Checkpoints(workdir_lib.checkpoint_dir(workdir),
                                         keep=int(config.keep_checkpoints)),
         writer=metrics_lib.MetricsWriter(workdir, enabled=is_main, start=start),
         evaluator=evaluation.Evaluator(model, len(class_names), mesh,
-                                       evaluation.eval_batches(config)),
+                                       evaluation.eval_batches(data)),
         target=entry.restore_target(config, mesh, model_for=lambda _: model),
-        early_stopping=entry.early_stopping(config), is_main=is_main, notice=notice)
+        early_stopping=entry.early_stopping(config), cache=entry.feature_cache(config),
+        is_main=is_main, notice=notice)
 
   @property
   def total_steps(self) -> int:
@@ -268,16 +273,16 @@ def _phase_inputs(run: _Run, setup: phases_lib.PhaseSetup, state: PyTree, step: 
   config.speed.cache_features: a frozen backbone without augmentation runs once per image,
   and the phase trains the head on the cached features.
   """
-  cache = feature_cache.for_phase(run.model, setup, state, run.config, run.mesh,
+  cache = feature_cache.for_phase(run.model, setup, state, run.data, run.cache, run.mesh,
                                   run.num_train)
   if cache is not None:
     run.train_iter = None   # a later phase on images starts its stream where this one ends
     evaluator = evaluation.Evaluator(cache.head_model, len(run.class_names), run.mesh,
-                                   cache.eval_batches)
+                                     cache.eval_batches)
     return cache.train_step(setup), cache.batches(start_step=step), evaluator
   if run.train_iter is None:
-    run.train_iter = pipeline.create_dataset(
-        run.config, run.config.data.train_split, start_step=step).as_numpy_iterator()
+    run.train_iter = pipeline.create_dataset(run.data, run.data.train_split,
+                                             start_step=step).as_numpy_iterator()
   repl, data = sharding.replicated(run.mesh), sharding.data_sharded(run.mesh)
   train_step = jax.jit(steps.make_train_step(run.model, setup), in_shardings=(repl, data),
                        out_shardings=repl, donate_argnums=0)
@@ -379,7 +384,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     last_eval = run.evaluator(state['params'], state['batch_stats'])
   result = evaluation.report(last_eval, run.class_names, step, run.workdir, run.is_main)
   result['stop_reason'] = progress.stop_reason
-  pictures.write_eval_pictures(config, last_eval, run.class_names, step, run.workdir,
+  pictures.write_eval_pictures(run.data, last_eval, run.class_names, step, run.workdir,
                                is_main=run.is_main)
   if run.is_main:
     for path in metrics_lib.plot_history(metrics_lib.read_rows(run.workdir), run.workdir):

@@ -1,5 +1,7 @@
 """The augmentation is Keras's ImageDataGenerator: same parameters, same geometry, same draws."""
 
+import dataclasses
+
 import ml_collections
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from configs import default
 from hhjax import config_checks
 from hhjax import errors
 from hhjax.data import augment
+from hhjax.data import spec as data_spec
 
 # Keras resamples with scipy in float64; here the matrix is float64 and the resampling float32,
 # so source coordinates differ by ~1e-5 px and values by (gradient x 1e-5), about 1e-3 grey
@@ -89,6 +92,10 @@ def test_non_square_images_follow_keras_axis_conventions():
                              atol=MAX_LEVELS)
 
 
+def _default_augment() -> data_spec.AugmentSpec:
+  return data_spec.DataSpec.from_config(default.get_config()).augment
+
+
 def _draw(aug, height, width, num):
   draw = tf.function(lambda s: augment.random_transform_params(s, aug, height, width))
   seeds = [tf.constant([0, k], tf.int64) for k in range(num)]
@@ -98,10 +105,10 @@ def _draw(aug, height, width, num):
 
 def test_random_parameters_follow_keras_get_random_transform():
   from tf_keras.preprocessing.image import ImageDataGenerator  # pylint: disable=g-import-not-at-top
-  aug = default.get_config().data.augment.to_dict()
+  aug = _default_augment()
   height, width, num = 100, 200, 400
   ours = _draw(aug, height, width, num)
-  generator = ImageDataGenerator(**{k: aug[k] for k in (
+  generator = ImageDataGenerator(**{k: getattr(aug, k) for k in (
       'rotation_range', 'width_shift_range', 'height_shift_range', 'shear_range', 'zoom_range',
       'horizontal_flip', 'vertical_flip', 'fill_mode')})
   keras = [generator.get_random_transform((height, width, 3), seed=k) for k in range(num)]
@@ -121,7 +128,7 @@ def test_random_parameters_follow_keras_get_random_transform():
 
 
 def test_parameters_depend_only_on_the_seed():
-  aug = default.get_config().data.augment.to_dict()
+  aug = _default_augment()
   draw = lambda k: augment.random_transform_params(tf.constant([5, k], tf.int64), aug, 150, 150)
   first, again, other = draw(1), draw(1), draw(2)
   for name in augment.PARAM_NAMES:
@@ -130,9 +137,9 @@ def test_parameters_depend_only_on_the_seed():
 
 
 def test_disabled_ranges_leave_the_image_unchanged(image):
-  aug = dict(default.get_config().data.augment.to_dict(), rotation_range=0.0,
-             width_shift_range=0.0, height_shift_range=0.0, shear_range=0.0, zoom_range=0.0,
-             horizontal_flip=False, vertical_flip=False)
+  aug = dataclasses.replace(_default_augment(), rotation_range=0.0, width_shift_range=0.0,
+                            height_shift_range=0.0, shear_range=0.0, zoom_range=0.0,
+                            horizontal_flip=False, vertical_flip=False)
   out = augment.random_augment(tf.constant(image), tf.constant([0, 3], tf.int64), aug)
   np.testing.assert_array_equal(out.numpy(), image)
 

@@ -18,10 +18,9 @@ import jax
 import numpy as np
 import pytest
 
-from hhjax import entry
 from hhjax import checkpointing
+from hhjax import entry
 from hhjax import errors
-from hhjax import evaluate
 from hhjax import predict
 from hhjax import workdir as workdir_lib
 

@@ -184,6 +184,15 @@ def test_a_config_error_is_a_value_error_for_library_callers():
     config_checks.validate(_config(model__hidden=-1))
 
 
+def test_the_checks_and_the_data_fields_allowed_values_load_without_tensorflow():
+  # main.py checks the config before TensorFlow loads, so that a mistake is reported at once.
+  code = ('import sys, main, hhjax.config_checks, hhjax.data.spec; '
+          "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------ the command line
 
 @pytest.fixture(scope='module')

@@ -20,7 +20,14 @@ from hhjax.data import bad_files
 from hhjax.data import check_cache
 from hhjax.data import pipeline
 from hhjax.data import records
+from hhjax.data import spec as data_spec
 from hhjax.data import streams
+
+
+def _spec(config):
+  """What the input pipeline reads of `config`."""
+  return data_spec.DataSpec.from_config(config)
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 16  # Small images: the tests are about which files and records are read.
@@ -88,7 +95,7 @@ def test_a_new_run_decodes_no_file_of_an_unchanged_folder(tmp_path, monkeypatch,
   data_files = sorted(root.rglob('*'))
   monkeypatch.setattr(bad_files, 'PROGRESS_EVERY_S', 0.0)
   with caplog.at_level(logging.INFO, logger='absl'):
-    info = pipeline.dataset_info(config)
+    info = pipeline.dataset_info(_spec(config))
   assert len(decoded) == 10
   assert 'files/s, ETA' in caplog.text  # a check that decodes says how far it is
   assert sorted(root.rglob('*')) == data_files, 'nothing may be written into the data folder'
@@ -97,8 +104,8 @@ def test_a_new_run_decodes_no_file_of_an_unchanged_folder(tmp_path, monkeypatch,
   assert verdicts.is_relative_to(os.environ['HHJAX_CACHE_DIR'])
 
   _new_run(monkeypatch, decoded)
-  assert pipeline.dataset_info(config) == info
-  first = next(pipeline.create_dataset(config, 'train', process_count=1,
+  assert pipeline.dataset_info(_spec(config)) == info
+  first = next(pipeline.create_dataset(_spec(config), 'train', process_count=1,
                                        process_index=0).as_numpy_iterator())
   assert decoded == [] and first['image'].shape == (4, SIZE, SIZE, 3)
 
@@ -107,30 +114,30 @@ def test_changed_files_are_checked_again_and_one_turned_bad_is_caught(tmp_path, 
                                                                       decoded):
   root = _folder(tmp_path / 'data')
   config = _config(source='folder', dir=str(root))
-  assert pipeline.dataset_info(config).num_examples == {'train': 6, 'validation': 4}
+  assert pipeline.dataset_info(_spec(config)).num_examples == {'train': 6, 'validation': 4}
   changed = _write(root / 'train' / 'cats' / '000.png', _image(7, shape=(30, 30)))
   broken = root / 'train' / 'dogs' / '001.png'
   _write(broken, broken.read_bytes()[:100])
 
   _new_run(monkeypatch, decoded)
   with pytest.raises(errors.DataError, match=r'1 file\(s\).*\n.*dogs/001.png: '):
-    pipeline.dataset_info(config)
+    pipeline.dataset_info(_spec(config))
   assert sorted(decoded) == sorted([str(changed), str(broken)])
   # The bad verdict is kept too: skipping it costs no decoding, and it is never read.
   _new_run(monkeypatch, decoded)
   skip = _config(source='folder', dir=str(root), bad_files='skip')
-  assert pipeline.dataset_info(skip).num_examples == {'train': 5, 'validation': 4}
+  assert pipeline.dataset_info(_spec(skip)).num_examples == {'train': 5, 'validation': 4}
   assert decoded == []
 
 
 def test_an_unusable_verdict_file_means_checking_again(tmp_path, monkeypatch, decoded, caplog):
   root = _folder(tmp_path / 'data')
   config = _config(source='folder', dir=str(root))
-  pipeline.dataset_info(config)
+  pipeline.dataset_info(_spec(config))
   check_cache.path_for(str(root / 'train')).write_text('{"format": 1, "files": {"trunc')
   _new_run(monkeypatch, decoded)
   with caplog.at_level(logging.WARNING, logger='absl'):
-    pipeline.dataset_info(config)
+    pipeline.dataset_info(_spec(config))
   assert len(decoded) == 6 and 'Ignoring the image-check verdicts' in caplog.text
 
 
@@ -140,7 +147,7 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 from configs import default
 from hhjax import sharding
-from hhjax.data import bad_files, pipeline
+from hhjax.data import bad_files, pipeline, spec
 sharding.maybe_initialize_distributed()
 decoded = []
 decode_all = bad_files._decode_all
@@ -151,7 +158,7 @@ bad_files._decode_all = counting
 config = default.get_config()
 config.data.source, config.data.dir = 'folder', sys.argv[2]
 config.data.eval_split, config.data.bad_files = 'validation', 'skip'
-info = pipeline.dataset_info(config)
+info = pipeline.dataset_info(spec.DataSpec.from_config(config))
 bad = sorted(p for p, (_, reason) in bad_files._CHECKED.items() if reason)
 print(json.dumps({'decoded': decoded, 'sizes': info.num_examples, 'bad': bad}))
 '''
@@ -226,7 +233,7 @@ def _tfds_config(data_dir, **data):
 
 
 def _batches(config, split, steps=None, **kwargs):
-  ds = pipeline.create_dataset(config, split, process_count=1, process_index=0, **kwargs)
+  ds = pipeline.create_dataset(_spec(config), split, process_count=1, process_index=0, **kwargs)
   return list((ds.take(steps) if steps else ds).as_numpy_iterator())
 
 
@@ -241,11 +248,11 @@ def _assert_same(a, b):
 def test_tfds_records_give_the_in_memory_batches_and_resume_exactly(tfds_dirs, caplog):
   on_demand = _tfds_config(tfds_dirs['array_record'])
   in_memory = _tfds_config(tfds_dirs['tfrecord'])
-  assert pipeline.sources.table(on_demand, 'train').kind == 'records'
+  assert pipeline.sources.table(_spec(on_demand), 'train').kind == 'records'
   with caplog.at_level(logging.INFO, logger='absl'):
-    assert pipeline.sources.table(in_memory, 'train').kind == 'bytes'
+    assert pipeline.sources.table(_spec(in_memory), 'train').kind == 'bytes'
   assert 'without random access: holding split' in caplog.text
-  assert pipeline.dataset_info(on_demand) == pipeline.dataset_info(in_memory)
+  assert pipeline.dataset_info(_spec(on_demand)) == pipeline.dataset_info(_spec(in_memory))
   whole = _batches(on_demand, 'train', 7)   # 10 examples, batch 4: steps cross epochs
   _assert_same(whole, _batches(in_memory, 'train', 7))
   _assert_same(whole[5:], _batches(on_demand, 'train', 2, start_step=5))
@@ -265,15 +272,15 @@ def test_each_process_reads_only_the_records_of_its_share(tfds_dirs, monkeypatch
     return get(self, index)
   monkeypatch.setattr(records.Records, '_get', counting)
   config = _tfds_config(tfds_dirs['array_record'])
-  pipeline.dataset_info(config)
-  ds = pipeline.create_dataset(config, 'train', start_step=1000, process_count=1,
+  pipeline.dataset_info(_spec(config))
+  ds = pipeline.create_dataset(_spec(config), 'train', start_step=1000, process_count=1,
                                process_index=0)
   assert read == [], 'sizes, start-up and a resume read no record'
   next(ds.as_numpy_iterator())
   shares = []
   for index in range(2):
     read.clear()
-    list(pipeline.create_dataset(config, 'test', process_count=2,
+    list(pipeline.create_dataset(_spec(config), 'test', process_count=2,
                                  process_index=index).as_numpy_iterator())
     expected = [int(i) for _, i, valid in streams.eval_index_stream(
         7, 4, process_index=index, process_count=2) if valid]

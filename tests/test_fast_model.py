@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from hhjax import entry
-from hhjax.model import lowering
 from hhjax.model import inception
+from hhjax.model import lowering
 from hhjax.weights import keras_h5
 
 ALL_ON = lowering.Lowering(fast_convs=True, fold_bn=True, merge_1x1=True, fast_pools=True)
@@ -159,7 +159,6 @@ def test_rewritten_network_matches_tf_keras_within_parity_bar(keras_notop):
 
 def test_config_speed_switches_reach_the_classifier():
   from configs import default  # pylint: disable=g-import-not-at-top
-  from hhjax.model import classifier as models  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   auto = entry.model(config, 2)
   expected = jax.default_backend() == 'cpu'
@@ -179,7 +178,6 @@ def test_config_speed_switches_reach_the_classifier():
 def test_classifier_normalises_uint8_images_on_the_device_as_the_pipeline_does():
   from configs import smoke  # pylint: disable=g-import-not-at-top
   from hhjax.data import decode  # pylint: disable=g-import-not-at-top
-  from hhjax.model import classifier as models  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   config = smoke.get_config()
   pixels = np.random.default_rng(3).integers(0, 256, (2, 75, 75, 3)).astype(np.uint8)

@@ -11,13 +11,23 @@ import pytest
 from configs import smoke
 from hhjax import entry
 from hhjax import sharding
-from hhjax.data import pipeline
-from hhjax.model import classifier as models
-from hhjax.training import feature_cache
 from hhjax import train
-from hhjax.training import phases as phases_lib
+from hhjax.data import pipeline
+from hhjax.data import spec as data_spec
+from hhjax.training import feature_cache
 from hhjax.training import state as state_lib
 from hhjax.training import steps
+
+
+def _cache_args(config):
+  """(data, cache settings) as the training run unpacks them from `config`."""
+  return entry.data(config), entry.feature_cache(config)
+
+
+def _spec(config):
+  """What the input pipeline reads of `config`."""
+  return data_spec.DataSpec.from_config(config)
+
 
 STEPS = 4
 
@@ -49,7 +59,7 @@ def prepared():
 
 def test_cached_steps_equal_steps_on_images(prepared):
   config, mesh, model, setup, state = prepared
-  assert feature_cache.wanted(config, setup)
+  assert feature_cache.wanted(*_cache_args(config), setup)
   repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
   start = 3   # resume mid-epoch: the cache follows the pipeline's stream from any step
   state = dict(state, step=jnp.asarray(start, jnp.int32))
@@ -57,14 +67,14 @@ def test_cached_steps_equal_steps_on_images(prepared):
   step = jax.jit(steps.make_train_step(model, setup), in_shardings=(repl, data),
                  out_shardings=repl)
   on_images, stream = state, pipeline.create_dataset(
-      config, config.data.train_split, start_step=start).as_numpy_iterator()
+      _spec(config), config.data.train_split, start_step=start).as_numpy_iterator()
   image_labels = []
   for _ in range(STEPS):
     batch = next(stream)
     image_labels.append(batch['label'])
     on_images = step(on_images, sharding.to_global(batch, mesh))
 
-  cache = feature_cache.FeatureCache(model, state, config, mesh)
+  cache = feature_cache.FeatureCache(model, state, entry.data(config), mesh)
   assert cache.num_examples == config.data.fake.num_train_examples
   cached_step = cache.train_step(setup)
   # The cached step donates its state, as training does: give it a copy.
@@ -87,8 +97,8 @@ def test_cached_steps_equal_steps_on_images(prepared):
 def test_cached_eval_batches_hold_the_backbone_output(prepared):
   config, mesh, model, _, state = prepared
   batches = feature_cache.compute_features(model, state['params'], state['batch_stats'],
-                                           config, config.data.eval_split, mesh)
-  images = next(pipeline.create_dataset(config, config.data.eval_split)
+                                           entry.data(config), config.data.eval_split, mesh)
+  images = next(pipeline.create_dataset(_spec(config), config.data.eval_split)
                 .as_numpy_iterator())
   full = jax.jit(lambda v, x: model.apply(v, x))(
       {'params': state['params'], 'batch_stats': state['batch_stats']}, images['image'])
@@ -104,10 +114,10 @@ def test_cache_on_where_impossible_says_why(prepared):
   _, _, _, setup, _ = prepared
   config = small_config()
   config.data.augment.enabled = True
-  assert not feature_cache.wanted(config, setup)   # 'auto' steps aside quietly
+  assert not feature_cache.wanted(*_cache_args(config), setup)   # 'auto' steps aside quietly
   config.speed.cache_features = 'on'
   with pytest.raises(ValueError, match='augmentation is on'):
-    feature_cache.wanted(config, setup)
+    feature_cache.wanted(*_cache_args(config), setup)
 
 
 @pytest.mark.parametrize('spelling, cached', [('yes', True), (True, True), ('OFF', False),
@@ -118,7 +128,7 @@ def test_cache_switch_reads_every_spelling_the_speed_rewrites_read(prepared, spe
   _, _, _, setup, _ = prepared
   values = small_config().to_dict()
   values['speed']['cache_features'] = spelling     # as a config.json may hold it
-  assert feature_cache.wanted(ml_collections.ConfigDict(values), setup) == cached
+  assert feature_cache.wanted(*_cache_args(ml_collections.ConfigDict(values)), setup) == cached
 
 
 @pytest.mark.parametrize('mode', ['auto', 'on'])
@@ -129,20 +139,20 @@ def test_cache_is_not_used_when_the_backbone_trains(prepared, mode):
   config.finetune.epochs = 1
   warmup, finetune = (entry.setup_for(config)(phase, state['params'])
                       for phase in entry.phases(config))
-  assert not feature_cache.wanted(config, finetune)
-  assert feature_cache.wanted(config, warmup)
+  assert not feature_cache.wanted(*_cache_args(config), finetune)
+  assert feature_cache.wanted(*_cache_args(config), warmup)
   config.speed.cache_features = 'off'
-  assert not feature_cache.wanted(config, warmup)
+  assert not feature_cache.wanted(*_cache_args(config), warmup)
 
 
 def test_cache_larger_than_the_limit_is_skipped_or_an_error(prepared):
   config, mesh, model, setup, state = prepared
   config = small_config()
   config.speed.cache_features_max_mb = 0.001
-  assert feature_cache.for_phase(model, setup, state, config, mesh, 10) is None
+  assert feature_cache.for_phase(model, setup, state, *_cache_args(config), mesh, 10) is None
   config.speed.cache_features = 'on'
   with pytest.raises(ValueError, match='cache_features_max_mb'):
-    feature_cache.for_phase(model, setup, state, config, mesh, 10)
+    feature_cache.for_phase(model, setup, state, *_cache_args(config), mesh, 10)
 
 
 def test_training_with_the_cache_ends_where_training_on_images_ends(tmp_path, monkeypatch):
@@ -187,8 +197,8 @@ def test_cached_features_of_uint8_batches_are_those_of_the_normalised_images(pre
   config = config.copy_and_resolve_references()
   config.data.image_dtype = 'uint8'     # pixels travel as bytes; the model normalises them
   batches = feature_cache.compute_features(model, state['params'], state['batch_stats'],
-                                           config, config.data.eval_split, mesh)
-  images = next(pipeline.create_dataset(config, config.data.eval_split)
+                                           entry.data(config), config.data.eval_split, mesh)
+  images = next(pipeline.create_dataset(_spec(config), config.data.eval_split)
                 .as_numpy_iterator())
   assert images['image'].dtype == np.uint8
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}

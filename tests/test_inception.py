@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from hhjax.model import inception
-from hhjax.weights import pretrained
 from hhjax.model.inception import ConvBN, InceptionV3
+from hhjax.weights import pretrained
 
 
 def abstract_variables(model, size=150):

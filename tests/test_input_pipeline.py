@@ -1,5 +1,6 @@
 """The input pipeline: decoding, folders and bad files, determinism, resume, sharding, eval."""
 
+import dataclasses
 import io
 import logging
 import pathlib
@@ -11,12 +12,24 @@ import tensorflow as tf
 
 from configs import default
 from hhjax import errors
+from hhjax import preview
 from hhjax.data import bad_files
 from hhjax.data import decode
 from hhjax.data import pipeline
 from hhjax.data import sources
+from hhjax.data import spec as data_spec
 from hhjax.data import streams
-from hhjax import preview
+
+
+def _spec(config):
+  """What the input pipeline reads of `config`."""
+  return data_spec.DataSpec.from_config(config)
+
+
+def _image_fields(config):
+  """config.data's image_size, resize_method and preprocessing: what decoding one image reads."""
+  return config.data.image_size, config.data.resize_method, config.data.preprocessing
+
 
 SIZE = 16  # Small images where the test is about wiring.
 
@@ -184,11 +197,11 @@ def test_folder_of_every_format_is_read_whole(tmp_path):
     _write(tmp_path / 'validation' / ('a' if k % 2 else 'b') / name, data)
   _write(tmp_path / 'train' / 'a' / '.DS_Store', b'\0\0\0\1Bud1')  # OS metadata: ignored.
   config = _folder_config(tmp_path)
-  info = pipeline.dataset_info(config)
+  info = pipeline.dataset_info(_spec(config))
   assert info.class_names == ('a', 'b')
   assert info.num_examples == {'train': len(FORMATS), 'validation': len(FORMATS)}
   batches = list(pipeline.create_dataset(
-      config, 'validation', process_count=1, process_index=0).as_numpy_iterator())
+      _spec(config), 'validation', process_count=1, process_index=0).as_numpy_iterator())
   mask = np.concatenate([b['mask'] for b in batches])
   assert mask.sum() == len(FORMATS)
   labels = np.concatenate([b['label'] for b in batches])[mask]
@@ -217,7 +230,7 @@ def _folder_with_bad_files(root):
 def test_bad_files_are_reported_by_path_before_anything_runs(tmp_path):
   config = _folder_config(_folder_with_bad_files(tmp_path))
   with pytest.raises(errors.DataError) as raised:
-    pipeline.dataset_info(config)
+    pipeline.dataset_info(_spec(config))
   message = str(raised.value)
   assert f'{len(BAD_FILES)} file(s)' in message
   for name in BAD_FILES:
@@ -227,18 +240,18 @@ def test_bad_files_are_reported_by_path_before_anything_runs(tmp_path):
   assert 'unsupported.tiff: Unknown image file format' in message
   assert "bad_files='skip'" in message
   with pytest.raises(ValueError, match='truncated.png'):
-    pipeline.create_dataset(config, 'train', process_count=1, process_index=0)
+    pipeline.create_dataset(_spec(config), 'train', process_count=1, process_index=0)
 
 
 def test_skipping_bad_files_warns_with_their_count(tmp_path, caplog):
   config = _folder_config(_folder_with_bad_files(tmp_path), bad_files='skip')
   with caplog.at_level(logging.WARNING, logger='absl'):
-    info = pipeline.dataset_info(config)
+    info = pipeline.dataset_info(_spec(config))
   assert f'Skipping {len(BAD_FILES)} file(s)' in caplog.text
   assert 'truncated.jpg' in caplog.text
   assert info.num_examples == {'train': 11, 'validation': 5}  # the good ones only
   batches = list(pipeline.create_dataset(
-      config, 'validation', process_count=1, process_index=0).as_numpy_iterator())
+      _spec(config), 'validation', process_count=1, process_index=0).as_numpy_iterator())
   assert sum(b['mask'].sum() for b in batches) == 5
 
 
@@ -274,7 +287,7 @@ def test_broken_layouts_fail_at_once_saying_what_was_found(tmp_path, layout, exp
     _make_folder(root, {('validation', 'cats'): 2})
     (root / 'validation' / 'dogs').mkdir(parents=True)
   with pytest.raises(error, match=expected):
-    pipeline.dataset_info(_folder_config(root))
+    pipeline.dataset_info(_spec(_folder_config(root)))
 
 
 
@@ -287,7 +300,28 @@ def test_unknown_config_values_are_config_errors_naming_the_field(tmp_path, fiel
   config.data[field] = value
   expected = rf"config\.data\.{field} must be one of .*'{value}'"
   with pytest.raises(errors.ConfigError, match=expected):
-    pipeline.create_dataset(config, 'train', process_count=1, process_index=0)
+    pipeline.create_dataset(_spec(config), 'train', process_count=1, process_index=0)
+
+
+def test_the_spec_of_an_older_config_gives_absent_fields_their_defaults():
+  tree = default.get_config().to_dict()   # as a workdir's config.json holds it
+  del tree['data']['image_dtype'], tree['data']['cache_decoded'], tree['data']['augment']['cval']
+  tree['data']['augment']['zoom_range'] = [0.8, 1.2]
+  spec = data_spec.DataSpec.from_config(tree)
+  assert (spec.image_dtype, spec.cache_decoded, spec.augment.cval) == ('float32', False, 0.0)
+  assert spec.augment.zoom_range == (0.8, 1.2)
+  assert spec.eval_batch_size == spec.batch_size == tree['batch_size']   # eval_batch_size None
+  assert dataclasses.replace(spec, image_size=75).image_size == 75
+
+
+def test_a_source_name_without_an_implementation_reads_nothing():
+  assert sources.SOURCES == data_spec.SOURCES
+  unknown = dataclasses.replace(_spec(_fake_config()), source='hdf5')
+  expected = r"config\.data\.source must be one of \('tfds', 'folder', 'fake'\), got 'hdf5'"
+  with pytest.raises(errors.ConfigError, match=expected):
+    sources.table(unknown, 'train')
+  with pytest.raises(errors.ConfigError, match=expected):
+    sources.sizes_and_class_names(unknown)
 
 
 # ----------------------------------------------------------------------------- files one by one
@@ -298,14 +332,14 @@ def test_load_image_gives_the_eval_input_or_names_the_file(tmp_path):
   good, bad = tmp_path / 'good.png', tmp_path / 'bad.png'
   _write(good, _small_png(0))
   _write(bad, b'this is not a picture\n')
-  image = decode.load_image(str(good), config)
+  image = decode.load_image(str(good), *_image_fields(config))
   assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.float32
   np.testing.assert_array_equal(
-      image, decode.preprocess_image(tf.io.read_file(str(good)), config).numpy())
+      image, decode.preprocess_image(tf.io.read_file(str(good)), *_image_fields(config)).numpy())
   with pytest.raises(errors.DataError, match=r'bad\.png: not a readable image \(.+\)\.$'):
-    decode.load_image(str(bad), config)
+    decode.load_image(str(bad), *_image_fields(config))
   with pytest.raises(errors.DataNotFoundError, match=r'missing\.png: no such file'):
-    decode.load_image(str(tmp_path / 'missing.png'), config)
+    decode.load_image(str(tmp_path / 'missing.png'), *_image_fields(config))
 
 
 def test_readable_files_follow_the_bad_files_policy(tmp_path, caplog):
@@ -336,7 +370,7 @@ def test_readable_files_follow_the_bad_files_policy(tmp_path, caplog):
 
 def test_training_batches_have_the_contract_shapes_and_types():
   config = _fake_config()
-  batch = _take(pipeline.create_dataset(config, 'train'), 1)[0]  # jax's process layout
+  batch = _take(pipeline.create_dataset(_spec(config), 'train'), 1)[0]  # jax's process layout
   assert set(batch) == {'image', 'label'}
   assert batch['image'].shape == (4, SIZE, SIZE, 3) and batch['image'].dtype == np.float32
   assert batch['label'].shape == (4,) and batch['label'].dtype == np.int32
@@ -344,16 +378,16 @@ def test_training_batches_have_the_contract_shapes_and_types():
 
 
 def test_same_seed_and_step_give_the_same_batch_with_any_parallelism():
-  one = _take(pipeline.create_dataset(_fake_config(num_parallel_calls=1), 'train',
+  one = _take(pipeline.create_dataset(_spec(_fake_config(num_parallel_calls=1)), 'train',
                                       process_count=1, process_index=0), 4)
-  many = _take(pipeline.create_dataset(_fake_config(num_parallel_calls=3), 'train',
+  many = _take(pipeline.create_dataset(_spec(_fake_config(num_parallel_calls=3)), 'train',
                                        process_count=1, process_index=0), 4)
   for a, b in zip(one, many):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
   other_seed = _fake_config()
   other_seed.seed = 1
-  other = _take(pipeline.create_dataset(other_seed, 'train', process_count=1,
+  other = _take(pipeline.create_dataset(_spec(other_seed), 'train', process_count=1,
                                         process_index=0), 1)
   assert not np.array_equal(other[0]['image'], one[0]['image'])
 
@@ -362,9 +396,9 @@ def test_same_seed_and_step_give_the_same_batch_with_any_parallelism():
 def test_start_step_equals_dropping_the_first_batches(start_step):
   # 10 examples, batch 4: batches straddle epoch boundaries; step 7 starts in epoch 2.
   config = _fake_config(num_train=10)
-  full = _take(pipeline.create_dataset(config, 'train', process_count=1,
+  full = _take(pipeline.create_dataset(_spec(config), 'train', process_count=1,
                                        process_index=0), start_step + 3)
-  resumed = _take(pipeline.create_dataset(config, 'train', start_step=start_step,
+  resumed = _take(pipeline.create_dataset(_spec(config), 'train', start_step=start_step,
                                           process_count=1, process_index=0), 3)
   for a, b in zip(full[start_step:], resumed):
     np.testing.assert_array_equal(a['image'], b['image'])
@@ -382,14 +416,15 @@ def test_start_step_skips_without_reading_skipped_files(tmp_path):
   used = [int(i) for _, i in streams.train_index_stream(
       6, config.seed, 4, start_step=1000).take(4)]
   assert len(set(used)) < 6, 'some file must be unused for the test to mean anything'
-  ds = pipeline.create_dataset(config, 'train', start_step=1000, process_count=1,
+  ds = pipeline.create_dataset(_spec(config), 'train', start_step=1000, process_count=1,
                                process_index=0)
   for i, path in enumerate(table_order):
     if i not in used:
       path.unlink()
   batch = next(ds.as_numpy_iterator())
   for image, i in zip(batch['image'], used):
-    expected = decode.preprocess_image(tf.io.read_file(str(table_order[i])), config)
+    expected = decode.preprocess_image(tf.io.read_file(str(table_order[i])),
+                                       *_image_fields(config))
     np.testing.assert_array_equal(image, expected.numpy())
 
 
@@ -405,9 +440,9 @@ def test_every_epoch_is_a_fresh_permutation():
 def test_processes_decode_disjoint_shares_of_each_global_batch():
   config = _fake_config(num_train=10)
   config.batch_size = 6
-  single = _take(pipeline.create_dataset(config, 'train', process_count=1,
+  single = _take(pipeline.create_dataset(_spec(config), 'train', process_count=1,
                                          process_index=0), 5)
-  shares = [_take(pipeline.create_dataset(config, 'train', process_count=3,
+  shares = [_take(pipeline.create_dataset(_spec(config), 'train', process_count=3,
                                           process_index=i), 5) for i in range(3)]
   for step, whole in enumerate(single):
     parts = [share[step] for share in shares]
@@ -427,24 +462,25 @@ def test_processes_decode_disjoint_shares_of_each_global_batch():
 
 def test_batch_size_must_divide_over_processes():
   with pytest.raises(ValueError, match='global batch size 4 must divide evenly over 3'):
-    pipeline.create_dataset(_fake_config(), 'train', process_count=3, process_index=0)
+    pipeline.create_dataset(_spec(_fake_config()), 'train', process_count=3, process_index=0)
 
 
 @pytest.mark.parametrize('process_count', [1, 2])
 def test_evaluation_sees_every_example_exactly_once(process_count):
   config = _fake_config(num_eval=7)
-  info = pipeline.dataset_info(config)
+  info = pipeline.dataset_info(_spec(config))
   assert info.num_examples == {'train': 10, 'test': 7}
   seen = []
   for index in range(process_count):
     batches = list(pipeline.create_dataset(
-        config, 'test', process_count=process_count, process_index=index).as_numpy_iterator())
+        _spec(config), 'test', process_count=process_count,
+        process_index=index).as_numpy_iterator())
     assert len(batches) == 2  # ceil(7 / 4): every process runs the same number of steps.
     for batch in batches:
       assert batch['image'].shape[0] == 4 // process_count
       seen.extend(image.tobytes() for image in batch['image'][batch['mask']])
   assert len(seen) == 7 and len(set(seen)) == 7
-  reference = list(pipeline.create_dataset(config, 'test', process_count=1,
+  reference = list(pipeline.create_dataset(_spec(config), 'test', process_count=1,
                                            process_index=0).as_numpy_iterator())
   assert set(seen) == {im.tobytes() for b in reference for im in b['image'][b['mask']]}
 
@@ -456,12 +492,12 @@ def test_tfds_source_under_mock_data(monkeypatch):
   monkeypatch.setattr(sources, '_network_problem', lambda url: None)
   config = _config(source='tfds')
   with tfds.testing.mock_data(num_examples=5):
-    info = pipeline.dataset_info(config)
+    info = pipeline.dataset_info(_spec(config))
     assert info.num_examples == {'train': 5, 'test': 5}
     assert info.class_names == ('horses', 'humans')
-    train = _take(pipeline.create_dataset(config, 'train', process_count=1,
+    train = _take(pipeline.create_dataset(_spec(config), 'train', process_count=1,
                                           process_index=0), 3)
-    test = list(pipeline.create_dataset(config, 'test', process_count=1,
+    test = list(pipeline.create_dataset(_spec(config), 'test', process_count=1,
                                         process_index=0).as_numpy_iterator())
   assert train[2]['image'].shape == (4, SIZE, SIZE, 3)
   assert set(np.concatenate([b['label'] for b in train])) <= {0, 1}
@@ -480,7 +516,7 @@ def test_tfds_without_network_says_what_to_use_instead(tmp_path, monkeypatch):
   # The quick check before a download finds the host; the download itself then fails.
   monkeypatch.setattr(sources, '_network_problem', lambda url: None)
   with pytest.raises(errors.DatasetDownloadError, match=r"(?s)no route to host.*source='folder'"):
-    pipeline.create_dataset(_config(source='tfds', dir=str(tmp_path)), 'train',
+    pipeline.create_dataset(_spec(_config(source='tfds', dir=str(tmp_path))), 'train',
                             process_count=1, process_index=0)
 
 
@@ -498,8 +534,10 @@ def test_cached_decoding_gives_the_same_batches(tmp_path):
   plain = _folder_config(root)
   cached = _folder_config(root, cache_decoded=True)
   for split, steps in (('train', 4), ('validation', 2)):
-    a = _take(pipeline.create_dataset(plain, split, process_count=1, process_index=0), steps)
-    b = _take(pipeline.create_dataset(cached, split, process_count=1, process_index=0), steps)
+    a = _take(pipeline.create_dataset(_spec(plain), split, process_count=1, process_index=0),
+              steps)
+    b = _take(pipeline.create_dataset(_spec(cached), split, process_count=1, process_index=0),
+              steps)
     for x, y in zip(a, b):
       for key in x:
         np.testing.assert_array_equal(x[key], y[key])
@@ -518,7 +556,7 @@ def real_config(real_data_dir):
 
 
 def test_real_folder_sizes_and_class_names(real_config):
-  info = pipeline.dataset_info(real_config)
+  info = pipeline.dataset_info(_spec(real_config))
   assert info.class_names == ('horses', 'humans')
   assert info.num_examples == {'train': 1027, 'validation': 256}
 
@@ -527,7 +565,7 @@ def test_real_train_epoch_is_a_permutation_with_folder_labels(real_config):
   config = real_config.copy_and_resolve_references()
   config.data.augment.enabled = False
   config.batch_size = 79  # 1027 = 13 x 79: epoch 0 is exactly 13 steps.
-  batches = _take(pipeline.create_dataset(config, 'train', process_count=1,
+  batches = _take(pipeline.create_dataset(_spec(config), 'train', process_count=1,
                                           process_index=0), 13)
   labels = np.concatenate([b['label'] for b in batches])
   assert (labels == 0).sum() == 500 and (labels == 1).sum() == 527
@@ -539,7 +577,7 @@ def test_real_train_epoch_is_a_permutation_with_folder_labels(real_config):
 
 def test_real_validation_pass_sees_each_image_once_with_its_folder_label(real_config,
                                                                          real_data_dir):
-  batches = list(pipeline.create_dataset(real_config, 'validation', process_count=1,
+  batches = list(pipeline.create_dataset(_spec(real_config), 'validation', process_count=1,
                                          process_index=0).as_numpy_iterator())
   assert len(batches) == 13 and batches[0]['image'].shape == (20, 150, 150, 3)
   assert int(sum(b['mask'].sum() for b in batches)) == 256
@@ -550,7 +588,8 @@ def test_real_validation_pass_sees_each_image_once_with_its_folder_label(real_co
   expected = {}
   for label, name in enumerate(('horses', 'humans')):
     for path in sorted((real_data_dir / 'validation' / name).iterdir()):
-      image = decode.preprocess_image(tf.io.read_file(str(path)), real_config)
+      image = decode.preprocess_image(tf.io.read_file(str(path)),
+                                      *_image_fields(real_config))
       expected[image.numpy().tobytes()] = label
   assert len(expected) == 256
   assert seen == expected
@@ -569,8 +608,8 @@ def test_uint8_batches_are_the_float_batches_before_normalisation(tmp_path, prep
   for config in (as_float, as_uint8):
     config.data.augment.enabled = False
   for split in ('train', 'validation'):
-    f = _take(pipeline.create_dataset(as_float, split, process_count=1, process_index=0), 2)
-    u = _take(pipeline.create_dataset(as_uint8, split, process_count=1, process_index=0), 2)
+    f = _take(pipeline.create_dataset(_spec(as_float), split, process_count=1, process_index=0), 2)
+    u = _take(pipeline.create_dataset(_spec(as_uint8), split, process_count=1, process_index=0), 2)
     for a, b in zip(f, u):
       assert b['image'].dtype == np.uint8 and a['image'].dtype == np.float32
       keep = a.get('mask', np.ones(len(a['label']), bool))  # padding is zeros in either dtype
@@ -583,11 +622,11 @@ def test_uint8_batches_are_the_float_batches_before_normalisation(tmp_path, prep
 def test_uint8_batches_round_augmented_pixels_to_whole_levels():
   as_float = _fake_config(preprocessing='rescale')
   as_uint8 = _fake_config(preprocessing='rescale', image_dtype='uint8')
-  f = _take(pipeline.create_dataset(as_float, 'train', process_count=1, process_index=0), 1)
-  u = _take(pipeline.create_dataset(as_uint8, 'train', process_count=1, process_index=0), 1)
+  f = _take(pipeline.create_dataset(_spec(as_float), 'train', process_count=1, process_index=0), 1)
+  u = _take(pipeline.create_dataset(_spec(as_uint8), 'train', process_count=1, process_index=0), 1)
   np.testing.assert_allclose(u[0]['image'].astype(np.float32), f[0]['image'] * 255.0, atol=0.5001)
 
 
 def test_unknown_image_dtype_is_refused():
   with pytest.raises(ValueError, match='image_dtype'):
-    pipeline.create_dataset(_fake_config(image_dtype='float16'), 'train')
+    pipeline.create_dataset(_spec(_fake_config(image_dtype='float16')), 'train')

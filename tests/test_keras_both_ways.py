@@ -25,16 +25,22 @@ import pytest
 from configs import smoke
 from hhjax import entry
 from hhjax import errors
-from hhjax import evaluate
 from hhjax import export
 from hhjax import import_keras
+from hhjax import train
 from hhjax import workdir as workdir_lib
 from hhjax.data import pipeline
+from hhjax.data import spec as data_spec
 from hhjax.model import classifier
 from hhjax.model import preprocessing
-from hhjax import train
 from hhjax.weights import keras_model
 import keras_classifiers
+
+
+def _spec(config):
+  """What the input pipeline reads of `config`."""
+  return data_spec.DataSpec.from_config(config)
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 75
@@ -255,7 +261,7 @@ def fine_tuned(keras3_model, keras3_workdir, tmp_path_factory):
   config = workdir_lib.load_config(str(workdir))
   config.warmup.epochs, config.finetune.epochs, config.steps_per_epoch = 0, 3, 1
   config.finetune.learning_rate, config.finetune.unfreeze_from = LEARNING_RATE, 'mixed5'
-  batches = list(pipeline.create_dataset(config, 'train').take(3).as_numpy_iterator())
+  batches = list(pipeline.create_dataset(_spec(config), 'train').take(3).as_numpy_iterator())
   keras_losses, untrained = keras_classifiers.fine_tune_losses(
       keras, tf, keras3_model.model, batches, cut='mixed5', hidden=True,
       unfreeze_from='mixed5', learning_rate=LEARNING_RATE)

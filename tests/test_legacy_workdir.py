@@ -19,8 +19,8 @@ import pytest
 from hhjax import checkpointing
 from hhjax import evaluate
 from hhjax import predict
-from hhjax import workdir as workdir_lib
 from hhjax import train
+from hhjax import workdir as workdir_lib
 
 DATA = pathlib.Path(__file__).parent / 'data'
 

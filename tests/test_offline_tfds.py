@@ -16,6 +16,13 @@ import tensorflow_datasets as tfds
 from configs import smoke
 from hhjax import errors
 from hhjax.data import sources
+from hhjax.data import spec as data_spec
+
+
+def _spec(config):
+  """What the input pipeline reads of `config`."""
+  return data_spec.DataSpec.from_config(config)
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -98,12 +105,12 @@ def test_prepared_dataset_never_checks_the_network(tmp_path, monkeypatch):
                       lambda url, **kwargs: checks.append(url) or 'unreachable (injected)')
   config = _tiny_config(tmp_path)
   with pytest.raises(errors.DatasetDownloadError, match='unreachable \\(injected\\)'):
-    sources.table(config, 'train')   # not prepared yet: checked, and refused at once
+    sources.table(_spec(config), 'train')   # not prepared yet: checked, and refused at once
   assert checks == ['https://storage.googleapis.com/hhjax-test/tiny.zip']
 
   tfds.builder('hhjax_tiny_images', data_dir=str(tmp_path)).download_and_prepare()
   checks.clear()
-  sizes, names = sources.sizes_and_class_names(config)
-  table = sources.table(config, 'train')
+  sizes, names = sources.sizes_and_class_names(_spec(config))
+  table = sources.table(_spec(config), 'train')
   assert (sizes, names, table.size) == ({'train': 6, 'test': 2}, ('dark', 'bright'), 6)
   assert not checks

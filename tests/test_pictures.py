@@ -16,11 +16,19 @@ from PIL import Image
 import pytest
 
 from configs import smoke
+from hhjax import entry
 from hhjax import evaluate
 from hhjax import pictures
 from hhjax import predict
 from hhjax import workdir as workdir_lib
 from hhjax.data import sources
+from hhjax.data import spec as data_spec
+
+
+def _spec(config):
+  """What the input pipeline reads of `config`."""
+  return data_spec.DataSpec.from_config(config)
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 75
@@ -85,8 +93,8 @@ def test_eval_draws_the_confusion_matrix_and_what_predict_gets_wrong(trained, pr
   assert probabilities == sorted(probabilities, reverse=True)
   np.testing.assert_allclose(probabilities, [wrong[e['name']] for e in listing['misclassified']],
                              rtol=1e-4)
-  for entry in listing['misclassified']:
-    assert entry['true'] == pathlib.Path(entry['name']).parent.name != entry['predicted']
+  for row in listing['misclassified']:
+    assert row['true'] == pathlib.Path(row['name']).parent.name != row['predicted']
 
   # The pictures: a 2 x 2 matrix with a colour bar, and a grid of min(20, wrong) images.
   _png(trained / pictures.CONFUSION_FILE)
@@ -104,13 +112,13 @@ def test_eval_pictures_of_a_run_without_mistakes_show_the_least_confident(tmp_pa
   p1 = np.where(labels == 1, confidence, 1 - confidence)
   result = {'probabilities': np.stack([1 - p1, p1], axis=-1), 'accuracy': 1.0, 'count': 12,
             'confusion': np.diag([6, 6])}
-  pictures.write_eval_pictures(config, result, ['class_0', 'class_1'], 7, str(tmp_path),
+  pictures.write_eval_pictures(entry.data(config), result, ['class_0', 'class_1'], 7, str(tmp_path),
                                max_images=4)
   listing = json.loads((tmp_path / pictures.EXAMPLES_JSON).read_text())
   assert listing['misclassified'] == [] and listing['count'] == 12
   order, all_correct = pictures.rank_examples(result['probabilities'], labels)
   assert all_correct and list(order[:4]) == [11, 10, 9, 8]
-  names = pictures.example_names(sources.table(config, 'test'), 'test')
+  names = pictures.example_names(sources.table(_spec(config), 'test'), 'test')
   assert names[11] == 'test[11]'
   grid = _png(tmp_path / pictures.EXAMPLES_FILE)
   assert grid.shape[:2] == _grid_pixels(4)

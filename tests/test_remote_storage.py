@@ -13,8 +13,8 @@ import tensorflow as tf
 
 from hhjax import errors
 from hhjax import predict
-from hhjax.data import bad_files
 from hhjax import train
+from hhjax.data import bad_files
 from hhjax.weights import pretrained
 
 ROOT = 'ram://hhjax-test/horse-or-human'

@@ -14,16 +14,15 @@ from PIL import Image
 import pytest
 
 from configs import smoke
-from hhjax import entry
 from hhjax import checkpointing
 from hhjax import config_checks
+from hhjax import entry
 from hhjax import errors
 from hhjax import evaluate
 from hhjax import predict
 from hhjax import sharding
-from hhjax import workdir as workdir_lib
-from hhjax.model import classifier as models
 from hhjax import train
+from hhjax import workdir as workdir_lib
 from hhjax.training import phases as phases_lib
 from hhjax.training import state as state_lib
 from hhjax.training import steps

@@ -6,7 +6,7 @@ from output to input coordinates, centred on the image centre), then flips. This
 the same 3x3 matrix with the same conventions and resamples with
 `ImageProjectiveTransformV3`, so that a tf.data map can augment without Python per image:
 
-    params = random_transform_params(seed, config.data.augment, height, width)
+    params = random_transform_params(seed, spec.augment, height, width)
     image = apply_transform(image, params, fill_mode='nearest')
 
 Conventions copied from Keras, on purpose:
@@ -29,8 +29,11 @@ from typing import Any
 
 import tensorflow as tf
 
-from hhjax import config_checks
 from hhjax import errors
+from hhjax.data import spec as data_spec
+
+# config.data.augment.fill_mode: what `apply_transform` accepts, as Keras does.
+FILL_MODES = data_spec.FILL_MODES
 
 # Coordinates this close to the border count as inside: scipy decides "inside" in float64, and
 # an exact 90 degree rotation must not turn a border row into fill.
@@ -134,8 +137,8 @@ def apply_transform(image: tf.Tensor, params: Mapping[str, Any], *, fill_mode: s
   Returns:
     The transformed image, float32 [H, W, C].
   """
-  if fill_mode not in config_checks.FILL_MODES:
-    raise ValueError(f'fill_mode must be one of {config_checks.FILL_MODES}, got {fill_mode!r}.')
+  if fill_mode not in FILL_MODES:
+    raise ValueError(f'fill_mode must be one of {FILL_MODES}, got {fill_mode!r}.')
   image = tf.convert_to_tensor(image, tf.float32)
   height, width = tf.shape(image)[0], tf.shape(image)[1]
   m = keras_transform_matrix(
@@ -173,13 +176,13 @@ def _shift_pixels(u: tf.Tensor, shift_range: float, size) -> tf.Tensor:
   return shift
 
 
-def random_transform_params(seed: tf.Tensor, aug: Mapping[str, Any], height,
+def random_transform_params(seed: tf.Tensor, aug: data_spec.AugmentSpec, height,
                             width) -> dict[str, tf.Tensor]:
   """Keras's `ImageDataGenerator.get_random_transform`, drawn statelessly from `seed`.
 
   Args:
     seed: int32/int64 [2], a stateless seed; the same seed gives the same parameters.
-    aug: config.data.augment (Keras's argument names).
+    aug: the ranges and flips (config.data.augment, under Keras's argument names).
     height: image rows.
     width: image columns.
 
@@ -188,22 +191,22 @@ def random_transform_params(seed: tf.Tensor, aug: Mapping[str, Any], height,
     and bool scalars 'flip_horizontal', 'flip_vertical'.
   """
   u = tf.random.stateless_uniform([8], seed=seed, dtype=tf.float32)
-  zoom_lo, zoom_hi = zoom_bounds(aug['zoom_range'])
+  zoom_lo, zoom_hi = zoom_bounds(aug.zoom_range)
   return {
-      'theta': (2 * u[0] - 1) * float(aug['rotation_range']),
+      'theta': (2 * u[0] - 1) * float(aug.rotation_range),
       # Keras: tx from height_shift_range x rows, ty from width_shift_range x cols.
-      'tx': _shift_pixels(u[1], float(aug['height_shift_range']), height),
-      'ty': _shift_pixels(u[2], float(aug['width_shift_range']), width),
-      'shear': (2 * u[3] - 1) * float(aug['shear_range']),
+      'tx': _shift_pixels(u[1], float(aug.height_shift_range), height),
+      'ty': _shift_pixels(u[2], float(aug.width_shift_range), width),
+      'shear': (2 * u[3] - 1) * float(aug.shear_range),
       'zx': zoom_lo + u[4] * (zoom_hi - zoom_lo),
       'zy': zoom_lo + u[5] * (zoom_hi - zoom_lo),
-      'flip_horizontal': (u[6] < 0.5) & bool(aug['horizontal_flip']),
-      'flip_vertical': (u[7] < 0.5) & bool(aug['vertical_flip']),
+      'flip_horizontal': (u[6] < 0.5) & bool(aug.horizontal_flip),
+      'flip_vertical': (u[7] < 0.5) & bool(aug.vertical_flip),
   }
 
 
-def random_augment(image: tf.Tensor, seed: tf.Tensor, aug: Mapping[str, Any]) -> tf.Tensor:
+def random_augment(image: tf.Tensor, seed: tf.Tensor, aug: data_spec.AugmentSpec) -> tf.Tensor:
   """One Keras ImageDataGenerator augmentation of a float32 [H, W, C] image, seeded."""
   height, width = tf.shape(image)[0], tf.shape(image)[1]
   params = random_transform_params(seed, aug, height, width)
-  return apply_transform(image, params, fill_mode=aug['fill_mode'], cval=aug.get('cval', 0.0))
+  return apply_transform(image, params, fill_mode=aug.fill_mode, cval=aug.cval)

@@ -23,14 +23,17 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from hhjax import config_checks
 from hhjax import durations
 from hhjax import errors
 from hhjax import files
 from hhjax import peers
 from hhjax.data import check_cache
 from hhjax.data import decode
+from hhjax.data import spec as data_spec
 from hhjax.data import streams
+
+# config.data.bad_files: the policies `apply_policy` knows.
+BAD_FILES = data_spec.BAD_FILES
 
 # How many bad files a message lists before it counts the rest.
 _MAX_LISTED = 20
@@ -201,8 +204,8 @@ def apply_policy(bad: Mapping[str, str], policy: str, *, where: str, advice: str
     where: what the count in the error is of, e.g. 'file(s) in DIR'.
     advice: the error's last line: what the user can do.
   """
-  if policy not in config_checks.BAD_FILES:
-    raise errors.ConfigError(f'config.data.bad_files must be one of {config_checks.BAD_FILES}, '
+  if policy not in BAD_FILES:
+    raise errors.ConfigError(f'config.data.bad_files must be one of {BAD_FILES}, '
                              f'got {policy!r}.')
   if not bad:
     return

@@ -11,13 +11,16 @@ formulas are defined once, in `hhjax.model.preprocessing`.
 
 import re
 
-import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from hhjax import config_checks
 from hhjax import errors
+from hhjax.data import spec as data_spec
 from hhjax.model import preprocessing as preprocessing_lib
+
+# config.data.resize_method and config.data.image_dtype: what `resize` and `to_output` accept.
+RESIZE_METHODS = data_spec.RESIZE_METHODS
+IMAGE_DTYPES = data_spec.IMAGE_DTYPES
 
 # What `decode_image` reads, and the file extensions that mark it (predict's folder search, the
 # bad-file messages): the one list.
@@ -105,7 +108,7 @@ def resize(image: tf.Tensor, size: int, method: str = 'bilinear') -> tf.Tensor:
 
   'nearest' picks the same pixels as PIL's NEAREST, which Keras's flow_from_directory uses.
   """
-  _check_choice('resize_method', method, config_checks.RESIZE_METHODS)
+  _check_choice('resize_method', method, RESIZE_METHODS)
   image = tf.image.resize(image, [size, size], method=method)
   return tf.cast(image, tf.float32)
 
@@ -127,26 +130,31 @@ def to_output(image: tf.Tensor, preprocessing: str, image_dtype: str = 'float32'
   the device. Without augmentation and with 'nearest' resizing the pixels are whole numbers
   already, so 'uint8' changes nothing; otherwise each value moves by at most half a grey level.
   """
-  _check_choice('image_dtype', image_dtype, config_checks.IMAGE_DTYPES)
+  _check_choice('image_dtype', image_dtype, IMAGE_DTYPES)
   if image_dtype == 'float32':
     return normalize(image, preprocessing)
   return tf.cast(tf.clip_by_value(tf.round(tf.cast(image, tf.float32)), 0.0, 255.0), tf.uint8)
 
 
-def preprocess_image(contents: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
-  """Encoded image bytes -> the float32 [S, S, 3] model input of evaluation (no augmentation)."""
-  image = resize(decode_image(contents), config.data.image_size, config.data.resize_method)
-  return normalize(image, config.data.preprocessing)
+def preprocess_image(contents: tf.Tensor, image_size: int, resize_method: str,
+                     preprocessing: str) -> tf.Tensor:
+  """Encoded image bytes -> the float32 [S, S, 3] model input of evaluation (no augmentation).
+
+  The arguments are config.data's fields of the same names.
+  """
+  image = resize(decode_image(contents), image_size, resize_method)
+  return normalize(image, preprocessing)
 
 
-def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
+def load_image(path: str, image_size: int, resize_method: str, preprocessing: str) -> np.ndarray:
   """One image file -> its float32 [S, S, 3] model input, as the eval split would give it.
 
   A missing file raises DataNotFoundError and an unreadable one DataError, each naming the path
   with TensorFlow's reason in one line.
   """
   try:
-    return preprocess_image(tf.io.read_file(path), config).numpy()
+    return preprocess_image(tf.io.read_file(path), image_size, resize_method,
+                            preprocessing).numpy()
   except tf.errors.NotFoundError as e:
     raise errors.DataNotFoundError(f'{path}: no such file ({error_reason(e)}).') from None
   except tf.errors.OpError as e:

@@ -1,7 +1,8 @@
 """tf.data input pipeline: TFDS `horses_or_humans`, image folders and synthetic images.
 
-    info = dataset_info(config)                   # sizes, number of classes, class names
-    train = create_dataset(config, config.data.train_split, start_step=step)
+    data = data_spec.DataSpec.from_config(config)  # what the pipeline reads (spec.py)
+    info = dataset_info(data)                     # sizes, number of classes, class names
+    train = create_dataset(data, data.train_split, start_step=step)
     for batch in train.as_numpy_iterator(): ...   # {'image': f32 [b,H,W,3], 'label': i32 [b]}
 
 How the stream is built, and why:
@@ -25,7 +26,6 @@ import dataclasses
 import hashlib
 
 from absl import logging
-import ml_collections
 import numpy as np
 import tensorflow as tf
 
@@ -33,6 +33,7 @@ from hhjax import files
 from hhjax.data import augment
 from hhjax.data import decode
 from hhjax.data import sources
+from hhjax.data import spec as data_spec
 from hhjax.data import streams
 
 
@@ -41,7 +42,7 @@ class DatasetInfo:
   """What a training loop needs to know about the data before reading it.
 
   Attributes:
-    num_examples: split name -> number of examples (train and eval splits of the config).
+    num_examples: split name -> number of examples (train and eval splits of the spec).
     num_classes: number of classes.
     class_names: class names, in label order.
   """
@@ -50,23 +51,22 @@ class DatasetInfo:
   class_names: tuple[str, ...]
 
 
-def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
+def dataset_info(spec: data_spec.DataSpec) -> DatasetInfo:
   """Sizes of the train and eval splits, the number of classes and the class names.
 
   For an image folder this checks every file of both splits first (bad files count as absent
   with bad_files='skip', and raise with 'error'). For TFDS, sizes come from the dataset's
   metadata when it has them, otherwise from reading the split.
   """
-  sizes, names = sources.sizes_and_class_names(config)
+  sizes, names = sources.sizes_and_class_names(spec)
   return DatasetInfo(num_examples=sizes, num_classes=len(names), class_names=names)
 
 
 # ----------------------------------------------------------------------------- loading rows
 
 
-def _fake_loader(table: sources.Table, config: ml_collections.ConfigDict):
-  size = config.data.image_size
-  num_classes = max(config.data.fake.num_classes - 1, 1)
+def _fake_loader(table: sources.Table, size: int, num_classes: int):
+  top_label = max(num_classes - 1, 1)
   labels = tf.constant(table.labels)
 
   def load_fake(index):
@@ -75,25 +75,24 @@ def _fake_loader(table: sources.Table, config: ml_collections.ConfigDict):
         maxval=255.0)
     # A brightness that grows with the label makes fake classes learnable.
     label = tf.gather(labels, index)
-    level = 127.5 * tf.cast(label, tf.float32) / num_classes
+    level = 127.5 * tf.cast(label, tf.float32) / top_label
     return tf.floor(noise / 2 + level), label
   return load_fake
 
 
-def _loader(table: sources.Table, config: ml_collections.ConfigDict):
+def _loader(table: sources.Table, spec: data_spec.DataSpec):
   """index -> (float32 [S, S, 3] image in [0, 255], int32 label), before augmentation.
 
   A record carries its own label; the other tables hold theirs.
   """
   if table.kind == 'fake':
-    return _fake_loader(table, config)
+    return _fake_loader(table, spec.image_size, spec.fake.num_classes)
   if table.kind == 'decoded':
     images, labels = tf.constant(table.keys), tf.constant(table.labels)
     return lambda index: (tf.gather(images, index), tf.gather(labels, index))
 
   def resized(contents):
-    return decode.resize(decode.decode_image(contents), config.data.image_size,
-                         config.data.resize_method)
+    return decode.resize(decode.decode_image(contents), spec.image_size, spec.resize_method)
   if table.kind == 'records':
     def load_record(index):
       contents, label = table.keys.read(index)
@@ -128,12 +127,12 @@ _DECODED: dict[tuple[str, int, str], sources.Table] = {}
 _MAX_DECODED = 4
 
 
-def _decoded_table(table: sources.Table, config: ml_collections.ConfigDict) -> sources.Table:
-  """config.data.cache_decoded: decode and resize every image once, then keep it in memory."""
-  key = (_fingerprint(table), config.data.image_size, config.data.resize_method)
+def _decoded_table(table: sources.Table, spec: data_spec.DataSpec) -> sources.Table:
+  """spec.cache_decoded: decode and resize every image once, then keep it in memory."""
+  key = (_fingerprint(table), spec.image_size, spec.resize_method)
   if key not in _DECODED:
-    threads = streams.num_threads(config)
-    ds = tf.data.Dataset.range(table.size).map(_loader(table, config),
+    threads = streams.num_threads(spec.num_parallel_calls)
+    ds = tf.data.Dataset.range(table.size).map(_loader(table, spec),
                                                num_parallel_calls=threads or tf.data.AUTOTUNE)
     rows = list(ds.with_options(streams.options(threads)).as_numpy_iterator())
     images = np.stack([image for image, _ in rows])
@@ -150,39 +149,35 @@ def _decoded_table(table: sources.Table, config: ml_collections.ConfigDict) -> s
 # ----------------------------------------------------------------------------- batches
 
 
-def _train_examples(table: sources.Table, config: ml_collections.ConfigDict, load, *,
+def _train_examples(table: sources.Table, spec: data_spec.DataSpec, load, *,
                     start_step: int, process_index: int | None,
                     process_count: int | None) -> tuple[int, tf.data.Dataset]:
   """(per-process batch size, this process's augmented examples from `start_step` on)."""
-  batch, index, count = streams.process_layout(config.batch_size, process_index, process_count)
-  seed = int(config.seed)
-  ds = streams.train_index_stream(table.size, seed, config.batch_size, start_step=start_step,
+  batch, index, count = streams.process_layout(spec.batch_size, process_index, process_count)
+  seed = spec.seed
+  ds = streams.train_index_stream(table.size, seed, spec.batch_size, start_step=start_step,
                                   process_index=index, process_count=count)
-  aug = config.data.augment.to_dict()
-  preprocessing = config.data.preprocessing
-  image_dtype = config.data.get('image_dtype', 'float32')
+  aug, preprocessing, image_dtype = spec.augment, spec.preprocessing, spec.image_dtype
 
   @tf.autograph.experimental.do_not_convert  # plain TF ops; AutoGraph only warns here
   def example(position, i):
     image, label = load(i)
-    if aug['enabled']:
+    if aug.enabled:
       image = augment.random_augment(
           image, streams.stateless_seed(seed, streams.AUGMENT_SALT, position), aug)
     return {'image': decode.to_output(image, preprocessing, image_dtype), 'label': label}
-  return batch, _map(ds, example, config)
+  return batch, _map(ds, example, spec.num_parallel_calls)
 
 
-def _eval_examples(table: sources.Table, config: ml_collections.ConfigDict, load, *,
+def _eval_examples(table: sources.Table, spec: data_spec.DataSpec, load, *,
                    process_index: int | None,
                    process_count: int | None) -> tuple[int, tf.data.Dataset]:
   """(per-process batch size, this process's share of one padded pass, with a 'mask')."""
-  global_batch = config.eval_batch_size or config.batch_size
+  global_batch = spec.eval_batch_size
   batch, index, count = streams.process_layout(global_batch, process_index, process_count)
   ds = streams.eval_index_stream(table.size, global_batch, process_index=index,
                                  process_count=count)
-  size = config.data.image_size
-  preprocessing = config.data.preprocessing
-  image_dtype = config.data.get('image_dtype', 'float32')
+  size, preprocessing, image_dtype = spec.image_size, spec.preprocessing, spec.image_dtype
 
   @tf.autograph.experimental.do_not_convert
   def loaded(i):
@@ -197,64 +192,63 @@ def _eval_examples(table: sources.Table, config: ml_collections.ConfigDict, load
     # Padding reads nothing: a record read or a file opened for it would be wasted.
     image, label = tf.cond(valid, lambda: loaded(i), padding)
     return {'image': image, 'label': label, 'mask': valid}
-  return batch, _map(ds, example, config)
+  return batch, _map(ds, example, spec.num_parallel_calls)
 
 
-def _map(ds: tf.data.Dataset, fn, config: ml_collections.ConfigDict) -> tf.data.Dataset:
+def _map(ds: tf.data.Dataset, fn, num_parallel_calls: int | None) -> tf.data.Dataset:
   # deterministic=True: every example keeps its position, whatever the thread count.
-  return ds.map(fn, num_parallel_calls=streams.num_threads(config) or tf.data.AUTOTUNE,
+  return ds.map(fn, num_parallel_calls=streams.num_threads(num_parallel_calls) or tf.data.AUTOTUNE,
                 deterministic=True)
 
 
-def create_dataset(config: ml_collections.ConfigDict, split: str, *, start_step: int = 0,
+def create_dataset(spec: data_spec.DataSpec, split: str, *, start_step: int = 0,
                    training: bool | None = None, process_index: int | None = None,
                    process_count: int | None = None) -> tf.data.Dataset:
   """The batches of one split, for this process.
 
   Args:
-    config: the configuration (config.data, config.batch_size, config.eval_batch_size,
-      config.seed).
-    split: a split name, e.g. config.data.train_split or config.data.eval_split.
+    spec: what to read and how (DataSpec.from_config(config)).
+    split: a split name, e.g. spec.train_split or spec.eval_split.
     start_step: for training, the global step the stream starts at (exact resume).
     training: augmented infinite stream (True) or one padded pass (False); by default True
-      exactly for config.data.train_split.
+      exactly for spec.train_split.
     process_index: this process (default jax.process_index()).
     process_count: the number of processes (default jax.process_count()).
 
   Returns:
     Training: an infinite, per-epoch reshuffled, augmented stream of
-    {'image': float32 [b, S, S, 3], 'label': int32 [b]}, b = config.batch_size / processes.
+    {'image': float32 [b, S, S, 3], 'label': int32 [b]}, b = spec.batch_size / processes.
     Otherwise: one pass over the split in a fixed order, every example exactly once, the last
     batch padded; batches add 'mask' (bool [b]), False on padding.
   """
-  training = split == config.data.train_split if training is None else training
+  training = split == spec.train_split if training is None else training
   if start_step < 0:
     raise ValueError(f'start_step must be >= 0, got {start_step}.')
   if start_step and not training:
     raise ValueError('start_step applies to the training stream only.')
-  table = sources.table(config, split)
-  if config.data.get('cache_decoded', False) and table.kind != 'fake':
-    table = _decoded_table(table, config)
-  load = _loader(table, config)
+  table = sources.table(spec, split)
+  if spec.cache_decoded and table.kind != 'fake':
+    table = _decoded_table(table, spec)
+  load = _loader(table, spec)
   if training:
-    batch, ds = _train_examples(table, config, load, start_step=start_step,
+    batch, ds = _train_examples(table, spec, load, start_step=start_step,
                                 process_index=process_index, process_count=process_count)
   else:
-    batch, ds = _eval_examples(table, config, load, process_index=process_index,
+    batch, ds = _eval_examples(table, spec, load, process_index=process_index,
                                process_count=process_count)
   ds = ds.batch(batch, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE)
-  return ds.with_options(streams.options(streams.num_threads(config)))
+  return ds.with_options(streams.options(streams.num_threads(spec.num_parallel_calls)))
 
 
-def eval_pixels(table: sources.Table, config: ml_collections.ConfigDict,
+def eval_pixels(table: sources.Table, spec: data_spec.DataSpec,
                 indices: list[int]) -> np.ndarray:
   """Rows `indices` of `table` as the eval pass sees them: uint8 [k, S, S, 3], not normalised.
 
   For pictures of a few examples (hhjax.pictures): they are decoded again, one by one.
   """
-  load = _loader(table, config)
+  load = _loader(table, spec)
   images = [load(tf.constant(i, tf.int64))[0].numpy() for i in indices]
-  size = config.data.image_size
+  size = spec.image_size
   return np.clip(np.round(np.reshape(images, (len(indices), size, size, 3))), 0,
                  255).astype(np.uint8)

@@ -15,7 +15,7 @@ check of a few seconds that the download host can be reached: offline, the error
 do at once instead of after minutes of the download's retries.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 import dataclasses
 import os
 import socket
@@ -25,14 +25,13 @@ import urllib.request
 import zlib
 
 from absl import logging
-import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from hhjax import config_checks
 from hhjax import errors
 from hhjax.data import bad_files
 from hhjax.data import records
+from hhjax.data import spec as data_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +107,8 @@ def _folder_classes(root: str, split: str) -> list[str]:
   return classes
 
 
-def _check_root(config: ml_collections.ConfigDict) -> str:
-  root = config.data.dir
+def _check_root(spec: data_spec.DataSpec) -> str:
+  root = spec.dir
   if not root:
     raise errors.ConfigError(
         "config.data.source='folder' needs config.data.dir: the folder that holds "
@@ -120,10 +119,10 @@ def _check_root(config: ml_collections.ConfigDict) -> str:
   return root
 
 
-def _same_classes(config: ml_collections.ConfigDict, split: str, classes: list[str]) -> None:
-  """Both splits of the config must name the same classes, or labels would mean other things."""
-  for other in {config.data.train_split, config.data.eval_split} - {split}:
-    other_classes = _folder_classes(config.data.dir, other)
+def _same_classes(spec: data_spec.DataSpec, split: str, classes: list[str]) -> None:
+  """Both splits of the spec must name the same classes, or labels would mean other things."""
+  for other in {spec.train_split, spec.eval_split} - {split}:
+    other_classes = _folder_classes(spec.dir, other)
     if other_classes != classes:
       raise errors.DataError(
           f'Class folders differ between splits: {split!r} has {classes}, {other!r} has '
@@ -141,30 +140,30 @@ class _FolderScan:
   bad: dict[str, str]                # path -> reason
 
 
-def _scan_folder_split(config: ml_collections.ConfigDict, split: str) -> _FolderScan:
+def _scan_folder_split(spec: data_spec.DataSpec, split: str) -> _FolderScan:
   """Lists and decode-checks one split of an image folder; raises on layout problems."""
-  root = _check_root(config)
+  root = _check_root(spec)
   classes = _folder_classes(root, split)
-  _same_classes(config, split, classes)
+  _same_classes(spec, split, classes)
   split_dir = os.path.join(root, split)
   files = {c: _files_under(os.path.join(split_dir, c)) for c in classes}
   all_files = [f for c in classes for f in files[c]]
   if not all_files:
     raise errors.DataError(f'{split_dir} holds no files: its class folders {classes} are empty.')
-  bad = bad_files.check_image_files(all_files, config.data.num_parallel_calls, folder=split_dir)
+  bad = bad_files.check_image_files(all_files, spec.num_parallel_calls, folder=split_dir)
   good = {c: [f for f in files[c] if f not in bad] for c in classes}
   return _FolderScan(split, split_dir, tuple(classes), good, bad)
 
 
-def _scan_folder(config: ml_collections.ConfigDict, splits: Sequence[str]) -> list[_FolderScan]:
+def _scan_folder(spec: data_spec.DataSpec, splits: Sequence[str]) -> list[_FolderScan]:
   """Scans `splits` and applies config.data.bad_files to all their bad files at once.
 
   Raises if a class is left without examples, with 'skip' too: its label would never be seen.
   """
-  scans = [_scan_folder_split(config, s) for s in splits]
+  scans = [_scan_folder_split(spec, s) for s in splits]
   bad = {p: r for scan in scans for p, r in scan.bad.items()}
   bad_files.apply_policy(
-      bad, config.data.bad_files, where=f'file(s) in {config.data.dir}',
+      bad, spec.bad_files, where=f'file(s) in {spec.dir}',
       advice='Remove or repair them, or run again with --bad_files=skip '
       "(config.data.bad_files='skip') to go on without them.")
   for scan in scans:
@@ -183,6 +182,17 @@ def _folder_table(scan: _FolderScan) -> Table:
     labels += [label] * len(scan.files[name])
   return Table('path', np.array(paths, dtype=object), np.array(labels, np.int32),
                scan.class_names)
+
+
+def _folder_split_table(spec: data_spec.DataSpec, split: str) -> Table:
+  return _folder_table(_scan_folder(spec, [split])[0])
+
+
+def _folder_sizes(spec: data_spec.DataSpec,
+                  splits: Sequence[str]) -> tuple[dict[str, int], tuple[str, ...]]:
+  scans = _scan_folder(spec, splits)
+  return ({s.split: sum(len(f) for f in s.files.values()) for s in scans},
+          scans[0].class_names)
 
 
 # ----------------------------------------------------------------------------- TFDS
@@ -240,19 +250,19 @@ def _check_network(builder) -> None:
 
 
 
-def _tfds_builder(config: ml_collections.ConfigDict):
+def _tfds_builder(spec: data_spec.DataSpec):
   # Deferred: only source='tfds' reads TFDS, so folder and fake runs never load it.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  return tfds.builder(config.data.name, data_dir=config.data.dir)
+  return tfds.builder(spec.name, data_dir=spec.dir)
 
 
-def _tfds_table(config: ml_collections.ConfigDict, split: str) -> Table:
+def _tfds_table(spec: data_spec.DataSpec, split: str) -> Table:
   # Read afresh on every call (no cache): under tfds.testing.mock_data the same name serves
   # different records.
   # Deferred: only source='tfds' reads TFDS, so folder and fake runs never load it.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  name = config.data.name
-  builder = _tfds_builder(config)
+  name = spec.name
+  builder = _tfds_builder(spec)
   if not builder.is_prepared():
     _check_network(builder)
   try:
@@ -288,10 +298,10 @@ def _tfds_table(config: ml_collections.ConfigDict, split: str) -> Table:
                class_names)
 
 
-def _tfds_sizes(config: ml_collections.ConfigDict,
+def _tfds_sizes(spec: data_spec.DataSpec,
                 splits: Sequence[str]) -> tuple[dict[str, int], tuple[str, ...]]:
   """From the dataset's metadata when it has them, otherwise from reading the split."""
-  builder = _tfds_builder(config)
+  builder = _tfds_builder(spec)
   sizes = {}
   for split in splits:
     try:
@@ -299,55 +309,70 @@ def _tfds_sizes(config: ml_collections.ConfigDict,
     except (KeyError, ValueError, TypeError):
       sizes[split] = 0
     if not sizes[split]:  # No metadata (offline, or under tfds.testing.mock_data).
-      sizes[split] = _tfds_table(config, split).size
+      sizes[split] = _tfds_table(spec, split).size
   return sizes, tuple(builder.info.features['label'].names)
 
 
 # ----------------------------------------------------------------------------- synthetic
 
 
-def _fake_table(config: ml_collections.ConfigDict, split: str) -> Table:
-  fake = config.data.fake
-  n = fake.num_train_examples if split == config.data.train_split else fake.num_eval_examples
+def _fake_table(spec: data_spec.DataSpec, split: str) -> Table:
+  fake = spec.fake
+  n = fake.num_train_examples if split == spec.train_split else fake.num_eval_examples
   labels = np.arange(n, dtype=np.int32) % fake.num_classes
   names = tuple(f'class_{i}' for i in range(fake.num_classes))
   return Table('fake', None, labels, names, salt=zlib.crc32(split.encode()) & 0x7fffffff)
 
 
+def _fake_sizes(spec: data_spec.DataSpec,
+                splits: Sequence[str]) -> tuple[dict[str, int], tuple[str, ...]]:
+  tables = [_fake_table(spec, s) for s in splits]
+  return {s: t.size for s, t in zip(splits, tables)}, tables[0].class_names
+
+
 # ----------------------------------------------------------------------------- any source
 
 
-def _check_source(config: ml_collections.ConfigDict) -> None:
-  if config.data.source not in config_checks.SOURCES:
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """How one config.data.source gives a split's table, and the sizes and class names."""
+  table: Callable[[data_spec.DataSpec, str], Table]
+  sizes: Callable[[data_spec.DataSpec, Sequence[str]], tuple[dict[str, int], tuple[str, ...]]]
+
+
+# config.data.source -> its implementation: the only place a source name is dispatched on.
+_SOURCES = {
+    'tfds': _Source(_tfds_table, _tfds_sizes),
+    'folder': _Source(_folder_split_table, _folder_sizes),
+    'fake': _Source(_fake_table, _fake_sizes),
+}
+# The names config_checks accepts (spec.py holds them, so that it need not import TensorFlow)
+# are exactly the names implemented here.
+if tuple(_SOURCES) != data_spec.SOURCES:
+  raise ImportError(f'spec.SOURCES {data_spec.SOURCES} and the sources implemented in '
+                    f'{__name__} {tuple(_SOURCES)} differ.')
+SOURCES = tuple(_SOURCES)   # the names config.data.source may take
+
+
+def _source(spec: data_spec.DataSpec) -> _Source:
+  try:
+    return _SOURCES[spec.source]
+  except KeyError:
     raise errors.ConfigError(
-        f'config.data.source must be one of {config_checks.SOURCES}, got {config.data.source!r}.')
+        f'config.data.source must be one of {SOURCES}, got {spec.source!r}.') from None
 
 
-def table(config: ml_collections.ConfigDict, split: str) -> Table:
-  """The table of `split` from config.data.source; an image folder is checked first."""
-  _check_source(config)
-  if config.data.source == 'folder':
-    return _folder_table(_scan_folder(config, [split])[0])
-  if config.data.source == 'tfds':
-    return _tfds_table(config, split)
-  return _fake_table(config, split)
+def table(spec: data_spec.DataSpec, split: str) -> Table:
+  """The table of `split` from spec.source; an image folder is checked first."""
+  return _source(spec).table(spec, split)
 
 
 def sizes_and_class_names(
-    config: ml_collections.ConfigDict) -> tuple[dict[str, int], tuple[str, ...]]:
+    spec: data_spec.DataSpec) -> tuple[dict[str, int], tuple[str, ...]]:
   """{split: number of examples} of the train and eval splits, and the class names.
 
   For an image folder this checks every file of both splits first (bad files count as absent
   with bad_files='skip', and raise with 'error'). For TFDS, sizes come from the dataset's
   metadata when it has them, otherwise from reading the split.
   """
-  _check_source(config)
-  splits = list(dict.fromkeys([config.data.train_split, config.data.eval_split]))
-  if config.data.source == 'folder':
-    scans = _scan_folder(config, splits)
-    return ({s.split: sum(len(f) for f in s.files.values()) for s in scans},
-            scans[0].class_names)
-  if config.data.source == 'tfds':
-    return _tfds_sizes(config, splits)
-  tables = [_fake_table(config, s) for s in splits]
-  return {s: t.size for s, t in zip(splits, tables)}, tables[0].class_names
+  return _source(spec).sizes(spec, list(dict.fromkeys([spec.train_split, spec.eval_split])))

@@ -20,7 +20,6 @@ import math
 import os
 
 import jax
-import ml_collections
 import tensorflow as tf
 
 from hhjax import errors
@@ -31,15 +30,16 @@ AUGMENT_SALT = 2
 FAKE_SALT = 3
 
 
-def num_threads(config: ml_collections.ConfigDict) -> int | None:
-  """tf.data's threads: `config.data.num_parallel_calls`, or a default that leaves XLA room.
+def num_threads(num_parallel_calls: int | None) -> int | None:
+  """tf.data's threads: `num_parallel_calls` if set, or a default that leaves XLA room.
 
   When JAX computes on the CPU, tf.data and XLA share the same cores: tf.data then gets one
   thread per four cores (at least one), which feeds the model several times faster than it
   trains (benchmarks/README.md). With an accelerator, None lets tf.data autotune.
+  `num_parallel_calls` is config.data.num_parallel_calls.
   """
-  if config.data.num_parallel_calls:
-    return int(config.data.num_parallel_calls)
+  if num_parallel_calls:
+    return int(num_parallel_calls)
   if jax.default_backend() == 'cpu':
     return max(1, (os.cpu_count() or 1) // 4)
   return None

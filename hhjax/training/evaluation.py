@@ -11,7 +11,6 @@ from typing import Any
 from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from hhjax import errors
@@ -19,20 +18,21 @@ from hhjax import metrics as metrics_lib
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
 from hhjax.data import pipeline
+from hhjax.data import spec as data_spec
 from hhjax.training import steps
 
 PyTree = Any
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 
 
-def eval_batches(config: ml_collections.ConfigDict) -> Batches:
-  """One pass of config.data.eval_split per call; the dataset is built once, on first use."""
+def eval_batches(data: data_spec.DataSpec) -> Batches:
+  """One pass of the eval split per call; the dataset is built once, on first use."""
   dataset = None
 
   def batches():
     nonlocal dataset
     if dataset is None:
-      dataset = pipeline.create_dataset(config, config.data.eval_split)
+      dataset = pipeline.create_dataset(data, data.eval_split)
     return dataset.as_numpy_iterator()
 
   return batches

@@ -21,15 +21,14 @@ from typing import Any
 from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from hhjax import errors
 from hhjax import sharding
 from hhjax.data import pipeline
+from hhjax.data import spec as data_spec
 from hhjax.data import streams
 from hhjax.model import inception
-from hhjax.model import lowering
 from hhjax.model import preprocessing
 from hhjax.training import optim
 from hhjax.training import phases as phases_lib
@@ -51,9 +50,21 @@ class HeadOnFeatures:
     return self.model.apply(variables, features, *args, from_features=True, **kwargs)
 
 
-def _why_not(config: ml_collections.ConfigDict) -> str | None:
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """config.speed.cache_features and cache_features_max_mb.
+
+  Attributes:
+    mode: 'auto', 'on' or 'off' (`lowering.parse_switch` reads the config's value).
+    max_mb: larger caches are skipped ('auto') or an error ('on').
+  """
+  mode: str = 'off'
+  max_mb: float = 4096.0
+
+
+def _why_not(data: data_spec.DataSpec) -> str | None:
   """Why no phase of this run can train on cached features (None: frozen phases can)."""
-  if config.data.augment.enabled:
+  if data.augment.enabled:
     return 'augmentation is on (config.data.augment.enabled): every epoch sees new images'
   if jax.process_count() > 1:
     return 'the cache is single-process only'
@@ -65,12 +76,7 @@ def _backbone_trains(setup: phases_lib.PhaseSetup) -> bool:
       label != optim.FREEZE for label in jax.tree.leaves(setup.labels.get('backbone', {})))
 
 
-def _mode(config: ml_collections.ConfigDict) -> str:
-  value = (config.get('speed') or {}).get('cache_features', 'off')
-  return lowering.parse_switch(value, 'config.speed.cache_features')
-
-
-def wanted(config: ml_collections.ConfigDict, setup: phases_lib.PhaseSetup) -> bool:
+def wanted(data: data_spec.DataSpec, settings: Settings, setup: phases_lib.PhaseSetup) -> bool:
   """Whether `phase` trains on cached features, per config.speed.cache_features.
 
   Only phases whose backbone is wholly frozen (BatchNorm included) can. 'auto' (the default)
@@ -78,11 +84,10 @@ def wanted(config: ml_collections.ConfigDict, setup: phases_lib.PhaseSetup) -> b
   not allow it at all (augmentation on, several processes) is an error that says why; 'off'
   never caches.
   """
-  mode = _mode(config)
-  if mode == 'off':
+  if settings.mode == 'off':
     return False
-  reason = _why_not(config)
-  if reason and mode == 'on':
+  reason = _why_not(data)
+  if reason and settings.mode == 'on':
     raise errors.ConfigError(
         f'config.speed.cache_features="on", but this run cannot train on cached features: '
         f'{reason}. Use "auto" to cache only where possible.')
@@ -94,25 +99,24 @@ def _backbone(model) -> inception.InceptionV3:
                                dtype=model.dtype)
 
 
-def compute_features(model, params: PyTree, batch_stats: PyTree,
-                     config: ml_collections.ConfigDict, split: str,
-                     mesh: jax.sharding.Mesh) -> list[dict[str, np.ndarray]]:
+def compute_features(model, params: PyTree, batch_stats: PyTree, data: data_spec.DataSpec,
+                     split: str, mesh: jax.sharding.Mesh) -> list[dict[str, np.ndarray]]:
   """The backbone's output for one pass of `split`, as the eval pipeline batches it.
 
   Returns:
     The padded batches of the pass, {'image': features, 'label', 'mask'} as numpy arrays.
   """
   backbone = _backbone(model)
-  repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
-  # uint8 batches (config.data.image_dtype) are normalised as the Classifier does it.
+  repl, sharded = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  # uint8 batches (data.image_dtype) are normalised as the Classifier does it.
   forward = jax.jit(
       lambda p, s, x: backbone.apply(
           {'params': p, 'batch_stats': s},
           preprocessing.normalize_images(x, model.preprocessing))[model.cut],
-      in_shardings=(repl, repl, data), out_shardings=data)
+      in_shardings=(repl, repl, sharded), out_shardings=sharded)
   p, s = params['backbone'], batch_stats.get('backbone', {})
   batches = []
-  for batch in pipeline.create_dataset(config, split, training=False).as_numpy_iterator():
+  for batch in pipeline.create_dataset(data, split, training=False).as_numpy_iterator():
     features = forward(p, s, sharding.to_global({'image': batch['image']}, mesh)['image'])
     batches.append({'image': np.asarray(jax.device_get(features)), 'label': batch['label'],
                     'mask': batch['mask']})
@@ -122,14 +126,13 @@ def compute_features(model, params: PyTree, batch_stats: PyTree,
 class FeatureCache:
   """One phase's cached features: the train split's (on the devices) and the eval split's."""
 
-  def __init__(self, model, state: PyTree, config: ml_collections.ConfigDict,
-               mesh: jax.sharding.Mesh):
+  def __init__(self, model, state: PyTree, data: data_spec.DataSpec, mesh: jax.sharding.Mesh):
     self.model = model
     self.head_model = HeadOnFeatures(model)
-    self._config = config
+    self._data = data
     self._mesh = mesh
-    train = compute_features(model, state['params'], state['batch_stats'], config,
-                             config.data.train_split, mesh)
+    train = compute_features(model, state['params'], state['batch_stats'], data,
+                             data.train_split, mesh)
     mask = np.concatenate([b['mask'] for b in train])
     features = np.concatenate([b['image'] for b in train])[mask]
     self.labels = np.concatenate([b['label'] for b in train])[mask].astype(np.int32)
@@ -137,16 +140,16 @@ class FeatureCache:
     # Held whole on every device: each step gathers its batch from it.
     self.features = jax.device_put(features, sharding.replicated(mesh))
     self._eval_batches = compute_features(
-        model, state['params'], state['batch_stats'], config, config.data.eval_split, mesh)
+        model, state['params'], state['batch_stats'], data, data.eval_split, mesh)
     logging.info('Cached the backbone features of %d training images (%.0f MB on each device) '
                  'and of the %r split: this phase trains only the head.', self.num_examples,
-                 features.nbytes / 2**20, config.data.eval_split)
+                 features.nbytes / 2**20, data.eval_split)
 
   def batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
     """{'index', 'label'} per step from `start_step` on, in the input pipeline's order."""
     stream = streams.train_index_stream(
-        self.num_examples, int(self._config.seed), int(self._config.batch_size),
-        start_step=start_step).batch(int(self._config.batch_size))
+        self.num_examples, self._data.seed, self._data.batch_size,
+        start_step=start_step).batch(self._data.batch_size)
     for _, indices in stream.as_numpy_iterator():
       indices = indices.astype(np.int32)
       yield {'index': indices, 'label': self.labels[indices]}
@@ -186,26 +189,26 @@ def feature_shape(model, image_size: int) -> jax.ShapeDtypeStruct:
       jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
 
 
-def estimated_mb(model, config: ml_collections.ConfigDict, num_examples: int) -> float:
+def estimated_mb(model, image_size: int, num_examples: int) -> float:
   """The train cache's size in MiB (features of every training image)."""
-  shape = feature_shape(model, int(config.data.image_size))
+  shape = feature_shape(model, image_size)
   return num_examples * int(np.prod(shape.shape)) * jnp.dtype(shape.dtype).itemsize / 2**20
 
 
-def for_phase(model, setup: phases_lib.PhaseSetup, state: PyTree,
-              config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+def for_phase(model, setup: phases_lib.PhaseSetup, state: PyTree, data: data_spec.DataSpec,
+              settings: Settings, mesh: jax.sharding.Mesh,
               num_examples: int) -> FeatureCache | None:
   """The phase's feature cache, or None when the phase trains on images as usual."""
-  if not wanted(config, setup):
+  if not wanted(data, settings, setup):
     return None
-  limit = float((config.get('speed') or {}).get('cache_features_max_mb', 4096))
-  mb = estimated_mb(model, config, num_examples)
+  limit = settings.max_mb
+  mb = estimated_mb(model, data.image_size, num_examples)
   if mb > limit:
     message = (f'The backbone features of the {num_examples} training images would take '
                f'{mb:.0f} MB, more than config.speed.cache_features_max_mb = {limit:.0f}')
-    if _mode(config) == 'on':
+    if settings.mode == 'on':
       raise errors.ConfigError(
           f'{message}: raise that limit or set config.speed.cache_features="auto".')
     logging.info('%s: training on images.', message)
     return None
-  return FeatureCache(model, state, config, mesh)
+  return FeatureCache(model, state, data, mesh)

@@ -1,0 +1,125 @@
+"""What the input pipeline reads, as one frozen value: the data fields and the stream's sizes.
+
+    data = DataSpec.from_config(config)          # the one place hhjax.data reads a config
+    info = pipeline.dataset_info(data)
+    train = pipeline.create_dataset(data, data.train_split, start_step=step)
+    smaller = dataclasses.replace(data, image_size=75)
+
+Every function of hhjax.data takes a DataSpec (or the explicit values it needs), so its signature
+says what it reads. The values a data field may take are defined here too, beside the field they
+constrain, each named after the module that gives the value its meaning: hhjax.config_checks
+reads them from here without importing TensorFlow (this module must not import it), and the
+owning modules use the same tuples.
+"""
+
+import dataclasses
+from typing import Any
+
+# config.data.source: the sources of sources.py, whose name -> implementation mapping must have
+# exactly these keys (it checks so when imported).
+SOURCES = ('tfds', 'folder', 'fake')
+# config.data.resize_method and config.data.image_dtype: what decode.py resizes with and emits.
+RESIZE_METHODS = ('bilinear', 'nearest')
+IMAGE_DTYPES = ('float32', 'uint8')
+# config.data.bad_files: bad_files.py's policies for files that are not readable images.
+BAD_FILES = ('error', 'skip')
+# config.data.augment.fill_mode: the modes of Keras's ImageDataGenerator (augment.py).
+FILL_MODES = ('nearest', 'reflect', 'wrap', 'constant')
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FakeSpec:
+  """config.data.fake: the synthetic images of source='fake'."""
+  num_train_examples: int
+  num_eval_examples: int
+  num_classes: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AugmentSpec:
+  """config.data.augment: Keras ImageDataGenerator's arguments, under Keras's names."""
+  enabled: bool
+  rotation_range: float
+  width_shift_range: float
+  height_shift_range: float
+  shear_range: float
+  zoom_range: float | tuple[float, float]   # z: zooms in [1 - z, 1 + z]; or (lower, upper)
+  horizontal_flip: bool
+  vertical_flip: bool
+  fill_mode: str
+  cval: float = 0.0   # absent from configs written before it existed
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataSpec:
+  """Every value the input pipeline reads (config.data, plus seed and batch sizes).
+
+  Attributes:
+    source: one of SOURCES.
+    name: the TFDS dataset name (source='tfds').
+    dir: the image folder's root (source='folder'), or TFDS's data_dir (None: its default).
+    train_split: the training split's name.
+    eval_split: the evaluation split's name.
+    image_size: images are resized to image_size x image_size.
+    resize_method: one of RESIZE_METHODS.
+    preprocessing: one of hhjax.model.preprocessing.NAMES.
+    image_dtype: what a batch's images are, one of IMAGE_DTYPES.
+    bad_files: what to do with unreadable image files, one of BAD_FILES.
+    cache_decoded: decode and resize every image once and keep it in memory.
+    num_parallel_calls: tf.data's threads (None: streams.num_threads's default).
+    fake: the synthetic images of source='fake'.
+    augment: the training stream's augmentation.
+    seed: seeds the shuffling, the augmentation and the synthetic images.
+    batch_size: the global training batch.
+    eval_batch_size: the global evaluation batch (config.eval_batch_size or batch_size).
+  """
+  source: str
+  name: str
+  dir: str | None
+  train_split: str
+  eval_split: str
+  image_size: int
+  resize_method: str
+  preprocessing: str
+  image_dtype: str = 'float32'   # the defaults: absent from configs written before them
+  bad_files: str
+  cache_decoded: bool = False
+  num_parallel_calls: int | None
+  fake: FakeSpec
+  augment: AugmentSpec
+  seed: int
+  batch_size: int
+  eval_batch_size: int
+
+  @classmethod
+  def from_config(cls, config: Any) -> 'DataSpec':
+    """The spec of a ConfigDict, or of a mapping of plain values (a workdir's config.json).
+
+    Reads config.data, config.seed, config.batch_size and config.eval_batch_size; fields that a
+    config written by an older version lacks take the defaults above.
+    """
+    data = config['data']
+    names = _field_names(cls) - {'fake', 'augment', 'seed', 'batch_size', 'eval_batch_size'}
+    return cls(
+        **_present(data, names),
+        fake=FakeSpec(**_present(data['fake'], _field_names(FakeSpec))),
+        augment=_augment(data['augment']),
+        seed=int(config['seed']),
+        batch_size=int(config['batch_size']),
+        eval_batch_size=int(config.get('eval_batch_size') or config['batch_size']))
+
+
+def _field_names(cls) -> set[str]:
+  return {f.name for f in dataclasses.fields(cls)}
+
+
+def _present(node: Any, names: set[str]) -> dict[str, Any]:
+  """The fields `names` that `node` holds; an absent one takes its dataclass default."""
+  return {name: node[name] for name in names if name in node}
+
+
+def _augment(node: Any) -> AugmentSpec:
+  values = _present(node, _field_names(AugmentSpec))
+  if isinstance(values.get('zoom_range'), (list, tuple)):   # config.json stores a pair as a list
+    values['zoom_range'] = tuple(values['zoom_range'])
+  return AugmentSpec(**values)
