@@ -133,6 +133,25 @@ def _source_name(data: data_spec.DataSpec) -> str:
   return data.name if data.source == 'tfds' else data.source
 
 
+def _grid_title(split: str, step: int, shown: int, wrong: int, count: int,
+                all_correct: bool) -> str:
+  if all_correct:
+    title = (f'No {split} image is misclassified at step {step}: the {shown} least '
+             'confident correct ones')
+  else:
+    title = (f'Misclassified {split} images at step {step}, most confident first: '
+             f'{shown} of {wrong} wrong (of {count})')
+  return (title + "\n(each image: its name, true class, predicted class and that class's "
+          'probability)')
+
+
+def _listing(order, names, labels, predicted, confidence, class_names) -> list[dict[str, Any]]:
+  """misclassified.json's rows, in `order`."""
+  return [{'name': names[i], 'true': str(class_names[labels[i]]),
+           'predicted': str(class_names[predicted[i]]), 'probability': float(confidence[i])}
+          for i in order]
+
+
 def write_eval_pictures(data: data_spec.DataSpec, result: Mapping[str, Any],
                         class_names: Sequence[str], step: int, workdir: str, *,
                         is_main: bool = True, max_images: int = 20,
@@ -181,23 +200,17 @@ def write_eval_pictures(data: data_spec.DataSpec, result: Mapping[str, Any],
   shown = [int(i) for i in order[:max_images]]
   titles = [f'{short_name(names[i])}\ntrue: {class_names[labels[i]]}\n'
             f'predicted: {class_names[predicted[i]]} {confidence[i]:.3f}' for i in shown]
-  if all_correct:
-    title = (f'No {split} image is misclassified at step {step}: the {len(shown)} least '
-             'confident correct ones')
-  else:
-    title = (f'Misclassified {split} images at step {step}, most confident first: '
-             f'{len(shown)} of {len(order)} wrong (of {len(labels)})')
-  title += "\n(each image: its name, true class, predicted class and that class's probability)"
   fig = plot_examples(pipeline.eval_pixels(table, data, shown), titles,
-                      ['darkgreen' if all_correct else 'firebrick'] * len(shown), title, columns)
+                      ['darkgreen' if all_correct else 'firebrick'] * len(shown),
+                      _grid_title(split, step, len(shown), len(order), len(labels), all_correct),
+                      columns)
   paths.append(files.write_png(directory / EXAMPLES_FILE, fig))
   wrong = [] if all_correct else order
   paths.append(files.write_atomic(directory / EXAMPLES_JSON, json.dumps({
       'step': step, 'split': split, 'count': len(labels),
       'class_names': [str(c) for c in class_names],
-      'misclassified': [{'name': names[i], 'true': str(class_names[labels[i]]),
-                         'predicted': str(class_names[predicted[i]]),
-                         'probability': float(confidence[i])} for i in wrong]}, indent=2)))
+      'misclassified': _listing(wrong, names, labels, predicted, confidence, class_names)},
+      indent=2)))
   for path in paths:
     logging.info('Wrote %s', path)
   return [str(p) for p in paths]
