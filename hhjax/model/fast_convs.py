@@ -4,8 +4,10 @@ XLA:CPU runs some convolutions far below the machine's matmul rate, and the same
 written another way runs much faster (benchmarks/README.md has the figures):
 
 * a stride-1 'VALID' convolution is slow, while the same convolution with explicit zero padding
-  [(0, kh - 1), (0, kw - 1)] followed by a crop to the valid size is fast and gives
-  bit-identical outputs (gradients equal up to float32 summation order);
+  [(0, kh - 1), (0, kw - 1)] followed by a crop to the valid size is fast and gives the same
+  outputs: bit-identical in the model's shapes where measured, equal up to float32 summation
+  order in general (XLA's kernels for the two shapes may sum in another order on some CPUs),
+  and so are the gradients;
 * a 1x1 stride-1 convolution is faster as a matrix product over the channel axis;
 * a convolution of the 3-channel image is 3-4x faster as one matrix product over its patches
   (im2col);
