@@ -205,6 +205,7 @@ def _check_command_line(argv: list[str]) -> None:
     raise app.UsageError('--mode=export needs --format=keras or --format=saved_model.')
   if NONE_OVERRIDES and FLAGS.config is None:
     raise app.UsageError(f'--config.{NONE_OVERRIDES[0]}=None needs --config=configs/....py')
+  workdir_lib.check_workdir_flag(FLAGS.workdir)
 
 
 def main(argv):

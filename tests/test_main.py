@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -119,3 +120,43 @@ def test_none_overrides_reach_optional_fields_of_every_type(env, tmp_path):
     main.set_none(config, ['batch_size'])
   with pytest.raises(app.UsageError, match=r"no field 'data.nope'"):
     main.set_none(config, ['data.nope'])
+
+
+def test_an_empty_workdir_or_one_naming_a_file_is_refused_in_one_line(tmp_path, env):
+  # Run from an empty folder: a run that took '' for the current directory would write here.
+  (tmp_path / 'a_file').write_text('not a folder')
+  for args, needle in (
+      (['--workdir='], '--workdir is empty'),
+      ([f'--workdir={tmp_path / "a_file"}', '--mode=eval'], 'is a file, not a folder'),
+  ):
+    proc = subprocess.run([sys.executable, str(ROOT / 'main.py'),
+                           f'--config={ROOT / "configs/smoke.py"}', *args], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith('error: ') and needle in last, proc.stderr
+    assert 'Traceback' not in proc.stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['a_file']
+
+
+def test_a_truncated_or_incomplete_config_json_is_a_one_line_error(smoke_workdir, env, tmp_path):
+  from hhjax import errors  # pylint: disable=g-import-not-at-top
+  from hhjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir, _ = smoke_workdir
+  text = (workdir / 'config.json').read_text()
+  for content, needle in ((text[:len(text) // 2], 'is not valid JSON'),
+                          ('{}', "lacks the config fields ['batch_size', 'data.source'"),
+                          ('[1, 2]', 'holds a list, not a config'),
+                          ('{"data": {"source": "fake"}}', 'lacks the config fields')):
+    (tmp_path / 'config.json').write_text(content)
+    with pytest.raises(errors.DataError, match=re.escape(needle)):
+      workdir_lib.load_config(str(tmp_path))
+  assert workdir_lib.load_config(str(workdir)).model.cut == 'mixed0'
+  # A --config given to eval or predict is compared with it: the same error.
+  (tmp_path / 'config.json').write_text(text[:len(text) // 2])
+  with pytest.raises(errors.DataError, match='is not valid JSON'):
+    workdir_lib.check_inference_config(workdir_lib.load_config(str(workdir)), str(tmp_path))
+  # Through main.py: eval without --config reads it.
+  proc = _main('--mode=eval', f'--workdir={tmp_path}', env=env, check=False)
+  last = proc.stderr.strip().splitlines()[-1]
+  assert proc.returncode == 2 and last.startswith('error: '), proc.stderr[-3000:]
+  assert f'{tmp_path}/config.json is not valid JSON' in last and 'Traceback' not in proc.stderr
