@@ -214,6 +214,7 @@ def main(argv):
     _check_command_line(argv)
     if FLAGS.config is not None:
       set_none(FLAGS.config, NONE_OVERRIDES)
+    workdir_lib.check_reachable(FLAGS.workdir)
     config = FLAGS.config if FLAGS.config is not None else _config_without_flag(FLAGS.mode)
     if FLAGS.bad_files is not None:
       config.data.bad_files = FLAGS.bad_files

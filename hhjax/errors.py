@@ -42,6 +42,10 @@ class OutputExistsError(UserError, FileExistsError):
   """A file or folder a command would create exists already; it is never overwritten."""
 
 
+class StorageUnreachableError(UserError, OSError):
+  """A remote workdir (gs://...) cannot be reached: no network, no credentials, no bucket."""
+
+
 class CheckpointMismatchError(UserError, ValueError):
   """A checkpoint does not fit the state the current config builds."""
 

@@ -63,6 +63,26 @@ def check_workdir_flag(workdir: str | None) -> None:
         'metrics and plots. Choose another path or remove the file.')
 
 
+def check_reachable(workdir: str) -> None:
+  """Refuses a URL workdir (gs://...) that cannot be reached, in one line naming the cause.
+
+  Offline, the storage client fails after its retries (seconds) with an OSError; without this
+  check it surfaced from wherever the workdir was first touched, as a traceback.
+  """
+  if '://' not in workdir:
+    return
+  try:
+    epath.Path(workdir).exists()
+  except Exception as e:  # pylint: disable=broad-except
+    # OSError from etils's own backends, tf.errors.OpError (FailedPreconditionError, ...)
+    # from TensorFlow's file systems.
+    if not isinstance(e, OSError) and not type(e).__module__.startswith('tensorflow'):
+      raise
+    raise errors.StorageUnreachableError(
+        f'--workdir={workdir} cannot be reached ({str(e).splitlines()[0]}). Check the network '
+        'and the credentials for that storage, or use a local --workdir.') from None
+
+
 # The fields eval, predict, explain and export read from config.json; a file without them was
 # not written by a training run (or was cut short).
 REQUIRED_FIELDS = ('batch_size', 'data.source', 'data.image_size', 'model.cut', 'model.head')

@@ -160,3 +160,23 @@ def test_a_truncated_or_incomplete_config_json_is_a_one_line_error(smoke_workdir
   last = proc.stderr.strip().splitlines()[-1]
   assert proc.returncode == 2 and last.startswith('error: '), proc.stderr[-3000:]
   assert f'{tmp_path}/config.json is not valid JSON' in last and 'Traceback' not in proc.stderr
+
+
+def test_an_unreachable_remote_workdir_is_a_one_line_error(monkeypatch):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from hhjax import errors  # pylint: disable=g-import-not-at-top
+  from hhjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def offline(self):   # what TensorFlow's GCS client raises without network, after its retries
+    raise tf.errors.FailedPreconditionError(
+        None, None, "Error executing an HTTP request: libcurl code 6 meaning 'Could not "
+        f"resolve hostname'\n\t when reading metadata of {self}")
+  monkeypatch.setattr(type(epath.Path('gs://bucket/run')), 'exists', offline)
+  with pytest.raises(errors.StorageUnreachableError) as raised:
+    workdir_lib.check_reachable('gs://bucket/run')
+  message = str(raised.value)
+  assert message.startswith("--workdir=gs://bucket/run cannot be reached (Error executing")
+  assert '\n' not in message and 'use a local --workdir' in message
+  workdir_lib.check_reachable('/a/local/path')   # local paths are not probed
