@@ -591,3 +591,24 @@ def test_uint8_batches_round_augmented_pixels_to_whole_levels():
 def test_unknown_image_dtype_is_refused():
   with pytest.raises(ValueError, match='image_dtype'):
     pipeline.create_dataset(_fake_config(image_dtype='float16'), 'train')
+
+
+def test_folder_links_are_followed_once_and_loops_are_skipped_by_name(tmp_path, caplog):
+  root = _make_folder(tmp_path / 'data')
+  cats, dogs = root / 'train' / 'cats', root / 'train' / 'dogs'
+  (cats / 'loop').symlink_to('..')                  # back up to the split: dogs as cats
+  (cats / 'self').symlink_to('.')
+  (dogs / 'deeper').mkdir()
+  _write(dogs / 'deeper' / 'extra.png', _small_png(999))
+  (dogs / 'again').symlink_to('deeper')             # the same real folder twice
+  (root / 'validation' / 'cats' / 'root').symlink_to('../..')
+  config = _folder_config(root)
+  with caplog.at_level(logging.WARNING, logger='absl'):
+    info = pipeline.dataset_info(config)
+  assert info.num_examples == {'train': 5 + 6 + 1, 'validation': 5}
+  table = sources.table(config, 'train')
+  names = [pathlib.Path(p).relative_to(root / 'train').as_posix() for p in table.keys]
+  assert [n for n, label in zip(names, table.labels) if label == 0] == [
+      f'cats/{i:03d}.png' for i in range(5)]
+  assert 'Skipped 3 folder link(s)' in caplog.text and 'Skipped 1 folder link(s)' in caplog.text
+  assert f'{cats}/loop -> {root}/train' in caplog.text
