@@ -167,6 +167,25 @@ def inference_differences(saved: Mapping[str, Any], given: Mapping[str, Any]) ->
           for k in fields if a.get(k) != b.get(k)]
 
 
+def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any],
+                        workdir: str) -> None:
+  """Refuses to resume a checkpoint under a config that changes what the model computes.
+
+  The fields of INFERENCE_FIELDS (image size, resampling, normalisation, cut, head, hidden
+  units): with a global-average-pooling head another image size fits every array, and training
+  would go on silently on other inputs. Fields the checkpoint's config lacks (an older version
+  wrote it) are not compared.
+  """
+  a, b = flat_fields(saved), flat_fields(current)
+  diffs = [f'config.{k}: checkpoint {a[k]!r}, now {b.get(k)!r}'
+           for k in INFERENCE_FIELDS if k in a and a[k] != b.get(k)]
+  if diffs:
+    raise errors.CheckpointMismatchError(
+        f'The checkpoint in {workdir} was trained with another model or input: '
+        f'{"; ".join(diffs)}. Resume with the values it was trained with, or train the new '
+        'config in another --workdir.')
+
+
 def check_inference_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses a config under which eval or predict would compute another model than was trained.
 

@@ -171,6 +171,8 @@ def _restore_or_initialise(run: _Run) -> tuple[PyTree, phases_lib.Progress,
     raise errors.CheckpointMismatchError(
         f'The checkpoint in {run.workdir} was trained on classes {saved_classes}, the data '
         f'now has {run.class_names}. Use another --workdir.')
+  workdir_lib.check_resume_config(saved.get('config', {}), workdir_lib.config_dict(run.config),
+                                  run.workdir)
   diffs = workdir_lib.config_differences(saved.get('config', {}),
                                          workdir_lib.config_dict(run.config))
   if diffs:
