@@ -19,7 +19,28 @@ of a multi-process run was lost: run the same command on every host to resume.
 
 import os
 import re
+import signal
 import sys
+
+
+def _sigterm_outside_training(signum, frame) -> None:
+  """SIGTERM before training's own handler is in place (start-up) or after it (the end).
+
+  Nothing is lost then: no step has run since the last checkpoint. One line and exit status 3,
+  which the runbooks relaunch, as after a preemption's checkpoint; without this handler the
+  process died of the signal (status 143), which they treat as final.
+  """
+  del signum, frame
+  print('preempted (SIGTERM) outside the training steps, while starting or finishing: no step '
+        'was lost; run the same command to resume', file=sys.stderr, flush=True)
+  os._exit(3)   # errors.EXIT_PREEMPTED; nothing to clean up that the system does not release
+
+
+if __name__ == '__main__':
+  # First, before seconds of imports. A SIGTERM that came while the parent main.py re-executed
+  # itself (hhjax/host_malloc.py blocks it across the exec) is delivered here, once unblocked.
+  signal.signal(signal.SIGTERM, _sigterm_outside_training)
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 # TensorFlow feeds the input pipeline on the host only: keep it off the accelerators.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')

@@ -3,8 +3,10 @@
 import json
 import pathlib
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 from PIL import Image
@@ -180,3 +182,46 @@ def test_an_unreachable_remote_workdir_is_a_one_line_error(monkeypatch):
   assert message.startswith("--workdir=gs://bucket/run cannot be reached (Error executing")
   assert '\n' not in message and 'use a local --workdir' in message
   workdir_lib.check_reachable('/a/local/path')   # local paths are not probed
+
+
+def _sigterm_caught_or_blocked(pid) -> bool:
+  """Whether the process has a SIGTERM handler, or holds SIGTERM blocked (across its exec)."""
+  try:
+    status = pathlib.Path(f'/proc/{pid}/status').read_text()
+  except FileNotFoundError:
+    return False
+  fields = dict(line.split(':\t', 1) for line in status.splitlines() if ':\t' in line)
+  bit = 1 << (15 - 1)   # SIGTERM
+  return bool((int(fields['SigCgt'], 16) | int(fields['SigBlk'], 16)) & bit)
+
+
+def test_a_sigterm_during_start_up_exits_3_in_one_line(tmp_path, env):
+  # Status 3 is what the runbooks relaunch (tools/slurm_train.sbatch requeues 3 and 4); a
+  # process killed by the signal (143) would end the job. Two moments: as soon as main.py
+  # handles the signal (it then loads the light modules and re-executes itself with glibc's
+  # settings), and once main() has started (the library loads next).
+  env = dict(env)
+  env.pop('HHJAX_MALLOC_TUNING', None)   # with the re-execution
+  for moment in ('handler', 'main'):
+    err = tmp_path / f'{moment}.err'
+    with open(err, 'w') as stderr:
+      proc = subprocess.Popen([sys.executable, str(ROOT / 'main.py'), '--config=configs/smoke.py',
+                               f'--workdir={tmp_path / moment}'], env=env, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+      deadline = time.monotonic() + 120
+      while not (_sigterm_caught_or_blocked(proc.pid) if moment == 'handler' else
+                 'GLIBC_TUNABLES=' in err.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, err.read_text()[-2000:]
+        time.sleep(0.001)
+      proc.send_signal(signal.SIGTERM)
+      proc.wait(timeout=120)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log = err.read_text()
+    assert proc.returncode == 3, (moment, proc.returncode, log[-2000:])
+    assert log.rstrip().endswith('preempted (SIGTERM) outside the training steps, while starting '
+                                 'or finishing: no step was lost; run the same command to resume')
+    assert 'Traceback' not in log
