@@ -137,6 +137,9 @@ def _run(mode: str, config: ml_collections.ConfigDict) -> None:
     logging.set_verbosity(logging.WARNING)
   ok = False
   try:
+    from hhjax import agreement  # pylint: disable=g-import-not-at-top
+    agreement.check_processes_agree(mode, config, {'checkpoint': FLAGS.checkpoint,
+                                                   'images': FLAGS.images})
     _run_mode(mode, config)
     ok = True
   except errors.Preempted:
