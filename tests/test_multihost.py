@@ -414,6 +414,21 @@ sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name='__main__')
 '''.format(root=str(ROOT))
 
+# A slower host: its error comes 2 s after process 0's.
+_SLOW_ERROR = '''
+import time
+from hhjax.training import loop
+_check_finite = loop._check_finite
+def slow(*args):
+  try:
+    _check_finite(*args)
+  except Exception:
+    time.sleep(2)
+    raise
+loop._check_finite = slow
+'''
+
+
 def _pair(tmp_path, name, args, extra=((), ()), setup=(None, None), timeout=240):
   """main.py as 2 processes on the smoke config's synthetic data; `extra[i]`: process i's own
   arguments, `setup[i]`: Python code run in process i before main.py (a fault to inject).
@@ -464,3 +479,17 @@ def test_processes_started_with_different_configs_refuse_alike_before_any_work(t
   assert 'training images' not in logs[0]   # before the data is read
   assert not (tmp_path / 'differ' / 'checkpoints').exists()
   print(f'both processes refused in {seconds:.1f} s')
+
+
+def test_a_nan_loss_in_fine_tuning_ends_every_process_with_exit_2(tmp_path):
+  # Process 0 runs the coordination service: it used to end first, and process 1, slower to
+  # meet the same NaN, then died in JAX of a C++ check failure (SIGABRT) or ended with 4.
+  codes, logs, _ = _pair(tmp_path, 'nan', [
+      '--config.warmup.epochs=0', '--config.finetune.learning_rate=1e38',
+      '--config.steps_per_epoch=3', '--config.checkpoint_every_steps=1',
+      '--config.log_every_steps=1'], setup=(None, _SLOW_ERROR))
+  assert codes == [errors.EXIT_USER_ERROR] * 2, [log[-2000:] for log in logs]
+  for log in logs:
+    message = _one_line_error(log)
+    assert 'The training loss became NaN or infinite at step' in message
+    assert '(phase finetune)' in message and 'config.finetune.learning_rate' in message
