@@ -73,6 +73,9 @@ flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'],
 flags.DEFINE_enum('bad_files', None, list(config_checks.BAD_FILES),
                   'Sets config.data.bad_files (what to do with files that are not readable '
                   "images: 'error' or 'skip'), also where the config comes from the workdir.")
+flags.DEFINE_bool('allow_data_change', False,
+                  'For --mode=train: resume although the training files changed since the run '
+                  'started (WORKDIR/data_listing.json); without it such a resume is refused.')
 flags.DEFINE_string('keras_model', None,
                     'For --mode=import_keras: a Keras classifier file (.h5 or .keras).')
 flags.DEFINE_enum('format', None, ['keras', 'saved_model'],
@@ -155,7 +158,9 @@ def _run(mode: str, config: ml_collections.ConfigDict) -> None:
 
 def _run_mode(mode: str, config: ml_collections.ConfigDict) -> None:
   if mode == 'train':
+    from hhjax import data_listing  # pylint: disable=g-import-not-at-top
     from hhjax.training import loop  # pylint: disable=g-import-not-at-top
+    data_listing.check_training_data(config, FLAGS.workdir, FLAGS.allow_data_change)
     loop.train_and_evaluate(config, FLAGS.workdir)
   elif mode == 'eval':
     from hhjax import evaluate  # pylint: disable=g-import-not-at-top

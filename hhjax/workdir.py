@@ -6,6 +6,7 @@
     WORKDIR/tensorboard/    the same rows as TensorBoard scalars
     WORKDIR/loss.png, accuracy.png, eval.json
     WORKDIR/train.lock      held by the training run (hhjax.workdir_lock)
+    WORKDIR/data_listing.json   the training files the run started on (hhjax.data_listing)
     WORKDIR/confusion_matrix.png, misclassified.png, misclassified.json   (hhjax.pictures)
     WORKDIR/explain/        Grad-CAM pictures of --mode=explain (hhjax.explain)
 

@@ -1,6 +1,7 @@
 """The input pipeline: decoding, folders and bad files, determinism, resume, sharding, eval."""
 
 import io
+import json
 import logging
 import pathlib
 
@@ -612,3 +613,34 @@ def test_folder_links_are_followed_once_and_loops_are_skipped_by_name(tmp_path, 
       f'cats/{i:03d}.png' for i in range(5)]
   assert 'Skipped 3 folder link(s)' in caplog.text and 'Skipped 1 folder link(s)' in caplog.text
   assert f'{cats}/loop -> {root}/train' in caplog.text
+
+
+def test_a_resume_on_changed_training_files_is_refused_unless_allowed(tmp_path, caplog):
+  from hhjax import data_listing  # pylint: disable=g-import-not-at-top
+  root = _make_folder(tmp_path / 'data')
+  config = _folder_config(root)
+  workdir = tmp_path / 'run'
+  data_listing.check_training_data(config, str(workdir))   # a run's start: recorded
+  listing = json.loads((workdir / 'data_listing.json').read_text())
+  assert listing['folder'] == f'{root}/train' and len(listing['files']) == 11
+  assert listing['files']['cats/000.png'] == (root / 'train/cats/000.png').stat().st_size
+  (workdir / 'checkpoints' / '4').mkdir(parents=True)      # as a run killed at step 4 leaves it
+  data_listing.check_training_data(config, str(workdir))   # the same files: resumes
+  for i in range(4):
+    _write(root / 'train' / 'dogs' / f'new{i}.png', _small_png(500 + i))
+  (root / 'train' / 'cats' / '001.png').unlink()
+  _write(root / 'train' / 'cats' / '002.png', _small_png(777) + b'\0' * 10)
+  _write(root / 'validation' / 'cats' / 'extra.png', _small_png(778))   # not training's
+  with pytest.raises(errors.DataError) as raised:
+    data_listing.check_training_data(config, str(workdir))
+  message = str(raised.value)
+  assert message.startswith(
+      f'The training files in {root}/train changed since this run started (4 added '
+      '(dogs/new0.png, dogs/new1.png, dogs/new2.png, ...); 1 removed (cats/001.png); 1 changed '
+      'size (cats/002.png); 11 then, 14 now)')
+  assert 'run again with --allow_data_change' in message and '\n' not in message
+  with caplog.at_level(logging.WARNING, logger='absl'):
+    data_listing.check_training_data(config, str(workdir), allow_change=True)
+  assert 'going on with them as they are now (--allow_data_change)' in caplog.text
+  data_listing.check_training_data(config, str(workdir))   # recorded as they are now
+  assert len(json.loads((workdir / 'data_listing.json').read_text())['files']) == 14
