@@ -151,6 +151,11 @@ def _run(mode: str, config: ml_collections.ConfigDict) -> None:
   except Exception as e:  # pylint: disable=broad-except
     if peers.is_peer_failure(e):
       peers.exit_peer_failure(e)   # one line and exit status 4, without waiting for the others
+    if mode == 'train':   # an image that changed in place since its check: name it
+      from hhjax.data import sources  # pylint: disable=g-import-not-at-top
+      changed = sources.changed_file_error(config, e)
+      if changed is not None:
+        raise changed from None
     raise
   finally:
     peers.finish(ok)

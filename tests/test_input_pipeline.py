@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import os
 import pathlib
 
 import numpy as np
@@ -644,3 +645,27 @@ def test_a_resume_on_changed_training_files_is_refused_unless_allowed(tmp_path, 
   assert 'going on with them as they are now (--allow_data_change)' in caplog.text
   data_listing.check_training_data(config, str(workdir))   # recorded as they are now
   assert len(json.loads((workdir / 'data_listing.json').read_text())['files']) == 14
+
+
+def test_a_file_corrupted_in_place_with_its_size_and_time_kept_is_named(tmp_path):
+  root = _make_folder(tmp_path / 'data')
+  config = _folder_config(root)
+  assert pipeline.dataset_info(config).num_examples['train'] == 11   # checked: all decode
+  victim = root / 'train' / 'dogs' / '003.png'
+  data, stat = victim.read_bytes(), victim.stat()
+  victim.write_bytes(data[:60] + bytes(len(data) - 60))   # same size: garbage past the header
+  os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  ds = pipeline.create_dataset(config, 'train', process_count=1, process_index=0)
+  with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+    for _ in ds.take(10):
+      pass
+  error = sources.changed_file_error(config, raised.value)
+  message = str(error)
+  assert message.startswith(f'1 file(s) of {root}/train no longer decode, though they did when '
+                            f'checked (changed in place with their size and modification time '
+                            f'kept): {victim}: ')
+  assert '--bad_files=skip' in message
+  assert sources.changed_file_error(config, ValueError('something else')) is None
+  bad_files._CHECKED.clear()   # a later run: its verdicts come from the verdict file
+  with pytest.raises(errors.DataError, match=f'{victim}'):
+    pipeline.dataset_info(config)

@@ -392,3 +392,15 @@ def sizes_and_class_names(
     return _tfds_sizes(config, splits)
   tables = [_fake_table(config, s) for s in splits]
   return {s: t.size for s, t in zip(splits, tables)}, tables[0].class_names
+
+
+def changed_file_error(config: ml_collections.ConfigDict,
+                       error: BaseException) -> errors.DataError | None:
+  """For an image folder's training split: the DataError naming the file(s) behind a decode
+  failure in the input pipeline (bad_files.changed_since_checked); None for other errors."""
+  if config.data.source != 'folder' or not bad_files.is_decode_failure(error):
+    return None
+  split = config.data.train_split
+  return bad_files.changed_since_checked(error, list(table(config, split).keys),
+                                         os.path.join(config.data.dir, split),
+                                         config.data.num_parallel_calls)
