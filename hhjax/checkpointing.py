@@ -17,11 +17,13 @@ disk, a read-only folder) raises CheckpointSaveError at the next `check_saved`, 
 """
 
 from collections.abc import Callable, Iterator, Mapping
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
+import threading
 import traceback
 from typing import Any, TypeVar
 
@@ -43,6 +45,18 @@ T = TypeVar('T')
 
 def _best_fn(metrics: Mapping[str, float]) -> float:
   return float(metrics[BEST_METRIC])
+
+
+# The storage errors of this process's background saves, as orbax logs them: with several
+# processes the failing process's save thread logs its error and moves on to a barrier that the
+# others, waiting in another barrier for its part, never reach.
+_background_failures: list[str] = []
+_FAILED_SAVE_KEY = 'hhjax/checkpoint_failed/'
+
+
+def _note_background_failure(cause: str) -> None:
+  if cause not in _background_failures:
+    _background_failures.append(cause)
 
 
 class _QuietOrbax(logging.Filter):
@@ -68,7 +82,10 @@ class _QuietOrbax(logging.Filter):
     if record.levelno < logging.WARNING:
       return False
     if record.exc_info and _os_error(record.exc_info[1]) is not None:
-      return False   # a failed write: `Checkpoints` reports it, in one line, as it stops the run
+      # A failed write: `Checkpoints` reports it, in one line, as it stops the run. With several
+      # processes, orbax's background thread only logs it (see `_wait_for_save`).
+      _note_background_failure(_os_error(record.exc_info[1]))
+      return False
     return not str(record.msg).startswith(self._EXPECTED)
 
 
@@ -253,10 +270,62 @@ class Checkpoints:
     if step is None:
       return
     try:
-      self._manager.wait_until_finished()
+      self._wait_for_save(step)
     except Exception as e:  # pylint: disable=broad-exception-caught
       self._raise_save_error(step, e)
       raise
+
+  def _wait_for_save(self, step: int) -> None:
+    """orbax's wait_until_finished; with several processes, bounded by a failure on any one.
+
+    A process whose write failed says so in the coordination service's key-value store; every
+    process waits for the save or for such a word, whichever comes first, and raises
+    CheckpointSaveError naming the process and its OS error. Without it the processes waited
+    forever in two different barriers of orbax, all alive, so hhjax.peers saw nothing wrong.
+    """
+    from hhjax import peers  # pylint: disable=g-import-not-at-top
+    store = peers.key_value_store() if jax.process_count() > 1 else None
+    if store is None:
+      self._manager.wait_until_finished()
+      return
+    outcome = []
+    def wait():
+      try:
+        self._manager.wait_until_finished()
+        outcome.append(None)
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        outcome.append(e)
+    waiter = threading.Thread(target=wait, name='checkpoint-wait', daemon=True)
+    waiter.start()
+    told = False
+    while True:
+      waiter.join(0.1)
+      if outcome:
+        if outcome[0] is not None:
+          raise outcome[0]
+        return
+      if _background_failures and not told:
+        with contextlib.suppress(Exception):   # the store may be gone: report it here anyway
+          store.key_value_set(f'{_FAILED_SAVE_KEY}{step}/{jax.process_index()}',
+                              _background_failures[0], allow_overwrite=True)
+        told = True
+      try:
+        failed = sorted(store.key_value_dir_get(f'{_FAILED_SAVE_KEY}{step}/'))
+      except Exception:  # pylint: disable=broad-exception-caught  # hhjax.peers reports it
+        failed = []
+      if failed:
+        key, cause = failed[0]
+        process = key.rsplit('/', 1)[-1]
+        raise self._save_error(step, f'{cause}, on process {process} of {jax.process_count()}')
+
+  def _save_error(self, step: int, cause: str) -> errors.CheckpointSaveError:
+    kept = self.latest_step()
+    kept = (f'the checkpoints before it are intact (latest: step {kept})' if kept is not None
+            and kept != step else 'no earlier checkpoint was written')
+    return errors.CheckpointSaveError(
+        f'Saving the checkpoint of step {step} in {self.directory} failed: {cause}. Training '
+        f'stopped; {kept}. Free space or make the folder writable, then run the same command '
+        'again to resume.')
 
   def _raise_save_error(self, step: int, error: Exception) -> None:
     """CheckpointSaveError when the storage refused the write; a bug keeps its own error."""

@@ -493,3 +493,25 @@ def test_a_nan_loss_in_fine_tuning_ends_every_process_with_exit_2(tmp_path):
     message = _one_line_error(log)
     assert 'The training loss became NaN or infinite at step' in message
     assert '(phase finetune)' in message and 'config.finetune.learning_rate' in message
+
+
+# Process 1's disk refuses the checkpoints' array files (>500 KB): RLIMIT_FSIZE fails writes as
+# a full disk does (test_checkpoint_faults.py), here in one process of two.
+_FULL_DISK = '''
+import resource
+resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+'''
+
+
+def test_a_full_disk_on_one_process_of_two_stops_both_with_exit_2(tmp_path):
+  # The processes used to wait forever in two different barriers of orbax, all alive.
+  codes, logs, seconds = _pair(tmp_path, 'full', [
+      '--config.checkpoint_every_steps=2', '--config.log_every_steps=1'],
+      setup=(None, _FULL_DISK), timeout=180)
+  assert codes == [errors.EXIT_USER_ERROR] * 2, [log[-2000:] for log in logs]
+  messages = [_one_line_error(log) for log in logs]
+  assert messages[0] == messages[1]
+  assert messages[0].startswith(f'error: Saving the checkpoint of step 2 in '
+                                f'{tmp_path}/full/checkpoints failed: File too large (errno 27)')
+  assert 'on process 1 of 2. Training stopped' in messages[0]
+  print(f'both processes stopped in {seconds:.1f} s')
