@@ -132,8 +132,7 @@ def _run(mode: str, config: ml_collections.ConfigDict) -> None:
   tf.config.set_visible_devices([], 'GPU')
   # The library loads only now (seconds of JAX and TensorFlow imports), so that mistakes in the
   # command line and the config are reported at once.
-  from hhjax import sharding  # pylint: disable=g-import-not-at-top
-  sharding.maybe_initialize_distributed()
+  _initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() > 0:
     # Progress and results once, from process 0; the others say only what goes wrong.
@@ -159,6 +158,26 @@ def _run(mode: str, config: ml_collections.ConfigDict) -> None:
     raise
   finally:
     peers.finish(ok)
+
+
+def _initialize_distributed() -> None:
+  """jax.distributed when this process is one of several; then JAX's SIGTERM handler alone.
+
+  JAX's preemption service installs its own handler, in C++; a Python handler left in place
+  (`_sigterm_outside_training`) would be reset to the default action by Python as it shuts
+  down, over JAX's, and a repeated SIGTERM would then kill the process (status 143) after its
+  checkpoint. SIGTERM is held blocked meanwhile, so that one sent in between reaches JAX's.
+  """
+  from hhjax import sharding  # pylint: disable=g-import-not-at-top
+  blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+  try:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    sharding.maybe_initialize_distributed()
+  finally:
+    import jax  # pylint: disable=g-import-not-at-top
+    if not jax.distributed.is_initialized():
+      signal.signal(signal.SIGTERM, _sigterm_outside_training)
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _run_mode(mode: str, config: ml_collections.ConfigDict) -> None:
