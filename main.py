@@ -19,7 +19,28 @@ of a multi-process run was lost: run the same command on every host to resume.
 
 import os
 import re
+import signal
 import sys
+
+
+def _sigterm_outside_training(signum, frame) -> None:
+  """SIGTERM before training's own handler is in place (start-up) or after it (the end).
+
+  Nothing is lost then: no step has run since the last checkpoint. One line and exit status 3,
+  which the runbooks relaunch, as after a preemption's checkpoint; without this handler the
+  process died of the signal (status 143), which they treat as final.
+  """
+  del signum, frame
+  print('preempted (SIGTERM) outside the training steps, while starting or finishing: no step '
+        'was lost; run the same command to resume', file=sys.stderr, flush=True)
+  os._exit(3)   # errors.EXIT_PREEMPTED; nothing to clean up that the system does not release
+
+
+if __name__ == '__main__':
+  # First, before seconds of imports. A SIGTERM that came while the parent main.py re-executed
+  # itself (hhjax/host_malloc.py blocks it across the exec) is delivered here, once unblocked.
+  signal.signal(signal.SIGTERM, _sigterm_outside_training)
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 # TensorFlow feeds the input pipeline on the host only: keep it off the accelerators.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -53,6 +74,9 @@ flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'],
 flags.DEFINE_enum('bad_files', None, list(data_spec.BAD_FILES),
                   'Sets config.data.bad_files (what to do with files that are not readable '
                   "images: 'error' or 'skip'), also where the config comes from the workdir.")
+flags.DEFINE_bool('allow_data_change', False,
+                  'For --mode=train: resume although the training files changed since the run '
+                  'started (WORKDIR/data_listing.json); without it such a resume is refused.')
 flags.DEFINE_string('keras_model', None,
                     'For --mode=import_keras: a Keras classifier file (.h5 or .keras).')
 flags.DEFINE_enum('format', None, ['keras', 'saved_model'],
@@ -109,14 +133,16 @@ def _run(mode: str, config: ml_collections.ConfigDict) -> None:
   tf.config.set_visible_devices([], 'GPU')
   # The library loads only now (seconds of JAX and TensorFlow imports), so that mistakes in the
   # command line and the config are reported at once.
-  from hhjax import sharding  # pylint: disable=g-import-not-at-top
-  sharding.maybe_initialize_distributed()
+  _initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() > 0:
     # Progress and results once, from process 0; the others say only what goes wrong.
     logging.set_verbosity(logging.WARNING)
   ok = False
   try:
+    from hhjax import agreement  # pylint: disable=g-import-not-at-top
+    agreement.check_processes_agree(mode, config, {'checkpoint': FLAGS.checkpoint,
+                                                   'images': FLAGS.images})
     _run_mode(mode, config)
     ok = True
   except errors.Preempted:
@@ -125,14 +151,42 @@ def _run(mode: str, config: ml_collections.ConfigDict) -> None:
   except Exception as e:  # pylint: disable=broad-except
     if peers.is_peer_failure(e):
       peers.exit_peer_failure(e)   # one line and exit status 4, without waiting for the others
+    if mode == 'train':   # an image that changed in place since its check: name it
+      from hhjax import entry  # pylint: disable=g-import-not-at-top
+      from hhjax.data import sources  # pylint: disable=g-import-not-at-top
+      changed = sources.changed_file_error(entry.data(config), e)
+      if changed is not None:
+        raise changed from None
     raise
   finally:
     peers.finish(ok)
 
 
+def _initialize_distributed() -> None:
+  """jax.distributed when this process is one of several; then JAX's SIGTERM handler alone.
+
+  JAX's preemption service installs its own handler, in C++; a Python handler left in place
+  (`_sigterm_outside_training`) would be reset to the default action by Python as it shuts
+  down, over JAX's, and a repeated SIGTERM would then kill the process (status 143) after its
+  checkpoint. SIGTERM is held blocked meanwhile, so that one sent in between reaches JAX's.
+  """
+  from hhjax import sharding  # pylint: disable=g-import-not-at-top
+  blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+  try:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    sharding.maybe_initialize_distributed()
+  finally:
+    import jax  # pylint: disable=g-import-not-at-top
+    if not jax.distributed.is_initialized():
+      signal.signal(signal.SIGTERM, _sigterm_outside_training)
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def _run_mode(mode: str, config: ml_collections.ConfigDict) -> None:
   if mode == 'train':
+    from hhjax import data_listing  # pylint: disable=g-import-not-at-top
     from hhjax import train  # pylint: disable=g-import-not-at-top
+    data_listing.check_training_data(config, FLAGS.workdir, FLAGS.allow_data_change)
     train.train_and_evaluate(config, FLAGS.workdir)
   elif mode == 'eval':
     from hhjax import evaluate  # pylint: disable=g-import-not-at-top
@@ -206,6 +260,7 @@ def _check_command_line(argv: list[str]) -> None:
     raise app.UsageError('--mode=export needs --format=keras or --format=saved_model.')
   if NONE_OVERRIDES and FLAGS.config is None:
     raise app.UsageError(f'--config.{NONE_OVERRIDES[0]}=None needs --config=configs/....py')
+  workdir_lib.check_workdir_flag(FLAGS.workdir)
 
 
 def main(argv):
@@ -214,6 +269,7 @@ def main(argv):
     _check_command_line(argv)
     if FLAGS.config is not None:
       set_none(FLAGS.config, NONE_OVERRIDES)
+    workdir_lib.check_reachable(FLAGS.workdir)
     config = FLAGS.config if FLAGS.config is not None else _config_without_flag(FLAGS.mode)
     if FLAGS.bad_files is not None:
       config.data.bad_files = FLAGS.bad_files

@@ -20,8 +20,10 @@ manager's preemption calls) is in hhjax.compat.
 """
 
 from collections.abc import Callable, Mapping
+import contextlib
 import json
 import os
+import threading
 from typing import Any, TypeVar
 
 from absl import logging as absl_logging
@@ -43,6 +45,11 @@ T = TypeVar('T')
 
 def _best_fn(metrics: Mapping[str, float]) -> float:
   return float(metrics[BEST_METRIC])
+
+
+# With several processes, a process whose background write failed says so under this key of the
+# coordination service's key-value store (see `Checkpoints._wait_for_save`).
+_FAILED_SAVE_KEY = 'hhjax/checkpoint_failed/'
 
 
 class Checkpoints:
@@ -125,10 +132,63 @@ class Checkpoints:
     if step is None:
       return
     try:
-      self._manager.wait_until_finished()
+      self._wait_for_save(step)
     except Exception as e:  # pylint: disable=broad-exception-caught
       self._raise_save_error(step, e)
       raise
+
+  def _wait_for_save(self, step: int) -> None:
+    """orbax's wait_until_finished; with several processes, bounded by a failure on any one.
+
+    A process whose write failed says so in the coordination service's key-value store; every
+    process waits for the save or for such a word, whichever comes first, and raises
+    CheckpointSaveError naming the process and its OS error. Without it the processes waited
+    forever in two different barriers of orbax, all alive, so hhjax.peers saw nothing wrong.
+    """
+    from hhjax import peers  # pylint: disable=g-import-not-at-top
+    store = peers.key_value_store() if jax.process_count() > 1 else None
+    if store is None:
+      self._manager.wait_until_finished()
+      return
+    outcome = []
+    def wait():
+      try:
+        self._manager.wait_until_finished()
+        outcome.append(None)
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        outcome.append(e)
+    waiter = threading.Thread(target=wait, name='checkpoint-wait', daemon=True)
+    waiter.start()
+    told = False
+    while True:
+      waiter.join(0.1)
+      if outcome:
+        if outcome[0] is not None:
+          raise outcome[0]
+        return
+      failures = compat.background_save_failures()
+      if failures and not told:
+        with contextlib.suppress(Exception):   # the store may be gone: report it here anyway
+          store.key_value_set(f'{_FAILED_SAVE_KEY}{step}/{jax.process_index()}',
+                              failures[0], allow_overwrite=True)
+        told = True
+      try:
+        failed = sorted(store.key_value_dir_get(f'{_FAILED_SAVE_KEY}{step}/'))
+      except Exception:  # pylint: disable=broad-exception-caught  # hhjax.peers reports it
+        failed = []
+      if failed:
+        key, cause = failed[0]
+        process = key.rsplit('/', 1)[-1]
+        raise self._save_error(step, f'{cause}, on process {process} of {jax.process_count()}')
+
+  def _save_error(self, step: int, cause: str) -> errors.CheckpointSaveError:
+    kept = self.latest_step()
+    kept = (f'the checkpoints before it are intact (latest: step {kept})' if kept is not None
+            and kept != step else 'no earlier checkpoint was written')
+    return errors.CheckpointSaveError(
+        f'Saving the checkpoint of step {step} in {self.directory} failed: {cause}. Training '
+        f'stopped; {kept}. Free space or make the folder writable, then run the same command '
+        'again to resume.')
 
   def _raise_save_error(self, step: int, error: Exception) -> None:
     """CheckpointSaveError when the storage refused the write; a bug keeps its own error."""

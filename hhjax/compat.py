@@ -134,6 +134,16 @@ def storage_error(error: BaseException) -> str | None:
 
 # --- orbax's logging (written for orbax-checkpoint 0.12.8, which logs through absl) ----------
 
+# The storage errors of this process's background saves, as orbax 0.12.8 logs them (and does
+# not raise them where several processes save together).
+_background_failures: list[str] = []
+
+
+def background_save_failures() -> list[str]:
+  """The storage errors orbax's background saves of this process logged, oldest first."""
+  return list(_background_failures)
+
+
 class _QuietOrbax(logging.Filter):
   """Drops orbax's routine lines and the tracebacks of failures `Checkpoints` reports itself.
 
@@ -156,8 +166,14 @@ class _QuietOrbax(logging.Filter):
       return True
     if record.levelno < logging.WARNING:
       return False
-    if record.exc_info and storage_error(record.exc_info[1]) is not None:
-      return False   # a failed write: `Checkpoints` reports it, in one line, as it stops the run
+    cause = storage_error(record.exc_info[1]) if record.exc_info else None
+    if cause is not None:
+      # A failed write: `Checkpoints` reports it, in one line, as it stops the run. With several
+      # processes, orbax's background save thread only logs it, then waits in a barrier the
+      # other processes never reach: it is noted here for `Checkpoints` to act on.
+      if cause not in _background_failures:
+        _background_failures.append(cause)
+      return False
     return not str(record.msg).startswith(self._EXPECTED)
 
 

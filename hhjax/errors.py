@@ -42,6 +42,14 @@ class OutputExistsError(UserError, FileExistsError):
   """A file or folder a command would create exists already; it is never overwritten."""
 
 
+class StorageUnreachableError(UserError, OSError):
+  """A remote workdir (gs://...) cannot be reached: no network, no credentials, no bucket."""
+
+
+class OutputNotWritableError(UserError, OSError):
+  """A folder a command writes into cannot be created or written (read-only, not a folder)."""
+
+
 class CheckpointMismatchError(UserError, ValueError):
   """A checkpoint does not fit the state the current config builds."""
 

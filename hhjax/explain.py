@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import functools
 import io
 import os
+import time
 from typing import Any
 
 from absl import logging
@@ -32,6 +33,7 @@ from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 
+from hhjax import durations
 from hhjax import entry
 from hhjax import files
 from hhjax import pictures
@@ -162,6 +164,28 @@ def plot_overview(images: Sequence[np.ndarray], heats: Sequence[np.ndarray],
   return fig
 
 
+# Seconds between progress lines of a long explain (thousands of images take minutes).
+PROGRESS_EVERY_S = 10.0
+
+
+class _Progress:
+  """'<what>: N of M image(s), R/s, ETA' every PROGRESS_EVERY_S seconds while a loop runs."""
+
+  def __init__(self, what: str, total: int):
+    self._what, self._total = what, total
+    self._start = self._last = time.monotonic()
+
+  def done(self, count: int) -> None:
+    now = time.monotonic()
+    if now - self._last < PROGRESS_EVERY_S or count >= self._total:
+      return
+    self._last = now
+    rate = count / max(now - self._start, 1e-9)
+    logging.info('%s: %s of %s image(s), %.1f/s, ETA %s', self._what, f'{count:,}',
+                 f'{self._total:,}', rate,
+                 durations.format_duration((self._total - count) / max(rate, 1e-9)))
+
+
 def _picture_names(paths: Sequence[str]) -> list[str]:
   """NN_<name>.png per image: numbered, so equal names from different folders do not clash."""
   width = len(str(len(paths) - 1))
@@ -177,9 +201,11 @@ def _write(directory: epath.Path, paths: Sequence[str], images: np.ndarray, maps
     old.unlink()   # a previous run's pictures would mix with these
   written = []
   labels = [f'{class_names[c]}, p = {p[c]:.3f}' for c, p in zip(predicted, probs)]
+  progress = _Progress(f'Writing the pictures to {directory}', len(paths))
   for path, name, image, heat, label in zip(paths, _picture_names(paths), images, maps, labels):
     written.append(files.write_png(
         directory / name, plot_one(image, heat, pictures.short_name(path), label, cut)))
+    progress.done(len(written))
   titles = [f'{pictures.short_name(p)}\n{label}' for p, label in zip(paths, labels)]
   written.append(files.write_png(directory / OVERVIEW_FILE,
                                  plot_overview(images[:OVERVIEW_MAX], maps[:OVERVIEW_MAX],
@@ -209,7 +235,9 @@ def explain(config: ml_collections.ConfigDict, workdir: str, images: Sequence[st
   batch_size = entry.eval_batch_size(config)
   batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
   inputs, maps, predicted, probs = [], [], [], []
+  progress = _Progress('Grad-CAM', len(paths))
   for start in range(0, len(paths), batch_size):
+    progress.done(start)
     chunk = np.stack([decode.load_image(p, config.data.image_size, config.data.resize_method,
                                         config.data.preprocessing)
                       for p in paths[start:start + batch_size]])

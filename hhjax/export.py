@@ -69,6 +69,22 @@ def _check_new(path: pathlib.Path) -> None:
                                    '--export_dir.')
 
 
+def _check_writable_dir(out_dir: pathlib.Path) -> None:
+  """Refuses an export folder that is a file or cannot be created or written, before any work."""
+  if out_dir.exists() and not out_dir.is_dir():
+    raise errors.OutputExistsError(f'--export_dir={out_dir} is a file, not a folder: remove it '
+                                   'or choose another --export_dir.')
+  try:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    probe = out_dir / f'.write_probe.{os.getpid()}.{uuid.uuid4().hex[:8]}'
+    probe.mkdir()
+    probe.rmdir()
+  except OSError as e:
+    raise errors.OutputNotWritableError(
+        f'Cannot write the export into {out_dir}: {e.strerror or e} (errno {e.errno}). Choose '
+        'a folder you may write with --export_dir=DIR.') from None
+
+
 @contextlib.contextmanager
 def _output(path: pathlib.Path) -> Iterator[pathlib.Path]:
   """A path to write `path`'s file or folder at, moved there when the block succeeds.
@@ -185,7 +201,9 @@ def export(config: ml_collections.ConfigDict, workdir: str, fmt: str,
   if fmt not in FORMATS:
     raise errors.ConfigError(f'--format must be one of {FORMATS}, got {fmt!r}.')
   out_dir = pathlib.Path(export_dir or os.path.join(workdir_lib.absolute(workdir), 'export'))
-  # Before the restore: an existing output or a missing package fails at once.
+  # Before the restore: an existing output, a folder that cannot be written or a missing
+  # package fails at once.
+  _check_writable_dir(out_dir)
   for name in KERAS_FILES if fmt == 'keras' else (SAVED_MODEL_DIR,):
     _check_new(out_dir / name)
   if fmt == 'keras':

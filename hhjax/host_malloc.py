@@ -27,6 +27,7 @@ Nothing here changes a number the model computes.
 from collections.abc import Mapping, Sequence
 import os
 import platform
+import signal
 import sys
 
 TUNABLES: tuple[tuple[str, str], ...] = (
@@ -83,10 +84,14 @@ def reexec_with_tunables() -> None:
   if not applicable():
     return
   argv = reexec_argv()
+  # A SIGTERM during the exec waits, pending, until the new process has its handler and
+  # unblocks it (main.py); the signal mask and pending signals survive execve.
+  blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
   try:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, argv, tuned_environ())
   except OSError as e:   # the settings are an optimisation: go on without them
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     print(f'hhjax: could not re-execute with GLIBC_TUNABLES ({e}); continuing without.',
           file=sys.stderr)

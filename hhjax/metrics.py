@@ -17,6 +17,7 @@ import os
 import time
 from typing import Any
 
+from absl import logging
 from etils import epath
 from matplotlib.figure import Figure
 import numpy as np
@@ -47,14 +48,32 @@ def read_rows(workdir: str) -> list[dict[str, Any]]:
   path = epath.Path(workdir) / METRICS_FILE
   if not path.exists():
     return []
-  rows = []
-  for line in path.read_text().splitlines():
+  return parse_rows(path.read_text(), str(path))
+
+
+def parse_rows(text: str, where: str) -> list[dict[str, Any]]:
+  """The JSON object rows of a metrics.jsonl text; other lines are left out with a warning.
+
+  A line cut short (a file an older version appended to when its run was killed) or edited
+  by hand is named by its number, so that a curve with a missing epoch is explained.
+  """
+  rows, bad = [], []
+  for number, line in enumerate(text.splitlines(), 1):
     line = line.strip()
-    if line:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        pass  # A line cut short by a killed run.
+    if not line:
+      continue
+    try:
+      row = json.loads(line)
+    except ValueError:
+      row = None
+    if isinstance(row, dict):
+      rows.append(row)
+    else:
+      bad.append(f'line {number}: {line[:40]!r}')
+  if bad:
+    logging.warning('Left out %d line(s) of %s that are not JSON rows (%s%s); the other %d '
+                    'rows are used.', len(bad), where, '; '.join(bad[:3]),
+                    '; ...' if len(bad) > 3 else '', len(rows))
   return rows
 
 

@@ -78,12 +78,53 @@ def _exit_lost(message: str) -> None:
   logging.flush()
   print(f'error: {message} This process stops too (exit status {errors.EXIT_PEER_LOST}); '
         f'{_resume_advice()}', file=sys.stderr, flush=True)
+  _mark_failed_bounded()
   if _cleanups:
     done = threading.Thread(target=lambda: [f() for f in reversed(_cleanups)], daemon=True)
     done.start()
     done.join(_CLEANUP_S)
   sys.stderr.flush()
   os._exit(errors.EXIT_PEER_LOST)   # pylint: disable=protected-access  # no atexit: it would wait
+
+
+def _mark_failed_bounded(seconds: float = 1.0) -> None:
+  """Marks this process failed in the store, for process 0's `end_failed` wait; bounded, since
+  the store may be gone."""
+  state = compat.distributed_state()
+  if state.client is None:
+    return
+  def mark():
+    with contextlib.suppress(Exception):
+      state.client.key_value_set(f'{_KEY}{state.process_id}', _FAILED, allow_overwrite=True)
+  thread = threading.Thread(target=mark, daemon=True)
+  thread.start()
+  thread.join(seconds)
+
+
+def _grace_s(timeout: float) -> float:
+  """Seconds a process waits, once a peer has marked itself failed, for its own main thread to
+  end with an error of its own (one every process meets alike: a config that differs, a NaN
+  loss), so that every process ends with that error's status rather than 4."""
+  return min(5.0, timeout / 2)
+
+
+def _wait_for_peers_to_end(timeout: float) -> None:
+  """Process 0 runs the coordination service: ending first would abort the others inside JAX
+  (a C++ check failure) before they report their own error. It waits until every peer has
+  marked itself done or failed, at most `timeout` seconds (a silent one counts as lost)."""
+  state = compat.distributed_state()
+  if state.client is None or state.process_id != 0:
+    return
+  deadline = time.monotonic() + timeout
+  peers = [f'{_KEY}{p}' for p in range(1, state.num_processes)]
+  while time.monotonic() < deadline:
+    try:
+      values = dict(state.client.key_value_dir_get(_KEY))
+    except Exception:  # pylint: disable=broad-except  # the store's errors vary
+      return
+    if all(values.get(k) in (_DONE, _FAILED) for k in peers):
+      return
+    time.sleep(0.05)
 
 
 class _Watch:
@@ -118,7 +159,7 @@ class _Watch:
       self._answered = now
       for peer, (value, since) in list(self._seen.items()):
         new = values.get(f'{_KEY}{peer}')
-        if new == _FAILED:
+        if new == _FAILED and not self._stop.wait(_grace_s(self._timeout)):
           _exit_lost(f'Process {peer} of {self._count} stopped with an error: its log says '
                      'why.')
         if new != value:
@@ -201,6 +242,7 @@ def end_failed(status: int) -> None:
   instead of meeting it there. One process alone returns and exits as usual.
   """
   if _started:
+    _wait_for_peers_to_end(timeout_s())
     logging.flush()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -139,10 +139,12 @@ def _check_finite(run: _Run, state: PyTree, phase: str) -> None:
   last = run.ckpts.latest_step()
   kept = (f'The last good checkpoint (step {last}) is kept in {run.ckpts.directory}.'
           if last is not None else 'No checkpoint had been written yet.')
+  again = ('resumes from that checkpoint' if last is not None else
+           'starts from the beginning')
   raise errors.NonFiniteLossError(
       f'The training loss became NaN or infinite at step {step} (phase {phase}); training '
       f'stopped. {kept} Lower the learning rate (config.{phase}.learning_rate) or check the '
-      'input data; running the same command again resumes from that checkpoint.')
+      f'input data; running the same command again {again}.')
 
 
 def _restore_or_initialise(run: _Run) -> tuple[PyTree, phases_lib.Progress,
@@ -169,6 +171,7 @@ def _restore_or_initialise(run: _Run) -> tuple[PyTree, phases_lib.Progress,
     raise errors.CheckpointMismatchError(
         f'The checkpoint in {run.workdir} was trained on classes {saved_classes}, the data '
         f'now has {run.class_names}. Use another --workdir.')
+  workdir_lib.check_resume_config(saved.config, run.target.config, run.workdir)
   diffs = workdir_lib.config_differences(saved.config, run.target.config)
   if diffs:
     logging.warning("Resuming with a config that differs from the checkpoint's:\n  %s",

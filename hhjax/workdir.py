@@ -6,6 +6,7 @@
     WORKDIR/tensorboard/    the same rows as TensorBoard scalars
     WORKDIR/loss.png, accuracy.png, eval.json
     WORKDIR/train.lock      held by the training run (hhjax.workdir_lock)
+    WORKDIR/data_listing.json   the training files the run started on (hhjax.data_listing)
     WORKDIR/confusion_matrix.png, misclassified.png, misclassified.json   (hhjax.pictures)
     WORKDIR/explain/        Grad-CAM pictures of --mode=explain (hhjax.explain)
 
@@ -45,6 +46,49 @@ def save_config(config: ml_collections.ConfigDict, workdir: str, is_main: bool) 
                        config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+def check_workdir_flag(workdir: str | None) -> None:
+  """Refuses a --workdir that is empty or names a local file, before anything is read there.
+
+  An empty value would mean the current directory (a repository root would get checkpoints/,
+  config.json, ...); a file cannot hold them.
+  """
+  if workdir is None:
+    return
+  if not workdir.strip():
+    raise errors.ConfigError(
+        f'--workdir is empty ({workdir!r}): expected the folder for checkpoints, metrics and '
+        'plots, e.g. --workdir=/tmp/hhjax/run (use --workdir=. for the current directory).')
+  if '://' not in workdir and os.path.lexists(workdir) and not os.path.isdir(workdir):
+    raise errors.ConfigError(
+        f'--workdir={workdir} is a file, not a folder: expected the folder for checkpoints, '
+        'metrics and plots. Choose another path or remove the file.')
+
+
+def check_reachable(workdir: str) -> None:
+  """Refuses a URL workdir (gs://...) that cannot be reached, in one line naming the cause.
+
+  Offline, the storage client fails after its retries (seconds) with an OSError; without this
+  check it surfaced from wherever the workdir was first touched, as a traceback.
+  """
+  if '://' not in workdir:
+    return
+  try:
+    epath.Path(workdir).exists()
+  except Exception as e:  # pylint: disable=broad-except
+    # OSError from etils's own backends, tf.errors.OpError (FailedPreconditionError, ...)
+    # from TensorFlow's file systems.
+    if not isinstance(e, OSError) and not type(e).__module__.startswith('tensorflow'):
+      raise
+    raise errors.StorageUnreachableError(
+        f'--workdir={workdir} cannot be reached ({str(e).splitlines()[0]}). Check the network '
+        'and the credentials for that storage, or use a local --workdir.') from None
+
+
+# The fields eval, predict, explain and export read from config.json; a file without them was
+# not written by a training run (or was cut short).
+REQUIRED_FIELDS = ('batch_size', 'data.source', 'data.image_size', 'model.cut', 'model.head')
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a training run saved in `workdir`."""
   path = epath.Path(workdir) / CONFIG_FILE
@@ -52,7 +96,28 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise errors.DataNotFoundError(
         f'{path} not found: --workdir must be a directory that `python main.py --mode=train` '
         'wrote, or pass --config too.')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return ml_collections.ConfigDict(parse_config_json(path.read_text(), str(path)))
+
+
+def parse_config_json(text: str, where: str) -> dict[str, Any]:
+  """config.json's text as a dict; a truncated, invalid or incomplete file is a DataError."""
+  try:
+    saved = json.loads(text)
+  except ValueError as e:   # json.JSONDecodeError, UnicodeDecodeError
+    raise errors.DataError(
+        f'{where} is not valid JSON ({e}): it was cut short or edited. Pass --config=... '
+        '(the config the run was trained with), or write the file again.') from None
+  if not isinstance(saved, dict):
+    raise errors.DataError(f'{where} holds a {type(saved).__name__}, not a config (a JSON '
+                           'object). Pass --config=..., or write the file again.')
+  flat = flat_fields(saved)
+  missing = [f for f in REQUIRED_FIELDS if f not in flat]
+  if missing:
+    raise errors.DataError(
+        f'{where} lacks the config fields {missing}: it is not the config a training run '
+        'wrote. Pass --config=... (the config the run was trained with), or write the file '
+        'again.')
+  return saved
 
 
 def write_eval(workdir: str, result: Mapping[str, Any]) -> None:
@@ -103,6 +168,25 @@ def inference_differences(saved: Mapping[str, Any], given: Mapping[str, Any]) ->
           for k in fields if a.get(k) != b.get(k)]
 
 
+def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any],
+                        workdir: str) -> None:
+  """Refuses to resume a checkpoint under a config that changes what the model computes.
+
+  The fields of INFERENCE_FIELDS (image size, resampling, normalisation, cut, head, hidden
+  units): with a global-average-pooling head another image size fits every array, and training
+  would go on silently on other inputs. Fields the checkpoint's config lacks (an older version
+  wrote it) are not compared.
+  """
+  a, b = flat_fields(saved), flat_fields(current)
+  diffs = [f'config.{k}: checkpoint {a[k]!r}, now {b.get(k)!r}'
+           for k in INFERENCE_FIELDS if k in a and a[k] != b.get(k)]
+  if diffs:
+    raise errors.CheckpointMismatchError(
+        f'The checkpoint in {workdir} was trained with another model or input: '
+        f'{"; ".join(diffs)}. Resume with the values it was trained with, or train the new '
+        'config in another --workdir.')
+
+
 def check_inference_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses a config under which eval or predict would compute another model than was trained.
 
@@ -112,7 +196,8 @@ def check_inference_config(config: ml_collections.ConfigDict, workdir: str) -> N
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     return
-  diffs = inference_differences(json.loads(path.read_text()), config_dict(config))
+  diffs = inference_differences(parse_config_json(path.read_text(), str(path)),
+                                config_dict(config))
   if diffs:
     raise errors.ConfigError(
         f'The given --config differs from the one {workdir} was trained with in what the model '

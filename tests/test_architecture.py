@@ -22,9 +22,9 @@ LAYERS = (
     ('weights', {'hhjax.weights'}),
     ('data', {'hhjax.data', 'hhjax.pictures'}),
     ('training', {'hhjax.training'}),
-    ('entry', {'hhjax.entry', 'hhjax.config_checks', 'hhjax.train', 'hhjax.evaluate',
-               'hhjax.predict', 'hhjax.explain', 'hhjax.export', 'hhjax.import_keras',
-               'hhjax.preview', 'hhjax.compare'}),
+    ('entry', {'hhjax.entry', 'hhjax.config_checks', 'hhjax.agreement', 'hhjax.data_listing',
+               'hhjax.train', 'hhjax.evaluate', 'hhjax.predict', 'hhjax.explain',
+               'hhjax.export', 'hhjax.import_keras', 'hhjax.preview', 'hhjax.compare'}),
 )
 # Below the entry layer, the modules that may hold a config: the data spec's one constructor,
 # and the workdir's config.json.

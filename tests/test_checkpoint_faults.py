@@ -345,3 +345,16 @@ def test_eval_and_predict_refuse_a_config_that_changes_what_the_model_computes(
                  'config.model.hidden: 32 in config.json, 16 given',
                  'config.data.fake.num_classes: 2 in config.json, 3 given'):
     assert needle in str(raised.value)
+
+
+def test_a_resume_with_another_image_size_is_refused_though_every_array_fits(workdir, env):
+  # The smoke head pools globally, so 99 px fits every array of the 75 px checkpoints.
+  config_json = (workdir / 'config.json').read_text()
+  _keep_steps_up_to(workdir, 4)
+  proc, seconds, _ = _main('--config=configs/smoke.py', f'--workdir={workdir}', *FLAGS,
+                           '--config.data.image_size=99', env=env)
+  _assert_one_line_error(proc, f'The checkpoint in {workdir} was trained with another model',
+                         'config.data.image_size: checkpoint 75, now 99')
+  assert seconds < 60
+  assert (workdir / 'config.json').read_text() == config_json
+  assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()) == [2, 3, 4]

@@ -233,3 +233,18 @@ def test_main_checks_the_config_a_workdir_saved_before_evaluating(env, tmp_path)
   (tmp_path / 'config.json').write_text(json.dumps(tree))
   _main_fails_fast(['--mode=eval', f'--workdir={tmp_path}'], env,
                    'config.data.augment.fill_mode')
+
+
+def test_processes_that_differ_are_named_with_what_differs():
+  from hhjax import agreement  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  base = agreement.description('train', config, {'checkpoint': 'latest'})
+  other = json.loads(json.dumps(base))
+  other['config']['warmup.learning_rate'] = 0.5
+  other['code'] = 'abcdef123456'
+  same = json.loads(json.dumps(base))
+  assert agreement.differences([base, same]) == []
+  assert agreement.differences([base, same, other]) == [
+      f"code version {base['code']} on process 0, abcdef123456 on process 2 (another checkout "
+      'or edited files), config.warmup.learning_rate: 0.0001 on process 0, 0.5 on process 2']
+  assert len(agreement.code_version()) == 12

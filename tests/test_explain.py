@@ -5,6 +5,7 @@ The command (`--mode=explain`) is tested on a trained workdir in tests/test_pict
 
 import functools
 
+from etils import epath
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
@@ -142,3 +143,21 @@ def test_the_map_lies_where_the_evidence_is_and_moves_with_it():
     far = {'left': small[:, cells // 2 + 1:], 'right': small[:, :cells // 2],
            'top': small[cells // 2 + 1:], 'bottom': small[:cells // 2]}[place]
     assert far.sum() < 0.2 * small.sum(), place
+
+
+def test_a_long_explain_says_how_far_it_is(tmp_path, monkeypatch, caplog):
+  # Thousands of images take minutes: a progress line every PROGRESS_EVERY_S (0 here).
+  monkeypatch.setattr(explain, 'PROGRESS_EVERY_S', 0.0)
+  n = 3
+  images = np.zeros((n, 16, 16, 3), np.uint8)
+  maps = np.random.default_rng(0).random((n, 4, 4)).astype(np.float32)
+  with caplog.at_level('INFO', logger='absl'):
+    written = explain._write(epath.Path(tmp_path), [f'/x/{k}.png' for k in range(n)], images,
+                             maps, np.zeros(n, np.int32), np.full((n, 2), 0.5, np.float32),
+                             ['a', 'b'], 'mixed0')
+  assert len(written) == n + 2
+  lines = [r.getMessage() for r in caplog.records if 'image(s),' in r.getMessage()]
+  assert [line.split(':')[1].split(' image')[0].strip() for line in lines] == ['1 of 3',
+                                                                              '2 of 3']
+  assert lines[0].startswith(f'Writing the pictures to {tmp_path}: 1 of 3 image(s), ')
+  assert 'ETA' in lines[0]

@@ -2,7 +2,9 @@
 
 import dataclasses
 import io
+import json
 import logging
+import os
 import pathlib
 
 import numpy as np
@@ -630,3 +632,79 @@ def test_uint8_batches_round_augmented_pixels_to_whole_levels():
 def test_unknown_image_dtype_is_refused():
   with pytest.raises(ValueError, match='image_dtype'):
     pipeline.create_dataset(_spec(_fake_config(image_dtype='float16')), 'train')
+
+
+def test_folder_links_are_followed_once_and_loops_are_skipped_by_name(tmp_path, caplog):
+  root = _make_folder(tmp_path / 'data')
+  cats, dogs = root / 'train' / 'cats', root / 'train' / 'dogs'
+  (cats / 'loop').symlink_to('..')                  # back up to the split: dogs as cats
+  (cats / 'self').symlink_to('.')
+  (dogs / 'deeper').mkdir()
+  _write(dogs / 'deeper' / 'extra.png', _small_png(999))
+  (dogs / 'again').symlink_to('deeper')             # the same real folder twice
+  (root / 'validation' / 'cats' / 'root').symlink_to('../..')
+  config = _folder_config(root)
+  with caplog.at_level(logging.WARNING, logger='absl'):
+    info = pipeline.dataset_info(_spec(config))
+  assert info.num_examples == {'train': 5 + 6 + 1, 'validation': 5}
+  table = sources.table(_spec(config), 'train')
+  names = [pathlib.Path(p).relative_to(root / 'train').as_posix() for p in table.keys]
+  assert [n for n, label in zip(names, table.labels) if label == 0] == [
+      f'cats/{i:03d}.png' for i in range(5)]
+  assert 'Skipped 3 folder link(s)' in caplog.text and 'Skipped 1 folder link(s)' in caplog.text
+  assert f'{cats}/loop -> {root}/train' in caplog.text
+
+
+def test_a_resume_on_changed_training_files_is_refused_unless_allowed(tmp_path, caplog):
+  from hhjax import data_listing  # pylint: disable=g-import-not-at-top
+  root = _make_folder(tmp_path / 'data')
+  config = _folder_config(root)
+  workdir = tmp_path / 'run'
+  data_listing.check_training_data(config, str(workdir))   # a run's start: recorded
+  listing = json.loads((workdir / 'data_listing.json').read_text())
+  assert listing['folder'] == f'{root}/train' and len(listing['files']) == 11
+  assert listing['files']['cats/000.png'] == (root / 'train/cats/000.png').stat().st_size
+  (workdir / 'checkpoints' / '4').mkdir(parents=True)      # as a run killed at step 4 leaves it
+  data_listing.check_training_data(config, str(workdir))   # the same files: resumes
+  for i in range(4):
+    _write(root / 'train' / 'dogs' / f'new{i}.png', _small_png(500 + i))
+  (root / 'train' / 'cats' / '001.png').unlink()
+  _write(root / 'train' / 'cats' / '002.png', _small_png(777) + b'\0' * 10)
+  _write(root / 'validation' / 'cats' / 'extra.png', _small_png(778))   # not training's
+  with pytest.raises(errors.DataError) as raised:
+    data_listing.check_training_data(config, str(workdir))
+  message = str(raised.value)
+  assert message.startswith(
+      f'The training files in {root}/train changed since this run started (4 added '
+      '(dogs/new0.png, dogs/new1.png, dogs/new2.png, ...); 1 removed (cats/001.png); 1 changed '
+      'size (cats/002.png); 11 then, 14 now)')
+  assert 'run again with --allow_data_change' in message and '\n' not in message
+  with caplog.at_level(logging.WARNING, logger='absl'):
+    data_listing.check_training_data(config, str(workdir), allow_change=True)
+  assert 'going on with them as they are now (--allow_data_change)' in caplog.text
+  data_listing.check_training_data(config, str(workdir))   # recorded as they are now
+  assert len(json.loads((workdir / 'data_listing.json').read_text())['files']) == 14
+
+
+def test_a_file_corrupted_in_place_with_its_size_and_time_kept_is_named(tmp_path):
+  root = _make_folder(tmp_path / 'data')
+  config = _folder_config(root)
+  assert pipeline.dataset_info(_spec(config)).num_examples['train'] == 11   # checked: all decode
+  victim = root / 'train' / 'dogs' / '003.png'
+  data, stat = victim.read_bytes(), victim.stat()
+  victim.write_bytes(data[:60] + bytes(len(data) - 60))   # same size: garbage past the header
+  os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  ds = pipeline.create_dataset(_spec(config), 'train', process_count=1, process_index=0)
+  with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+    for _ in ds.take(10):
+      pass
+  error = sources.changed_file_error(_spec(config), raised.value)
+  message = str(error)
+  assert message.startswith(f'1 file(s) of {root}/train no longer decode, though they did when '
+                            f'checked (changed in place with their size and modification time '
+                            f'kept): {victim}: ')
+  assert '--bad_files=skip' in message
+  assert sources.changed_file_error(_spec(config), ValueError('something else')) is None
+  bad_files._CHECKED.clear()   # a later run: its verdicts come from the verdict file
+  with pytest.raises(errors.DataError, match=f'{victim}'):
+    pipeline.dataset_info(_spec(config))

@@ -469,3 +469,20 @@ def test_truncated_files_are_refused_as_truncated(keras3_model, tmp_path):
     z.writestr('readme.txt', 'hello')
   with pytest.raises(errors.KerasWeightsError, match=r"not a Keras .keras file.*readme.txt"):
     keras_model.read_classifier(archive)
+
+
+def test_export_into_a_file_or_a_read_only_place_is_refused_before_any_work(tmp_path):
+  # Checked before the restore: the workdir need not even hold a checkpoint.
+  config = smoke.get_config()
+  (tmp_path / 'a_file').write_text('not a folder')
+  with pytest.raises(errors.OutputExistsError, match='a_file is a file, not a folder'):
+    export.export(config, str(tmp_path), 'saved_model', export_dir=tmp_path / 'a_file')
+  with pytest.raises(errors.OutputNotWritableError, match=r'Not a directory \(errno 20\)'):
+    export.export(config, str(tmp_path), 'keras', export_dir=tmp_path / 'a_file' / 'sub')
+  read_only = tmp_path / 'read_only'
+  read_only.mkdir(mode=0o555)
+  # Root may write into a 0o555 folder; sysfs refuses new folders to everyone.
+  target = pathlib.Path('/sys/hhjax_export') if os.geteuid() == 0 else read_only / 'export'
+  with pytest.raises(errors.OutputNotWritableError,
+                     match=rf'Cannot write the export into {target}: .*Choose a folder'):
+    export.export(config, str(tmp_path), 'saved_model', export_dir=target)

@@ -2,8 +2,11 @@
 
 import json
 import pathlib
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 from PIL import Image
@@ -119,3 +122,106 @@ def test_none_overrides_reach_optional_fields_of_every_type(env, tmp_path):
     main.set_none(config, ['batch_size'])
   with pytest.raises(app.UsageError, match=r"no field 'data.nope'"):
     main.set_none(config, ['data.nope'])
+
+
+def test_an_empty_workdir_or_one_naming_a_file_is_refused_in_one_line(tmp_path, env):
+  # Run from an empty folder: a run that took '' for the current directory would write here.
+  (tmp_path / 'a_file').write_text('not a folder')
+  for args, needle in (
+      (['--workdir='], '--workdir is empty'),
+      ([f'--workdir={tmp_path / "a_file"}', '--mode=eval'], 'is a file, not a folder'),
+  ):
+    proc = subprocess.run([sys.executable, str(ROOT / 'main.py'),
+                           f'--config={ROOT / "configs/smoke.py"}', *args], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith('error: ') and needle in last, proc.stderr
+    assert 'Traceback' not in proc.stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['a_file']
+
+
+def test_a_truncated_or_incomplete_config_json_is_a_one_line_error(smoke_workdir, env, tmp_path):
+  from hhjax import errors  # pylint: disable=g-import-not-at-top
+  from hhjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir, _ = smoke_workdir
+  text = (workdir / 'config.json').read_text()
+  for content, needle in ((text[:len(text) // 2], 'is not valid JSON'),
+                          ('{}', "lacks the config fields ['batch_size', 'data.source'"),
+                          ('[1, 2]', 'holds a list, not a config'),
+                          ('{"data": {"source": "fake"}}', 'lacks the config fields')):
+    (tmp_path / 'config.json').write_text(content)
+    with pytest.raises(errors.DataError, match=re.escape(needle)):
+      workdir_lib.load_config(str(tmp_path))
+  assert workdir_lib.load_config(str(workdir)).model.cut == 'mixed0'
+  # A --config given to eval or predict is compared with it: the same error.
+  (tmp_path / 'config.json').write_text(text[:len(text) // 2])
+  with pytest.raises(errors.DataError, match='is not valid JSON'):
+    workdir_lib.check_inference_config(workdir_lib.load_config(str(workdir)), str(tmp_path))
+  # Through main.py: eval without --config reads it.
+  proc = _main('--mode=eval', f'--workdir={tmp_path}', env=env, check=False)
+  last = proc.stderr.strip().splitlines()[-1]
+  assert proc.returncode == 2 and last.startswith('error: '), proc.stderr[-3000:]
+  assert f'{tmp_path}/config.json is not valid JSON' in last and 'Traceback' not in proc.stderr
+
+
+def test_an_unreachable_remote_workdir_is_a_one_line_error(monkeypatch):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from hhjax import errors  # pylint: disable=g-import-not-at-top
+  from hhjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def offline(self):   # what TensorFlow's GCS client raises without network, after its retries
+    raise tf.errors.FailedPreconditionError(
+        None, None, "Error executing an HTTP request: libcurl code 6 meaning 'Could not "
+        f"resolve hostname'\n\t when reading metadata of {self}")
+  monkeypatch.setattr(type(epath.Path('gs://bucket/run')), 'exists', offline)
+  with pytest.raises(errors.StorageUnreachableError) as raised:
+    workdir_lib.check_reachable('gs://bucket/run')
+  message = str(raised.value)
+  assert message.startswith("--workdir=gs://bucket/run cannot be reached (Error executing")
+  assert '\n' not in message and 'use a local --workdir' in message
+  workdir_lib.check_reachable('/a/local/path')   # local paths are not probed
+
+
+def _sigterm_caught_or_blocked(pid) -> bool:
+  """Whether the process has a SIGTERM handler, or holds SIGTERM blocked (across its exec)."""
+  try:
+    status = pathlib.Path(f'/proc/{pid}/status').read_text()
+  except FileNotFoundError:
+    return False
+  fields = dict(line.split(':\t', 1) for line in status.splitlines() if ':\t' in line)
+  bit = 1 << (15 - 1)   # SIGTERM
+  return bool((int(fields['SigCgt'], 16) | int(fields['SigBlk'], 16)) & bit)
+
+
+def test_a_sigterm_during_start_up_exits_3_in_one_line(tmp_path, env):
+  # Status 3 is what the runbooks relaunch (tools/slurm_train.sbatch requeues 3 and 4); a
+  # process killed by the signal (143) would end the job. Two moments: as soon as main.py
+  # handles the signal (it then loads the light modules and re-executes itself with glibc's
+  # settings), and once main() has started (the library loads next).
+  env = dict(env)
+  env.pop('HHJAX_MALLOC_TUNING', None)   # with the re-execution
+  for moment in ('handler', 'main'):
+    err = tmp_path / f'{moment}.err'
+    with open(err, 'w') as stderr:
+      proc = subprocess.Popen([sys.executable, str(ROOT / 'main.py'), '--config=configs/smoke.py',
+                               f'--workdir={tmp_path / moment}'], env=env, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+      deadline = time.monotonic() + 120
+      while not (_sigterm_caught_or_blocked(proc.pid) if moment == 'handler' else
+                 'GLIBC_TUNABLES=' in err.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, err.read_text()[-2000:]
+        time.sleep(0.001)
+      proc.send_signal(signal.SIGTERM)
+      proc.wait(timeout=120)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log = err.read_text()
+    assert proc.returncode == 3, (moment, proc.returncode, log[-2000:])
+    assert log.rstrip().endswith('preempted (SIGTERM) outside the training steps, while starting '
+                                 'or finishing: no step was lost; run the same command to resume')
+    assert 'Traceback' not in log

@@ -309,3 +309,33 @@ def test_predict_prints_on_the_first_process_only(trained, tmp_path, capsys, mon
   monkeypatch.setattr(predict.jax, 'process_index', lambda: 1)
   results = predict.predict(workdir_lib.load_config(workdir), workdir, [str(tmp_path / 'a.png')])
   assert len(results) == 1 and capsys.readouterr().out == ''
+
+
+def test_a_nonfinite_loss_before_any_checkpoint_does_not_promise_a_resume():
+  from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
+  for latest, needle in ((None, 'No checkpoint had been written yet. Lower the learning rate '
+                          '(config.finetune.learning_rate) or check the input data; running the '
+                          'same command again starts from the beginning.'),
+                         (4, 'The last good checkpoint (step 4) is kept in /w/checkpoints. '
+                          'Lower the learning rate (config.finetune.learning_rate) or check the '
+                          'input data; running the same command again resumes from that '
+                          'checkpoint.')):
+    ckpts = SimpleNamespace(wait=lambda: None, latest_step=lambda l=latest: l,
+                            directory='/w/checkpoints')
+    with pytest.raises(errors.NonFiniteLossError) as raised:
+      train._check_finite(SimpleNamespace(ckpts=ckpts), {'nonfinite_step': np.int32(7)},
+                         'finetune')
+    assert str(raised.value).endswith(needle), str(raised.value)
+
+
+def test_lines_of_metrics_jsonl_that_are_not_rows_are_left_out_with_a_warning(tmp_path, caplog):
+  from hhjax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'metrics.jsonl').write_text(
+      '{"step": 10, "val_accuracy": 0.5}\n{"step": 20, "val_acc\n\ngarbage\n7\n'
+      '{"step": 30, "val_accuracy": 0.75}\n')
+  with caplog.at_level('WARNING', logger='absl'):
+    rows = metrics_lib.read_rows(str(tmp_path))
+  assert [r['step'] for r in rows] == [10, 30]
+  assert (f"Left out 3 line(s) of {tmp_path}/metrics.jsonl that are not JSON rows (line 2: "
+          """'{"step": 20, "val_acc'; line 4: 'garbage'; line 5: '7'); the other 2 rows are """
+          'used.') in caplog.text

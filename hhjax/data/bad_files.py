@@ -235,3 +235,52 @@ def readable_files(files: Sequence[str], policy: str,
   if bad and not good:
     raise errors.DataNotFoundError('None of the files given to --images is a readable image.')
   return good
+
+
+# ------------------------------------------------------------------ a file changed since its check
+
+# What TensorFlow's decoders say of bytes they cannot read.
+_DECODE_FAILURE = ('Invalid PNG data', 'Invalid JPEG data', 'Unknown image file format',
+                   'decode', 'Decode', 'Number of channels inherent in the image')
+
+
+def is_decode_failure(error: BaseException) -> bool:
+  """Whether `error` is a tf.data decoder's failure on an image's bytes."""
+  return isinstance(error, tf.errors.InvalidArgumentError) and any(
+      s in str(error) for s in _DECODE_FAILURE)
+
+
+def changed_since_checked(error: BaseException, paths: Sequence[str], folder: str,
+                          num_parallel_calls: int | None = None) -> errors.DataError | None:
+  """The DataError for a decode failure of a file that decoded when it was checked.
+
+  A file rewritten in place with its size and modification time kept keeps its verdict (see
+  check_cache.py), so training meets its bytes only in the input pipeline, whose error does not
+  name it. This decodes `paths` (the split's files) again, names the ones that fail, and records
+  their verdicts, so that the next run reports them as bad files (config.data.bad_files).
+  None if `error` is not a decoder's failure.
+  """
+  if not is_decode_failure(error):
+    return None
+  verdicts = _decode_all(list(paths), num_parallel_calls, f'{folder} again')
+  bad = {p: why for p, why in verdicts.items() if why is not None}
+  first = str(error).strip().splitlines()[0][:200]
+  if not bad:
+    return errors.DataError(
+        f'An image of {folder} failed to decode during training ({first}), though every file '
+        'decodes now: a file changed while the run read it? Run the same command again.')
+  for path in bad:
+    try:
+      _CHECKED[path] = (files.stat(path), bad[path])
+    except OSError:
+      _CHECKED.pop(path, None)
+  known = {p: _CHECKED[p] for p in paths if p in _CHECKED}
+  if jax.process_index() == 0:
+    check_cache.save(folder, known)
+  shown = '; '.join(f"{p}: {why.rstrip('.')}" for p, why in list(bad.items())[:5])
+  return errors.DataError(
+      f'{len(bad)} file(s) of {folder} no longer decode, though they did when checked (changed '
+      f'in place with their size and modification time kept): {shown}'
+      f'{"; ..." if len(bad) > 5 else ""}. Their verdicts are updated: repair or remove them, '
+      "or run again with --bad_files=skip (config.data.bad_files='skip') to go on without "
+      'them.')

@@ -75,13 +75,52 @@ def _class_folders(split_dir: str) -> list[str]:
   return _folders_in(split_dir)
 
 
-def _files_under(class_dir: str) -> list[str]:
-  """Every visible file below class_dir, sorted, recursing like flow_from_directory."""
+def _files_under(class_dir: str, listed: '_ListedDirs | None' = None) -> list[str]:
+  """Every visible file below class_dir, sorted, recursing like flow_from_directory.
+
+  With `listed`, each real folder is listed once: a link back up (a loop) or to a folder
+  listed already (another class's, or the same one twice) is skipped and named.
+  """
   found = []
   for dirpath, dirnames, filenames in tf.io.gfile.walk(class_dir):
     dirnames[:] = _visible(dirnames)   # walk descends into what is left here
+    if listed is not None:
+      dirnames[:] = [d for d in dirnames if listed.first_visit(os.path.join(dirpath, d))]
     found.extend(os.path.join(dirpath, f) for f in _visible(filenames))
   return sorted(found)
+
+
+class _ListedDirs:
+  """The real folders a split's listing has entered, so that symlinks are followed once.
+
+  tf.io.gfile.walk follows folder links; a link to a folder above it would be followed until
+  the system refuses the path (~40 levels), listing every image again at each level and under
+  the class of the link. Local paths only: object stores (gs://) have no links.
+  """
+
+  def __init__(self, split_dir: str, class_dirs: Sequence[str]):
+    self._local = '://' not in split_dir
+    self._split = os.path.realpath(split_dir) if self._local else split_dir
+    self._seen = {os.path.realpath(d) for d in class_dirs} if self._local else set()
+    self.skipped: list[str] = []   # 'link -> its real folder'
+
+  def first_visit(self, path: str) -> bool:
+    if not self._local:
+      return True
+    real = os.path.realpath(path)
+    # A folder seen before, or one that holds the split (the class folders again).
+    if real in self._seen or self._split == real or self._split.startswith(real + os.sep):
+      self.skipped.append(f'{path} -> {real}')
+      return False
+    self._seen.add(real)
+    return True
+
+  def warn(self) -> None:
+    if self.skipped:
+      logging.warning(
+          'Skipped %d folder link(s) under %s that lead to a folder listed already or to one '
+          'that holds the split (a loop); each folder is read once: %s', len(self.skipped),
+          self._split, '; '.join(self.skipped[:5]) + ('; ...' if len(self.skipped) > 5 else ''))
 
 
 def _split_dir(root: str, split: str) -> str:
@@ -146,7 +185,9 @@ def _scan_folder_split(spec: data_spec.DataSpec, split: str) -> _FolderScan:
   classes = _folder_classes(root, split)
   _same_classes(spec, split, classes)
   split_dir = os.path.join(root, split)
-  files = {c: _files_under(os.path.join(split_dir, c)) for c in classes}
+  listed = _ListedDirs(split_dir, [os.path.join(split_dir, c) for c in classes])
+  files = {c: _files_under(os.path.join(split_dir, c), listed) for c in classes}
+  listed.warn()
   all_files = [f for c in classes for f in files[c]]
   if not all_files:
     raise errors.DataError(f'{split_dir} holds no files: its class folders {classes} are empty.')
@@ -376,3 +417,15 @@ def sizes_and_class_names(
   metadata when it has them, otherwise from reading the split.
   """
   return _source(spec).sizes(spec, list(dict.fromkeys([spec.train_split, spec.eval_split])))
+
+
+def changed_file_error(spec: data_spec.DataSpec,
+                       error: BaseException) -> errors.DataError | None:
+  """For an image folder's training split: the DataError naming the file(s) behind a decode
+  failure in the input pipeline (bad_files.changed_since_checked); None for other errors."""
+  if spec.source != 'folder' or not bad_files.is_decode_failure(error):
+    return None
+  split = spec.train_split
+  return bad_files.changed_since_checked(error, list(table(spec, split).keys),
+                                         os.path.join(spec.dir, split),
+                                         spec.num_parallel_calls)
