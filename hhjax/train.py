@@ -180,7 +180,22 @@ def _restore_or_initialise(run: _Run) -> tuple[PyTree, phases_lib.Progress,
     logging.warning('Resuming from step %d (phase %s) in %s, the newest checkpoint that can be '
                     'read; each damaged later one is overwritten when training reaches its step '
                     'again.', latest, phase.name, run.workdir)
+  _more_epochs(run, restored)
   return restored.state, restored.progress, restored.setup
+
+
+def _more_epochs(run: _Run, restored: restore.Restored) -> None:
+  """A finished phase given more epochs continues with them; a passed one says it cannot."""
+  saved_config = restored.meta.config or {}
+  saved_epochs = {p.name: saved_config[p.name]['epochs'] for p in run.phases
+                  if isinstance(saved_config.get(p.name), dict)
+                  and 'epochs' in saved_config[p.name]}
+  for line in phases_lib.passed_phases_grown(restored.progress, run.phases, saved_epochs):
+    logging.warning('%s', line)
+  message = phases_lib.reopen_for_more_epochs(restored.progress, restored.phase, restored.step,
+                                              run.steps_per_epoch)
+  if message:
+    logging.info('%s', message)
 
 
 def _metrics_from_state(state: PyTree) -> tuple[float, float, int]:

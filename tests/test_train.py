@@ -309,3 +309,42 @@ def test_predict_prints_on_the_first_process_only(trained, tmp_path, capsys, mon
   monkeypatch.setattr(predict.jax, 'process_index', lambda: 1)
   results = predict.predict(workdir_lib.load_config(workdir), workdir, [str(tmp_path / 'a.png')])
   assert len(results) == 1 and capsys.readouterr().out == ''
+
+
+def test_a_finished_run_given_more_epochs_trains_them_exactly(tmp_path, caplog):
+  # Keras's fit(initial_epoch=...): the added fine-tuning epochs continue the finished phase,
+  # ending where a run given them from the start ends.
+  config = tiny_config()
+  config.steps_per_epoch = 1
+  config.warmup.epochs, config.finetune.epochs = 0, 1
+  train.train_and_evaluate(config, str(tmp_path / 'short'))     # step 1
+  config.finetune.epochs = 3
+  with caplog.at_level('INFO'):
+    longer = train.train_and_evaluate(config, str(tmp_path / 'short'))
+  assert longer['step'] == 3
+  assert 'Phase finetune ended after 1 epochs; config.finetune.epochs is now 3: training 2 ' \
+         'more from step 1.' in caplog.text
+  whole = train.train_and_evaluate(config, str(tmp_path / 'whole'))
+  assert whole['step'] == 3 and whole['accuracy'] == longer['accuracy']
+  rows = [json.loads(line) for line in open(tmp_path / 'short' / 'metrics.jsonl')]
+  assert [(r['step'], r['epoch']) for r in rows] == [(1, 1), (2, 2), (3, 3)]
+  mesh = sharding.make_mesh()
+  short, whole_state = (checkpointing.Checkpoints(str(tmp_path / d / 'checkpoints'))
+                        for d in ('short', 'whole'))
+  target = entry.restore_target(config, mesh)
+  from hhjax.training import restore  # pylint: disable=g-import-not-at-top
+  a, b = restore.restore(short, 3, target).state, restore.restore(whole_state, 3, target).state
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(a['params']),
+               jax.device_get(b['params']))
+
+
+def test_an_early_stopped_phase_given_more_epochs_stays_done_and_says_so(trained, caplog):
+  config, workdir, result = trained
+  config = config.copy_and_resolve_references()
+  config.finetune.epochs = 3
+  config.warmup.epochs = 4
+  with caplog.at_level('INFO'):
+    again = train.train_and_evaluate(config, workdir)
+  assert again['step'] == 6
+  assert 'Phase finetune stopped early after 1 of its epochs (train_accuracy' in caplog.text
+  assert 'config.warmup.epochs went from 2 to 4, but phase warmup is over' in caplog.text
