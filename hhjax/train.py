@@ -377,8 +377,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       return _train(config, workdir, notice)
 
 
+def _has_checkpoints(workdir: str) -> bool:
+  directory = epath.Path(workdir_lib.checkpoint_dir(workdir))
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 def _train(config: ml_collections.ConfigDict, workdir: str,
            notice: preemption.Notice) -> dict[str, Any]:
+  # Every download the run needs, before the data scan and the model: offline, one message.
+  entry.check_downloads(config, weights=not _has_checkpoints(workdir))
   run = _Run.create(config, workdir, notice)
   state, progress, setup = _restore_or_initialise(run)
   # Only now that the checkpoint (if any) fits: a refused resume must leave the config that
