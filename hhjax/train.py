@@ -156,6 +156,10 @@ def _restore_or_initialise(run: _Run) -> tuple[PyTree, phases_lib.Progress,
   if not steps:
     abstract = state_lib.abstract_variables(run.model, run.target.image_size)
     setup = run.setup(run.phases[0], abstract['params'])
+    if not entry.pretrained(run.config):
+      for line in phases_lib.heads_on_random_features(run.phases, abstract['params'],
+                                                      len(run.class_names)):
+        logging.warning('%s', line)
     state = state_lib.initialise(run.model, run.target.image_size, run.target.seed, setup.tx,
                                  run.mesh, pretrained_weights=entry.pretrained(run.config),
                                  cut=run.config.model.cut)

@@ -322,6 +322,7 @@ def test_a_finished_run_given_more_epochs_trains_them_exactly(tmp_path, caplog):
   with caplog.at_level('INFO'):
     longer = train.train_and_evaluate(config, str(tmp_path / 'short'))
   assert longer['step'] == 3
+  assert 'trains only the head' not in caplog.text   # fine-tuning opens the random backbone
   assert 'Phase finetune ended after 1 epochs; config.finetune.epochs is now 3: training 2 ' \
          'more from step 1.' in caplog.text
   whole = train.train_and_evaluate(config, str(tmp_path / 'whole'))
@@ -348,3 +349,17 @@ def test_an_early_stopped_phase_given_more_epochs_stays_done_and_says_so(trained
   assert again['step'] == 6
   assert 'Phase finetune stopped early after 1 of its epochs (train_accuracy' in caplog.text
   assert 'config.warmup.epochs went from 2 to 4, but phase warmup is over' in caplog.text
+
+
+def test_a_head_on_a_frozen_random_backbone_is_warned_of():
+  config = tiny_config()            # random init; warm-up freezes the backbone
+  model = entry.model(config, 2)
+  params = jax.eval_shape(_init(model, config))['params']
+  warnings = phases_lib.heads_on_random_features(entry.phases(config), params, 2)
+  assert len(warnings) == 1 and warnings[0].startswith(
+      'Phase warmup trains only the head, on a frozen backbone with random weights')
+  for needle in ('near chance (50 % for 2 classes)', '--config.model.pretrained=PATH',
+                 '--config.warmup.epochs=0 --config.finetune.unfreeze_from=stem'):
+    assert needle in warnings[0]
+  config.warmup.epochs = 0          # fine-tuning opens mixed0: the backbone learns
+  assert not phases_lib.heads_on_random_features(entry.phases(config), params, 2)

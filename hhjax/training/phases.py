@@ -117,6 +117,30 @@ class Progress:
     return Progress(phases[i].name, phase_start_step=step, epochs_done=self.epochs_done)
 
 
+def heads_on_random_features(phases: Sequence[Phase], params: PyTree,
+                             num_classes: int) -> list[str]:
+  """Warnings for the phases that train only the head while the backbone is random and frozen.
+
+  For a run that starts from random init: such a phase fits a head to random features, which
+  keep little of a photo's content, and ends near chance on real images. One sentence each,
+  with what to do instead.
+  """
+  warnings = []
+  for phase in phases:
+    trainable, _ = optim.split(params, optim.param_labels(params, phase.rules))
+    if trainable.get('backbone'):
+      continue
+    warnings.append(
+        f'Phase {phase.name} trains only the head, on a frozen backbone with random weights '
+        '(config.model.pretrained=None and no checkpoint): random features keep little of a '
+        f'photo, so on real images expect its {phase.epochs} epochs to end near chance '
+        f'({100 / max(num_classes, 1):.0f} % for {num_classes} classes). Instead load weights '
+        '(--config.model.pretrained=PATH, a local Keras .h5 or converted folder), or train '
+        'the backbone too: --config.warmup.epochs=0 --config.finetune.unfreeze_from=stem '
+        '(the README\'s "Offline" recipe).')
+  return warnings
+
+
 def reopen_for_more_epochs(progress: Progress, phase: Phase, step: int,
                            steps_per_epoch: int) -> str | None:
   """Reopens a finished phase that the config now gives more epochs; returns what to log.
