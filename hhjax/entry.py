@@ -94,8 +94,8 @@ def check_downloads(config: ml_collections.ConfigDict, *, weights: bool = True) 
   missing = official.download_needed(name) if weights and name else None
   if missing is not None:
     needs.append(sources.Download(
-        f'the official ImageNet weights {missing.filename} '
-        f'(config.model.pretrained={name!r})', missing.url, official.offline_advice(missing)))
+        f'the official ImageNet weights ({missing.filename}, '
+        f'config.model.pretrained={name!r})', missing.url, official.offline_advice(missing)))
   problems = {}
   for need in needs:
     host = need.url.split('/')[2]

@@ -18,6 +18,8 @@ checkpoints the step it is at and stops (hhjax.preemption), so the next run lose
 
 from collections.abc import Iterator
 import dataclasses
+import os
+import shutil
 import time
 from typing import Any
 
@@ -279,8 +281,8 @@ def _end_epoch(run: _Run, state: PyTree, progress: phases_lib.Progress, phase_en
 def _log_phase(setup: phases_lib.PhaseSetup, params: PyTree) -> None:
   phase = setup.phase
   trainable, frozen = optim.split(params, setup.labels)
-  logging.info('Phase %s: %d epochs, learning rate %g, %s trainable / %s frozen parameters%s.',
-               phase.name, phase.epochs, phase.learning_rate, f'{optim.count(trainable):,}',
+  logging.info('Phase %s: %s, learning rate %g, %s trainable / %s frozen parameters%s.',
+               phase.name, phases_lib.epochs_text(phase.epochs), phase.learning_rate, f'{optim.count(trainable):,}',
                f'{optim.count(frozen):,}',
                '' if phase.bn_train_from is None else
                f', BatchNorm trains from {phase.bn_train_from}')
@@ -371,14 +373,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The final evaluation (loss, accuracy, confusion matrix, class names) plus 'step' and
     'stop_reason'.
   """
-  # Before anything in the workdir is read or written: a second run would resume from this
-  # one's checkpoints while it trains and write every metrics row twice.
-  with workdir_lock.hold(workdir_lib.absolute(workdir), is_main=jax.process_index() == 0,
-                         several_processes=jax.process_count() > 1) as lock:
-    # A process that loses a peer ends at once: it lets the workdir go first (a gs:// lease
-    # would otherwise block the relaunch for minutes).
-    with peers.cleanup(lock and lock.release), preemption.Notice() as notice:
-      return _train(config, workdir, notice)
+  new_workdir = not epath.Path(workdir_lib.absolute(workdir)).exists()
+  held = False   # a run refused by another's lock leaves that run's new workdir alone
+  try:
+    # Before anything in the workdir is read or written: a second run would resume from this
+    # one's checkpoints while it trains and write every metrics row twice.
+    with workdir_lock.hold(workdir_lib.absolute(workdir), is_main=jax.process_index() == 0,
+                           several_processes=jax.process_count() > 1) as lock:
+      held = True
+      # A process that loses a peer ends at once: it lets the workdir go first (a gs:// lease
+      # would otherwise block the relaunch for minutes).
+      with peers.cleanup(lock and lock.release), preemption.Notice() as notice:
+        return _train(config, workdir, notice)
+  except Exception:
+    if new_workdir and held and jax.process_index() == 0:
+      _remove_stub(workdir_lib.absolute(workdir))
+    raise
+
+
+def _remove_stub(workdir: str) -> None:
+  """Removes a workdir this run created and that holds nothing but its lock file and empty
+  folders (it failed before writing a config, a metric or a checkpoint)."""
+  if '://' in workdir or not os.path.isdir(workdir):
+    return
+  for root, _, names in os.walk(workdir):
+    if any(name != workdir_lock.LOCK_FILE or root != workdir for name in names):
+      return
+  shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _has_checkpoints(workdir: str) -> bool:

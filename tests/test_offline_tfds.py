@@ -143,8 +143,10 @@ def test_every_download_is_checked_before_the_data_scan_in_one_message(tmp_path,
   assert '\n' not in message and message.startswith(
       "Cannot download the TFDS dataset 'hhjax_tiny_images' (not prepared in "
       f"{tmp_path / 'tfds'}) and the official ImageNet weights "
-      "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5 "
-      "(config.model.pretrained='imagenet'): no network (unreachable (injected)).")
+      "(inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5, "
+      "config.model.pretrained='imagenet'): no network (unreachable (injected)). Instead of "
+      "the TFDS dataset 'hhjax_tiny_images': train on an image folder")
+  assert not (tmp_path / 'run').exists()   # a failed run leaves no stub workdir
   for needle in ('--config.data.source=folder', '--config.model.pretrained=PATH',
                  str(tmp_path / 'cache' / 'keras' /
                      'inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5')):

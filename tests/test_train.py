@@ -323,7 +323,7 @@ def test_a_finished_run_given_more_epochs_trains_them_exactly(tmp_path, caplog):
     longer = train.train_and_evaluate(config, str(tmp_path / 'short'))
   assert longer['step'] == 3
   assert 'trains only the head' not in caplog.text   # fine-tuning opens the random backbone
-  assert 'Phase finetune ended after 1 epochs; config.finetune.epochs is now 3: training 2 ' \
+  assert 'Phase finetune ended after 1 epoch; config.finetune.epochs is now 3: training 2 ' \
          'more from step 1.' in caplog.text
   whole = train.train_and_evaluate(config, str(tmp_path / 'whole'))
   assert whole['step'] == 3 and whole['accuracy'] == longer['accuracy']
@@ -347,7 +347,7 @@ def test_an_early_stopped_phase_given_more_epochs_stays_done_and_says_so(trained
   with caplog.at_level('INFO'):
     again = train.train_and_evaluate(config, workdir)
   assert again['step'] == 6
-  assert 'Phase finetune stopped early after 1 of its epochs (train_accuracy' in caplog.text
+  assert 'Phase finetune stopped early after 1 epoch (train_accuracy' in caplog.text
   assert 'config.warmup.epochs went from 2 to 4, but phase warmup is over' in caplog.text
 
 

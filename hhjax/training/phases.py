@@ -117,6 +117,11 @@ class Progress:
     return Progress(phases[i].name, phase_start_step=step, epochs_done=self.epochs_done)
 
 
+def epochs_text(n: int) -> str:
+  """'1 epoch', '2 epochs'."""
+  return f'{n} epoch' if n == 1 else f'{n} epochs'
+
+
 def heads_on_random_features(phases: Sequence[Phase], params: PyTree,
                              num_classes: int) -> list[str]:
   """Warnings for the phases that train only the head while the backbone is random and frozen.
@@ -133,7 +138,8 @@ def heads_on_random_features(phases: Sequence[Phase], params: PyTree,
     warnings.append(
         f'Phase {phase.name} trains only the head, on a frozen backbone with random weights '
         '(config.model.pretrained=None and no checkpoint): random features keep little of a '
-        f'photo, so on real images expect its {phase.epochs} epochs to end near chance '
+        f'photo, so on real images expect its {epochs_text(phase.epochs)} to end near '
+        'chance '
         f'({100 / max(num_classes, 1):.0f} % for {num_classes} classes). Instead load weights '
         '(--config.model.pretrained=PATH, a local Keras .h5 or converted folder), or train '
         'the backbone too: --config.warmup.epochs=0 --config.finetune.unfreeze_from=stem '
@@ -157,11 +163,11 @@ def reopen_for_more_epochs(progress: Progress, phase: Phase, step: int,
   if phase.epochs <= done:
     return None
   if progress.stop_reason:
-    return (f'Phase {phase.name} stopped early after {done} of its epochs '
+    return (f'Phase {phase.name} stopped early after {epochs_text(done)} '
             f'({progress.stop_reason}); it stays done: config.{phase.name}.epochs={phase.epochs} '
             'adds no epochs to an early-stopped phase (a new --workdir trains afresh).')
   progress.phase_done = False
-  return (f'Phase {phase.name} ended after {done} epochs; config.{phase.name}.epochs is now '
+  return (f'Phase {phase.name} ended after {epochs_text(done)}; config.{phase.name}.epochs is now '
           f'{phase.epochs}: training {phase.epochs - done} more from step {step}.')
 
 
