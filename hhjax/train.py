@@ -282,8 +282,8 @@ def _log_phase(setup: phases_lib.PhaseSetup, params: PyTree) -> None:
   phase = setup.phase
   trainable, frozen = optim.split(params, setup.labels)
   logging.info('Phase %s: %s, learning rate %g, %s trainable / %s frozen parameters%s.',
-               phase.name, phases_lib.epochs_text(phase.epochs), phase.learning_rate, f'{optim.count(trainable):,}',
-               f'{optim.count(frozen):,}',
+               phase.name, phases_lib.epochs_text(phase.epochs), phase.learning_rate,
+               f'{optim.count(trainable):,}', f'{optim.count(frozen):,}',
                '' if phase.bn_train_from is None else
                f', BatchNorm trains from {phase.bn_train_from}')
 

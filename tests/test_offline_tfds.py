@@ -165,7 +165,8 @@ def test_cached_weights_and_a_prepared_dataset_need_no_network(tmp_path, monkeyp
   tfds.builder('hhjax_tiny_images', data_dir=str(tmp_path / 'tfds')).download_and_prepare()
   config = _tiny_config(tmp_path / 'tfds')
   config.model.pretrained = 'imagenet'
-  cached = tmp_path / 'keras' / 'models' / 'inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5'
+  cached = (tmp_path / 'keras' / 'models' /
+            'inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5')
   cached.parent.mkdir(parents=True)
   cached.write_bytes(b'Keras\'s own copy')   # looked at only; its MD5 is checked when read
   entry.check_downloads(config)
