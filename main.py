@@ -236,15 +236,52 @@ def _fail(message) -> None:
   sys.exit(errors.EXIT_USER_ERROR)
 
 
+def _innermost_text(error: BaseException) -> str:
+  """The message inside config_flags's wrapping (an AttributeError around a KeyError)."""
+  text = error
+  while isinstance(text, BaseException) and text.args:
+    text = text.args[0]
+  return str(text)
+
+
+def unknown_field_message(error: BaseException, argv: list[str]) -> str:
+  """One line for an override of a field the config lacks: the flag, the field, the hint.
+
+  config_flags reports `--config.batch_siz=4` as an AttributeError around a KeyError whose text
+  is `'batch_siz'` and, on the next line, ml_collections's `Did you mean "batch_size" ...?`.
+  """
+  name, *hints = _innermost_text(error).splitlines()
+  name = name.strip().strip('\'"')
+  flag = next((arg.split('=', 1)[0] for arg in argv
+               if arg.startswith('--config.') and name in arg.split('=', 1)[0].split('.')),
+              f'--config.{name}')
+  hint = ' '.join(h.strip() for h in hints if h.strip())
+  return (f'{flag}: the config has no field {name!r}.{" " + hint if hint else ""} The fields '
+          'are those of the --config file.')
+
+
+def _config_given(argv: list[str]) -> bool:
+  return any(arg == '--config' or arg.startswith('--config=') for arg in argv[1:])
+
+
+def flag_error_message(error: flags.Error, argv: list[str]) -> str:
+  """One line for absl's flag errors; an override without --config says what it needs."""
+  match = re.search(r"Unknown command line flag '(config\.[\w.]+)'", str(error))
+  if match and not _config_given(argv):
+    return (f'--{match.group(1)}: a --config.FIELD=VALUE override needs --config=FILE.py '
+            'before it, the config it changes (e.g. --config=configs/default.py, what '
+            '--mode=import_keras starts from without one).')
+  return f"{str(error).rstrip('.')}. Run with --helpfull to list the flags."
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with its errors reported as one line and exit status 2."""
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    _fail(f"{str(e).rstrip('.')}. Run with --helpfull to list the flags.")
-  except AttributeError as e:   # config_flags: an override of a field the config lacks
-    _fail(f'a --config.FIELD=VALUE override names a field the config does not have ({e}); '
-          'the fields are those of the --config file.')
+    _fail(flag_error_message(e, argv))
+  except (AttributeError, KeyError) as e:   # config_flags: a field the config lacks (a
+    _fail(unknown_field_message(e, argv))     # section's name: a KeyError)
 
 
 def _check_command_line(argv: list[str]) -> None:

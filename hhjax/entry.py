@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from hhjax import errors
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
 from hhjax.data import spec as data_spec
@@ -73,6 +74,44 @@ def pretrained(config: ml_collections.ConfigDict) -> str | None:
   if spec is None or str(spec).strip().lower() in ('', 'none', 'null'):
     return None
   return str(spec)
+
+
+def check_downloads(config: ml_collections.ConfigDict, *, weights: bool = True) -> None:
+  """Before any work: every download the run would need, and whether the network allows it.
+
+  The ImageNet weights (unless `weights` is False: a resumed run reads its checkpoint) when
+  neither cache holds them, the TFDS dataset when it is not prepared. Offline, one error names
+  each of them and the flags that avoid it, instead of the first alone after the data scan.
+  """
+  # Deferred: the data layer loads TensorFlow, which the other modes need not.
+  from hhjax.data import sources  # pylint: disable=g-import-not-at-top
+  from hhjax.weights import official  # pylint: disable=g-import-not-at-top
+  needs = []
+  data_download = sources.tfds_download(data(config))
+  if data_download is not None:
+    needs.append(data_download)
+  name = pretrained(config)
+  missing = official.download_needed(name) if weights and name else None
+  if missing is not None:
+    needs.append(sources.Download(
+        f'the official ImageNet weights ({missing.filename}, '
+        f'config.model.pretrained={name!r})', missing.url, official.offline_advice(missing)))
+  problems = {}
+  for need in needs:
+    host = need.url.split('/')[2]
+    if host not in problems:
+      problems[host] = sources.network_problem(need.url)
+  offline = [(need, problems[need.url.split('/')[2]]) for need in needs
+             if problems[need.url.split('/')[2]]]
+  if not offline:
+    return
+  reasons = '; '.join(sorted({problem for _, problem in offline}))
+  advice = ' '.join(f'Instead of {need.what.split(" (")[0]}: {need.offline_advice}.'
+                    for need, _ in offline)
+  error = (errors.DatasetDownloadError if data_download in [n for n, _ in offline]
+           else errors.WeightsDownloadError)
+  raise error(f'Cannot download {" and ".join(n.what for n, _ in offline)}: no network '
+              f'({reasons}). {advice} (The README\'s "Offline" recipe needs neither.)')
 
 
 def phases(config: ml_collections.ConfigDict) -> list[phases_lib.Phase]:

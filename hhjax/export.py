@@ -12,8 +12,9 @@ which is how Keras keeps them in inference mode), so `fit` continues from there.
 and the preprocessing travel inside both files for --mode=import_keras to find again.
 
 `saved_model` writes DIR/saved_model through `jax.experimental.jax2tf`, lowered for CPU, GPU and
-TPU. Its `serving_default` signature takes `images`, uint8 RGB [batch, S, S, 3] at the training
-size S, any batch size; normalises them as config.data.preprocessing says and returns
+TPU. Its `serving_default` signature takes `images`, uint8 RGB [batch, height, width, 3] of any
+size and batch size; resizes them to the training size as `--mode=predict` does (config.data's
+image_size and resize_method), normalises them as config.data.preprocessing says and returns
 `probabilities` [batch, classes] and the constant `class_names`. Loading it needs TensorFlow only:
 
     model = tf.saved_model.load(DIR + '/saved_model')
@@ -158,10 +159,16 @@ def export_keras(spec: keras_classifier.KerasClassifier, variables: dict[str, An
 
 def export_saved_model(model: classifier.Classifier, variables: dict[str, Any],
                        class_names: list[str], image_size: int,
-                       out_dir: pathlib.Path) -> pathlib.Path:
-  """Writes out_dir/saved_model: uint8 images in, class probabilities out (see the module doc)."""
+                       out_dir: pathlib.Path, resize_method: str = 'bilinear') -> pathlib.Path:
+  """Writes out_dir/saved_model: uint8 images in, class probabilities out (see the module doc).
+
+  Images of any size are resized inside, to `image_size` with `resize_method` and normalised
+  with the model's preprocessing, in the TensorFlow ops `--mode=predict` runs on a file
+  (hhjax.data.decode), so a server need not know the training size.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+  from hhjax.data import decode  # pylint: disable=g-import-not-at-top (TensorFlow)
 
   def probabilities(variables, images):
     return classifier.probabilities(model.apply(variables, images, train=False))
@@ -175,9 +182,12 @@ def export_saved_model(model: classifier.Classifier, variables: dict[str, Any],
   module.class_names = tf.constant(class_names)
 
   @tf.function(autograph=False, input_signature=[
-      tf.TensorSpec([None, image_size, image_size, 3], tf.uint8, name='images')])
+      tf.TensorSpec([None, None, None, 3], tf.uint8, name='images')])
   def serve(images):
-    return {'probabilities': converted(module.weights, images),
+    inputs = decode.normalize(decode.resize(images, image_size, resize_method),
+                              model.preprocessing)
+    inputs = tf.ensure_shape(inputs, [None, image_size, image_size, 3])
+    return {'probabilities': converted(module.weights, inputs),
             'class_names': tf.identity(module.class_names)}
 
   module.serve = serve
@@ -218,7 +228,8 @@ def export(config: ml_collections.ConfigDict, workdir: str, fmt: str,
     paths = export_keras(spec, variables, config, out_dir)
   else:
     paths = [export_saved_model(model, variables, list(class_names),
-                                int(config.data.image_size), out_dir)]
+                                int(config.data.image_size), out_dir,
+                                resize_method=config.data.resize_method)]
   for path in paths:
     logging.info('Exported step %d of %s to %s', step, workdir, path)
   return paths

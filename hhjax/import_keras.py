@@ -9,13 +9,15 @@ The workdir gets `config.json` and a checkpoint at step 0, from which `--mode=ev
 
 * the config is --config (or configs/default.py) with what the file says put in:
   config.model.cut, head, hidden and dropout, config.data.image_size (and, from files hhjax
-  exported, config.data.preprocessing); config.model.pretrained becomes None, since the
-  checkpoint holds every weight;
+  exported, config.data.preprocessing); config.finetune.unfreeze_from, when past the file's
+  cut, becomes the cut's top two blocks (`unfreeze_from_for`); config.model.pretrained becomes
+  None, since the checkpoint holds every weight;
 * the checkpoint is the state at step 0 of the config's first phase with a fresh optimizer. The
   training loop starts any config's phases from a step-0 checkpoint, so
   `--mode=train --config.warmup.epochs=0 --config.finetune.epochs=5` fine-tunes the model;
-* class names: those a file hhjax exported carries; else the config's data's (an image folder's
-  class folders, TFDS's labels), when --config is given; else class_0, class_1, ...
+* class names: those a file hhjax exported carries (checked against the config's data when
+  --config is given and its data need no download); else the config's data's (an image
+  folder's class folders, TFDS's labels), when --config is given; else class_0, class_1, ...
 """
 
 import os
@@ -34,6 +36,7 @@ from hhjax import entry
 from hhjax import errors
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
+from hhjax.model import classifier
 from hhjax.training import phases as phases_lib
 from hhjax.training import restore
 from hhjax.training import state as state_lib
@@ -41,14 +44,27 @@ from hhjax.weights import keras_h5
 from hhjax.weights import keras_model
 
 
-def _set(config: ml_collections.ConfigDict, field: str, value: Any) -> None:
+def _set(config: ml_collections.ConfigDict, field: str, value: Any,
+         why: str = 'from the Keras file') -> None:
   """Sets config.<field> ('model.cut'), logging a change from what the config said."""
   section, name = field.split('.')
   before = config[section][name]
   if before != value:
-    logging.info('config.%s = %r (from the Keras file; the config said %r).', field, value,
-                 before)
+    logging.info('config.%s = %r (%s; the config said %r).', field, value, why, before)
   config[section][name] = value
+
+
+def unfreeze_from_for(cut: str, unfreeze_from: str) -> str | None:
+  """The block fine-tuning opens from under the file's cut when the config's is past it.
+
+  None when the config's value fits (a block up to the cut, or 'stem'). Otherwise the cut's top
+  two blocks, as the default config opens mixed6 and mixed7 of its mixed7 cut and Keras's
+  InceptionV3 fine-tuning example trains the top two blocks (the cut's one block for mixed0).
+  """
+  blocks = classifier.backbone_blocks(cut)
+  if unfreeze_from == 'stem' or unfreeze_from in blocks:
+    return None
+  return blocks[max(0, len(blocks) - 2)]
 
 
 def config_for(spec: keras_model.KerasClassifier,
@@ -60,6 +76,11 @@ def config_for(spec: keras_model.KerasClassifier,
     _set(config, 'model.head', spec.head)
     _set(config, 'model.hidden', spec.hidden)
     _set(config, 'model.dropout', spec.dropout)
+    start = unfreeze_from_for(spec.cut, config.finetune.unfreeze_from)
+    if start is not None:
+      _set(config, 'finetune.unfreeze_from', start,
+           f'{config.finetune.unfreeze_from!r} is past the file\'s cut {spec.cut}: fine-tuning '
+           'opens its top blocks')
     if spec.image_size:
       _set(config, 'data.image_size', spec.image_size)
     if spec.preprocessing:
@@ -73,6 +94,10 @@ def _class_names(spec: keras_model.KerasClassifier, config: ml_collections.Confi
                  data_class_names: bool) -> list[str]:
   """The file's class names, else the config's data's, else class_0, class_1, ..."""
   names = list(spec.class_names) if spec.class_names else None
+  if names is not None and data_class_names and _needs_download(config):
+    logging.info('Class names %s from the Keras file; not checked against the config\'s data, '
+                 'which is not downloaded for that (it is when training needs it).', names)
+    data_class_names = False
   if data_class_names:
     from hhjax.data import pipeline  # pylint: disable=g-import-not-at-top (TensorFlow)
     info = pipeline.dataset_info(entry.data(config))
@@ -87,6 +112,14 @@ def _class_names(spec: keras_model.KerasClassifier, config: ml_collections.Confi
           'Point --config at the data it was trained on.')
     names = data_names
   return names or [f'class_{i}' for i in range(spec.num_classes)]
+
+
+def _needs_download(config: ml_collections.ConfigDict) -> bool:
+  """Whether reading the config's data would download it (a TFDS dataset not prepared)."""
+  if config.data.source != 'tfds':
+    return False
+  from hhjax.data import sources  # pylint: disable=g-import-not-at-top (TensorFlow)
+  return sources.tfds_download(entry.data(config)) is not None
 
 
 def _check_new_workdir(workdir: str) -> None:

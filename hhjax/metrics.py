@@ -20,6 +20,7 @@ from typing import Any
 from absl import logging
 from etils import epath
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 import numpy as np
 
 from hhjax import files
@@ -183,35 +184,69 @@ class MetricsWriter:
       self._tb = None
 
 
-def plot_history(rows: Sequence[Mapping[str, Any]], workdir: str) -> list[str]:
-  """Writes loss.png and accuracy.png (train vs validation per epoch), as the seed plots."""
-  if not rows:
-    return []
+def _epoch_axis(ax, epochs: Sequence[int]) -> None:
+  """Whole epochs only, for 1 epoch as for 1,000: half an epoch of margin, integer ticks."""
+  ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins='auto', min_n_ticks=1))
+
+
+def _value_axis(ax, values: Sequence[float]) -> None:
+  """Plain tick labels (no offset such as `1e-5+6.93e-1`) over a span wide enough to read."""
+  finite = [v for v in values if np.isfinite(v)]
+  if finite and max(finite) - min(finite) < 1e-3:
+    middle = (max(finite) + min(finite)) / 2
+    half = max(5e-3, abs(middle) * 0.01)
+    ax.set_ylim(middle - half, middle + half)
+  ax.ticklabel_format(axis='y', style='plain', useOffset=False)
+
+
+def _phase_markers(ax, boundaries: Sequence[float]) -> None:
+  """A dotted line where fine-tuning starts, its label inside the axes on the roomier side."""
+  left, right = ax.get_xlim()
+  for x in boundaries:
+    on_left = (x - left) / (right - left) > 0.6
+    ax.axvline(x, color='gray', ls=':', lw=1)
+    ax.text(x, 0.98, 'fine-tuning ' if on_left else ' fine-tuning', va='top',
+            ha='right' if on_left else 'left', transform=ax.get_xaxis_transform(), fontsize=8,
+            color='gray', clip_on=True)
+
+
+def history_figures(rows: Sequence[Mapping[str, Any]], run: str) -> list[tuple[str, Figure]]:
+  """('accuracy' | 'loss', figure) of train vs validation per epoch, titled with `run`."""
   epochs = [r['epoch'] for r in rows]
   boundaries = [r['epoch'] - 0.5 for prev, r in zip(rows, rows[1:])
                 if r['phase'] != prev['phase']]
-  paths = []
+  figures = []
   for name, title in (('accuracy', 'Training and validation accuracy'),
                       ('loss', 'Training and validation loss')):
-    fig = Figure(figsize=(6.4, 4.4))   # no pyplot: no global figure state, no GUI backend
+    # No pyplot: no global figure state, no GUI backend. Constrained layout keeps the legend,
+    # below the axes, off the curves.
+    fig = Figure(figsize=(6.4, 4.8), layout='constrained')
     ax = fig.subplots()
-    ax.plot(epochs, [r[f'train_{name}'] for r in rows], 'r', marker='o', ms=3,
-            label=f'Training {name}')
-    ax.plot(epochs, [r[f'val_{name}'] for r in rows], 'b', marker='o', ms=3,
-            label=f'Validation {name}')
-    for x in boundaries:
-      ax.axvline(x, color='gray', ls=':', lw=1)
-      ax.text(x, ax.get_ylim()[1], ' fine-tuning', va='top', ha='left', fontsize=8,
-              color='gray')
-    ax.set_title(title)
+    marker = {'marker': 'o', 'ms': 3} if len(rows) <= 100 else {}
+    train, val = [r[f'train_{name}'] for r in rows], [r[f'val_{name}'] for r in rows]
+    ax.plot(epochs, train, 'r', label=f'Training {name}', **marker)
+    ax.plot(epochs, val, 'b', label=f'Validation {name}', **marker)
+    _epoch_axis(ax, epochs)
+    _value_axis(ax, train + val)
+    _phase_markers(ax, boundaries)
+    ax.set_title(f'{title}\n{run}', fontsize=11)
     ax.set_xlabel('epoch')
     ax.set_ylabel(name)
-    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    paths.append(str(files.write_png(epath.Path(workdir) / f'{name}.png', fig)))
-  return paths
+    fig.legend(loc='outside lower center', ncol=2, fontsize=9, frameon=False)
+    figures.append((name, fig))
+  return figures
+
+
+def plot_history(rows: Sequence[Mapping[str, Any]], workdir: str) -> list[str]:
+  """Writes loss.png and accuracy.png (train vs validation per epoch), as the seed plots, each
+  titled with the run (the workdir's name)."""
+  if not rows:
+    return []
+  run = epath.Path(workdir).name
+  return [str(files.write_png(epath.Path(workdir) / f'{name}.png', fig))
+          for name, fig in history_figures(rows, run)]
 
 
 def format_confusion(matrix: np.ndarray, class_names: Sequence[str]) -> str:

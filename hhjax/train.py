@@ -18,6 +18,8 @@ checkpoints the step it is at and stops (hhjax.preemption), so the next run lose
 
 from collections.abc import Iterator
 import dataclasses
+import os
+import shutil
 import time
 from typing import Any
 
@@ -158,6 +160,10 @@ def _restore_or_initialise(run: _Run) -> tuple[PyTree, phases_lib.Progress,
   if not steps:
     abstract = state_lib.abstract_variables(run.model, run.target.image_size)
     setup = run.setup(run.phases[0], abstract['params'])
+    if not entry.pretrained(run.config):
+      for line in phases_lib.heads_on_random_features(run.phases, abstract['params'],
+                                                      len(run.class_names)):
+        logging.warning('%s', line)
     state = state_lib.initialise(run.model, run.target.image_size, run.target.seed, setup.tx,
                                  run.mesh, pretrained_weights=entry.pretrained(run.config),
                                  cut=run.config.model.cut)
@@ -183,7 +189,22 @@ def _restore_or_initialise(run: _Run) -> tuple[PyTree, phases_lib.Progress,
     logging.warning('Resuming from step %d (phase %s) in %s, the newest checkpoint that can be '
                     'read; each damaged later one is overwritten when training reaches its step '
                     'again.', latest, phase.name, run.workdir)
+  _more_epochs(run, restored)
   return restored.state, restored.progress, restored.setup
+
+
+def _more_epochs(run: _Run, restored: restore.Restored) -> None:
+  """A finished phase given more epochs continues with them; a passed one says it cannot."""
+  saved_config = restored.meta.config or {}
+  saved_epochs = {p.name: saved_config[p.name]['epochs'] for p in run.phases
+                  if isinstance(saved_config.get(p.name), dict)
+                  and 'epochs' in saved_config[p.name]}
+  for line in phases_lib.passed_phases_grown(restored.progress, run.phases, saved_epochs):
+    logging.warning('%s', line)
+  message = phases_lib.reopen_for_more_epochs(restored.progress, restored.phase, restored.step,
+                                              run.steps_per_epoch)
+  if message:
+    logging.info('%s', message)
 
 
 def _metrics_from_state(state: PyTree) -> tuple[float, float, int]:
@@ -263,9 +284,9 @@ def _end_epoch(run: _Run, state: PyTree, progress: phases_lib.Progress, phase_en
 def _log_phase(setup: phases_lib.PhaseSetup, params: PyTree) -> None:
   phase = setup.phase
   trainable, frozen = optim.split(params, setup.labels)
-  logging.info('Phase %s: %d epochs, learning rate %g, %s trainable / %s frozen parameters%s.',
-               phase.name, phase.epochs, phase.learning_rate, f'{optim.count(trainable):,}',
-               f'{optim.count(frozen):,}',
+  logging.info('Phase %s: %s, learning rate %g, %s trainable / %s frozen parameters%s.',
+               phase.name, phases_lib.epochs_text(phase.epochs), phase.learning_rate,
+               f'{optim.count(trainable):,}', f'{optim.count(frozen):,}',
                '' if phase.bn_train_from is None else
                f', BatchNorm trains from {phase.bn_train_from}')
 
@@ -355,18 +376,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The final evaluation (loss, accuracy, confusion matrix, class names) plus 'step' and
     'stop_reason'.
   """
-  # Before anything in the workdir is read or written: a second run would resume from this
-  # one's checkpoints while it trains and write every metrics row twice.
-  with workdir_lock.hold(workdir_lib.absolute(workdir), is_main=jax.process_index() == 0,
-                         several_processes=jax.process_count() > 1) as lock:
-    # A process that loses a peer ends at once: it lets the workdir go first (a gs:// lease
-    # would otherwise block the relaunch for minutes).
-    with peers.cleanup(lock and lock.release), preemption.Notice() as notice:
-      return _train(config, workdir, notice)
+  new_workdir = not epath.Path(workdir_lib.absolute(workdir)).exists()
+  held = False   # a run refused by another's lock leaves that run's new workdir alone
+  try:
+    # Before anything in the workdir is read or written: a second run would resume from this
+    # one's checkpoints while it trains and write every metrics row twice.
+    with workdir_lock.hold(workdir_lib.absolute(workdir), is_main=jax.process_index() == 0,
+                           several_processes=jax.process_count() > 1) as lock:
+      held = True
+      # A process that loses a peer ends at once: it lets the workdir go first (a gs:// lease
+      # would otherwise block the relaunch for minutes).
+      with peers.cleanup(lock and lock.release), preemption.Notice() as notice:
+        return _train(config, workdir, notice)
+  except Exception:
+    if new_workdir and held and jax.process_index() == 0:
+      _remove_stub(workdir_lib.absolute(workdir))
+    raise
+
+
+def _remove_stub(workdir: str) -> None:
+  """Removes a workdir this run created and that holds nothing but its lock file and empty
+  folders (it failed before writing a config, a metric or a checkpoint)."""
+  if '://' in workdir or not os.path.isdir(workdir):
+    return
+  for root, _, names in os.walk(workdir):
+    if any(name != workdir_lock.LOCK_FILE or root != workdir for name in names):
+      return
+  shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  directory = epath.Path(workdir_lib.checkpoint_dir(workdir))
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str,
            notice: preemption.Notice) -> dict[str, Any]:
+  # Every download the run needs, before the data scan and the model: offline, one message.
+  entry.check_downloads(config, weights=not _has_checkpoints(workdir))
   run = _Run.create(config, workdir, notice)
   state, progress, setup = _restore_or_initialise(run)
   # Only now that the checkpoint (if any) fits: a refused resume must leave the config that

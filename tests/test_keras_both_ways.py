@@ -20,6 +20,7 @@ import zipfile
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 
 from configs import smoke
@@ -27,6 +28,7 @@ from hhjax import entry
 from hhjax import errors
 from hhjax import export
 from hhjax import import_keras
+from hhjax import predict
 from hhjax import train
 from hhjax import workdir as workdir_lib
 from hhjax.data import pipeline
@@ -300,6 +302,13 @@ pixels = np.load(sys.argv[2])
 outputs = [serve(images=tf.constant(pixels[:100])), serve(images=tf.constant(pixels[100:]))]
 np.save(sys.argv[3], np.concatenate([o['probabilities'].numpy() for o in outputs]))
 print([n.decode() for n in outputs[0]['class_names'].numpy()])
+# Image files at their own size (300x300, and one cropped to 300x200): resized inside.
+from PIL import Image
+files = open(sys.argv[4]).read().split()
+full = [np.asarray(Image.open(f).convert('RGB')) for f in files]
+full[-1] = full[-1][:200]
+np.save(sys.argv[5], np.concatenate([serve(images=tf.constant(p[None]))['probabilities'].numpy()
+                                     for p in full]))
 assert not [m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax')]
 '''
 
@@ -312,15 +321,20 @@ def exported(fine_tuned, data, tmp_path_factory):
   paths = export.export(config, str(fine_tuned.workdir), 'saved_model')
   tmp = tmp_path_factory.mktemp('served')
   np.save(tmp / 'pixels.npy', data.pixels)
+  files = keras_classifiers.labelled_files(data.folder, 'validation')[0][:4]
+  Image.open(files[-1]).crop((0, 0, 300, 200)).save(tmp / 'cropped.png')   # another shape
+  files = [str(f) for f in files[:-1]] + [str(tmp / 'cropped.png')]
+  (tmp / 'files.txt').write_text('\n'.join(files))
   serving = subprocess.Popen(
       [sys.executable, '-c', _SERVE_WITHOUT_JAX, str(paths[0]), str(tmp / 'pixels.npy'),
-       str(tmp / 'out.npy')], cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True)
+       str(tmp / 'out.npy'), str(tmp / 'files.txt'), str(tmp / 'files.npy')], cwd=tmp,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   paths += export.export(config, str(fine_tuned.workdir), 'keras')
   probabilities, class_names = hhjax_probabilities(fine_tuned.workdir, data.pixels)
   assert_spread(probabilities)
   yield types.SimpleNamespace(saved_model=paths[0], keras=paths[1], h5=paths[2],
                               probabilities=probabilities, class_names=class_names,
+                              files=files, served_files=tmp / 'files.npy',
                               inputs=preprocessing.normalize_np(data.pixels),
                               serving=serving, served=tmp / 'out.npy')
   if serving.poll() is None:
@@ -367,6 +381,17 @@ def test_saved_model_serves_uint8_batches_as_hhjax_predicts_without_jax(exported
   assert worst <= SAVED_MODEL_TOLERANCE
 
 
+def test_saved_model_resizes_images_of_any_size_as_predict_does(exported, fine_tuned):
+  stdout, stderr = exported.serving.communicate(timeout=300)
+  assert exported.serving.returncode == 0, stderr[-3000:]
+  served = np.load(exported.served_files)
+  config = workdir_lib.load_config(str(fine_tuned.workdir))
+  predicted = predict.predict(config, str(fine_tuned.workdir), exported.files)
+  assert [p for _, _, p in predicted] == pytest.approx(
+      [served[i, exported.class_names.index(c)] for i, (_, c, _) in enumerate(predicted)],
+      abs=SAVED_MODEL_TOLERANCE)
+
+
 def test_exported_keras_files_import_back_bit_for_bit(exported, fine_tuned):
   config = workdir_lib.load_config(str(fine_tuned.workdir))
   _, _, state, _, _ = entry.restore_for_inference(config, str(fine_tuned.workdir))
@@ -375,6 +400,36 @@ def test_exported_keras_files_import_back_bit_for_bit(exported, fine_tuned):
     spec, variables = keras_model.read_classifier(path)
     assert spec.class_names == ('horses', 'humans') and spec.preprocessing == 'inception'
     jax.tree.map(np.testing.assert_array_equal, variables, ours)
+
+
+def test_import_needs_no_flag_but_the_file_for_exports_and_keras_files(
+    exported, keras3_model, tmp_path, monkeypatch, caplog):
+  # What main.py does with only --keras_model and --workdir: configs/default.py (cut mixed7,
+  # unfreeze_from mixed6, TFDS) adapted to the file; with --config, its data are not downloaded
+  # for a check of class names the file carries.
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from hhjax.data import sources  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sources, '_network_problem', lambda *a, **k: pytest.fail('network'))
+  monkeypatch.setattr(pipeline, 'dataset_info', lambda *a, **k: pytest.fail('data read'))
+  for i, (path, names) in enumerate(((exported.keras, ['horses', 'humans']),
+                                     (exported.h5, ['horses', 'humans']),
+                                     (keras3_model.keras, ['class_0', 'class_1']))):
+    config = default.get_config()
+    config.data.dir = str(tmp_path / 'tfds')      # nothing prepared there
+    caplog.clear()
+    with caplog.at_level('INFO', logger='absl'):
+      result = import_keras.import_keras(path, str(tmp_path / f'w{i}'), config,
+                                         data_class_names=i == 0)
+    saved = workdir_lib.load_config(str(tmp_path / f'w{i}'))
+    assert result['class_names'] == names
+    assert (saved.model.cut, saved.finetune.unfreeze_from, saved.data.image_size) == (
+        'mixed5', 'mixed4', SIZE)
+    assert caplog.text.count("config.finetune.unfreeze_from = 'mixed4' ('mixed6' is past the "
+                             "file's cut mixed5") == 1
+    assert caplog.text.count("config.model.cut = 'mixed5'") == 1
+  assert import_keras.unfreeze_from_for('mixed0', 'mixed6') == 'mixed0'
+  assert import_keras.unfreeze_from_for('mixed7', 'mixed6') is None
+  assert import_keras.unfreeze_from_for('mixed0', 'stem') is None
 
 
 def test_an_import_refuses_a_used_workdir_and_class_names_the_data_does_not_have(

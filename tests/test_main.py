@@ -82,12 +82,21 @@ def test_usage_errors_are_reported_before_any_work(tmp_path, env):
       (['--config=configs/smoke.py', f'--workdir={tmp_path}', '--config.batch_size=abc'],
        "--config.batch_size=abc: invalid literal for int() with base 10: 'abc'"),
       (['--config=configs/smoke.py', f'--workdir={tmp_path}', '--config.nope=3'],
-       "names a field the config does not have (\"'nope'\")"),
+       "--config.nope: the config has no field 'nope'. The fields are those of the --config"),
+      # A typo: ml_collections's hint, on the same line, without escaped quotes or a literal \n.
+      (['--config=configs/smoke.py', f'--workdir={tmp_path}', '--config.batch_siz=4'],
+       '--config.batch_siz: the config has no field \'batch_siz\'. Did you mean "batch_size"'),
+      (['--config=configs/smoke.py', f'--workdir={tmp_path}', '--config.dta.source=x'],
+       'the config has no field \'dta\'. Did you mean "data"'),
+      # An override without the config it changes.
+      (['--mode=import_keras', '--keras_model=m.keras', f'--workdir={tmp_path}',
+        '--config.data.source=folder'],
+       '--config.data.source: a --config.FIELD=VALUE override needs --config=FILE.py'),
   ):
     proc = _main(*args, env=env, check=False)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and last.startswith('error: ') and needle in last, proc.stderr
-    assert 'Traceback' not in proc.stderr
+    assert 'Traceback' not in proc.stderr and '\\' not in last
 
 
 def test_preview_data_writes_a_grid_of_training_images(env, tmp_path):

@@ -63,7 +63,8 @@ def _closed_port() -> int:
 def test_default_config_without_network_says_what_to_do_within_seconds(tmp_path):
   # The fault, whatever this machine's network: all HTTPS goes through a proxy that refuses.
   proxy = f'http://127.0.0.1:{_closed_port()}'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', https_proxy=proxy, HTTPS_PROXY=proxy)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', https_proxy=proxy, HTTPS_PROXY=proxy,
+             HHJAX_CACHE_DIR=str(tmp_path / 'cache'), KERAS_HOME=str(tmp_path / 'keras'))
   for name in ('no_proxy', 'NO_PROXY'):
     env.pop(name, None)
   start = time.monotonic()
@@ -76,10 +77,13 @@ def test_default_config_without_network_says_what_to_do_within_seconds(tmp_path)
   assert 'Traceback' not in proc.stderr and 'Retrying' not in proc.stderr
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: Cannot download the TFDS dataset 'horses_or_humans'")
+  # Both downloads in one message, each with the flags that avoid it, before the data scan.
   for needle in ('no network', f'127.0.0.1:{proxy.rsplit(":", 1)[1]} unreachable',
                  '--config.data.source=folder', 'tfds build horses_or_humans',
-                 f'into {tmp_path / "tfds"}/'):
+                 f'into {tmp_path / "tfds"}/', 'and the official ImageNet weights',
+                 '--config.model.pretrained=PATH'):
     assert needle in last
+  assert 'training images' not in proc.stderr   # stopped before the data scan
   assert seconds < 30, seconds   # mostly imports; TFDS's retries took 210 s
 
 
@@ -113,4 +117,59 @@ def test_prepared_dataset_never_checks_the_network(tmp_path, monkeypatch):
   sizes, names = sources.sizes_and_class_names(_spec(config))
   table = sources.table(_spec(config), 'train')
   assert (sizes, names, table.size) == ({'train': 6, 'test': 2}, ('dark', 'bright'), 6)
+  assert not checks
+
+
+def _offline(monkeypatch, tmp_path):
+  """No network (every check answers unreachable) and empty weights caches; returns the checks."""
+  checks = []
+  monkeypatch.setattr(sources, '_network_problem',
+                      lambda url, **kwargs: checks.append(url) or 'unreachable (injected)')
+  monkeypatch.setenv('HHJAX_CACHE_DIR', str(tmp_path / 'cache'))
+  monkeypatch.setenv('KERAS_HOME', str(tmp_path / 'keras'))
+  return checks
+
+
+def test_every_download_is_checked_before_the_data_scan_in_one_message(tmp_path, monkeypatch):
+  from hhjax import train  # pylint: disable=g-import-not-at-top
+  from hhjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  checks = _offline(monkeypatch, tmp_path)
+  monkeypatch.setattr(pipeline, 'dataset_info', lambda *a: pytest.fail('the data was scanned'))
+  config = _tiny_config(tmp_path / 'tfds')
+  config.model.pretrained = 'imagenet'
+  with pytest.raises(errors.DatasetDownloadError) as raised:
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  message = str(raised.value)
+  assert '\n' not in message and message.startswith(
+      "Cannot download the TFDS dataset 'hhjax_tiny_images' (not prepared in "
+      f"{tmp_path / 'tfds'}) and the official ImageNet weights "
+      "(inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5, "
+      "config.model.pretrained='imagenet'): no network (unreachable (injected)). Instead of "
+      "the TFDS dataset 'hhjax_tiny_images': train on an image folder")
+  assert not (tmp_path / 'run').exists()   # a failed run leaves no stub workdir
+  for needle in ('--config.data.source=folder', '--config.model.pretrained=PATH',
+                 str(tmp_path / 'cache' / 'keras' /
+                     'inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5')):
+    assert needle in message
+  assert checks == ['https://storage.googleapis.com/hhjax-test/tiny.zip']   # one per host
+
+  # The weights alone (an image folder): the weights' error, naming the flag, also at once.
+  config.data.source = 'fake'
+  with pytest.raises(errors.WeightsDownloadError, match=r'--config\.model\.pretrained=PATH'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_cached_weights_and_a_prepared_dataset_need_no_network(tmp_path, monkeypatch):
+  from hhjax import entry  # pylint: disable=g-import-not-at-top
+  checks = _offline(monkeypatch, tmp_path)
+  tfds.builder('hhjax_tiny_images', data_dir=str(tmp_path / 'tfds')).download_and_prepare()
+  config = _tiny_config(tmp_path / 'tfds')
+  config.model.pretrained = 'imagenet'
+  cached = (tmp_path / 'keras' / 'models' /
+            'inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5')
+  cached.parent.mkdir(parents=True)
+  cached.write_bytes(b'Keras\'s own copy')   # looked at only; its MD5 is checked when read
+  entry.check_downloads(config)
+  config.model.pretrained = 'imagenet_top'
+  entry.check_downloads(config, weights=False)   # a resumed run reads its checkpoint
   assert not checks

@@ -339,3 +339,57 @@ def test_lines_of_metrics_jsonl_that_are_not_rows_are_left_out_with_a_warning(tm
   assert (f"Left out 3 line(s) of {tmp_path}/metrics.jsonl that are not JSON rows (line 2: "
           """'{"step": 20, "val_acc'; line 4: 'garbage'; line 5: '7'); the other 2 rows are """
           'used.') in caplog.text
+
+
+def test_a_finished_run_given_more_epochs_trains_them_exactly(tmp_path, caplog):
+  # Keras's fit(initial_epoch=...): the added fine-tuning epochs continue the finished phase,
+  # ending where a run given them from the start ends.
+  config = tiny_config()
+  config.steps_per_epoch = 1
+  config.warmup.epochs, config.finetune.epochs = 0, 1
+  train.train_and_evaluate(config, str(tmp_path / 'short'))     # step 1
+  config.finetune.epochs = 3
+  with caplog.at_level('INFO'):
+    longer = train.train_and_evaluate(config, str(tmp_path / 'short'))
+  assert longer['step'] == 3
+  assert 'trains only the head' not in caplog.text   # fine-tuning opens the random backbone
+  assert 'Phase finetune ended after 1 epoch; config.finetune.epochs is now 3: training 2 ' \
+         'more from step 1.' in caplog.text
+  whole = train.train_and_evaluate(config, str(tmp_path / 'whole'))
+  assert whole['step'] == 3 and whole['accuracy'] == longer['accuracy']
+  rows = [json.loads(line) for line in open(tmp_path / 'short' / 'metrics.jsonl')]
+  assert [(r['step'], r['epoch']) for r in rows] == [(1, 1), (2, 2), (3, 3)]
+  mesh = sharding.make_mesh()
+  short, whole_state = (checkpointing.Checkpoints(str(tmp_path / d / 'checkpoints'))
+                        for d in ('short', 'whole'))
+  target = entry.restore_target(config, mesh)
+  from hhjax.training import restore  # pylint: disable=g-import-not-at-top
+  a, b = restore.restore(short, 3, target).state, restore.restore(whole_state, 3, target).state
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(a['params']),
+               jax.device_get(b['params']))
+
+
+def test_an_early_stopped_phase_given_more_epochs_stays_done_and_says_so(trained, caplog):
+  config, workdir, result = trained
+  config = config.copy_and_resolve_references()
+  config.finetune.epochs = 3
+  config.warmup.epochs = 4
+  with caplog.at_level('INFO'):
+    again = train.train_and_evaluate(config, workdir)
+  assert again['step'] == 6
+  assert 'Phase finetune stopped early after 1 epoch (train_accuracy' in caplog.text
+  assert 'config.warmup.epochs went from 2 to 4, but phase warmup is over' in caplog.text
+
+
+def test_a_head_on_a_frozen_random_backbone_is_warned_of():
+  config = tiny_config()            # random init; warm-up freezes the backbone
+  model = entry.model(config, 2)
+  params = jax.eval_shape(_init(model, config))['params']
+  warnings = phases_lib.heads_on_random_features(entry.phases(config), params, 2)
+  assert len(warnings) == 1 and warnings[0].startswith(
+      'Phase warmup trains only the head, on a frozen backbone with random weights')
+  for needle in ('near chance (50 % for 2 classes)', '--config.model.pretrained=PATH',
+                 '--config.warmup.epochs=0 --config.finetune.unfreeze_from=stem'):
+    assert needle in warnings[0]
+  config.warmup.epochs = 0          # fine-tuning opens mixed0: the backbone learns
+  assert not phases_lib.heads_on_random_features(entry.phases(config), params, 2)

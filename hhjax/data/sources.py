@@ -269,25 +269,62 @@ def _network_problem(url: str, timeout: float = NETWORK_TIMEOUT_S) -> str | None
   return outcome[0] if outcome else f'{host}:{port}: no answer within {timeout:g} s'
 
 
+def _download_urls(builder) -> list[str]:
+  try:
+    return list(builder.url_infos or ())
+  except (OSError, ValueError):   # an unreadable checksums file: nothing known to check
+    return []
+
+
+def _tfds_root(builder) -> str:
+  return str(builder.data_dir).rsplit(f'{os.sep}{builder.name}{os.sep}', 1)[0]
+
+
+def _tfds_offline_advice(builder) -> str:
+  name, root = builder.name, _tfds_root(builder)
+  return ('train on an image folder: --config.data.source=folder '
+          '--config.data.dir=DIR --config.data.eval_split=SPLIT, images in DIR/<split>/<class>/; '
+          f'or prepare the dataset where there is network (`tfds build {name} --data_dir=D`) and '
+          f'copy D/{name}/ into {root}/ (--config.data.dir sets that folder)')
+
+
+@dataclasses.dataclass(frozen=True)
+class Download:
+  """Something a run would download: what, from where, and what to do instead offline."""
+  what: str
+  url: str
+  offline_advice: str
+
+
+def tfds_download(spec: data_spec.DataSpec) -> Download | None:
+  """The TFDS download a run on `spec` would start (a dataset not prepared yet), else None."""
+  if spec.source != 'tfds':
+    return None
+  builder = _tfds_builder(spec)
+  urls = _download_urls(builder)
+  if builder.is_prepared() or not urls:
+    return None
+  return Download(f'the TFDS dataset {builder.name!r} (not prepared in {_tfds_root(builder)})',
+                  urls[0], _tfds_offline_advice(builder))
+
+
+def network_problem(url: str) -> str | None:
+  """Why `url`'s host cannot be reached now (the check before a download), or None."""
+  return _network_problem(url)
+
+
 def _check_network(builder) -> None:
   """Raises DatasetDownloadError at once when the dataset's download host is out of reach."""
-  try:
-    urls = list(builder.url_infos or ())
-  except (OSError, ValueError):   # an unreadable checksums file: nothing known to check
-    urls = []
+  urls = _download_urls(builder)
   if not urls:
     return
   problem = _network_problem(urls[0])
   if problem is None:
     return
   name = builder.name
-  root = str(builder.data_dir).rsplit(f'{os.sep}{name}{os.sep}', 1)[0]
   raise errors.DatasetDownloadError(
-      f'Cannot download the TFDS dataset {name!r}, which is not prepared in {root}: no network '
-      f'({problem}). Offline, train on an image folder: --config.data.source=folder '
-      '--config.data.dir=DIR --config.data.eval_split=SPLIT, images in DIR/<split>/<class>/; '
-      f'or prepare the dataset where there is network (`tfds build {name} --data_dir=D`) and '
-      f'copy D/{name}/ into {root}/ (--config.data.dir sets that folder).')
+      f'Cannot download the TFDS dataset {name!r}, which is not prepared in '
+      f'{_tfds_root(builder)}: no network ({problem}). Offline, {_tfds_offline_advice(builder)}.')
 
 
 

@@ -117,6 +117,72 @@ class Progress:
     return Progress(phases[i].name, phase_start_step=step, epochs_done=self.epochs_done)
 
 
+def epochs_text(n: int) -> str:
+  """'1 epoch', '2 epochs'."""
+  return f'{n} epoch' if n == 1 else f'{n} epochs'
+
+
+def heads_on_random_features(phases: Sequence[Phase], params: PyTree,
+                             num_classes: int) -> list[str]:
+  """Warnings for the phases that train only the head while the backbone is random and frozen.
+
+  For a run that starts from random init: such a phase fits a head to random features, which
+  keep little of a photo's content, and ends near chance on real images. One sentence each,
+  with what to do instead.
+  """
+  warnings = []
+  for phase in phases:
+    trainable, _ = optim.split(params, optim.param_labels(params, phase.rules))
+    if trainable.get('backbone'):
+      continue
+    warnings.append(
+        f'Phase {phase.name} trains only the head, on a frozen backbone with random weights '
+        '(config.model.pretrained=None and no checkpoint): random features keep little of a '
+        f'photo, so on real images expect its {epochs_text(phase.epochs)} to end near '
+        'chance '
+        f'({100 / max(num_classes, 1):.0f} % for {num_classes} classes). Instead load weights '
+        '(--config.model.pretrained=PATH, a local Keras .h5 or converted folder), or train '
+        'the backbone too: --config.warmup.epochs=0 --config.finetune.unfreeze_from=stem '
+        '(the README\'s "Offline" recipe).')
+  return warnings
+
+
+def reopen_for_more_epochs(progress: Progress, phase: Phase, step: int,
+                           steps_per_epoch: int) -> str | None:
+  """Reopens a finished phase that the config now gives more epochs; returns what to log.
+
+  As Keras's `fit(initial_epoch=...)`: a run whose last phase ended at its epochs, started again
+  with more, trains the added epochs in that phase, from the step it ended at. The checkpoint at
+  a phase's end differs from one at an epoch's end inside the phase only by `phase_done`, so the
+  continued run ends exactly where one given those epochs from the start would. A phase ended by
+  early stopping stays done (its stop rule decided, not its epoch count). None: nothing to say.
+  """
+  if not progress.phase_done or progress.phase != phase.name:
+    return None
+  done = (step - progress.phase_start_step) // steps_per_epoch
+  if phase.epochs <= done:
+    return None
+  if progress.stop_reason:
+    return (f'Phase {phase.name} stopped early after {epochs_text(done)} '
+            f'({progress.stop_reason}); it stays done: config.{phase.name}.epochs={phase.epochs} '
+            'adds no epochs to an early-stopped phase (a new --workdir trains afresh).')
+  progress.phase_done = False
+  return (f'Phase {phase.name} ended after {epochs_text(done)}; config.{phase.name}.epochs is now '
+          f'{phase.epochs}: training {phase.epochs - done} more from step {step}.')
+
+
+def passed_phases_grown(progress: Progress, phases: Sequence[Phase],
+                        saved_epochs: Mapping[str, int]) -> list[str]:
+  """The phases before the current one that the config gives more epochs than the checkpoint's
+  config did: they are over and cannot take them. One sentence per phase."""
+  current = progress.index(phases)
+  return [f'config.{p.name}.epochs went from {saved_epochs[p.name]} to {p.epochs}, but phase '
+          f'{p.name} is over (the run is in phase {progress.phase}): the added epochs are not '
+          'trained; a new --workdir trains them.'
+          for p in phases[:current]
+          if p.name in saved_epochs and p.epochs > int(saved_epochs[p.name])]
+
+
 # config.early_stopping: the metrics of an epoch's row, and which way is better.
 EARLY_STOPPING_METRICS = ('train_accuracy', 'train_loss', 'val_accuracy', 'val_loss')
 EARLY_STOPPING_MODES = ('max', 'min')

@@ -92,6 +92,27 @@ def fetch_official(name: str) -> pathlib.Path:
   return _download(weights, dest)
 
 
+def download_needed(name: str) -> WeightsFile | None:
+  """The official file `name` when neither cache holds it (a run would download it), else None.
+
+  Only looks: the MD5 is checked when the file is read (`fetch_official`).
+  """
+  weights = OFFICIAL_WEIGHTS.get(name)
+  if weights is None:
+    return None
+  if (cache_dir() / 'keras' / weights.filename).is_file() or _keras_cache_file(weights).is_file():
+    return None
+  return weights
+
+
+def offline_advice(weights: WeightsFile) -> str:
+  """What to do without network instead of downloading `weights`."""
+  return (f'download {weights.url} elsewhere and put it at '
+          f'{cache_dir() / "keras" / weights.filename} (set {CACHE_DIR_ENV} to use another '
+          f'folder than {cache_dir()}), or pass a local copy: '
+          '--config.model.pretrained=PATH (a Keras .h5 file or a converted folder)')
+
+
 def _download(weights: WeightsFile, dest: pathlib.Path) -> pathlib.Path:
   dest.parent.mkdir(parents=True, exist_ok=True)
   logging.info('Downloading %s to %s', weights.url, dest)
@@ -108,9 +129,7 @@ def _download(weights: WeightsFile, dest: pathlib.Path) -> pathlib.Path:
       reason = getattr(e, 'reason', e)
       raise errors.WeightsDownloadError(
           f'Could not download the official InceptionV3 weights from {weights.url} '
-          f'({reason}). Without network access, download that file elsewhere and put it at '
-          f'{dest} (set {CACHE_DIR_ENV} to use another folder than {cache_dir()}), or pass '
-          f'the path of a local .h5 file or converted folder instead.') from e
+          f'({reason}). Without network access, {offline_advice(weights)}.') from e
     if digest.hexdigest() != weights.md5:
       raise errors.WeightsDownloadError(
           f'The file downloaded from {weights.url} has MD5 {digest.hexdigest()}, expected '
