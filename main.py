@@ -17,6 +17,7 @@ preempted (SIGTERM): a checkpoint was saved, run the same command to resume; 4 a
 of a multi-process run was lost: run the same command on every host to resume.
 """
 
+import contextlib
 import os
 import re
 import signal
@@ -52,6 +53,7 @@ import ml_collections
 from ml_collections import config_flags
 
 # Light modules only: the library loads after the config has been checked.
+from hhjax import compat
 from hhjax import config_checks
 from hhjax import errors
 from hhjax import peers
@@ -127,10 +129,19 @@ def set_none(config: ml_collections.ConfigDict, paths: list[str]) -> None:
 
 def _run(mode: str, config: ml_collections.ConfigDict) -> None:
   """Runs `mode` once the config has been checked."""
-  # TensorFlow feeds the input pipeline on the host only: hidden from the accelerators before
-  # anything uses it.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')
+  # The libraries' start-up lines that are not about this run are left out, unless
+  # --verbosity=1 or more asks for everything.
+  quiet = FLAGS.verbosity < 1
+  if quiet:
+    compat.quiet_libraries()
+  with compat.quiet_native_start_up() if quiet else contextlib.nullcontext():
+    # TensorFlow feeds the input pipeline on the host only: hidden from the accelerators
+    # before anything uses it.
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], 'GPU')
+  # Before anything compiles: executables an earlier run compiled are read from disk.
+  from hhjax import compilation  # pylint: disable=g-import-not-at-top
+  compilation.use_persistent_cache()
   # The library loads only now (seconds of JAX and TensorFlow imports), so that mistakes in the
   # command line and the config are reported at once.
   _initialize_distributed()

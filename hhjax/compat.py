@@ -10,17 +10,23 @@ called, a message or an error text worded otherwise. Upgrading a pin means runni
 - Orbax's CheckpointManager without its preemption sync point (`checkpoint_manager`).
 - TensorStore's errors read as text: `storage_error`, `one_line` (hhjax.checkpointing).
 - Orbax's logging quieted: `quiet_orbax`.
+- The events jax.monitoring records as JAX compiles (hhjax.compilation): `JAX_*_EVENT*`.
+- The libraries' start-up lines that are not about the run: `quiet_native_start_up` (the C++
+  lines TensorFlow prints as it loads), `quiet_libraries` (JAX's backend search, TFDS's
+  'Variant folder' warning, TensorFlow's 'Sharding callback duration').
 
 Only the standard library and absl are imported at module level: main.py imports hhjax.peers,
 and so this module, before JAX loads; JAX and orbax are imported inside the functions.
 """
 
 from collections.abc import Iterator
+import contextlib
 import functools
 import logging
 import os
 import re
 import sys
+import tempfile
 import traceback
 
 from absl import logging as absl_logging
@@ -213,3 +219,101 @@ def quiet_orbax() -> None:
       target.addFilter(_QuietOrbax())
   if not isinstance(sys.unraisablehook, _QuietClosedLoops):
     sys.unraisablehook = _QuietClosedLoops(sys.unraisablehook)
+
+
+# --- jax.monitoring's compilation events (written for jax 0.10.2) ---------------------------
+# Recorded by jax._src.compiler and jax._src.dispatch; the names are not part of the API.
+
+JAX_CACHE_HIT_EVENT = '/jax/compilation_cache/cache_hits'       # an executable read from disk
+JAX_CACHE_WRITE_EVENT = '/jax/compilation_cache/cache_misses'   # recorded as one is written
+JAX_COMPILE_DURATION_EVENTS = (   # tracing, lowering, XLA (or the cache read): one compilation
+    '/jax/core/compile/jaxpr_trace_duration',
+    '/jax/core/compile/jaxpr_to_mlir_module_duration',
+    '/jax/core/compile/backend_compile_duration',
+)
+
+
+# --- the libraries' start-up lines (tensorflow 2.21, jax 0.10.2, tensorflow-datasets 4.9.10) --
+
+# TensorFlow's C++ code logs through absl before anything calls absl::InitializeLog, so
+# TF_CPP_MIN_LOG_LEVEL does not reach these lines, and two of its shared libraries carry the
+# CUDA stubs, so they come twice. hhjax hides the GPUs from TensorFlow (it feeds the input
+# pipeline on the host), so a failed cuInit says nothing about the run.
+_NATIVE_NOISE = (
+    re.compile(r'WARNING: All log messages before absl::InitializeLog\(\) is called are '
+               r'written to STDERR'),
+    re.compile(r'I\d{4} \S+ +\d+ \S+\] '),   # any INFO line of the C++ code
+    re.compile(r'E\d{4} \S+ +\d+ cuda_platform\.cc:\d+\] failed call to cuInit'),
+)
+
+
+def is_native_noise(line: str) -> bool:
+  """Whether `line` is one of the C++ start-up lines `quiet_native_start_up` drops."""
+  return any(p.match(line) for p in _NATIVE_NOISE)
+
+
+@contextlib.contextmanager
+def quiet_native_start_up() -> Iterator[None]:
+  """Holds back what the process writes to file descriptor 2 in the block, then writes it
+  without the lines of `is_native_noise` (for `import tensorflow` and its device listing).
+
+  Python's own output in the block comes after it, in its order. A process that dies in the
+  block loses what it wrote there: `--verbosity=1` (main.py) runs without this.
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      held.seek(0)
+      text = held.read().decode(errors='replace')
+      kept = [line for line in text.splitlines(keepends=True) if not is_native_noise(line)]
+      if kept:
+        sys.stderr.write(''.join(kept))
+        sys.stderr.flush()
+
+
+def _variant_folder_missing(record: logging.LogRecord) -> bool:
+  folder = str(record.args[0]) if isinstance(record.args, tuple) and record.args else ''
+  return '://' not in folder and not os.path.isdir(folder)
+
+
+class _QuietLibraries(logging.Filter):
+  """Drops the libraries' lines that say nothing about the run (see `quiet_libraries`).
+
+  Each entry: (a fragment of the logging file's path, the message's start before formatting,
+  whether a record that matches both is dropped).
+  """
+
+  DROPPED = (
+      # jax 0.10.2, xla_bridge.backends(): each platform it tried and did not find (INFO),
+      # e.g. "Unable to initialize backend 'tpu': ... libtpu.so ..." on every CPU machine.
+      ('/jax/_src/xla_bridge.py', 'Unable to initialize backend ',
+       lambda r: r.levelno < logging.WARNING),
+      # tensorflow-datasets 4.9.10, file_utils.is_valid_variant_dir(): every `tfds.builder`
+      # of a dataset not prepared yet warns about the version folder it has not created.
+      ('/tensorflow_datasets/core/utils/file_utils.py', 'Variant folder %s has no %s',
+       _variant_folder_missing),
+      # tensorflow 2.21, functional_saver (a SavedModel's variables): one timing per save.
+      ('/tensorflow/python/checkpoint/functional_saver.py', 'Sharding callback duration',
+       lambda r: r.levelno < logging.WARNING),
+  )
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    path = record.pathname.replace(os.sep, '/')
+    for fragment, start, drop in self.DROPPED:
+      if fragment in path and str(record.msg).startswith(start) and drop(record):
+        return False
+    return True
+
+
+def quiet_libraries() -> None:
+  """Drops the log lines of `_QuietLibraries.DROPPED` (main.py, unless --verbosity >= 1)."""
+  for target in (absl_logging.get_absl_handler(), logging.getLogger('absl')):
+    if not any(isinstance(f, _QuietLibraries) for f in target.filters):
+      target.addFilter(_QuietLibraries())

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from hhjax import compilation
 from hhjax import entry
 from hhjax import errors
 from hhjax import files as files_lib
@@ -78,6 +79,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: Sequence[st
     return classifier.probabilities(
         model.apply({'params': params, 'batch_stats': batch_stats}, images_, train=False))
 
+  predict_step = compilation.first_call_logged(predict_step, 'the prediction step')
   batch_size = entry.eval_batch_size(config)
   batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
   results = []

@@ -30,6 +30,7 @@ import ml_collections
 
 from hhjax import checkpointing
 from hhjax import compat
+from hhjax import compilation
 from hhjax import durations
 from hhjax import entry
 from hhjax import errors
@@ -327,6 +328,8 @@ def _run_phase(run: _Run, state: PyTree, progress: phases_lib.Progress,
     progress.phase_done = True
     return state, None
   train_step, batches, evaluator = _phase_inputs(run, setup, state, step)
+  train_step = compilation.first_call_logged(train_step,
+                                             f'the train step of phase {setup.phase.name}')
   log = _StepLog(run, setup.phase, progress)
   checkpoint_every = int(run.config.checkpoint_every_steps or 0)   # 0: only at epoch ends
   last_eval = None

@@ -17,7 +17,8 @@ PACKAGE = ROOT / 'hhjax'
 LAYERS = (
     ('base', {'hhjax.errors', 'hhjax.files', 'hhjax.trees', 'hhjax.durations', 'hhjax.compat'}),
     ('runtime', {'hhjax.checkpointing', 'hhjax.workdir', 'hhjax.workdir_lock', 'hhjax.metrics',
-                 'hhjax.peers', 'hhjax.preemption', 'hhjax.sharding', 'hhjax.host_malloc'}),
+                 'hhjax.peers', 'hhjax.preemption', 'hhjax.sharding', 'hhjax.host_malloc',
+                 'hhjax.compilation'}),
     ('model', {'hhjax.model'}),
     ('weights', {'hhjax.weights'}),
     ('data', {'hhjax.data', 'hhjax.pictures'}),

@@ -179,3 +179,139 @@ def test_quiet_orbax_installs_its_filters_and_hook_once(monkeypatch):
     assert sum(isinstance(f, compat._QuietOrbax) for f in target.filters) == 1
   assert isinstance(sys.unraisablehook, compat._QuietClosedLoops)
   assert not isinstance(sys.unraisablehook.previous, compat._QuietClosedLoops)
+
+
+# --- jax.monitoring's compilation events -----------------------------------------------------
+
+def test_jax_still_records_the_compilation_events_hhjax_counts():
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax._src import compiler, dispatch  # pylint: disable=g-import-not-at-top
+  compiler_source = inspect.getsource(compiler)
+  for event in (compat.JAX_CACHE_HIT_EVENT, compat.JAX_CACHE_WRITE_EVENT):
+    assert f"'{event}'" in compiler_source or f"'{event}'" in inspect.getsource(
+        sys.modules['jax._src.compilation_cache']), event
+  assert (dispatch.JAXPR_TRACE_EVENT, dispatch.JAXPR_TO_MLIR_MODULE_EVENT,
+          dispatch.BACKEND_COMPILE_EVENT) == compat.JAX_COMPILE_DURATION_EVENTS
+  seen = []
+  listener = lambda event, duration, **_: seen.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    jax.jit(lambda x: x * 3 + 1)(jax.numpy.arange(7.0)).block_until_ready()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert set(compat.JAX_COMPILE_DURATION_EVENTS) <= set(seen)
+
+
+# --- the libraries' start-up lines -----------------------------------------------------------
+
+def test_tensorflow_prints_only_the_lines_quiet_native_start_up_drops():
+  # What `import tensorflow` and its device listing print on this machine, through the C++
+  # code's absl logging: every line is one that is_native_noise knows. Then the same in the
+  # context: nothing, while Python's own stderr in it still comes out.
+  script = textwrap.dedent('''
+      import sys
+      mode = sys.argv[1]
+      from hhjax import compat
+      import contextlib
+      with compat.quiet_native_start_up() if mode == 'quiet' else contextlib.nullcontext():
+        print('before', file=sys.stderr)
+        import tensorflow as tf
+        tf.config.set_visible_devices([], 'GPU')
+        print('after', file=sys.stderr)
+  ''')
+  for mode in ('plain', 'quiet'):
+    proc = subprocess.run([sys.executable, '-c', script, mode], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    assert lines[0] == 'before' and lines[-1] == 'after', proc.stderr
+    if mode == 'plain':
+      unknown = [line for line in lines[1:-1] if not compat.is_native_noise(line)]
+      assert not unknown, f'TensorFlow prints start-up lines compat does not know: {unknown}'
+    else:
+      assert lines == ['before', 'after'], proc.stderr
+
+
+def test_is_native_noise_keeps_warnings_and_other_errors():
+  for line in ('WARNING: All log messages before absl::InitializeLog() is called are written '
+               'to STDERR',
+               'I0000 00:00:1796322588.391912   25042 cudart_stub.cc:31] Could not find cuda '
+               'drivers on your machine, GPU will not be used.',
+               'E0000 00:00:1796322597.526397   25042 cuda_platform.cc:52] failed call to '
+               'cuInit: INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)'):
+    assert compat.is_native_noise(line), line
+  for line in ('W0000 00:00:1796322597.526397   25042 some.cc:1] out of memory',
+               'E0000 00:00:1796322597.526397   25042 some.cc:1] a real failure',
+               'F0000 00:00:1796322597.526397   25042 some.cc:1] check failed',
+               'Traceback (most recent call last):'):
+    assert not compat.is_native_noise(line), line
+
+
+def _record(path: str, level: int, msg: str, args=()) -> logging.LogRecord:
+  return logging.LogRecord('absl', level, path, 1, msg, args, None)
+
+
+@pytest.mark.parametrize('module, start', [
+    ('jax._src.xla_bridge', "Unable to initialize backend '"),
+    ('tensorflow.python.checkpoint.functional_saver', 'Sharding callback duration: %s'),
+    ('tensorflow_datasets.core.utils.file_utils', 'Variant folder %s has no %s'),
+])
+def test_the_libraries_still_log_the_lines_quiet_libraries_drops(module, start):
+  import importlib  # pylint: disable=g-import-not-at-top
+  mod = importlib.import_module(module)
+  assert any(fragment in mod.__file__.replace(os.sep, '/')
+             for fragment, _, _ in compat._QuietLibraries.DROPPED), mod.__file__
+  assert start in inspect.getsource(mod), f'{module} no longer logs {start!r}'
+
+
+def test_quiet_libraries_drops_those_lines_only(tmp_path):
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.checkpoint import functional_saver  # pylint: disable=g-import-not-at-top
+  quiet = compat._QuietLibraries()
+  assert not quiet.filter(_record(xla_bridge.__file__, logging.INFO,
+                                  "Unable to initialize backend 'tpu': no libtpu.so"))
+  assert quiet.filter(_record(xla_bridge.__file__, logging.WARNING,
+                              "Unable to initialize backend 'cuda': it failed"))
+  assert not quiet.filter(_record(functional_saver.__file__, logging.INFO,
+                                  'Sharding callback duration: %s microseconds', (12,)))
+  assert quiet.filter(_record(__file__, logging.INFO, 'Sharding callback duration: %s', (1,)))
+
+
+def test_tfds_warns_of_a_missing_variant_folder_and_the_filter_drops_only_that(tmp_path):
+  # `is_prepared()` looks for the version folder (hhjax.data.sources calls it offline).
+  import absl.logging  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  seen, kept = [], []
+
+  class Collect(logging.Handler):
+    def emit(self, record):
+      seen.append(record)
+      if compat._QuietLibraries().filter(record):
+        kept.append(record)
+
+  handler = Collect()
+  absl.logging.get_absl_logger().addHandler(handler)
+  try:
+    assert not tfds.builder('horses_or_humans', data_dir=str(tmp_path / 'empty')).is_prepared()
+    version = tmp_path / 'half' / 'horses_or_humans' / '3.0.0'
+    version.mkdir(parents=True)   # a folder that is there but lacks its files: still said
+    assert not tfds.builder('horses_or_humans', data_dir=str(tmp_path / 'half')).is_prepared()
+  finally:
+    absl.logging.get_absl_logger().removeHandler(handler)
+  said = [r.getMessage() for r in seen if 'Variant folder' in str(r.msg)]
+  assert any(str(tmp_path / 'empty') in m for m in said), 'TFDS no longer warns'
+  assert any(str(tmp_path / 'half') in m for m in said)
+  assert [r.getMessage() for r in kept if 'Variant folder' in str(r.msg)] == [
+      m for m in said if str(tmp_path / 'half') in m]
+
+
+def test_quiet_libraries_installs_its_filter_once(monkeypatch):
+  import absl.logging  # pylint: disable=g-import-not-at-top
+  targets = (absl.logging.get_absl_handler(), logging.getLogger('absl'))
+  for target in targets:
+    monkeypatch.setattr(target, 'filters', list(target.filters))
+  compat.quiet_libraries()
+  compat.quiet_libraries()
+  for target in targets:
+    assert sum(isinstance(f, compat._QuietLibraries) for f in target.filters) == 1

@@ -1,5 +1,6 @@
 """The command line, as a user runs it: the smoke config end to end, then eval and predict."""
 
+import collections
 import json
 import pathlib
 import re
@@ -42,6 +43,61 @@ def test_smoke_config_runs_end_to_end(smoke_workdir):
     assert (workdir / name).stat().st_size > 0
 
 
+# absl's prefix of a Python log line: level, date, time, thread, file:line.
+_ABSL_PREFIX = re.compile(r'^[IWEF]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] ')
+
+
+def _library_noise(log: str) -> list[str]:
+  """The lines of `log` that the libraries print at start-up, not about the run."""
+  return [line for line in log.splitlines()
+          if re.match(r'[IWE]0000 ', line) or 'absl::InitializeLog' in line or
+          any(word in line for word in ('cuInit', 'libtpu', 'cuda drivers', 'Variant folder',
+                                        'Sharding callback duration'))]
+
+
+def test_the_log_says_only_what_the_run_does_once(smoke_workdir):
+  # No TensorFlow, CUDA or TPU line on a CPU machine, no line twice; the step that compiles
+  # is announced, with its time and where it came from, and the time since the launch.
+  _, log = smoke_workdir
+  assert not _library_noise(log)
+  bodies = collections.Counter(_ABSL_PREFIX.sub('', line) for line in log.splitlines())
+  assert not [line for line, n in bodies.items() if n > 1 and line.strip()]
+  assert 'Compiling the train step of phase warmup ...' in log
+  assert re.search(r'The train step of phase warmup: (compiled|loaded) in [\d.]+ s .*'
+                   r'persistent compilation cache .* the first call took [\d.]+ s and ended '
+                   r'[\d.]+ s after launch\.', log), log
+  assert 'Compiling the train step of phase finetune ...' in log
+
+
+def test_a_second_run_loads_its_steps_from_the_persistent_cache(smoke_workdir, env, tmp_path):
+  # The smoke run above compiled these steps (each takes seconds, over JAX's 1 s threshold of
+  # what it keeps): a new run of the same model reads them from the cache in the env.
+  proc = _main('--config=configs/smoke.py', f'--workdir={tmp_path}', '--config.warmup.epochs=1',
+               '--config.finetune.epochs=0', '--config.steps_per_epoch=2', env=env)
+  for what in ('The train step of phase warmup', 'The evaluation step'):
+    assert f'{what}: loaded in ' in proc.stderr, proc.stderr[-3000:]
+  assert not _library_noise(proc.stderr)
+
+
+@pytest.mark.parametrize('verbosity', [None, '1'])
+def test_the_libraries_start_up_lines_only_with_verbosity(tmp_path, env, verbosity):
+  # As a user runs it, without JAX_PLATFORMS: JAX looks for a TPU too. The eval stops at its
+  # first error after the libraries have loaded (the workdir holds no checkpoint).
+  env = {k: v for k, v in env.items() if k != 'JAX_PLATFORMS'}
+  flags = [] if verbosity is None else [f'--verbosity={verbosity}']
+  proc = _main('--mode=eval', '--config=configs/smoke.py', f'--workdir={tmp_path}', *flags,
+               env=env, check=False)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = proc.stderr.rstrip().splitlines()
+  assert any(line.startswith('error: ') for line in lines), proc.stderr[-3000:]
+  if verbosity is None:
+    assert lines[-1].startswith('error: ')
+    assert not _library_noise(proc.stderr), proc.stderr
+    assert not [line for line in lines[:-1] if line[:1] in 'WEF'], proc.stderr
+  else:
+    assert "Unable to initialize backend 'tpu'" in proc.stderr
+
+
 def test_tensorboard_from_the_requirements_reads_the_runs_scalars(smoke_workdir, env):
   # The README's `tensorboard --logdir W`: the command comes with requirements.txt.
   workdir, _ = smoke_workdir
@@ -59,6 +115,8 @@ def test_eval_needs_only_the_workdir(smoke_workdir, env):
   saved = json.load(open(workdir / 'eval.json'))
   assert f"accuracy {saved['accuracy']:.4f}" in proc.stderr
   assert 'true \\ predicted' in proc.stderr and saved['count'] == 12
+  assert 'The evaluation step: loaded in ' in proc.stderr   # compiled by the training run
+  assert not _library_noise(proc.stderr)
 
 
 def test_predict_prints_path_class_and_probability(smoke_workdir, env, tmp_path):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hhjax import compilation
 from hhjax import errors
 from hhjax import metrics as metrics_lib
 from hhjax import sharding
@@ -52,8 +53,9 @@ class Evaluator:
     self._mesh = mesh
     self._batches = batches
     repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
-    self._step = jax.jit(steps.make_eval_step(model, num_classes),
-                         in_shardings=(repl, repl, data), out_shardings=repl)
+    self._step = compilation.first_call_logged(
+        jax.jit(steps.make_eval_step(model, num_classes), in_shardings=(repl, repl, data),
+                out_shardings=repl), 'the evaluation step')
 
   def __call__(self, params: PyTree, batch_stats: PyTree) -> dict[str, Any]:
     totals, probabilities = None, []
