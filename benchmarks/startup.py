@@ -27,7 +27,6 @@ import pathlib
 import re
 import shutil
 import subprocess
-import sys
 import time
 
 import data_scale  # pylint: disable=g-import-not-at-top  # the _Child reader, the CPU name
