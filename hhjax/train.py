@@ -7,8 +7,9 @@ training library below it (hhjax.training: phases, steps, state, restore, evalua
 
 reads as its steps: `_Run.create` (data, model, phases, checkpoints), `_restore_or_initialise`,
 then `_run_phase` for each phase left, then the final evaluation and plots. Inside a phase the
-per-step loop only feeds the jitted step; `_StepLog` owns the progress lines and the ETA, and
-`_end_epoch` the epoch's evaluation, metrics row, early stopping and checkpoint.
+per-step loop only feeds the jitted step; `training.step_log.StepLog` owns the progress lines
+and the ETA, and `_end_epoch` the epoch's evaluation, metrics row, early stopping and
+checkpoint.
 
 Everything needed to continue exactly is in the state or in the checkpoint's metadata (phase,
 phase start, whether the phase is finished), so a run killed at any moment and started again
@@ -31,7 +32,6 @@ import ml_collections
 from hhjax import checkpointing
 from hhjax import compat
 from hhjax import compilation
-from hhjax import durations
 from hhjax import entry
 from hhjax import errors
 from hhjax import metrics as metrics_lib
@@ -50,6 +50,7 @@ from hhjax.training import optim
 from hhjax.training import phases as phases_lib
 from hhjax.training import restore
 from hhjax.training import state as state_lib
+from hhjax.training import step_log
 from hhjax.training import steps
 
 PyTree = Any
@@ -208,56 +209,11 @@ def _more_epochs(run: _Run, restored: restore.Restored) -> None:
     logging.info('%s', message)
 
 
-def _metrics_from_state(state: PyTree) -> tuple[float, float, int]:
-  m = jax.device_get(state['metrics'])
-  count = int(m['count'])
-  if not count:
-    return float('nan'), float('nan'), 0
-  return float(m['loss_sum']) / count, float(m['correct']) / count, count
-
-
-class _StepLog:
-  """Progress lines every config.log_every_steps steps: loss, accuracy, images/s and ETA.
-
-  The step that compiles is left out of the rates.
-  """
-
-  def __init__(self, run: _Run, phase: phases_lib.Phase, progress: phases_lib.Progress):
-    self._run, self._phase, self._progress = run, phase, progress
-    self._every = max(1, int(run.config.log_every_steps or run.steps_per_epoch))
-    self._t, self._step, self._compiled = time.perf_counter(), None, False
-
-  def restart(self, step: int) -> None:
-    """Measures from now on (after an evaluation or a save)."""
-    self._t, self._step = time.perf_counter(), step
-
-  def after_step(self, step: int, state: PyTree, epoch_end: bool) -> None:
-    if not self._compiled:   # exclude compilation from the throughput figures
-      jax.block_until_ready(state['step'])
-      self._compiled = True
-      self.restart(step)
-    if step % self._every and not epoch_end:
-      return
-    _check_finite(self._run, state, self._phase.name)
-    now = time.perf_counter()
-    if step <= self._step:
-      return
-    loss, acc, _ = _metrics_from_state(state)
-    batch = self._run.config.batch_size
-    rate = (step - self._step) * batch / max(now - self._t, 1e-9)
-    eta = (self._run.total_steps - step) * batch / rate
-    epoch, in_epoch = divmod(step - self._progress.phase_start_step, self._run.steps_per_epoch)
-    logging.info('%s epoch %d/%d step %d/%d  loss %.4f  accuracy %.4f  %.1f img/s  ETA %s',
-                 self._phase.name, epoch + (1 if in_epoch else 0), self._phase.epochs, step,
-                 self._run.total_steps, loss, acc, rate, durations.format_duration(eta))
-    self.restart(step)
-
-
 def _end_epoch(run: _Run, state: PyTree, progress: phases_lib.Progress, phase_end: int,
                evaluator: evaluation.Evaluator) -> tuple[PyTree, dict[str, Any]]:
   """Evaluates, writes the epoch's row, decides early stopping and saves a checkpoint."""
   step = int(jax.device_get(state['step']))
-  train_loss, train_acc, _ = _metrics_from_state(state)
+  train_loss, train_acc, _ = step_log.metrics_from_state(state)
   t_eval = time.perf_counter()
   result = evaluator(state['params'], state['batch_stats'])
   progress.epochs_done += 1
@@ -330,7 +286,11 @@ def _run_phase(run: _Run, state: PyTree, progress: phases_lib.Progress,
   train_step, batches, evaluator = _phase_inputs(run, setup, state, step)
   train_step = compilation.first_call_logged(train_step,
                                              f'the train step of phase {setup.phase.name}')
-  log = _StepLog(run, setup.phase, progress)
+  log = step_log.StepLog(
+      every=max(1, int(run.config.log_every_steps or run.steps_per_epoch)),
+      batch_size=int(run.config.batch_size), total_steps=run.total_steps,
+      steps_per_epoch=run.steps_per_epoch, phase=setup.phase, progress=progress,
+      check=lambda state: _check_finite(run, state, setup.phase.name))
   checkpoint_every = int(run.config.checkpoint_every_steps or 0)   # 0: only at epoch ends
   last_eval = None
   while step < phase_end:

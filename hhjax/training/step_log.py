@@ -1,0 +1,62 @@
+"""The training log's progress lines: loss, accuracy, images/s and ETA every few steps."""
+
+from collections.abc import Callable
+from typing import Any
+import time
+
+from absl import logging
+import jax
+
+from hhjax import durations
+from hhjax.training import phases as phases_lib
+
+PyTree = Any
+
+
+def metrics_from_state(state: PyTree) -> tuple[float, float, int]:
+  """(mean loss, accuracy, examples) of the steps since the state's metrics were zeroed."""
+  m = jax.device_get(state['metrics'])
+  count = int(m['count'])
+  if not count:
+    return float('nan'), float('nan'), 0
+  return float(m['loss_sum']) / count, float(m['correct']) / count, count
+
+
+class StepLog:
+  """Progress lines every `every` steps (config.log_every_steps) and at epoch ends.
+
+  The step that compiles is left out of the rates. `check(state)` runs before each line (the
+  training run's test for a NaN loss).
+  """
+
+  def __init__(self, *, every: int, batch_size: int, total_steps: int, steps_per_epoch: int,
+               phase: phases_lib.Phase, progress: phases_lib.Progress,
+               check: Callable[[PyTree], None]):
+    self._every, self._batch, self._total = every, batch_size, total_steps
+    self._steps_per_epoch, self._phase, self._progress = steps_per_epoch, phase, progress
+    self._check = check
+    self._t, self._step, self._compiled = time.perf_counter(), None, False
+
+  def restart(self, step: int) -> None:
+    """Measures from now on (after an evaluation or a save)."""
+    self._t, self._step = time.perf_counter(), step
+
+  def after_step(self, step: int, state: PyTree, epoch_end: bool) -> None:
+    if not self._compiled:   # exclude compilation from the throughput figures
+      jax.block_until_ready(state['step'])
+      self._compiled = True
+      self.restart(step)
+    if step % self._every and not epoch_end:
+      return
+    self._check(state)
+    now = time.perf_counter()
+    if step <= self._step:
+      return
+    loss, acc, _ = metrics_from_state(state)
+    rate = (step - self._step) * self._batch / max(now - self._t, 1e-9)
+    eta = (self._total - step) * self._batch / rate
+    epoch, in_epoch = divmod(step - self._progress.phase_start_step, self._steps_per_epoch)
+    logging.info('%s epoch %d/%d step %d/%d  loss %.4f  accuracy %.4f  %.1f img/s  ETA %s',
+                 self._phase.name, epoch + (1 if in_epoch else 0), self._phase.epochs, step,
+                 self._total, loss, acc, rate, durations.format_duration(eta))
+    self.restart(step)
