@@ -24,6 +24,11 @@ import signal
 import sys
 
 
+# The terminal's stderr, kept apart: the start-up can hold file descriptor 2 back for a while
+# (hhjax.compat.quiet_native_start_up), and a SIGTERM's line must not be held back with it.
+_STDERR_FD = os.dup(2)
+
+
 def _sigterm_outside_training(signum, frame) -> None:
   """SIGTERM before training's own handler is in place (start-up) or after it (the end).
 
@@ -32,8 +37,9 @@ def _sigterm_outside_training(signum, frame) -> None:
   process died of the signal (status 143), which they treat as final.
   """
   del signum, frame
-  print('preempted (SIGTERM) outside the training steps, while starting or finishing: no step '
-        'was lost; run the same command to resume', file=sys.stderr, flush=True)
+  sys.stderr.flush()
+  os.write(_STDERR_FD, b'preempted (SIGTERM) outside the training steps, while starting or '
+           b'finishing: no step was lost; run the same command to resume\n')
   os._exit(3)   # errors.EXIT_PREEMPTED; nothing to clean up that the system does not release
 
 

@@ -42,6 +42,9 @@ def save_tf_keras_weights(path: pathlib.Path, *, include_top: bool = False, size
                           seed: int = 0) -> pathlib.Path:
   """A random tf_keras InceptionV3 saved with `save_weights` (the official files' layout)."""
   import tf_keras  # pylint: disable=g-import-not-at-top
+  # Layer names as a fresh Keras session gives them (conv2d, conv2d_1, ...), as in the official
+  # files, whichever Keras models this process built before.
+  tf_keras.backend.clear_session()
   model = tf_keras.applications.InceptionV3(
       weights=None, include_top=include_top, input_shape=(size, size, 3))
   randomize(model, seed)
