@@ -182,6 +182,7 @@ class Checkpoints:
         raise self._save_error(step, f'{cause}, on process {process} of {jax.process_count()}')
 
   def _save_error(self, step: int, cause: str) -> errors.CheckpointSaveError:
+    """The one message of a checkpoint write the storage refused (`cause`)."""
     kept = self.latest_step()
     kept = (f'the checkpoints before it are intact (latest: step {kept})' if kept is not None
             and kept != step else 'no earlier checkpoint was written')
@@ -195,13 +196,7 @@ class Checkpoints:
     cause = compat.storage_error(error)
     if cause is None:
       return
-    kept = self.latest_step()
-    kept = (f'the checkpoints before it are intact (latest: step {kept})' if kept is not None
-            and kept != step else 'no earlier checkpoint was written')
-    raise errors.CheckpointSaveError(
-        f'Saving the checkpoint of step {step} in {self.directory} failed: {cause}. Training '
-        f'stopped; {kept}. Free space or make the folder writable, then run the same command '
-        'again to resume.') from error
+    raise self._save_error(step, cause) from error
 
   def _step_dir(self, step: int) -> epath.Path:
     return epath.Path(self.directory) / str(step)
