@@ -307,6 +307,12 @@ def _log_phase(setup: phases_lib.PhaseSetup, params: PyTree) -> None:
                f'{optim.count(trainable):,}', f'{optim.count(frozen):,}',
                '' if phase.bn_train_from is None else
                f', BatchNorm trains from {phase.bn_train_from}')
+  if setup.multipliers is not None:
+    factors, _ = optim.split(setup.multipliers, setup.labels)
+    values = jax.tree.leaves(factors)
+    logging.info('Per-layer learning rates (config.%s.param_labels multipliers, layer_decay '
+                 '%g): the trainable parameters at %g to %g times %g.', phase.name,
+                 phase.layer_decay, min(values), max(values), phase.learning_rate)
 
 
 def _phase_inputs(run: _Run, setup: phases_lib.PhaseSetup, state: PyTree, step: int):

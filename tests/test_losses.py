@@ -215,3 +215,17 @@ def test_class_counts_come_from_the_training_table():
   config.data.fake.num_classes = 3
   spec = data_spec.DataSpec.from_config(config)
   assert pipeline.class_counts(spec, 'train') == (4, 3, 3)   # labels are index % 3
+
+
+def test_class_counts_of_records_read_on_demand_come_from_their_labels():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from hhjax.data import records  # pylint: disable=g-import-not-at-top
+
+  def example(label):
+    return tf.train.Example(features=tf.train.Features(feature={
+        'image': tf.train.Feature(bytes_list=tf.train.BytesList(value=[b'x'])),
+        'label': tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))}
+    )).SerializeToString()
+
+  split = records.Records([example(label) for label in (1, 0, 1, 1)], 'test:train')
+  np.testing.assert_array_equal(split.labels(), [1, 0, 1, 1])

@@ -52,10 +52,10 @@ def per_example_loss(logits: jax.Array, labels: jax.Array,
   """
   s = float(label_smoothing)
   if logits.shape[-1] == 1:
-    targets = labels.astype(logits.dtype)
+    logit, targets = logits[:, 0], labels.astype(logits.dtype)
     if s:
       targets = targets * (1.0 - s) + 0.5 * s
-    return optax.sigmoid_binary_cross_entropy(logits[:, 0], targets)
+    return optax.sigmoid_binary_cross_entropy(logit, targets)
   if not s:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   num_classes = logits.shape[-1]

@@ -59,8 +59,8 @@ def patience_rule(value: Mapping[str, Any] | None) -> patience_lib.Patience:
       start_from_epoch=int(value.get('start_from_epoch', 0)))
 
 
-def _per_layer(phase: Mapping[str, Any], blocks: Sequence[str]) -> dict[str, Any]:
-  """The Phase fields of a phase's per-layer rates and early stopping."""
+def _phase_options(phase: Mapping[str, Any], blocks: Sequence[str]) -> dict[str, Any]:
+  """The Phase fields of config.<phase>'s layer decay and Keras early stopping."""
   return {'layer_decay': float(phase.get('layer_decay', 1.0) or 1.0),
           'blocks': ('stem',) + tuple(blocks),
           'stopping': patience_rule(phase.get('early_stopping'))}
@@ -81,14 +81,14 @@ def make_phases(warmup: Mapping[str, Any], finetune: Mapping[str, Any],
     rules = _rules(warmup.get('param_labels')) or (
         ('^head/', optim.TRAIN), ('^backbone/', optim.FREEZE))
     phases.append(Phase('warmup', int(warmup['epochs']), float(warmup['learning_rate']), rules,
-                        None, **_per_layer(warmup, blocks)))
+                        None, **_phase_options(warmup, blocks)))
   if finetune['epochs'] > 0:
     ft = finetune
     default_rules = tuple(optim.finetune_rules(ft['unfreeze_from'], blocks))  # checks the name
     rules = _rules(ft.get('param_labels')) or default_rules
     phases.append(Phase('finetune', int(ft['epochs']), float(ft['learning_rate']), rules,
                         ft['unfreeze_from'] if ft['train_bn'] else None,
-                        **_per_layer(ft, blocks)))
+                        **_phase_options(ft, blocks)))
   if not phases:
     raise errors.ConfigError(
         'Nothing to train: config.warmup.epochs and config.finetune.epochs are 0.')
