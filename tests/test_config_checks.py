@@ -234,7 +234,8 @@ def _main_fails_fast(args: list[str], env: dict, field: str) -> None:
     (['--config.speed.fold_bn=sometimes'], 'config.speed.fold_bn'),
     (['--config.warmup.epochs=0', '--config.finetune.epochs=0'], 'config.finetune.epochs'),
     (['--config.early_stopping.mode=maximum'], 'config.early_stopping.mode'),
-], ids=['data', 'model', 'speed', 'phases', 'early_stopping'])
+    (["--config.loss.class_weight={'class_1': -1.0}"], 'config.loss.class_weight'),
+], ids=['data', 'model', 'speed', 'phases', 'early_stopping', 'class_weight_mapping'])
 def test_main_reports_a_bad_override_in_seconds_without_a_traceback(overrides, field, env,
                                                                      tmp_path):
   _main_fails_fast(['--config=configs/smoke.py', f'--workdir={tmp_path}', *overrides], env,
