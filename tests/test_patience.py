@@ -228,3 +228,14 @@ def test_a_resume_continues_the_patience_counters_and_restores_the_best_epoch(tm
     np.testing.assert_array_equal(a, b)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(final['opt_state']),
                                                       jax.tree.leaves(best['opt_state'])))
+
+
+def test_a_phase_whose_best_weights_were_restored_takes_no_more_epochs():
+  phase = phases.Phase('finetune', 5, 1e-5, (('.*', 'train'),), None)
+  progress = phases.Progress('finetune', phase_start_step=0, phase_done=True, epochs_done=3)
+  progress.patience.restored_from = 10
+  message = phases.reopen_for_more_epochs(progress, phase, step=30, steps_per_epoch=10)
+  assert progress.phase_done and 'restore_best_weights' in message and 'stays done' in message
+  progress.patience.restored_from = None   # without a restore the phase continues
+  assert 'training 2 more' in phases.reopen_for_more_epochs(progress, phase, 30, 10)
+  assert not progress.phase_done
