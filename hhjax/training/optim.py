@@ -133,8 +133,8 @@ def layer_decay_factors(blocks: Sequence[str], decay: float) -> dict[str, float]
   return {block: float(decay) ** (n - i) for i, block in enumerate(blocks)}
 
 
-def lr_multipliers(params: Mapping[str, Any], rules: Rules, labels: Mapping[str, Any],
-                   blocks: Sequence[str] = (), layer_decay: float = 1.0) -> dict | None:
+def lr_multipliers(params: Mapping[str, Any], rules: Rules, blocks: Sequence[str] = (),
+                   layer_decay: float = 1.0) -> dict | None:
   """Each parameter's learning-rate factor, or None when every trainable one's is 1.
 
   The factor is the multiplier of the rule that labels the parameter (1 for 'train'), times its
@@ -142,13 +142,12 @@ def lr_multipliers(params: Mapping[str, Any], rules: Rules, labels: Mapping[str,
   the head's, get 1). Frozen parameters get 1: they are not updated at all.
   """
   decay = layer_decay_factors(blocks, layer_decay) if layer_decay != 1.0 else {}
-  flat_labels = traverse_util.flatten_dict(labels)
   factors = {}
   for path, label in _matched(params, rules).items():
     factor = float(label) if is_multiplier(label) else 1.0
     if path[0] == 'backbone' and len(path) > 1:
       factor *= decay.get(str(path[1]), 1.0)
-    factors[path] = factor if flat_labels[path] == TRAIN else 1.0
+    factors[path] = 1.0 if label == FREEZE else factor
   if all(f == 1.0 for f in factors.values()):
     return None
   return traverse_util.unflatten_dict(factors)

@@ -117,8 +117,7 @@ def setup(phase: Phase, params: PyTree, optimizer: optim.OptimizerSpec,
   factor 1 the optimizer is the plain one, unchanged.
   """
   labels = optim.param_labels(params, phase.rules)
-  multipliers = optim.lr_multipliers(params, phase.rules, labels, phase.blocks,
-                                     phase.layer_decay)
+  multipliers = optim.lr_multipliers(params, phase.rules, phase.blocks, phase.layer_decay)
   tx = optim.make_optimizer(labels, phase.learning_rate, optimizer)
   if multipliers is not None:
     tx = optim.scale_updates(tx, multipliers)
