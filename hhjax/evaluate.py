@@ -29,7 +29,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh, model, state, class_names, step = entry.restore_for_inference(config, workdir,
                                                                       checkpoint)
   evaluator = evaluation.Evaluator(model, len(class_names), mesh,
-                                   evaluation.eval_batches(entry.data(config)))
+                                   evaluation.eval_batches(entry.data(config)),
+                                   label_smoothing=entry.label_smoothing(config))
   result = evaluator(state['params'], state['batch_stats'])
   is_main = jax.process_index() == 0
   out = evaluation.report(result, class_names, step, workdir_lib.absolute(workdir), is_main)
