@@ -91,7 +91,8 @@ def check_downloads(config: ml_collections.ConfigDict, *, weights: bool = True) 
   if data_download is not None:
     needs.append(data_download)
   name = pretrained(config)
-  missing = official.download_needed(name) if weights and name else None
+  missing = (official.download_needed(name, config.model.get('backbone'))
+             if weights and name else None)
   if missing is not None:
     needs.append(sources.Download(
         f'the official ImageNet weights ({missing.filename}, '
@@ -116,7 +117,8 @@ def check_downloads(config: ml_collections.ConfigDict, *, weights: bool = True) 
 
 def phases(config: ml_collections.ConfigDict) -> list[phases_lib.Phase]:
   """The phases config.warmup and config.finetune ask for, in order."""
-  return phases_lib.make_phases(config.warmup, config.finetune, config.model.cut)
+  return phases_lib.make_phases(config.warmup, config.finetune, config.model.cut,
+                                config.model.get('backbone'))
 
 
 def optimizer(config: ml_collections.ConfigDict) -> optim.OptimizerSpec:

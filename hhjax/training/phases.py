@@ -40,15 +40,16 @@ def _rules(value) -> tuple[tuple[str, str], ...] | None:
 
 
 def make_phases(warmup: Mapping[str, Any], finetune: Mapping[str, Any],
-                cut: str) -> list[Phase]:
+                cut: str, backbone: str | None = None) -> list[Phase]:
   """The phases asked for, in order (a phase with 0 epochs is left out).
 
   Args:
     warmup: config.warmup (epochs, learning_rate, param_labels).
     finetune: config.finetune (epochs, learning_rate, unfreeze_from, train_bn, param_labels).
     cut: the backbone's last block (config.model.cut): fine-tuning opens blocks up to it.
+    backbone: config.model.backbone (None: the default, InceptionV3).
   """
-  blocks = classifier.backbone_blocks(cut)
+  blocks = classifier.backbone_blocks(cut, backbone or classifier.backbones.DEFAULT)
   phases = []
   if warmup['epochs'] > 0:
     rules = _rules(warmup.get('param_labels')) or (

@@ -58,7 +58,7 @@ def _loss_fn(model, phase: phases_lib.Phase):
       logits, updated = model.apply(variables, images, train=True,
                                     bn_train_from=phase.bn_train_from,
                                     rngs={'dropout': rng}, mutable=['batch_stats'])
-      new_batch_stats = updated['batch_stats']
+      new_batch_stats = updated.get('batch_stats', batch_stats)   # none without BatchNorm
     return jnp.mean(per_example_loss(logits, labels)), (logits, new_batch_stats)
 
   return loss_fn

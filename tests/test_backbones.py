@@ -1,0 +1,106 @@
+"""The backbone families beside InceptionV3 (VGG, ResNet, Xception) against Keras itself.
+
+For the smallest member of each family: a tf_keras model with random weights (BatchNorm
+statistics included) at the smallest input Keras allows, saved with `save_weights` (the
+official files' layout), read back by our loader by layer name, and compared at each stage's
+endpoint and the last one in inference mode: max |flax - keras| / max |keras| <= 1e-4. The
+other members are checked structurally (our layers, names and shapes, against Keras's model
+built with weights=None).
+"""
+
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from hhjax.model import backbones
+from hhjax.model import preprocessing
+from hhjax.weights import pretrained
+import keras_reference
+
+TOLERANCE = 1e-4
+# The smallest member of each family, and the smallest input Keras builds it at.
+FAMILIES = {'vgg16': 32, 'resnet50': 32, 'xception': 71}
+# Where each family's Keras model has its endpoints: Xception's additions are unnamed.
+_KERAS_ADDS = 'xception'
+
+
+def keras_endpoints(keras_module, keras_model, backbone: backbones.Backbone, names):
+  """A Keras model that outputs the endpoints `names` of `backbone`."""
+  if backbone.name == _KERAS_ADDS:
+    adds = [l for l in keras_model.layers if type(l).__name__ == 'Add']
+    layer = dict(zip(backbone.endpoints, adds + [keras_model.get_layer(backbone.endpoints[-1])]))
+  else:
+    layer = {n: keras_model.get_layer(n) for n in names}
+  return keras_module.Model(keras_model.inputs, [layer[n].output for n in names])
+
+
+@pytest.fixture(scope='module', params=list(FAMILIES))
+def family(request, tmp_path_factory):
+  """One family's tf_keras model with random weights, its weights file and ours read from it."""
+  import tf_keras  # pylint: disable=g-import-not-at-top
+  name, size = request.param, FAMILIES[request.param]
+  backbone = backbones.get(name)
+  tf_keras.backend.clear_session()   # Keras's automatic names as in a fresh session.
+  keras_model = getattr(tf_keras.applications, backbone.keras_name)(
+      weights=None, include_top=False, input_shape=(size, size, 3))
+  keras_reference.randomize(keras_model, seed=1)
+  path = tmp_path_factory.mktemp(name) / f'{name}_notop.h5'
+  keras_model.save_weights(str(path))
+  model, variables = pretrained.load_file(path, name)
+  return types.SimpleNamespace(name=name, size=size, backbone=backbone, path=path,
+                               keras_model=keras_model, model=model, variables=variables)
+
+
+def test_weights_file_loads_by_layer_name_as_the_whole_network_without_top(family):
+  assert family.model.final_endpoint == family.backbone.endpoints[-1]
+  assert not family.model.include_top
+  count = sum(np.size(w) for w in family.keras_model.get_weights())
+  assert sum(np.size(v) for v in jax.tree.leaves(family.variables)) == count
+
+
+def test_endpoints_match_tf_keras_in_inference_mode(family):
+  import tf_keras  # pylint: disable=g-import-not-at-top
+  names = list(family.backbone.parity_endpoints)
+  rng = np.random.default_rng(0)
+  pixels = rng.uniform(0, 255, (2, family.size, family.size, 3)).astype(np.float32)
+  x = preprocessing.normalize_np(pixels, family.backbone.preprocessing)
+  theirs = keras_endpoints(tf_keras, family.keras_model, family.backbone, names).predict(
+      x, verbose=0)
+  ours = jax.jit(family.model.apply)(family.variables, x)
+  errors = {}
+  for name, reference in zip(names, theirs):
+    assert ours[name].shape == reference.shape, name
+    errors[name] = float(np.max(np.abs(np.asarray(ours[name]) - reference))
+                         / np.max(np.abs(reference)))
+  print(f'{family.name} relative errors: {errors}')
+  assert max(errors.values()) <= TOLERANCE, errors
+
+
+def test_preprocessing_is_keras_preprocess_input(family):
+  import tf_keras  # pylint: disable=g-import-not-at-top
+  module = {'vgg16': tf_keras.applications.vgg16, 'resnet50': tf_keras.applications.resnet,
+            'xception': tf_keras.applications.xception}[family.name]
+  pixels = np.random.default_rng(1).integers(0, 256, (2, 5, 5, 3)).astype(np.float32)
+  theirs = module.preprocess_input(pixels.copy())
+  ours = preprocessing.normalize_np(pixels, family.backbone.preprocessing)
+  np.testing.assert_array_equal(ours, theirs)
+  on_device = preprocessing.normalize_images(jax.numpy.asarray(pixels.astype(np.uint8)),
+                                             family.backbone.preprocessing)
+  np.testing.assert_array_equal(np.asarray(on_device), theirs)
+
+
+@pytest.mark.parametrize('name', ['vgg19', 'resnet101', 'resnet152'])
+def test_larger_members_have_keras_layers_names_and_shapes(name):
+  """Our layers with weights are Keras's, name for name and shape for shape."""
+  import keras  # pylint: disable=g-import-not-at-top
+  from hhjax.weights import keras_named  # pylint: disable=g-import-not-at-top
+  backbone = backbones.get(name)
+  keras_model = getattr(keras.applications, backbone.keras_name)(
+      weights=None, include_top=False, input_shape=(32, 32, 3))
+  theirs = {l.name: tuple(tuple(w.shape) for w in l.weights)
+            for l in keras_model.layers if l.weights}
+  ours = {l.keras_name: l.shapes
+          for l in keras_named.layers(backbone, keras_named.abstract_variables(backbone))}
+  assert ours == theirs
