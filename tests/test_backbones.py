@@ -104,3 +104,55 @@ def test_larger_members_have_keras_layers_names_and_shapes(name):
   ours = {l.keras_name: l.shapes
           for l in keras_named.layers(backbone, keras_named.abstract_variables(backbone))}
   assert ours == theirs
+
+
+# Where the training smoke cuts each family, and the endpoint fine-tuning opens from.
+_CUTS = {'vgg16': ('block2_pool', 'block2_pool'),
+         'resnet50': ('conv2_block3_out', 'conv2_block3_out'),
+         'xception': ('block3_add', 'block3_add')}
+
+
+def test_finetuning_from_an_endpoint_trains_only_the_blocks_from_it(family):
+  """Two fine-tuning steps (BatchNorm on batch statistics) on the Keras weights cut at an
+  endpoint: the blocks before unfreeze_from, parameters and BatchNorm statistics, stay
+  bit-identical; the opened ones and the head move."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from hhjax import entry  # pylint: disable=g-import-not-at-top
+  from hhjax.training import phases  # pylint: disable=g-import-not-at-top
+  from hhjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from hhjax.training import steps  # pylint: disable=g-import-not-at-top
+  cut, start = _CUTS[family.name]
+  config = default.get_config()
+  config.model.backbone, config.model.cut = family.name, cut
+  config.model.hidden = 8
+  config.finetune.unfreeze_from = start
+  config.finetune.train_bn = True
+  config.data.image_size = family.size
+  config.data.preprocessing = family.backbone.preprocessing
+  model = entry.model(config, 2)
+  phase = [p for p in entry.phases(config) if p.name == 'finetune'][0]
+  variables = state_lib.init_variables(model, family.size, 0)
+  variables = pretrained.load_backbone(variables, str(family.path), cut, backbone=family.name)
+  # The pretrained arrays arrived (not the random init).
+  first = family.backbone.blocks[0]
+  np.testing.assert_array_equal(
+      jax.tree.leaves(variables['params']['backbone'][first])[0],
+      jax.tree.leaves(family.variables['params'][first])[0])
+  setup = phases.setup(phase, variables['params'], entry.optimizer(config))
+  state = state_lib.build_state(variables, setup.tx, 0)
+  step = jax.jit(steps.make_train_step(model, setup))
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 256, (4, family.size, family.size, 3)).astype(np.uint8),
+           'label': np.array([0, 1, 0, 1], np.int32)}
+  after = step(step(state, batch), batch)
+  opened = family.backbone.endpoints_to(cut)[family.backbone.endpoints.index(start):]
+  for collection in ('params', 'batch_stats'):
+    for block, before in state[collection].get('backbone', {}).items():
+      same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), before,
+                          after[collection]['backbone'][block])
+      if block in opened:
+        assert not all(jax.tree.leaves(same)), (collection, block)
+      else:
+        assert all(jax.tree.leaves(same)), (collection, block)
+  assert not np.array_equal(state['params']['head']['output']['kernel'],
+                            after['params']['head']['output']['kernel'])
