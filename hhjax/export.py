@@ -43,8 +43,8 @@ import numpy as np
 from hhjax import entry
 from hhjax import errors
 from hhjax import workdir as workdir_lib
+from hhjax.model import backbones
 from hhjax.model import classifier
-from hhjax.model import inception
 from hhjax.weights import keras_classifier
 
 FORMATS = ('keras', 'saved_model')
@@ -53,6 +53,10 @@ SAVED_MODEL_DIR = 'saved_model'
 # jax2tf lowers the model for each of these, so the SavedModel serves on any of them.
 SAVED_MODEL_PLATFORMS = ('cpu', 'cuda', 'tpu')
 _PACKAGES = {'keras': 'keras==3.15.1', 'tf_keras': 'tf_keras==2.21.0'}
+
+
+# The backbone of the Keras classifiers --format=keras writes (and --mode=import_keras reads).
+KERAS_BACKBONE = backbones.DEFAULT
 
 
 def _import(name: str, purpose: str):
@@ -111,7 +115,8 @@ def _trainable(path: str, config: ml_collections.ConfigDict) -> bool:
   if path.startswith('head/'):
     return True
   ft = config.finetune
-  opened = inception.BLOCKS[inception.BLOCKS.index(ft.unfreeze_from):]
+  blocks = backbones.get(config.model.get('backbone')).blocks
+  opened = blocks[blocks.index(ft.unfreeze_from):] if ft.unfreeze_from in blocks else blocks
   if keras_classifier.kind(path) == 'bn' and not ft.train_bn:
     return False   # Keras runs a frozen BatchNormalization in inference mode, as we do
   return path.split('/')[1] in opened
@@ -217,6 +222,11 @@ def export(config: ml_collections.ConfigDict, workdir: str, fmt: str,
   for name in KERAS_FILES if fmt == 'keras' else (SAVED_MODEL_DIR,):
     _check_new(out_dir / name)
   if fmt == 'keras':
+    backbone = backbones.get(config.model.get('backbone'))
+    if backbone.name != KERAS_BACKBONE:
+      raise errors.ConfigError(
+          f'--format=keras writes classifiers on {KERAS_BACKBONE} only; this run\'s '
+          f'config.model.backbone is {backbone.name!r}. Use --format=saved_model.')
     _import('keras', '--format=keras (the .keras file)')
     _import('tf_keras', '--format=keras (the .h5 file)')
   _, model, state, class_names, step = entry.restore_for_inference(config, workdir,

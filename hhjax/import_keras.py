@@ -36,6 +36,7 @@ from hhjax import entry
 from hhjax import errors
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
+from hhjax.model import backbones
 from hhjax.model import classifier
 from hhjax.training import phases as phases_lib
 from hhjax.training import restore
@@ -48,7 +49,7 @@ def _set(config: ml_collections.ConfigDict, field: str, value: Any,
          why: str = 'from the Keras file') -> None:
   """Sets config.<field> ('model.cut'), logging a change from what the config said."""
   section, name = field.split('.')
-  before = config[section][name]
+  before = config[section].get(name)
   if before != value:
     logging.info('config.%s = %r (%s; the config said %r).', field, value, why, before)
   config[section][name] = value
@@ -72,6 +73,8 @@ def config_for(spec: keras_model.KerasClassifier,
   """A copy of `config` that describes the file's model."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
+    # The files read are InceptionV3 classifiers (hhjax.weights.keras_model).
+    _set(config, 'model.backbone', backbones.DEFAULT)
     _set(config, 'model.cut', spec.cut)
     _set(config, 'model.head', spec.head)
     _set(config, 'model.hidden', spec.hidden)

@@ -8,6 +8,7 @@ other members are checked structurally (our layers, names and shapes, against Ke
 built with weights=None).
 """
 
+import functools
 import types
 
 import jax
@@ -112,15 +113,12 @@ _CUTS = {'vgg16': ('block2_pool', 'block2_pool'),
          'xception': ('block3_add', 'block3_add')}
 
 
-def test_finetuning_from_an_endpoint_trains_only_the_blocks_from_it(family):
-  """Two fine-tuning steps (BatchNorm on batch statistics) on the Keras weights cut at an
-  endpoint: the blocks before unfreeze_from, parameters and BatchNorm statistics, stay
-  bit-identical; the opened ones and the head move."""
+@pytest.fixture(scope='module')
+def cut_classifier(family):
+  """A classifier on the family's Keras weights cut at an endpoint, fine-tuning from it."""
   from configs import default  # pylint: disable=g-import-not-at-top
   from hhjax import entry  # pylint: disable=g-import-not-at-top
-  from hhjax.training import phases  # pylint: disable=g-import-not-at-top
   from hhjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
-  from hhjax.training import steps  # pylint: disable=g-import-not-at-top
   cut, start = _CUTS[family.name]
   config = default.get_config()
   config.model.backbone, config.model.cut = family.name, cut
@@ -130,22 +128,36 @@ def test_finetuning_from_an_endpoint_trains_only_the_blocks_from_it(family):
   config.data.image_size = family.size
   config.data.preprocessing = family.backbone.preprocessing
   model = entry.model(config, 2)
-  phase = [p for p in entry.phases(config) if p.name == 'finetune'][0]
-  variables = state_lib.init_variables(model, family.size, 0)
+  variables = jax.jit(functools.partial(state_lib.init_variables, model, family.size, 0))()
   variables = pretrained.load_backbone(variables, str(family.path), cut, backbone=family.name)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 256, (4, family.size, family.size, 3)).astype(np.uint8),
+           'label': np.array([0, 1, 0, 1], np.int32)}
+  return types.SimpleNamespace(config=config, model=model, variables=variables, batch=batch,
+                               cut=cut, start=start)
+
+
+def test_finetuning_from_an_endpoint_trains_only_the_blocks_from_it(family, cut_classifier):
+  """Two fine-tuning steps (BatchNorm on batch statistics) on the Keras weights cut at an
+  endpoint: the blocks before unfreeze_from, parameters and BatchNorm statistics, stay
+  bit-identical; the opened ones and the head move."""
+  from hhjax import entry  # pylint: disable=g-import-not-at-top
+  from hhjax.training import phases  # pylint: disable=g-import-not-at-top
+  from hhjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from hhjax.training import steps  # pylint: disable=g-import-not-at-top
+  c = cut_classifier
+  variables = c.variables
   # The pretrained arrays arrived (not the random init).
   first = family.backbone.blocks[0]
   np.testing.assert_array_equal(
       jax.tree.leaves(variables['params']['backbone'][first])[0],
       jax.tree.leaves(family.variables['params'][first])[0])
-  setup = phases.setup(phase, variables['params'], entry.optimizer(config))
+  phase = [p for p in entry.phases(c.config) if p.name == 'finetune'][0]
+  setup = phases.setup(phase, variables['params'], entry.optimizer(c.config))
   state = state_lib.build_state(variables, setup.tx, 0)
-  step = jax.jit(steps.make_train_step(model, setup))
-  rng = np.random.default_rng(0)
-  batch = {'image': rng.integers(0, 256, (4, family.size, family.size, 3)).astype(np.uint8),
-           'label': np.array([0, 1, 0, 1], np.int32)}
-  after = step(step(state, batch), batch)
-  opened = family.backbone.endpoints_to(cut)[family.backbone.endpoints.index(start):]
+  step = jax.jit(steps.make_train_step(c.model, setup))
+  after = step(step(state, c.batch), c.batch)
+  opened = family.backbone.endpoints_to(c.cut)[family.backbone.endpoints.index(c.start):]
   for collection in ('params', 'batch_stats'):
     for block, before in state[collection].get('backbone', {}).items():
       same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), before,
@@ -156,3 +168,49 @@ def test_finetuning_from_an_endpoint_trains_only_the_blocks_from_it(family):
         assert all(jax.tree.leaves(same)), (collection, block)
   assert not np.array_equal(state['params']['head']['output']['kernel'],
                             after['params']['head']['output']['kernel'])
+
+
+def test_gradcam_reads_the_features_at_the_cut_of_another_family():
+  """Grad-CAM finds the backbone by its place in the classifier, whichever family: one family
+  besides InceptionV3 (tests/test_explain.py) shows it."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from hhjax import entry  # pylint: disable=g-import-not-at-top
+  from hhjax import explain  # pylint: disable=g-import-not-at-top
+  from hhjax.model import classifier  # pylint: disable=g-import-not-at-top
+  from hhjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.model.backbone, config.model.cut, config.model.hidden = 'vgg16', 'block2_pool', 8
+  config.data.image_size, config.data.preprocessing = 32, 'caffe'
+  model = entry.model(config, 2)
+  variables = jax.jit(functools.partial(state_lib.init_variables, model, 32, 0))()
+  images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
+  out = jax.jit(functools.partial(explain.gradcam, model))(variables, images)
+  assert out['features_map'].shape == (2, 8, 8)   # block2_pool's grid at 32 px
+  assert out['map'].shape == (2, 32, 32)
+  assert np.all(np.asarray(out['map']) >= 0) and np.all(np.isfinite(np.asarray(out['map'])))
+  # The map is that of the features at the cut: recomputed from them and the head's gradient.
+  features = classifier.backbone_module(model).apply(
+      {'params': variables['params']['backbone']},
+      preprocessing.normalize_images(images, 'caffe'))['block2_pool']
+  grads = jax.grad(lambda a: jax.numpy.sum(explain.class_score(
+      model.apply(variables, a, from_features=True), out['predicted'])))(features)
+  expected = jax.nn.relu(jax.numpy.einsum('bhwk,bk->bhw', features, grads.mean(axis=(1, 2))))
+  np.testing.assert_allclose(out['features_map'], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', [n for n in backbones.NAMES if n != backbones.DEFAULT])
+def test_speed_rewrites_not_verified_on_a_family_stay_off(name):
+  """config.speed 'on' (or 'auto' on CPU) changes nothing for a family the rewrites were not
+  verified on; InceptionV3 keeps them."""
+  from hhjax.model import classifier  # pylint: disable=g-import-not-at-top
+  speed = {'fast_convs': 'on', 'fold_bn': 'on', 'merge_1x1': 'on', 'fast_pools': 'on'}
+  cut = backbones.get(name).endpoints[0]
+  model = classifier.create_model({'backbone': name, 'cut': cut, 'head': 'gap',
+                                   'hidden': 0, 'dropout': 0.0}, 2,
+                                  preprocessing='inception', speed=speed)
+  assert classifier.backbone_module(model).lowering == backbones.Lowering()
+  inception = classifier.create_model({'cut': 'mixed0', 'head': 'gap', 'hidden': 0,
+                                       'dropout': 0.0}, 2, preprocessing='inception',
+                                      speed=speed)
+  assert classifier.backbone_module(inception).lowering == backbones.Lowering(
+      fast_convs=True, fold_bn=True, merge_1x1=True, fast_pools=True)

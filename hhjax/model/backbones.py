@@ -56,7 +56,7 @@ def _official(family: str, stem: str, notop_md5: str, top_md5: str,
           'imagenet_top': WeightsFile(f'{base}.h5', top_md5, None, True)}
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)   # one object per member: hashed by identity
 class Backbone:
   """One backbone family member, as Keras builds it.
 
@@ -122,11 +122,13 @@ class Backbone:
 
   def build(self, final_endpoint: str | None = None, *, include_top: bool = False,
             num_classes: int = 1000, lowering: Lowering = Lowering(), dtype: Any = None,
-            name: str | None = None) -> nn.Module:
-    """The Flax module up to `final_endpoint` (default: the last), unverified rewrites off."""
+            name: str | None = None, **module_options) -> nn.Module:
+    """The Flax module up to `final_endpoint` (default: the last), unverified rewrites off;
+    `module_options` (e.g. parent) go to the module."""
     return self.module(final_endpoint=final_endpoint or self.endpoints[-1],
                        include_top=include_top, num_classes=num_classes,
-                       lowering=self.lowering(lowering), dtype=dtype, name=name)
+                       lowering=self.lowering(lowering), dtype=dtype, name=name,
+                       **module_options)
 
 
 def _partial(cls, **fixed):

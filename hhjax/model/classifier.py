@@ -122,16 +122,20 @@ class Classifier(nn.Module):
       features = x
     else:
       x = preprocessing_lib.normalize_images(x, self.preprocessing)
-      features = self.backbone_module(name='backbone')(
+      features = backbone_module(self, name='backbone')(
           x, train=bn_train_from is not None, train_from=bn_train_from)[self.cut]
     return Head(num_outputs(self.num_classes), self.head, self.hidden, self.dropout,
                 dtype=self.dtype, name='head')(features, train)
 
 
-  def backbone_module(self, name: str | None = None) -> nn.Module:
-    """The backbone up to `cut` (a fresh module; parameters under `name`)."""
-    return backbones.get(self.backbone).build(self.cut, lowering=self.lowering,
-                                              dtype=self.dtype, name=name)
+
+
+def backbone_module(model: Classifier, name: str | None = None) -> nn.Module:
+  """The classifier's backbone up to its cut: inside the classifier as its submodule `name`,
+  else on its own (the variables under 'backbone' fit it)."""
+  options = {} if name else {'parent': None}
+  return backbones.get(model.backbone).build(model.cut, lowering=model.lowering,
+                                             dtype=model.dtype, name=name, **options)
 
 
 def check_cut(cut: str, backbone: str = backbones.DEFAULT) -> None:

@@ -28,6 +28,7 @@ from hhjax import sharding
 from hhjax.data import pipeline
 from hhjax.data import spec as data_spec
 from hhjax.data import streams
+from hhjax.model import classifier
 from hhjax.model import preprocessing
 from hhjax.training import optim
 from hhjax.training import phases as phases_lib
@@ -95,7 +96,7 @@ def wanted(data: data_spec.DataSpec, settings: Settings, setup: phases_lib.Phase
 
 def _backbone(model):
   """The classifier's backbone on its own (the variables under 'backbone' fit it)."""
-  return model.backbone_module()
+  return classifier.backbone_module(model)
 
 
 def compute_features(model, params: PyTree, batch_stats: PyTree, data: data_spec.DataSpec,

@@ -13,6 +13,7 @@ refused: it is of another architecture.
 """
 
 import dataclasses
+import functools
 import os
 import pathlib
 import re
@@ -56,9 +57,12 @@ def _get(tree, keys):
   return tree
 
 
+@functools.lru_cache(maxsize=32)
 def abstract_variables(backbone: backbones.Backbone, final_endpoint: str | None = None,
                        include_top: bool = False, num_classes: int = 1000) -> Variables:
-  """Shapes of the backbone's variables (a top needs Keras's 224 px for VGG's Flatten)."""
+  """Shapes of the backbone's variables (a top needs Keras's 224 px for VGG's Flatten).
+
+  Cached: tracing ResNet152 takes seconds, and a load asks for the same shapes again."""
   module = backbone.build(final_endpoint, include_top=include_top, num_classes=num_classes)
   size = 224 if include_top else backbone.min_size
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
