@@ -4,8 +4,8 @@ For the smallest member of each family: a tf_keras model with random weights (Ba
 statistics included) at the smallest input Keras allows, saved with `save_weights` (the
 official files' layout), read back by our loader by layer name, and compared at each stage's
 endpoint and the last one in inference mode: max |flax - keras| / max |keras| <= 1e-4. The
-other members are checked structurally (our layers, names and shapes, against Keras's model
-built with weights=None).
+other members are checked structurally: VGG19's layers, names and shapes, against Keras's model
+built with weights=None; ResNet101's and 152's stages against those Keras's ResNet stacks.
 """
 
 import functools
@@ -61,6 +61,32 @@ def test_weights_file_loads_by_layer_name_as_the_whole_network_without_top(famil
   assert sum(np.size(v) for v in jax.tree.leaves(family.variables)) == count
 
 
+@pytest.mark.parametrize('family', ['xception'], indirect=True)
+def test_whole_model_h5_and_keras_archive_load_the_same_weights(family, tmp_path):
+  """tf_keras's model.save('x.h5') and Keras 3's .keras archive of the same network load, by
+  name, to the arrays of the save_weights file. Xception: its unnamed layers (Keras 3 numbers
+  them afresh) are paired in order; the families without any take the same path."""
+  import keras  # pylint: disable=g-import-not-at-top
+  family.keras_model.save(str(tmp_path / 'whole.h5'))
+  keras3 = getattr(keras.applications, family.backbone.keras_name)(
+      weights=None, include_top=False, input_shape=(family.size, family.size, 3))
+  keras3.set_weights(family.keras_model.get_weights())
+  keras3.save(str(tmp_path / 'model.keras'))
+  for name in ('whole.h5', 'model.keras'):
+    model, variables = pretrained.load_file(tmp_path / name, family.name)
+    assert model.final_endpoint == family.backbone.endpoints[-1], name
+    same = jax.tree.map(np.array_equal, variables, family.variables)
+    assert all(jax.tree.leaves(same)), name
+
+
+def test_a_file_of_another_family_is_refused_naming_a_missing_layer(family):
+  from hhjax import errors  # pylint: disable=g-import-not-at-top
+  other = {'vgg16': 'resnet50', 'resnet50': 'xception', 'xception': 'vgg16'}[family.name]
+  with pytest.raises(errors.KerasWeightsError,
+                     match=rf'does not hold Keras {backbones.get(other).keras_name} weights'):
+    pretrained.load_file(family.path, other)
+
+
 def test_endpoints_match_tf_keras_in_inference_mode(family):
   import tf_keras  # pylint: disable=g-import-not-at-top
   names = list(family.backbone.parity_endpoints)
@@ -92,19 +118,40 @@ def test_preprocessing_is_keras_preprocess_input(family):
   np.testing.assert_array_equal(np.asarray(on_device), theirs)
 
 
-@pytest.mark.parametrize('name', ['vgg19', 'resnet101', 'resnet152'])
-def test_larger_members_have_keras_layers_names_and_shapes(name):
+def test_vgg19_has_keras_layers_names_and_shapes():
   """Our layers with weights are Keras's, name for name and shape for shape."""
   import keras  # pylint: disable=g-import-not-at-top
   from hhjax.weights import keras_named  # pylint: disable=g-import-not-at-top
-  backbone = backbones.get(name)
-  keras_model = getattr(keras.applications, backbone.keras_name)(
-      weights=None, include_top=False, input_shape=(32, 32, 3))
+  backbone = backbones.get('vgg19')
+  keras_model = keras.applications.VGG19(weights=None, include_top=False,
+                                         input_shape=(32, 32, 3))
   theirs = {l.name: tuple(tuple(w.shape) for w in l.weights)
             for l in keras_model.layers if l.weights}
   ours = {l.keras_name: l.shapes
           for l in keras_named.layers(backbone, keras_named.abstract_variables(backbone))}
   assert ours == theirs
+
+
+@pytest.mark.parametrize('name', ['resnet50', 'resnet101', 'resnet152'])
+def test_resnet_stages_are_the_ones_keras_stacks(name, monkeypatch):
+  """ResNet101 and 152 are ResNet50's blocks (compared with Keras above) in other numbers:
+  the stages Keras's own ResNet function stacks, recorded without building them."""
+  from keras.src.applications import resnet as keras_resnet  # pylint: disable=g-import-not-at-top
+  from hhjax.model import resnet  # pylint: disable=g-import-not-at-top
+  stacked = []
+
+  def record(x, filters, blocks, stride1=2, name=None):
+    stacked.append((name, filters, blocks, stride1))
+    return x
+
+  monkeypatch.setattr(keras_resnet, 'stack_residual_blocks_v1', record)
+  getattr(keras_resnet, backbones.get(name).keras_name)(
+      weights=None, include_top=False, input_shape=(32, 32, 3))
+  depth = int(name[len('resnet'):])
+  assert stacked == [(f'conv{i + 2}', 64 * 2 ** i, n, 1 if i == 0 else 2)
+                     for i, n in enumerate(resnet.DEPTHS[depth])]
+  assert backbones.get(name).endpoints[-1] == 'conv5_block3_out'
+  assert len(backbones.get(name).endpoints) == sum(resnet.DEPTHS[depth])
 
 
 # Where the training smoke cuts each family, and the endpoint fine-tuning opens from.
