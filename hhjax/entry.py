@@ -26,6 +26,7 @@ from hhjax import errors
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
 from hhjax.data import spec as data_spec
+from hhjax.model import backbones
 from hhjax.model import classifier
 from hhjax.model import lowering
 from hhjax.training import optim
@@ -146,7 +147,8 @@ def keras_classifier_spec(config: ml_collections.ConfigDict, num_classes: int = 
   m = config.model
   return keras_classifier.KerasClassifier(
       m.cut, m.head, int(m.hidden), float(m.dropout), num_classes, image_size(config),
-      tuple(class_names) if class_names else None, config.data.preprocessing)
+      tuple(class_names) if class_names else None, config.data.preprocessing,
+      m.get('backbone') or backbones.DEFAULT)
 
 
 def restore_target(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,

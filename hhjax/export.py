@@ -55,10 +55,6 @@ SAVED_MODEL_PLATFORMS = ('cpu', 'cuda', 'tpu')
 _PACKAGES = {'keras': 'keras==3.15.1', 'tf_keras': 'tf_keras==2.21.0'}
 
 
-# The backbone of the Keras classifiers --format=keras writes (and --mode=import_keras reads).
-KERAS_BACKBONE = backbones.DEFAULT
-
-
 def _import(name: str, purpose: str):
   try:
     return importlib.import_module(name)
@@ -110,22 +106,23 @@ def _output(path: pathlib.Path) -> Iterator[pathlib.Path]:
 # ---------------------------------------------------------------------------------- Keras
 
 
-def _trainable(path: str, config: ml_collections.ConfigDict) -> bool:
-  """Whether the Keras layer at our `path` trains in our fine-tuning phase, in Keras's terms."""
-  if path.startswith('head/'):
+def _trainable(entry: keras_classifier.KerasLayerPath,
+               config: ml_collections.ConfigDict) -> bool:
+  """Whether the Keras layer `entry` trains in our fine-tuning phase, in Keras's terms."""
+  if entry.block == 'head':
     return True
   ft = config.finetune
   blocks = backbones.get(config.model.get('backbone')).blocks
   opened = blocks[blocks.index(ft.unfreeze_from):] if ft.unfreeze_from in blocks else blocks
-  if keras_classifier.kind(path) == 'bn' and not ft.train_bn:
+  if entry.is_batch_norm and not ft.train_bn:
     return False   # Keras runs a frozen BatchNormalization in inference mode, as we do
-  return path.split('/')[1] in opened
+  return entry.block in opened
 
 
 def _compile_for_fit(keras_module, model, spec: keras_classifier.KerasClassifier,
                      config: ml_collections.ConfigDict) -> None:
-  for layer, path in zip(keras_classifier.keras_layers_with_weights(model), spec.layer_paths()):
-    layer.trainable = _trainable(path, config)
+  for entry in keras_classifier.keras_layer_paths(model, spec):
+    entry.layer.trainable = _trainable(entry, config)
   binary = classifier.num_outputs(spec.num_classes) == 1
   model.compile(
       optimizer=keras_module.optimizers.RMSprop(
@@ -222,11 +219,6 @@ def export(config: ml_collections.ConfigDict, workdir: str, fmt: str,
   for name in KERAS_FILES if fmt == 'keras' else (SAVED_MODEL_DIR,):
     _check_new(out_dir / name)
   if fmt == 'keras':
-    backbone = backbones.get(config.model.get('backbone'))
-    if backbone.name != KERAS_BACKBONE:
-      raise errors.ConfigError(
-          f'--format=keras writes classifiers on {KERAS_BACKBONE} only; this run\'s '
-          f'config.model.backbone is {backbone.name!r}. Use --format=saved_model.')
     _import('keras', '--format=keras (the .keras file)')
     _import('tf_keras', '--format=keras (the .h5 file)')
   _, model, state, class_names, step = entry.restore_for_inference(config, workdir,

@@ -52,6 +52,25 @@ def randomize(model, seed: int = 0) -> None:
     layer.set_weights([w.astype(np.float32) for w in new])
 
 
+def randomize_flax(variables, seed: int = 0):
+  """Our variables with new random values at the scales `randomize` draws (variances > 0)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+
+  def draw(path, x):
+    key = getattr(path[-1], 'key', None)
+    if key == 'var':
+      return rng.uniform(0.5, 2.0, x.shape).astype(np.float32)
+    if key == 'scale':
+      return rng.uniform(0.5, 1.5, x.shape).astype(np.float32)
+    if key in ('kernel', 'depthwise_kernel', 'pointwise_kernel'):
+      fan_in = int(np.prod(x.shape[:-1])) if key != 'depthwise_kernel' else int(
+          np.prod(x.shape[:2]))
+      return rng.normal(0.0, np.sqrt(2.0 / fan_in), x.shape).astype(np.float32)
+    return rng.normal(0.0, 0.1, x.shape).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(draw, variables)
+
+
 def save_tf_keras_weights(path: pathlib.Path, *, include_top: bool = False, size: int = 150,
                           seed: int = 0) -> pathlib.Path:
   """A random tf_keras InceptionV3 saved with `save_weights` (the official files' layout)."""

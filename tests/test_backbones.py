@@ -87,6 +87,63 @@ def test_a_file_of_another_family_is_refused_naming_a_missing_layer(family):
     pretrained.load_file(family.path, other)
 
 
+@pytest.mark.parametrize('family', ['vgg16'], indirect=True)
+def test_imagenet_resolves_the_familys_official_file_through_the_cache(family, monkeypatch,
+                                                                       tmp_path):
+  """'imagenet' with config.model.backbone=<family> downloads that family's notop file (served
+  here from a file:// URL), verifies its MD5, and reads it by name. One family: the lookup is
+  the declaration's, the same for all (the MD5s and URLs are checked for all below)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  from hhjax.weights import official  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv(official.CACHE_DIR_ENV, str(tmp_path / 'cache'))
+  monkeypatch.setenv('KERAS_HOME', str(tmp_path / 'keras_home'))
+  official_file = family.backbone.weights['imagenet']
+  served = tmp_path / official_file.filename
+  served.write_bytes(family.path.read_bytes())
+  local = official.WeightsFile(served.as_uri(), hashlib.md5(served.read_bytes()).hexdigest(),
+                               None, False)
+  monkeypatch.setitem(family.backbone.weights, 'imagenet', local)
+  assert official.download_needed('imagenet', family.name) == local
+  model, variables = pretrained.load_pretrained('imagenet', backbone=family.name,
+                                                final_endpoint=family.backbone.endpoints[0])
+  assert (tmp_path / 'cache' / 'keras' / official_file.filename).is_file()
+  assert official.download_needed('imagenet', family.name) is None
+  assert model.final_endpoint == family.backbone.endpoints[0]
+  assert set(variables['params']) == set(family.backbone.blocks_to(model.final_endpoint))
+
+
+@pytest.mark.parametrize('name', [n for n in backbones.NAMES])
+def test_official_files_are_the_installed_keras_ones(name):
+  """URL and MD5 of both ImageNet files as keras/src/applications has them."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  import importlib  # pylint: disable=g-import-not-at-top
+  backbone = backbones.get(name)
+  source_module = {'inception_v3': 'inception_v3', 'vgg16': 'vgg16', 'vgg19': 'vgg19',
+                   'xception': 'xception'}.get(name, 'resnet')
+  module = importlib.import_module(f'keras.src.applications.{source_module}')
+  source = inspect.getsource(module)
+  for key, weights in backbone.weights.items():
+    assert weights.include_top == (key == 'imagenet_top')
+    assert f'"{weights.md5}"' in source, (key, weights.md5)
+    if source_module == 'resnet':
+      top, notop = module.WEIGHTS_HASHES[name]
+      assert weights.md5 == (top if weights.include_top else notop)
+      assert weights.url == module.BASE_WEIGHTS_PATH + weights.filename
+    else:
+      url = module.WEIGHTS_PATH if weights.include_top else module.WEIGHTS_PATH_NO_TOP
+      assert weights.url == url
+
+
+def test_caffe_preprocessing_is_the_same_in_the_pipeline_and_undone_by_the_preview():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from hhjax.data import decode  # pylint: disable=g-import-not-at-top
+  pixels = np.random.default_rng(2).integers(0, 256, (3, 4, 4, 3)).astype(np.float32)
+  ours = preprocessing.normalize_np(pixels, 'caffe')
+  np.testing.assert_array_equal(decode.normalize(tf.constant(pixels), 'caffe').numpy(), ours)
+  np.testing.assert_allclose(preprocessing.denormalize(ours, 'caffe'), pixels / 255.0,
+                             atol=1e-6)
+
+
 def test_endpoints_match_tf_keras_in_inference_mode(family):
   import tf_keras  # pylint: disable=g-import-not-at-top
   names = list(family.backbone.parity_endpoints)
@@ -261,3 +318,33 @@ def test_speed_rewrites_not_verified_on_a_family_stay_off(name):
                                       speed=speed)
   assert classifier.backbone_module(inception).lowering == backbones.Lowering(
       fast_convs=True, fold_bn=True, merge_1x1=True, fast_pools=True)
+
+
+@pytest.mark.parametrize('name', ['xception'])
+def test_keras_classifier_export_computes_ours_and_reads_back(name, tmp_path):
+  """The Keras tutorial's classifier on the backbone, built in Keras 3 holding our variables,
+  computes our probabilities; its .keras file reads back as the same classifier. Xception, the
+  family with unnamed endpoints and layers; VGG16 and ResNet50 pass the same (about 25 s each
+  on 2 busy cores, left out for time)."""
+  import keras  # pylint: disable=g-import-not-at-top
+  from hhjax.model import classifier  # pylint: disable=g-import-not-at-top
+  from hhjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from hhjax.weights import keras_classifier  # pylint: disable=g-import-not-at-top
+  from hhjax.weights import keras_model  # pylint: disable=g-import-not-at-top
+  size, (cut, _) = FAMILIES[name], _CUTS[name]
+  spec = keras_classifier.KerasClassifier(cut, 'flatten', 8, 0.2, 2, size, backbone=name)
+  model = spec.flax_model()
+  variables = jax.device_get(
+      jax.jit(functools.partial(state_lib.init_variables, model, size, 0))())
+  variables = keras_reference.randomize_flax(variables, seed=3)
+  built = keras_classifier.build_keras_classifier(keras, spec, variables)
+  x = np.random.default_rng(0).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
+  theirs = built.predict(x, verbose=0)[:, 0]
+  ours = np.asarray(classifier.probabilities(jax.jit(model.apply)(variables, x)))[:, 1]
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+  built.save(str(tmp_path / 'model.keras'))
+  read, again = keras_model.read_classifier(tmp_path / 'model.keras')
+  assert (read.backbone, read.cut, read.head, read.hidden, read.dropout, read.image_size) == (
+      name, cut, 'flatten', 8, 0.2, size)
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), again, variables)
+  assert all(jax.tree.leaves(same))

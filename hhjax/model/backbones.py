@@ -80,6 +80,8 @@ class Backbone:
     top: the top-level modules of the classification top, in order.
     lowerings: the `Lowering` switches verified on this family; the others stay off.
     parity_endpoints: the endpoints the parity tests compare (every stage's end, the last).
+    unnamed_endpoints: the endpoints whose Keras layer is unnamed (Xception's Add layers,
+      `add`, `add_1`, ...), in order: the k-th is the k-th Add layer of the Keras model.
   """
   name: str
   keras_name: str
@@ -94,6 +96,7 @@ class Backbone:
   top: tuple[str, ...] = ('predictions',)
   lowerings: frozenset[str] = frozenset()
   parity_endpoints: tuple[str, ...] = ()
+  unnamed_endpoints: tuple[str, ...] = ()
 
   @property
   def blocks(self) -> tuple[str, ...]:
@@ -177,7 +180,7 @@ def _declared() -> tuple[Backbone, ...]:
       weights=_official('xception', 'xception_weights_tf_dim_ordering_tf_kernels',
                         'b0042744bf5b25fce3cb969f33bebb97', '0a58e3b7378bc2990ea3b43d5981f1f6'),
       unnamed={'residual_conv': 'conv2d', 'residual_bn': 'batch_normalization'},
-      parity_endpoints=xception.ENDPOINTS))
+      parity_endpoints=xception.ENDPOINTS, unnamed_endpoints=xception.ENDPOINTS[:-1]))
   return tuple(families)
 
 

@@ -24,7 +24,6 @@ import numpy as np
 
 from hhjax import errors
 from hhjax.model import backbones
-from hhjax.weights import keras_files
 from hhjax.weights import keras_h5
 
 Variables = keras_h5.Variables
@@ -103,7 +102,8 @@ def layers(backbone: backbones.Backbone, abstract: Variables) -> list[Layer]:
   return out
 
 
-def _auto_named(name: str, prefix: str) -> bool:
+def auto_named(name: str, prefix: str) -> bool:
+  """Whether `name` is one Keras gives a layer of class prefix `prefix` (conv2d, conv2d_3)."""
   return re.fullmatch(rf'{prefix}(_\d+)?', name) is not None
 
 
@@ -113,7 +113,7 @@ def _misfit(path, backbone, why: str) -> errors.KerasWeightsError:
       f'another architecture?')
 
 
-def _final_endpoint(backbone: backbones.Backbone, names: set[str]) -> str:
+def final_endpoint(backbone: backbones.Backbone, names: set[str]) -> str:
   """The last endpoint whose block's named layers are all in the file."""
   full = layers(backbone, abstract_variables(backbone))
   last = None
@@ -122,6 +122,12 @@ def _final_endpoint(backbone: backbones.Backbone, names: set[str]) -> str:
     if named and all(n in names for n in named):
       last = endpoint
   return last or backbone.endpoints[0]
+
+
+def named_layers_to(backbone: backbones.Backbone, endpoint: str) -> set[str]:
+  """Keras's names of the backbone's named layers with weights up to `endpoint`."""
+  return {l.keras_name for l in layers(backbone, abstract_variables(backbone, endpoint))
+          if l.keras_name}
 
 
 def pair(path, backbone: backbones.Backbone, file_layers: list[FileLayer],
@@ -134,7 +140,7 @@ def pair(path, backbone: backbones.Backbone, file_layers: list[FileLayer],
   for prefix in set(backbone.unnamed.values()):
     named = {l.keras_name for l in ours if l.keras_name}
     unnamed[prefix] = [l for l in file_layers
-                       if _auto_named(l.name, prefix) and l.name not in named]
+                       if auto_named(l.name, prefix) and l.name not in named]
   for layer in ours:
     if layer.keras_name:
       theirs = by_name.get(layer.keras_name)
@@ -185,6 +191,8 @@ def load(path: str | os.PathLike, backbone: backbones.Backbone):
     (module, variables): the backbone's Flax module configured as the file is (top and class
     count, or the endpoint the file ends at) and its variables, float32 numpy arrays.
   """
+  # keras_files reads hhjax's classifier metadata (keras_classifier, which uses this module).
+  from hhjax.weights import keras_files  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path).expanduser()
   with keras_files.open_file(path) as keras_file:
     file_layers = keras_file.layers
@@ -196,7 +204,7 @@ def load(path: str | os.PathLike, backbone: backbones.Backbone):
       num_classes = predictions.shapes[-1][0]
       final = backbone.endpoints[-1]
     else:
-      final = _final_endpoint(backbone, names)
+      final = final_endpoint(backbone, names)
     abstract = abstract_variables(backbone, final, top, num_classes)
     pairs = pair(path, backbone, file_layers, layers(backbone, abstract))
     variables = read(path, pairs)
