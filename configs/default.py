@@ -73,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- model
   config.model = model = ml_collections.ConfigDict()
-  # The Keras application the classifier stands on (hhjax/model/backbones.py, README "Model"):
+  # The Keras application the classifier stands on (hhjax/model/backbones.py, README "Backbones"):
   # 'inception_v3', 'vgg16', 'vgg19', 'resnet50', 'resnet101', 'resnet152' or 'xception'.
   # model.cut and finetune.unfreeze_from name its endpoints; VGG and ResNet's ImageNet weights
   # expect data.preprocessing='caffe', InceptionV3 and Xception's 'inception'.

@@ -128,8 +128,6 @@ class Classifier(nn.Module):
                 dtype=self.dtype, name='head')(features, train)
 
 
-
-
 def backbone_module(model: Classifier, name: str | None = None) -> nn.Module:
   """The classifier's backbone up to its cut: inside the classifier as its submodule `name`,
   else on its own (the variables under 'backbone' fit it)."""
@@ -138,12 +136,13 @@ def backbone_module(model: Classifier, name: str | None = None) -> nn.Module:
                                              dtype=model.dtype, name=name, **options)
 
 
-def check_cut(cut: str, backbone: str = backbones.DEFAULT) -> None:
+def check_cut(cut: str, backbone: str | None = None) -> None:
   backbones.get(backbone).check_endpoint(cut)
 
 
-def backbone_blocks(cut: str, backbone: str = backbones.DEFAULT) -> tuple[str, ...]:
-  """The backbone's endpoints (its blocks after the stem), the first ... cut."""
+def backbone_blocks(cut: str, backbone: str | None = None) -> tuple[str, ...]:
+  """The backbone's endpoints (its blocks after the stem), the first ... cut (backbone None:
+  InceptionV3)."""
   return backbones.get(backbone).endpoints_to(cut)
 
 

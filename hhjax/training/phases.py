@@ -49,7 +49,7 @@ def make_phases(warmup: Mapping[str, Any], finetune: Mapping[str, Any],
     cut: the backbone's last block (config.model.cut): fine-tuning opens blocks up to it.
     backbone: config.model.backbone (None: the default, InceptionV3).
   """
-  blocks = classifier.backbone_blocks(cut, backbone or classifier.backbones.DEFAULT)
+  blocks = classifier.backbone_blocks(cut, backbone)
   phases = []
   if warmup['epochs'] > 0:
     rules = _rules(warmup.get('param_labels')) or (
