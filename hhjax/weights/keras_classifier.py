@@ -1,6 +1,7 @@
 """The Keras classifier as Keras lays it out: what it is, its layers' order, built in Keras.
 
-The tutorial's classifier, which `hhjax.model.classifier.Classifier` computes:
+The tutorial's classifier, which `hhjax.model.classifier.Classifier` computes (on InceptionV3
+here; `KerasClassifier.backbone` names the keras.applications model of any declared backbone):
 
     base = keras.applications.InceptionV3(include_top=False, input_shape=(S, S, 3), ...)
     x = layers.Flatten()(base.get_layer('mixed7').output)   # or GlobalAveragePooling2D()
@@ -10,8 +11,9 @@ The tutorial's classifier, which `hhjax.model.classifier.Classifier` computes:
     model = keras.Model(base.input, x)
 
 `KerasClassifier` says which one (cut, head, class count, image size); `layer_paths` pairs its
-Keras layers with weights, in `model.layers` order, with our parameter paths (the backbone's
-part is `hhjax.weights.keras_h5.keras_layer_order`); `build_keras_classifier` builds it in Keras 3
+Keras layers with weights, in `model.layers` order, with our parameter paths (InceptionV3's
+backbone by position, `hhjax.weights.keras_h5.keras_layer_order`; the other families' by
+name, `keras_layer_paths`); `build_keras_classifier` builds it in Keras 3
 or tf_keras holding our variables. `hhjax.weights.keras_model` reads such models from files.
 """
 
