@@ -41,7 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.eval_split = 'test'                 # 'validation' for the shared image folder.
   data.image_size = 150
   data.resize_method = 'bilinear'          # 'nearest' mimics Keras flow_from_directory.
-  data.preprocessing = 'inception'         # x/127.5 - 1; 'rescale' is x/255 (the seed).
+  # 'inception': x/127.5 - 1 (Keras's 'tf' mode); 'caffe': RGB->BGR minus the ImageNet mean
+  # (Keras's VGG/ResNet preprocess_input); 'rescale': x/255 (the seed).
+  data.preprocessing = 'inception'
   # 'float32': batches carry normalised images; 'uint8': pixels, normalised on the device
   # (a quarter of the bytes to move; rounds augmented pixels to whole grey levels).
   data.image_dtype = 'float32'
@@ -71,7 +73,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- model
   config.model = model = ml_collections.ConfigDict()
-  model.cut = 'mixed7'
+  # The Keras application the classifier stands on (hhjax/model/backbones.py, README "Backbones"):
+  # 'inception_v3', 'vgg16', 'vgg19', 'resnet50', 'resnet101', 'resnet152' or 'xception'.
+  # model.cut and finetune.unfreeze_from name its endpoints; VGG and ResNet's ImageNet weights
+  # expect data.preprocessing='caffe', InceptionV3 and Xception's 'inception'.
+  model.backbone = 'inception_v3'
+  model.cut = 'mixed7'                     # An endpoint of the backbone (the last block kept).
   # 'imagenet', a path to a Keras .h5, a converted checkpoint folder, or None (random init).
   model.pretrained = ml_collections.FieldReference('imagenet', field_type=str)
   model.head = 'flatten'                   # 'flatten' (the seed) or 'gap'.

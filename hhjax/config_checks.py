@@ -28,7 +28,7 @@ import ml_collections
 from hhjax import errors
 from hhjax.data import spec as data_spec
 from hhjax.model import classifier
-from hhjax.model import inception
+from hhjax.model import backbones
 from hhjax.model import lowering
 from hhjax.model import preprocessing
 from hhjax.training import losses
@@ -118,7 +118,7 @@ RULES: dict[str, _Rule] = {
     'checkpoint_every_steps': _integer(0),
     'keep_checkpoints': _integer(1),
     'data.source': _one_of(data_spec.SOURCES),
-    'data.image_size': _integer(inception.MIN_SIZE),
+    'data.image_size': _integer(min(b.min_size for b in backbones.BACKBONES.values())),
     'data.resize_method': _one_of(data_spec.RESIZE_METHODS),
     'data.preprocessing': _one_of(preprocessing.NAMES),
     'data.image_dtype': _one_of(data_spec.IMAGE_DTYPES),
@@ -140,7 +140,7 @@ RULES: dict[str, _Rule] = {
     'data.augment.vertical_flip': _BOOL,
     'data.augment.fill_mode': _one_of(data_spec.FILL_MODES),
     'data.augment.cval': _NUMBER,
-    'model.cut': _one_of(inception.ENDPOINTS),
+    'model.backbone': _one_of(backbones.NAMES),
     'model.head': _one_of(classifier.HEADS),
     'model.hidden': _integer(0),
     'model.dropout': _number(0, 1),
@@ -153,7 +153,6 @@ RULES: dict[str, _Rule] = {
     'warmup.learning_rate': _LEARNING_RATE,
     'finetune.epochs': _integer(0),
     'finetune.learning_rate': _LEARNING_RATE,
-    'finetune.unfreeze_from': _one_of(inception.BLOCKS),
     'finetune.train_bn': _BOOL,
     # The loop reads any false value ('' from the command line too) as "no early stopping".
     'early_stopping.metric': _Rule(
@@ -249,18 +248,37 @@ def _check_relations(config: Any, found: list[str]) -> None:
     found.append(' and '.join(f'config.{phase}.epochs = {n!r}' for phase, n in given.items())
                  + ': nothing to train; at least one phase needs epochs > 0.')
 
-  # Fine-tuning opens blocks of the backbone, so only blocks up to the cut.
+  # The cut, the image size and where fine-tuning starts are the backbone's.
+  name = _lookup(config, 'model.backbone')
+  name = backbones.DEFAULT if name is _MISSING else name
+  if name not in backbones.BACKBONES:
+    return   # Named by the rule of model.backbone.
+  backbone = backbones.get(name)
+  size = _lookup(config, 'data.image_size')
+  if _is_int(size) and not size >= backbone.min_size:
+    found.append(_problem('data.image_size', size,
+                          f'an integer >= {backbone.min_size} ({backbone.keras_name})'))
+  endpoints = ', '.join(repr(e) for e in backbone.endpoints)
   cut = _lookup(config, 'model.cut')
+  if cut is not _MISSING and cut not in backbone.endpoints:
+    found.append(_problem('model.cut', cut, f'an endpoint of {backbone.keras_name}: {endpoints}'))
   start = _lookup(config, 'finetune.unfreeze_from')
+  if start is _MISSING:
+    return
+  if start != 'stem' and start not in backbone.endpoints:
+    found.append(_problem('finetune.unfreeze_from', start,
+                          f"'stem' or an endpoint of {backbone.keras_name}: {endpoints}"))
+    return
+  # Fine-tuning opens blocks of the backbone, so only blocks up to the cut.
   finetune_epochs = epochs['finetune']
-  if (cut in inception.ENDPOINTS and start in inception.BLOCKS and _is_int(finetune_epochs)
+  if (cut in backbone.endpoints and start != 'stem' and _is_int(finetune_epochs)
       and finetune_epochs > 0):
-    blocks = inception.BLOCKS[:inception.BLOCKS.index(cut) + 1]
+    blocks = backbone.endpoints_to(cut)
     if start not in blocks:
       found.append(_problem(
           'finetune.unfreeze_from', start,
           f"'stem' or a block up to config.model.cut = {cut!r}: "
-          + ', '.join(repr(b) for b in blocks if b != 'stem')))
+          + ', '.join(repr(b) for b in blocks)))
 
 
 def problems(config: Config) -> list[str]:

@@ -27,6 +27,7 @@ from hhjax import errors
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
 from hhjax.data import spec as data_spec
+from hhjax.model import backbones
 from hhjax.model import classifier
 from hhjax.model import lowering
 from hhjax.training import losses
@@ -93,7 +94,8 @@ def check_downloads(config: ml_collections.ConfigDict, *, weights: bool = True) 
   if data_download is not None:
     needs.append(data_download)
   name = pretrained(config)
-  missing = official.download_needed(name) if weights and name else None
+  missing = (official.download_needed(name, config.model.get('backbone'))
+             if weights and name else None)
   if missing is not None:
     needs.append(sources.Download(
         f'the official ImageNet weights ({missing.filename}, '
@@ -118,7 +120,8 @@ def check_downloads(config: ml_collections.ConfigDict, *, weights: bool = True) 
 
 def phases(config: ml_collections.ConfigDict) -> list[phases_lib.Phase]:
   """The phases config.warmup and config.finetune ask for, in order."""
-  return phases_lib.make_phases(config.warmup, config.finetune, config.model.cut)
+  return phases_lib.make_phases(config.warmup, config.finetune, config.model.cut,
+                                config.model.get('backbone'))
 
 
 def optimizer(config: ml_collections.ConfigDict) -> optim.OptimizerSpec:
@@ -167,7 +170,8 @@ def keras_classifier_spec(config: ml_collections.ConfigDict, num_classes: int = 
   m = config.model
   return keras_classifier.KerasClassifier(
       m.cut, m.head, int(m.hidden), float(m.dropout), num_classes, image_size(config),
-      tuple(class_names) if class_names else None, config.data.preprocessing)
+      tuple(class_names) if class_names else None, config.data.preprocessing,
+      m.get('backbone') or backbones.DEFAULT)
 
 
 def restore_target(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,

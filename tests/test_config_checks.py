@@ -34,7 +34,7 @@ BAD_VALUES = [
     ('data.source', 'imagenet', None),
     ('data.image_size', 74, None),
     ('data.resize_method', 'bicubic', None),
-    ('data.preprocessing', 'caffe', None),
+    ('data.preprocessing', 'torch', None),
     ('data.image_dtype', 'float16', None),
     ('data.bad_files', 'ignore', None),
     ('data.cache_decoded', 'yes', None),
@@ -55,6 +55,7 @@ BAD_VALUES = [
     ('data.augment.vertical_flip', None, None),
     ('data.augment.fill_mode', 'mirror', None),
     ('data.augment.cval', 'black', None),
+    ('model.backbone', 'resnet18', None),
     ('model.cut', 'mixed11', None),
     ('model.head', 'mlp', None),
     ('model.hidden', -1, None),
@@ -183,6 +184,28 @@ def test_unfreeze_from_after_the_cut_is_fine_when_fine_tuning_is_off():
   config_checks.validate(_config(model__cut='mixed2', finetune__epochs=0))
   message = _message(_config(model__cut='mixed2'))
   assert "config.finetune.unfreeze_from = 'mixed6'" in message and "'mixed2'" in message
+
+
+@pytest.mark.parametrize('backbone, field, value, listed', [
+    ('resnet50', 'model__cut', 'mixed7', "'conv2_block1_out', 'conv2_block2_out'"),
+    ('vgg16', 'model__cut', 'block6_pool', "'block1_pool', 'block2_pool'"),
+    ('xception', 'finetune__unfreeze_from', 'mixed6', "'block2_add', 'block3_add'"),
+])
+def test_cut_and_unfreeze_from_must_be_endpoints_of_the_backbone(backbone, field, value,
+                                                                   listed):
+  valid = {'resnet50': 'conv4_block6_out', 'vgg16': 'block5_pool',
+           'xception': 'block14_sepconv2_act'}[backbone]
+  config = _config(model__backbone=backbone, model__cut=valid, finetune__unfreeze_from=valid)
+  config_checks.validate(config)
+  message = _message(_config(**{'model__backbone': backbone, 'model__cut': valid,
+                                'finetune__unfreeze_from': valid, field: value}))
+  assert f'config.{field.replace("__", ".")} = {value!r}' in message and listed in message
+
+
+def test_image_size_below_the_backbones_minimum_is_rejected():
+  message = _message(_config(model__backbone='xception', model__cut='block14_sepconv2_act',
+                             finetune__unfreeze_from='block13_add', data__image_size=64))
+  assert 'config.data.image_size = 64' in message and '>= 71 (Xception)' in message
 
 
 def test_every_bad_field_is_reported_at_once():

@@ -59,36 +59,38 @@ def patience_rule(value: Mapping[str, Any] | None) -> patience_lib.Patience:
       start_from_epoch=int(value.get('start_from_epoch', 0)))
 
 
-def _phase_options(phase: Mapping[str, Any], blocks: Sequence[str]) -> dict[str, Any]:
+def _phase_options(phase: Mapping[str, Any], layers: Sequence[str]) -> dict[str, Any]:
   """The Phase fields of config.<phase>'s layer decay and Keras early stopping."""
   return {'layer_decay': float(phase.get('layer_decay', 1.0) or 1.0),
-          'blocks': ('stem',) + tuple(blocks),
+          'blocks': tuple(layers),
           'stopping': patience_rule(phase.get('early_stopping'))}
 
 
 def make_phases(warmup: Mapping[str, Any], finetune: Mapping[str, Any],
-                cut: str) -> list[Phase]:
+                cut: str, backbone: str | None = None) -> list[Phase]:
   """The phases asked for, in order (a phase with 0 epochs is left out).
 
   Args:
     warmup: config.warmup (epochs, learning_rate, param_labels).
     finetune: config.finetune (epochs, learning_rate, unfreeze_from, train_bn, param_labels).
     cut: the backbone's last block (config.model.cut): fine-tuning opens blocks up to it.
+    backbone: config.model.backbone (None: the default, InceptionV3).
   """
-  blocks = classifier.backbone_blocks(cut)
+  blocks = classifier.backbone_blocks(cut, backbone)
+  layers = classifier.backbone_layers(cut, backbone)   # the stem too, for the layer decay
   phases = []
   if warmup['epochs'] > 0:
     rules = _rules(warmup.get('param_labels')) or (
         ('^head/', optim.TRAIN), ('^backbone/', optim.FREEZE))
     phases.append(Phase('warmup', int(warmup['epochs']), float(warmup['learning_rate']), rules,
-                        None, **_phase_options(warmup, blocks)))
+                        None, **_phase_options(warmup, layers)))
   if finetune['epochs'] > 0:
     ft = finetune
     default_rules = tuple(optim.finetune_rules(ft['unfreeze_from'], blocks))  # checks the name
     rules = _rules(ft.get('param_labels')) or default_rules
     phases.append(Phase('finetune', int(ft['epochs']), float(ft['learning_rate']), rules,
                         ft['unfreeze_from'] if ft['train_bn'] else None,
-                        **_phase_options(ft, blocks)))
+                        **_phase_options(ft, layers)))
   if not phases:
     raise errors.ConfigError(
         'Nothing to train: config.warmup.epochs and config.finetune.epochs are 0.')

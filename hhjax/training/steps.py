@@ -56,7 +56,7 @@ def _loss_fn(model, phase: phases_lib.Phase, loss: losses.LossSpec):
       logits, updated = model.apply(variables, images, train=True,
                                     bn_train_from=phase.bn_train_from,
                                     rngs={'dropout': rng}, mutable=['batch_stats'])
-      new_batch_stats = updated['batch_stats']
+      new_batch_stats = updated.get('batch_stats', batch_stats)   # none without BatchNorm
     return losses.batch_loss(logits, labels, loss), (logits, new_batch_stats)
 
   return loss_fn
