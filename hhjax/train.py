@@ -46,6 +46,7 @@ from hhjax.data import spec as data_spec
 from hhjax.model import classifier
 from hhjax.training import evaluation
 from hhjax.training import feature_cache
+from hhjax.training import keras_optim
 from hhjax.training import optim
 from hhjax.training import phases as phases_lib
 from hhjax.training import restore
@@ -79,6 +80,7 @@ class _Run:
   evaluator: evaluation.Evaluator
   target: restore.Target
   early_stopping: phases_lib.EarlyStopping
+  plateau: keras_optim.PlateauSpec
   cache: feature_cache.Settings
   is_main: bool
   notice: preemption.Notice
@@ -114,7 +116,8 @@ class _Run:
         evaluator=evaluation.Evaluator(model, len(class_names), mesh,
                                        evaluation.eval_batches(data)),
         target=entry.restore_target(config, mesh, model_for=lambda _: model),
-        early_stopping=entry.early_stopping(config), cache=entry.feature_cache(config),
+        early_stopping=entry.early_stopping(config), plateau=entry.plateau(config),
+        cache=entry.feature_cache(config),
         is_main=is_main, notice=notice)
 
   @property
@@ -215,12 +218,12 @@ def _end_epoch(run: _Run, state: PyTree, progress: phases_lib.Progress, phase_en
   step = int(jax.device_get(state['step']))
   train_loss, train_acc, _ = step_log.metrics_from_state(state)
   t_eval = time.perf_counter()
-  result = evaluator(state['params'], state['batch_stats'])
+  result = evaluator(optim.inference_params(state), state['batch_stats'])
   progress.epochs_done += 1
   row = {'step': step, 'epoch': progress.epochs_done, 'phase': progress.phase,
          'train_loss': train_loss, 'train_accuracy': train_acc,
          'val_loss': result['loss'], 'val_accuracy': result['accuracy'],
-         'learning_rate': run.phases[progress.index(run.phases)].learning_rate}
+         'learning_rate': _learning_rate(run, state, progress)}
   logging.info('Epoch %d (%s) done at step %d: train loss %.4f accuracy %.4f | '
                'validation loss %.4f accuracy %.4f on %d images (%.1f s)',
                progress.epochs_done, progress.phase, step, train_loss, train_acc,
@@ -234,8 +237,34 @@ def _end_epoch(run: _Run, state: PyTree, progress: phases_lib.Progress, phase_en
   progress.phase_done = bool(reason) or step >= phase_end
   state = dict(state, metrics=state_lib.replicate(steps.zero_metrics(),
                                                   sharding.replicated(run.mesh)))
+  state = _reduce_lr_on_plateau(run, state, progress, row)
   run.save(state, progress, {'val_accuracy': result['accuracy'], 'val_loss': result['loss']})
   return state, result
+
+
+def _learning_rate(run: _Run, state: PyTree, progress: phases_lib.Progress) -> float:
+  """The rate of the state's last step (see step_log.learning_rate)."""
+  return step_log.learning_rate(state, run.phases[progress.index(run.phases)])
+
+
+def _reduce_lr_on_plateau(run: _Run, state: PyTree, progress: phases_lib.Progress,
+                          row: dict[str, Any]) -> PyTree:
+  """config.reduce_lr_on_plateau at an epoch's end: counts in `progress` (saved with the
+  checkpoint), the new rate in the optimizer state."""
+  if not run.plateau.monitor or progress.phase_done:
+    return state
+  counters = progress.plateau or keras_optim.plateau_start()
+  progress.plateau, rate = keras_optim.plateau_step(run.plateau, counters,
+                                                    row[run.plateau.monitor],
+                                                    row['learning_rate'])
+  if rate is None:
+    return state
+  logging.info('ReduceLROnPlateau: %s did not improve for %d epochs; learning rate %g -> %g '
+               '(config.reduce_lr_on_plateau).', run.plateau.monitor, run.plateau.patience,
+               row['learning_rate'], rate)
+  opt_state = jax.jit(keras_optim.set_learning_rate, static_argnums=1,
+                      out_shardings=sharding.replicated(run.mesh))(state['opt_state'], rate)
+  return dict(state, opt_state=opt_state)
 
 
 def _log_phase(setup: phases_lib.PhaseSetup, params: PyTree) -> None:
@@ -317,16 +346,17 @@ def _next_phase(run: _Run, state: PyTree, progress: phases_lib.Progress
                 ) -> tuple[PyTree, phases_lib.Progress, phases_lib.PhaseSetup] | None:
   """The state, progress and setup at the start of the next phase (None after the last).
 
-  Same parameters and statistics, a fresh optimizer for the new trainable set (Keras
-  recompiles with a new optimizer between the two stages).
+  Same parameters (their EMA, with config.optimizer.use_ema) and statistics, a fresh optimizer
+  for the new trainable set (Keras recompiles with a new optimizer between the two stages).
   """
   progress = progress.next_phase(run.phases, int(jax.device_get(state['step'])))
   if progress is None:
     return None
-  setup = run.setup(run.phases[progress.index(run.phases)], state['params'])
-  opt_state = jax.jit(setup.tx.init, out_shardings=sharding.replicated(run.mesh))(
-      state['params'])
-  return dict(state, opt_state=opt_state), progress, setup
+  # As Keras's fit ends (finalize_variable_values): the weights become their EMA, if kept.
+  params = optim.inference_params(state)
+  setup = run.setup(run.phases[progress.index(run.phases)], params)
+  opt_state = jax.jit(setup.tx.init, out_shardings=sharding.replicated(run.mesh))(params)
+  return dict(state, params=params, opt_state=opt_state), progress, setup
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -394,7 +424,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   run.ckpts.wait()
   step = int(jax.device_get(state['step']))
   if last_eval is None:
-    last_eval = run.evaluator(state['params'], state['batch_stats'])
+    last_eval = run.evaluator(optim.inference_params(state), state['batch_stats'])
   result = evaluation.report(last_eval, run.class_names, step, run.workdir, run.is_main)
   result['stop_reason'] = progress.stop_reason
   pictures.write_eval_pictures(run.data, last_eval, run.class_names, step, run.workdir,

@@ -110,6 +110,22 @@ class ScheduleSpec:
   boundaries: tuple[int, ...] = ()
   values: tuple[float, ...] = ()
 
+  @classmethod
+  def from_mapping(cls, block: Mapping[str, Any] | None) -> 'ScheduleSpec':
+    """From a config.<phase>.schedule block (None or absent fields: the defaults)."""
+    if not block:
+      return cls()
+    d = cls()
+    get = lambda k: block.get(k, getattr(d, k))
+    target = get('warmup_target')
+    return cls(name=str(get('name')), decay_steps=int(get('decay_steps')),
+               alpha=float(get('alpha')),
+               warmup_target=None if target is None else float(target),
+               warmup_steps=int(get('warmup_steps')), decay_rate=float(get('decay_rate')),
+               staircase=bool(get('staircase')),
+               boundaries=tuple(int(b) for b in get('boundaries')),
+               values=tuple(float(v) for v in get('values')))
+
 
 def schedule(learning_rate: float, spec: ScheduleSpec) -> float | optax.Schedule:
   """The phase's rate: a float for 'constant', else a function of the optimizer step."""

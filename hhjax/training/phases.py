@@ -31,6 +31,8 @@ class Phase:
   learning_rate: float
   rules: tuple[tuple[str, str], ...]   # freezing rules, first match wins
   bn_train_from: str | None       # None: every BatchNorm in inference mode
+  # config.<phase>.schedule: the rate over the phase's optimizer steps (constant: learning_rate)
+  schedule: optim.ScheduleSpec = optim.ScheduleSpec()
 
 
 def _rules(value) -> tuple[tuple[str, str], ...] | None:
@@ -44,8 +46,9 @@ def make_phases(warmup: Mapping[str, Any], finetune: Mapping[str, Any],
   """The phases asked for, in order (a phase with 0 epochs is left out).
 
   Args:
-    warmup: config.warmup (epochs, learning_rate, param_labels).
-    finetune: config.finetune (epochs, learning_rate, unfreeze_from, train_bn, param_labels).
+    warmup: config.warmup (epochs, learning_rate, param_labels, schedule).
+    finetune: config.finetune (epochs, learning_rate, unfreeze_from, train_bn, param_labels,
+      schedule).
     cut: the backbone's last block (config.model.cut): fine-tuning opens blocks up to it.
   """
   blocks = classifier.backbone_blocks(cut)
@@ -54,13 +57,14 @@ def make_phases(warmup: Mapping[str, Any], finetune: Mapping[str, Any],
     rules = _rules(warmup.get('param_labels')) or (
         ('^head/', optim.TRAIN), ('^backbone/', optim.FREEZE))
     phases.append(Phase('warmup', int(warmup['epochs']), float(warmup['learning_rate']), rules,
-                        None))
+                        None, optim.ScheduleSpec.from_mapping(warmup.get('schedule'))))
   if finetune['epochs'] > 0:
     ft = finetune
     default_rules = tuple(optim.finetune_rules(ft['unfreeze_from'], blocks))  # checks the name
     rules = _rules(ft.get('param_labels')) or default_rules
     phases.append(Phase('finetune', int(ft['epochs']), float(ft['learning_rate']), rules,
-                        ft['unfreeze_from'] if ft['train_bn'] else None))
+                        ft['unfreeze_from'] if ft['train_bn'] else None,
+                        optim.ScheduleSpec.from_mapping(ft.get('schedule'))))
   if not phases:
     raise errors.ConfigError(
         'Nothing to train: config.warmup.epochs and config.finetune.epochs are 0.')
@@ -78,7 +82,7 @@ class PhaseSetup:
 def setup(phase: Phase, params: PyTree, optimizer: optim.OptimizerSpec) -> PhaseSetup:
   """Labels `params` (arrays or shapes) by the phase's rules and builds its optimizer."""
   labels = optim.param_labels(params, phase.rules)
-  tx = optim.make_optimizer(labels, phase.learning_rate, optimizer)
+  tx = optim.make_optimizer(labels, phase.learning_rate, optimizer, phase.schedule)
   return PhaseSetup(phase, labels, tx)
 
 
@@ -90,6 +94,8 @@ class Progress:
   phase_done: bool = False
   epochs_done: int = 0            # completed epochs over all phases
   stop_reason: str | None = None  # why the last phase ended early, if it did
+  # ReduceLROnPlateau's counters in this phase (keras_optim.plateau_step), when it is on
+  plateau: dict[str, Any] | None = None
 
   def to_metadata(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
