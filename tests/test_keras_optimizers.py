@@ -258,3 +258,27 @@ def test_reduce_lr_on_plateau_matches_keras_callback(monitor, values):
     assert (counters['wait'], counters['cooldown_counter']) == (
         callback.wait, callback.cooldown_counter), f'epoch {epoch}'
   assert rate < np.float32(0.1)   # the sequence reduces the rate at least once
+
+
+def test_config_fields_reach_the_optimizer_and_the_phases():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from hhjax import entry  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  values = dict(name='sgd', momentum=0.5, nesterov=True, beta_1=0.8, beta_2=0.9,
+                weight_decay=0.01, weight_decay_exclude=('bias',), global_clipnorm=2.0,
+                gradient_accumulation_steps=4, use_ema=True, ema_momentum=0.9,
+                ema_overwrite_frequency=5, rho=0.8, epsilon=1e-6)
+  for name, value in values.items():
+    config.optimizer[name] = value
+  config.reduce_lr_on_plateau.monitor = 'val_accuracy'
+  config.finetune.schedule.name = 'piecewise'
+  config.finetune.schedule.boundaries = (3,)
+  config.finetune.schedule.values = (0.1, 0.01)
+  spec = entry.optimizer(config)
+  assert {k: getattr(spec, k) for k in values} == values and spec.plateau
+  assert entry.plateau(config).monitor == 'val_accuracy'
+  warmup, finetune = entry.phases(config)
+  assert warmup.schedule == Sched()
+  assert finetune.schedule == Sched('piecewise', boundaries=(3,), values=(0.1, 0.01))
+  # Today's config: today's optimizer.
+  assert entry.optimizer(default.get_config()) == Opt()
