@@ -270,8 +270,14 @@ def _reduce_lr_on_plateau(run: _Run, state: PyTree, progress: phases_lib.Progres
 def _log_phase(setup: phases_lib.PhaseSetup, params: PyTree) -> None:
   phase = setup.phase
   trainable, frozen = optim.split(params, setup.labels)
-  logging.info('Phase %s: %s, learning rate %g, %s trainable / %s frozen parameters%s.',
-               phase.name, phases_lib.epochs_text(phase.epochs), phase.learning_rate,
+  schedule = phase.schedule
+  rate = {'constant': f'learning rate {phase.learning_rate:g}',
+          'piecewise': f'learning rates {list(schedule.values)} split at optimizer steps '
+                       f'{list(schedule.boundaries)}'}.get(
+                           schedule.name, f'learning rate {phase.learning_rate:g} on a '
+                           f'{schedule.name} schedule')
+  logging.info('Phase %s: %s, %s, %s trainable / %s frozen parameters%s.',
+               phase.name, phases_lib.epochs_text(phase.epochs), rate,
                f'{optim.count(trainable):,}', f'{optim.count(frozen):,}',
                '' if phase.bn_train_from is None else
                f', BatchNorm trains from {phase.bn_train_from}')
