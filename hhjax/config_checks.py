@@ -34,6 +34,7 @@ from hhjax.model import preprocessing
 from hhjax.training import keras_optim
 from hhjax.training import optim
 from hhjax.training import phases
+from hhjax.training import plateau
 
 # config.speed fields read by lowering.parse_switch: the model's rewrites, then the cache.
 SPEED_SWITCHES = tuple(f.name for f in dataclasses.fields(lowering.Lowering)) + (
@@ -151,8 +152,8 @@ RULES: dict[str, _Rule] = {
                                     'a number in [0, 1]'),
     'optimizer.ema_overwrite_frequency': _optional(_integer(1)),
     'reduce_lr_on_plateau.monitor': _Rule(
-        lambda v: not v or (isinstance(v, str) and v in keras_optim.PLATEAU_METRICS),
-        'None or ' + _one_of(keras_optim.PLATEAU_METRICS).allowed),
+        lambda v: not v or (isinstance(v, str) and v in plateau.METRICS),
+        'None or ' + _one_of(plateau.METRICS).allowed),
     'reduce_lr_on_plateau.factor': _number(0, 1),   # Keras refuses a factor >= 1
     'reduce_lr_on_plateau.patience': _integer(0),
     'reduce_lr_on_plateau.min_delta': _number(0),

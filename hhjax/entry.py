@@ -29,7 +29,7 @@ from hhjax import workdir as workdir_lib
 from hhjax.data import spec as data_spec
 from hhjax.model import classifier
 from hhjax.model import lowering
-from hhjax.training import keras_optim
+from hhjax.training import plateau as plateau_lib
 from hhjax.training import optim
 from hhjax.training import phases as phases_lib
 from hhjax.training import restore
@@ -139,12 +139,12 @@ def optimizer(config: ml_collections.ConfigDict) -> optim.OptimizerSpec:
       plateau=plateau(config).monitor is not None)
 
 
-def plateau(config: ml_collections.ConfigDict) -> keras_optim.PlateauSpec:
+def plateau(config: ml_collections.ConfigDict) -> plateau_lib.PlateauSpec:
   """config.reduce_lr_on_plateau (absent, or a false monitor: off)."""
   block = config.get('reduce_lr_on_plateau') or {}
-  d = keras_optim.PlateauSpec()
+  d = plateau_lib.PlateauSpec()
   get = lambda name: block.get(name, getattr(d, name))
-  return keras_optim.PlateauSpec(
+  return plateau_lib.PlateauSpec(
       monitor=get('monitor') or None, factor=float(get('factor')),
       patience=int(get('patience')), min_delta=float(get('min_delta')),
       cooldown=int(get('cooldown')), min_lr=float(get('min_lr')))

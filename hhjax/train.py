@@ -49,6 +49,7 @@ from hhjax.training import feature_cache
 from hhjax.training import keras_optim
 from hhjax.training import optim
 from hhjax.training import phases as phases_lib
+from hhjax.training import plateau as plateau_lib
 from hhjax.training import restore
 from hhjax.training import state as state_lib
 from hhjax.training import step_log
@@ -80,7 +81,7 @@ class _Run:
   evaluator: evaluation.Evaluator
   target: restore.Target
   early_stopping: phases_lib.EarlyStopping
-  plateau: keras_optim.PlateauSpec
+  plateau: plateau_lib.PlateauSpec
   cache: feature_cache.Settings
   is_main: bool
   notice: preemption.Notice
@@ -253,8 +254,8 @@ def _reduce_lr_on_plateau(run: _Run, state: PyTree, progress: phases_lib.Progres
   checkpoint), the new rate in the optimizer state."""
   if not run.plateau.monitor or progress.phase_done:
     return state
-  counters = progress.plateau or keras_optim.plateau_start()
-  progress.plateau, rate = keras_optim.plateau_step(run.plateau, counters,
+  counters = progress.plateau or plateau_lib.start()
+  progress.plateau, rate = plateau_lib.step(run.plateau, counters,
                                                     row[run.plateau.monitor],
                                                     row['learning_rate'])
   if rate is None:

@@ -14,6 +14,7 @@ import pytest
 
 from hhjax.training import keras_optim
 from hhjax.training import optim
+from hhjax.training import plateau
 
 keras = pytest.importorskip('keras')
 
@@ -238,7 +239,7 @@ def test_learning_rate_is_read_and_set_in_the_state():
     ('val_accuracy', [0.5, 0.6, 0.6, 0.6, 0.61, 0.6, 0.6, 0.6, 0.6, 0.6, 0.7, 0.7, 0.7]),
 ])
 def test_reduce_lr_on_plateau_matches_keras_callback(monitor, values):
-  spec = keras_optim.PlateauSpec(monitor=monitor, factor=0.5, patience=2, min_delta=0.005,
+  spec = plateau.PlateauSpec(monitor=monitor, factor=0.5, patience=2, min_delta=0.005,
                                  cooldown=1, min_lr=0.02)
   model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
   model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1), loss='mse',
@@ -248,10 +249,10 @@ def test_reduce_lr_on_plateau_matches_keras_callback(monitor, values):
                                                mode='min' if 'loss' in monitor else 'max')
   callback.set_model(model)
   callback.on_train_begin()
-  counters, rate = keras_optim.plateau_start(), np.float32(0.1)
+  counters, rate = plateau.start(), np.float32(0.1)
   for epoch, value in enumerate(values):
     callback.on_epoch_end(epoch, {monitor: value})
-    counters, new = keras_optim.plateau_step(spec, counters, value, float(rate))
+    counters, new = plateau.step(spec, counters, value, float(rate))
     if new is not None:
       rate = np.float32(new)   # the state holds the rate in float32, as Keras's variable
     assert rate == np.float32(model.optimizer.learning_rate.numpy()), f'epoch {epoch}'

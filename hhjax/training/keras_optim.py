@@ -33,7 +33,7 @@ still averages the unchanged weights in); `keras_ema` does the same.
 A rate that changes during a phase (a schedule, or ReduceLROnPlateau) goes through
 `optax.inject_hyperparams`, so the rate of the last step is in the optimizer state
 (`current_learning_rate`) and ReduceLROnPlateau can set it between epochs
-(`set_learning_rate`); a constant rate stays a constant of the compiled step, as before.
+(`set_learning_rate`, hhjax.training.plateau); a constant rate stays a constant of the compiled step, as before.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -52,7 +52,6 @@ PyTree = Any
 OPTIMIZER_NAMES = ('rmsprop', 'sgd', 'adam', 'adamw')
 SCHEDULES = ('constant', 'cosine', 'exponential', 'piecewise')
 ADAMW_WEIGHT_DECAY = 0.004          # keras.optimizers.AdamW's default
-PLATEAU_METRICS = ('val_loss', 'val_accuracy', 'train_loss', 'train_accuracy')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,53 +357,3 @@ def set_learning_rate(opt_state: PyTree, rate: float) -> PyTree:
   """`opt_state` with the injected learning rate set to `rate` (float32, as Keras's variable)."""
   return jax.tree_util.tree_map_with_path(
       lambda path, v: jnp.asarray(rate, v.dtype) if _is_rate(path) else v, opt_state)
-
-
-# ------------------------------------------------------------------ ReduceLROnPlateau
-
-
-@dataclasses.dataclass(frozen=True)
-class PlateauSpec:
-  """config.reduce_lr_on_plateau, `keras.callbacks.ReduceLROnPlateau`'s arguments.
-
-  A false `monitor` means off. The mode is Keras's 'auto': min for a loss, max for an accuracy.
-  """
-  monitor: str | None = None
-  factor: float = 0.1
-  patience: int = 10
-  min_delta: float = 1e-4
-  cooldown: int = 0
-  min_lr: float = 0.0
-
-
-def plateau_start() -> dict[str, Any]:
-  """The callback's counters at the start of a phase (Keras resets them in on_train_begin)."""
-  return {'best': None, 'wait': 0, 'cooldown_counter': 0}
-
-
-def plateau_step(spec: PlateauSpec, counters: Mapping[str, Any], value: float,
-                 rate: float) -> tuple[dict[str, Any], float | None]:
-  """One epoch end of ReduceLROnPlateau: (new counters, the new rate or None to keep it).
-
-  Keras's on_epoch_end: in cooldown, the cooldown counter goes down and `wait` is reset; an
-  improvement (`value + min_delta < best` for a loss, `value - min_delta > best` for an
-  accuracy) sets `best`; otherwise, outside cooldown, `wait` grows, and at `patience` the rate
-  becomes `max(rate * factor, min_lr)` if it is above min_lr, which starts the cooldown.
-  """
-  best, wait, cooldown = counters['best'], int(counters['wait']), int(
-      counters['cooldown_counter'])
-  lower_is_better = spec.monitor.endswith('loss')
-  new_rate = None
-  if cooldown > 0:
-    cooldown -= 1
-    wait = 0
-  if best is None or (value + spec.min_delta < best if lower_is_better
-                      else value - spec.min_delta > best):
-    best, wait = float(value), 0
-  elif cooldown <= 0:
-    wait += 1
-    if wait >= spec.patience and rate > np.float32(spec.min_lr):
-      new_rate = max(rate * spec.factor, spec.min_lr)
-      cooldown, wait = spec.cooldown, 0
-  return {'best': best, 'wait': wait, 'cooldown_counter': cooldown}, new_rate
-

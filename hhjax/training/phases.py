@@ -94,7 +94,7 @@ class Progress:
   phase_done: bool = False
   epochs_done: int = 0            # completed epochs over all phases
   stop_reason: str | None = None  # why the last phase ended early, if it did
-  # ReduceLROnPlateau's counters in this phase (keras_optim.plateau_step), when it is on
+  # ReduceLROnPlateau's counters in this phase (hhjax.training.plateau), when it is on
   plateau: dict[str, Any] | None = None
 
   def to_metadata(self) -> dict[str, Any]:
