@@ -29,24 +29,24 @@ LAST_STEP = 9
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
 
 
-# Extra flags per case, still 9 steps. With 2 micro-batches per update and a checkpoint every
-# step, every other checkpoint (and a kill there) falls between micro-batches.
+# Extra flags per case, still 9 steps; the option cases train one phase of 3 epochs (one
+# compilation per run). With 2 micro-batches per update and a checkpoint every step, every
+# other checkpoint (and a kill there) falls between micro-batches.
+ONE_PHASE = ['--config.warmup.epochs=3', '--config.finetune.epochs=0']
 OPTIONS = {
     'rmsprop': [],
-    'adamw_cosine_ema_accumulation': [
+    'adamw_cosine_ema_accumulation': ONE_PHASE + [
         '--config.optimizer.name=adamw', '--config.optimizer.use_ema=True',
         '--config.optimizer.ema_momentum=0.5', '--config.optimizer.gradient_accumulation_steps=2',
         '--config.optimizer.global_clipnorm=1.0', '--config.warmup.schedule.name=cosine',
         '--config.warmup.schedule.decay_steps=3', '--config.warmup.schedule.warmup_steps=1',
-        '--config.warmup.schedule.warmup_target=0.02', '--config.finetune.schedule.name=piecewise',
-        '--config.finetune.schedule.boundaries=(1,)',
-        '--config.finetune.schedule.values=(0.001,0.0005)'],
-    # Three warm-up epochs: the rate is reduced at the second's end, the third runs with it.
-    'sgd_nesterov_plateau_ema_overwrite': [
+        '--config.warmup.schedule.warmup_target=0.02'],
+    # The rate is reduced at the second epoch's end, the third runs with it.
+    'sgd_nesterov_plateau_ema_overwrite': ONE_PHASE + [
         '--config.optimizer.name=sgd', '--config.optimizer.momentum=0.9',
         '--config.optimizer.nesterov=True', '--config.optimizer.use_ema=True',
-        '--config.optimizer.ema_overwrite_frequency=2', '--config.warmup.epochs=3',
-        '--config.finetune.epochs=0', '--config.reduce_lr_on_plateau.monitor=val_loss',
+        '--config.optimizer.ema_overwrite_frequency=2',
+        '--config.reduce_lr_on_plateau.monitor=val_loss',
         '--config.reduce_lr_on_plateau.patience=1', '--config.reduce_lr_on_plateau.min_delta=10'],
 }
 
