@@ -8,8 +8,8 @@ signature says what it reads. This module is where a config becomes those:
     model(config, num_classes)        the Classifier (config.model, config.speed, and the
                                       preprocessing config.data says the images get)
     feature_cache(config)             config.speed's feature-cache settings
-    phases(config), optimizer(config), setup_for(config), early_stopping(config)
-    label_smoothing(config), loss(config, class_names, class_counts)
+    phases(config), optimizer(config), plateau(config), setup_for(config),
+    early_stopping(config), label_smoothing(config), loss(config, class_names, class_counts)
     restore_target(config, mesh)      what a checkpoint is restored into
     restore_for_inference(config, workdir, which)
 
@@ -31,6 +31,7 @@ from hhjax.model import backbones
 from hhjax.model import classifier
 from hhjax.model import lowering
 from hhjax.training import losses
+from hhjax.training import plateau as plateau_lib
 from hhjax.training import optim
 from hhjax.training import phases as phases_lib
 from hhjax.training import restore
@@ -125,9 +126,32 @@ def phases(config: ml_collections.ConfigDict) -> list[phases_lib.Phase]:
 
 
 def optimizer(config: ml_collections.ConfigDict) -> optim.OptimizerSpec:
-  opt = config.optimizer
-  return optim.OptimizerSpec(name=str(opt.get('name', 'rmsprop')), rho=float(opt.rho),
-                             epsilon=float(opt.epsilon))
+  """config.optimizer (fields an older config lacks take their defaults)."""
+  opt, d = config.optimizer, optim.OptimizerSpec()
+  get = lambda name: opt.get(name, getattr(d, name))
+  optional = lambda name, kind: None if get(name) is None else kind(get(name))
+  return optim.OptimizerSpec(
+      name=str(get('name')), rho=float(opt.rho), epsilon=float(opt.epsilon),
+      momentum=float(get('momentum')), nesterov=bool(get('nesterov')),
+      beta_1=float(get('beta_1')), beta_2=float(get('beta_2')),
+      weight_decay=optional('weight_decay', float),
+      weight_decay_exclude=tuple(str(p) for p in get('weight_decay_exclude') or ()),
+      global_clipnorm=optional('global_clipnorm', float),
+      gradient_accumulation_steps=optional('gradient_accumulation_steps', int),
+      use_ema=bool(get('use_ema')), ema_momentum=float(get('ema_momentum')),
+      ema_overwrite_frequency=optional('ema_overwrite_frequency', int),
+      plateau=plateau(config).monitor is not None)
+
+
+def plateau(config: ml_collections.ConfigDict) -> plateau_lib.PlateauSpec:
+  """config.reduce_lr_on_plateau (absent, or a false monitor: off)."""
+  block = config.get('reduce_lr_on_plateau') or {}
+  d = plateau_lib.PlateauSpec()
+  get = lambda name: block.get(name, getattr(d, name))
+  return plateau_lib.PlateauSpec(
+      monitor=get('monitor') or None, factor=float(get('factor')),
+      patience=int(get('patience')), min_delta=float(get('min_delta')),
+      cooldown=int(get('cooldown')), min_lr=float(get('min_lr')))
 
 
 def setup_for(config: ml_collections.ConfigDict, loss_spec: losses.LossSpec | None = None
@@ -189,8 +213,10 @@ def restore_target(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
                           which: str = 'latest'):
-  """(mesh, model, state, class names, step) of the latest or best checkpoint in `workdir`."""
+  """(mesh, model, state, class names, step) of the latest or best checkpoint in `workdir`;
+  the state's params are the EMA weights when the optimizer keeps an EMA."""
   mesh = sharding.make_mesh()
   restored = restore.for_inference(workdir, restore_target(config, mesh, training=False), which)
-  return (mesh, restored.model, restored.state, list(restored.meta.class_names or ()),
-          restored.step)
+  # With config.optimizer.use_ema, inference uses the weights' moving average.
+  state = dict(restored.state, params=optim.inference_params(restored.state))
+  return (mesh, restored.model, state, list(restored.meta.class_names or ()), restored.step)

@@ -67,9 +67,32 @@ BAD_VALUES = [
     ('speed.compute_dtype', 'float16', None),
     ('speed.cache_features', 'always', None),
     ('speed.cache_features_max_mb', 0.0, None),
-    ('optimizer.name', 'adam', None),
+    ('optimizer.name', 'adagrad', None),
     ('optimizer.rho', 1.0, None),
     ('optimizer.epsilon', 0.0, None),
+    ('optimizer.momentum', 1.5, None),
+    ('optimizer.nesterov', 'yes', None),
+    ('optimizer.beta_1', 1.0, None),
+    ('optimizer.beta_2', -0.1, None),
+    ('optimizer.weight_decay', -0.01, None),
+    ('optimizer.weight_decay_exclude', 'bias', None),
+    ('optimizer.weight_decay_exclude', ('(bias',), "'(bias'"),
+    ('optimizer.global_clipnorm', 0.0, None),
+    ('optimizer.gradient_accumulation_steps', 1, None),
+    ('optimizer.use_ema', 1, None),
+    ('optimizer.ema_momentum', 1.1, None),
+    ('optimizer.ema_overwrite_frequency', 0, None),
+    ('reduce_lr_on_plateau.monitor', 'loss', None),
+    ('reduce_lr_on_plateau.factor', 1.0, None),
+    ('reduce_lr_on_plateau.patience', -1, None),
+    ('reduce_lr_on_plateau.min_delta', -1e-4, None),
+    ('reduce_lr_on_plateau.cooldown', 0.5, None),
+    ('reduce_lr_on_plateau.min_lr', -1.0, None),
+    *[(f'{phase}.schedule.{field}', value, None) for phase in ('warmup', 'finetune')
+      for field, value in (('name', 'linear'), ('decay_steps', 0), ('alpha', 2.0),
+                           ('warmup_target', -1.0), ('warmup_steps', -1),
+                           ('decay_rate', 0.0), ('staircase', 'no'), ('boundaries', (3, 1)),
+                           ('values', (0.1, 0.0)))],
     ('warmup.epochs', -1, None),
     ('warmup.learning_rate', 0.0, None),
     ('warmup.param_labels', (('^head/', 'thaw'),), "('^head/', 'thaw')"),
@@ -161,6 +184,30 @@ def test_a_legacy_workdir_config_validates_even_without_optional_sections():
     del tree[section]
   del tree['data']['augment'], tree['data']['fake'], tree['warmup']['param_labels']
   config_checks.validate(ml_collections.ConfigDict(tree))
+
+
+@pytest.mark.parametrize('boundaries, values, field', [
+    ((10, 5), (0.1, 0.01, 0.001), 'boundaries'),
+    ((5, 10), (0.1, 0.01), 'values'),
+    ((5,), (0.1, -0.01), 'values'),
+])
+def test_a_piecewise_schedule_needs_increasing_boundaries_and_one_more_value(
+    boundaries, values, field):
+  message = _message(_config(finetune__schedule__name='piecewise',
+                             finetune__schedule__boundaries=boundaries,
+                             finetune__schedule__values=values))
+  assert message.startswith(f'config.finetune.schedule.{field} = ') and '\n' not in message
+  config_checks.validate(_config(finetune__schedule__name='piecewise',
+                                 finetune__schedule__boundaries=(5, 10),
+                                 finetune__schedule__values=(0.1, 0.01, 0.001)))
+
+
+def test_reduce_lr_on_plateau_refuses_a_schedule():
+  message = _message(_config(reduce_lr_on_plateau__monitor='val_loss',
+                             warmup__schedule__name='cosine'))
+  assert message.startswith("config.warmup.schedule.name = 'cosine': must be 'constant' while "
+                            'config.reduce_lr_on_plateau.monitor is set')
+  config_checks.validate(_config(reduce_lr_on_plateau__monitor='val_loss'))
 
 
 def test_the_message_lists_the_allowed_values():

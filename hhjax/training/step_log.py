@@ -1,4 +1,5 @@
-"""The training log's progress lines: loss, accuracy, images/s and ETA every few steps."""
+"""The training log's progress lines: loss, accuracy, learning rate, images/s and ETA every few
+steps."""
 
 from collections.abc import Callable
 from typing import Any
@@ -8,6 +9,7 @@ from absl import logging
 import jax
 
 from hhjax import durations
+from hhjax.training import keras_optim
 from hhjax.training import phases as phases_lib
 
 PyTree = Any
@@ -20,6 +22,12 @@ def metrics_from_state(state: PyTree) -> tuple[float, float, int]:
   if not count:
     return float('nan'), float('nan'), 0
   return float(m['loss_sum']) / count, float(m['correct']) / count, count
+
+
+def learning_rate(state: PyTree, phase: phases_lib.Phase) -> float:
+  """The rate of the state's last step (the phase's constant when the optimizer holds none)."""
+  rate = keras_optim.current_learning_rate(state['opt_state'])
+  return phase.learning_rate if rate is None else rate
 
 
 class StepLog:
@@ -56,7 +64,8 @@ class StepLog:
     rate = (step - self._step) * self._batch / max(now - self._t, 1e-9)
     eta = (self._total - step) * self._batch / rate
     epoch, in_epoch = divmod(step - self._progress.phase_start_step, self._steps_per_epoch)
-    logging.info('%s epoch %d/%d step %d/%d  loss %.4f  accuracy %.4f  %.1f img/s  ETA %s',
-                 self._phase.name, epoch + (1 if in_epoch else 0), self._phase.epochs, step,
-                 self._total, loss, acc, rate, durations.format_duration(eta))
+    logging.info('%s epoch %d/%d step %d/%d  loss %.4f  accuracy %.4f  lr %.4g  %.1f img/s  '
+                 'ETA %s', self._phase.name, epoch + (1 if in_epoch else 0), self._phase.epochs,
+                 step, self._total, loss, acc, learning_rate(state, self._phase), rate,
+                 durations.format_duration(eta))
     self.restart(step)

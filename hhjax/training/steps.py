@@ -8,7 +8,9 @@ The state the train step carries is a plain pytree:
     step            int32, global step (counts every phase; also the data stream's position)
     params          {'backbone': ..., 'head': ...}
     batch_stats     {'backbone': ...}
-    opt_state       optax state of this phase's optimizer (none for frozen parameters)
+    opt_state       optax state of this phase's optimizer (none for frozen parameters); also
+                    the pending micro-batch gradients, the EMA weights and the injected rate
+                    when config.optimizer asks for them (hhjax.training.keras_optim)
     rng             dropout key; step `s` uses fold_in(rng, s)
     metrics         running sums of the current epoch (loss_sum, correct, count)
     nonfinite_step  first step whose loss was NaN/inf, or -1
