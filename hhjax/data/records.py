@@ -40,6 +40,16 @@ class Records:
     # An object array keeps bytes whole (numpy's 'S' would strip trailing NUL bytes).
     return np.array(self.source[int(index)], dtype=object)
 
+  def labels(self) -> np.ndarray:
+    """Every record's label (int32), in order: each record is read once, no image decoded."""
+    out = np.zeros(len(self), np.int32)
+    chunk = 1024
+    for start in range(0, len(self), chunk):
+      batch = [self.source[i] for i in range(start, min(start + chunk, len(self)))]
+      parsed = tf.io.parse_example(tf.constant(batch, tf.string), {'label': _FEATURES['label']})
+      out[start:start + len(batch)] = parsed['label'].numpy()
+    return out
+
   def read(self, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """(encoded image bytes, int32 label) of the record at `index`, in TensorFlow ops."""
     serialized = tf.numpy_function(self._get, [index], tf.string, stateful=False)
