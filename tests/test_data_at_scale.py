@@ -59,7 +59,7 @@ def _config(**data):
   config = default.get_config()
   config.batch_size = 4
   config.data.image_size = SIZE
-  config.data.eval_split = 'validation'
+  config.data.validation_split, config.data.test_split = 'validation', None
   for key, value in data.items():
     config.data[key] = value
   return config
@@ -157,7 +157,8 @@ def counting(todo, *args, **kwargs):
 bad_files._decode_all = counting
 config = default.get_config()
 config.data.source, config.data.dir = 'folder', sys.argv[2]
-config.data.eval_split, config.data.bad_files = 'validation', 'skip'
+config.data.validation_split, config.data.bad_files = 'validation', 'skip'
+config.data.test_split = None
 info = pipeline.dataset_info(spec.DataSpec.from_config(config))
 bad = sorted(p for p, (_, reason) in bad_files._CHECKED.items() if reason)
 print(json.dumps({'decoded': decoded, 'sizes': info.num_examples, 'bad': bad}))
@@ -228,8 +229,8 @@ def tfds_dirs(tmp_path_factory):
 
 
 def _tfds_config(data_dir, **data):
-  return _config(source='tfds', name='hhjax_test_images', dir=data_dir, eval_split='test',
-                 num_parallel_calls=2, **data)
+  return _config(source='tfds', name='hhjax_test_images', dir=data_dir, validation_split='test',
+                 test_split=None, num_parallel_calls=2, **data)
 
 
 def _batches(config, split, steps=None, **kwargs):

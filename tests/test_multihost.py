@@ -56,7 +56,8 @@ def _flags(data_dir):
   # Fine-tuning only, BatchNorm statistics too: batch statistics over the global batch, whose
   # halves come from different processes. A checkpoint at each epoch's end only.
   return ['--config=configs/smoke.py', '--config.data.source=folder',
-          f'--config.data.dir={data_dir}', '--config.data.eval_split=validation',
+          f'--config.data.dir={data_dir}', '--config.data.validation_split=validation',
+          '--config.data.test_split=None',
           '--config.data.num_parallel_calls=1', '--config.batch_size=4',
           '--config.eval_batch_size=4', f'--config.steps_per_epoch={STEPS_PER_EPOCH}',
           '--config.warmup.epochs=0', f'--config.finetune.epochs={EPOCHS}',

@@ -54,7 +54,8 @@ def trained(real_data_dir, tmp_path_factory, env):
   """Two warm-up epochs of 3 steps on the real folder; the final evaluation on validation."""
   workdir = tmp_path_factory.mktemp('real')
   _run('--config=configs/smoke.py', f'--workdir={workdir}', '--config.data.source=folder',
-       f'--config.data.dir={real_data_dir}', '--config.data.eval_split=validation',
+       f'--config.data.dir={real_data_dir}', '--config.data.validation_split=validation',
+       '--config.data.test_split=None',
        '--config.steps_per_epoch=3', '--config.warmup.epochs=2', '--config.finetune.epochs=0',
        '--config.eval_batch_size=32', env=env)
   return workdir
