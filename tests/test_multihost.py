@@ -271,7 +271,7 @@ def test_progress_and_results_are_logged_by_process_zero_only(two):
 
 def test_eval_and_predict_read_a_two_process_workdir_as_one_process(ctx, two):
   # In this (one-device) process, through what main.py's --mode=eval and --mode=predict call.
-  workdir = ctx.tmp / 'two_copy'   # eval rewrites eval.json: keep the run's for the test above
+  workdir = ctx.tmp / 'two_copy'   # eval writes into the workdir: keep the run's as it was
   shutil.copytree(two[0], workdir)
   config = workdir_lib.load_config(str(workdir))
   result = evaluate.evaluate(config, str(workdir))
