@@ -239,9 +239,11 @@ def _check_same_held_out(saved_config: dict[str, Any], run: _Run) -> None:
 
 def _write_data_split(run: _Run) -> None:
   """WORKDIR/data_split.json: the splits of this run and, when validation is held out of the
-  training split, its rows there (per class), written when the run starts."""
-  if not run.is_main:
-    return
+  training split, its rows there (per class), written when the run starts.
+
+  Every process lists the rows (an image folder's check is a collective step); process 0
+  writes.
+  """
   data = run.data
   record = {'train_split': data.train_split, 'validation': data.validation,
             'test_split': data.test_split, 'class_names': run.class_names}
@@ -252,7 +254,9 @@ def _write_data_split(run: _Run) -> None:
     record.update(validation_fraction=data.validation_fraction, seed=data.seed,
                   validation_per_class=per_class[0], training_per_class=per_class[1],
                   validation_rows=[int(r) for r in rows])
-  files.write_atomic(epath.Path(run.workdir) / DATA_SPLIT_FILE, json.dumps(record, indent=1))
+  if run.is_main:
+    files.write_atomic(epath.Path(run.workdir) / DATA_SPLIT_FILE,
+                       json.dumps(record, indent=1))
 
 
 def _more_epochs(run: _Run, restored: restore.Restored) -> None:

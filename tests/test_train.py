@@ -403,11 +403,16 @@ def test_lines_of_metrics_jsonl_that_are_not_rows_are_left_out_with_a_warning(tm
 
 def test_a_finished_run_given_more_epochs_trains_them_exactly(tmp_path, caplog):
   # Keras's fit(initial_epoch=...): the added fine-tuning epochs continue the finished phase,
-  # ending where a run given them from the start ends.
+  # ending where a run given them from the start ends. Validation is held out of train here:
+  # the resumed run trains on the rows the first one did.
   config = tiny_config()
   config.steps_per_epoch = 1
   config.warmup.epochs, config.finetune.epochs = 0, 1
+  config.data.validation_split = None   # 10 % of each class of the 16 training images
   train.train_and_evaluate(config, str(tmp_path / 'short'))     # step 1
+  split = json.load(open(tmp_path / 'short' / train.DATA_SPLIT_FILE))
+  assert split['validation_per_class'] == [1, 1] and split['training_per_class'] == [7, 7]
+  assert json.load(open(tmp_path / 'short' / 'eval.json'))['count'] == 2
   config.finetune.epochs = 3
   with caplog.at_level('INFO'):
     longer = train.train_and_evaluate(config, str(tmp_path / 'short'))
