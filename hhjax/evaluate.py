@@ -112,7 +112,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 
   if split not in SPLITS:
     _check_folder_classes(chosen, class_names)
   evaluator = evaluation.Evaluator(model, len(class_names), mesh,
-                                   evaluation.eval_batches(chosen.data, chosen.split))
+                                   evaluation.eval_batches(chosen.data, chosen.split),
+                                   label_smoothing=entry.label_smoothing(config))
   result = evaluator(state['params'], state['batch_stats'])
   is_main = jax.process_index() == 0
   path = result_path(workdir, chosen.name, step)

@@ -41,14 +41,13 @@ class Records:
     return np.array(self.source[int(index)], dtype=object)
 
   def labels(self) -> np.ndarray:
-    """Every record's label (int32), in order: each record is read once, no image decoded."""
-    out = np.zeros(len(self), np.int32)
-    chunk = 1024
-    for start in range(0, len(self), chunk):
-      batch = [self.source[i] for i in range(start, min(start + chunk, len(self)))]
-      parsed = tf.io.parse_example(tf.constant(batch, tf.string), {'label': _FEATURES['label']})
-      out[start:start + len(batch)] = parsed['label'].numpy()
-    return out
+    """Every record's label, in order (reads the whole split once)."""
+    spec = {'label': _FEATURES['label']}
+    out = []
+    for start in range(0, len(self), 1024):
+      raw = [self.source[i] for i in range(start, min(start + 1024, len(self)))]
+      out.append(tf.io.parse_example(tf.constant(raw, tf.string), spec)['label'].numpy())
+    return np.concatenate(out).astype(np.int32) if out else np.zeros((0,), np.int32)
 
   def read(self, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """(encoded image bytes, int32 label) of the record at `index`, in TensorFlow ops."""

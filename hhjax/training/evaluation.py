@@ -50,15 +50,18 @@ class Evaluator:
     num_classes: for the confusion matrix.
     mesh: the device mesh.
     batches: returns a fresh iterable of padded batches with 'mask' per call.
+    label_smoothing: config.loss.label_smoothing: the loss is Keras's val_loss, the compiled
+      loss with its smoothing (and never class weights).
   """
 
-  def __init__(self, model, num_classes: int, mesh: jax.sharding.Mesh, batches: Batches):
+  def __init__(self, model, num_classes: int, mesh: jax.sharding.Mesh, batches: Batches,
+               label_smoothing: float = 0.0):
     self._mesh = mesh
     self._batches = batches
     repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
     self._step = compilation.first_call_logged(
-        jax.jit(steps.make_eval_step(model, num_classes), in_shardings=(repl, repl, data),
-                out_shardings=repl), 'the evaluation step')
+        jax.jit(steps.make_eval_step(model, num_classes, label_smoothing),
+                in_shardings=(repl, repl, data), out_shardings=repl), 'the evaluation step')
 
   def __call__(self, params: PyTree, batch_stats: PyTree,
                batches: Batches | None = None) -> dict[str, Any]:
