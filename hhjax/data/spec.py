@@ -139,6 +139,9 @@ class DataSpec:
     if 'validation_split' not in data:   # written before validation and test were apart
       values.update(validation_split=data['eval_split'], validation_fraction=0.0,
                     test_split=None)
+    for name in ('validation_split', 'test_split'):   # '' from the command line: none
+      if name in values and not values[name]:
+        values[name] = None
     if values.get('validation_split') is not None:
       values['validation_fraction'] = 0.0   # read only when nothing names the split
     values['validation_fraction'] = float(values.get('validation_fraction', 0.0))
