@@ -1,7 +1,7 @@
 """hhjax command line: train, evaluate, predict and preview data.
 
     python main.py --config=configs/smoke.py --workdir=/tmp/hhjax/smoke            # train + eval
-    python main.py --workdir=/tmp/hhjax/smoke --mode=eval                           # evaluate
+    python main.py --workdir=/tmp/hhjax/smoke --mode=eval --split=test              # evaluate
     python main.py --workdir=/tmp/hhjax/smoke --mode=predict --images=DIR_OR_GLOB   # classify
     python main.py --workdir=/tmp/hhjax/smoke --mode=explain --images=DIR_OR_GLOB   # Grad-CAM
     python main.py --config=configs/default.py --workdir=W --mode=preview_data      # see inputs
@@ -76,9 +76,13 @@ flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'preview_data', 
                   'What to do.')
 flags.DEFINE_multi_string('images', [],
                           'For --mode=predict and --mode=explain: image files, folders or globs.')
-flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'],
-                  'For eval, predict and explain: the latest checkpoint or the best by validation '
-                  'accuracy.')
+flags.DEFINE_string('checkpoint', 'latest',
+                    'For eval, predict, explain and export: the latest checkpoint, the best by '
+                    'validation accuracy (of equals, the latest), or a step number.')
+flags.DEFINE_string('split', 'validation',
+                    "For --mode=eval: 'validation' (the split that chose), 'test', 'train', or "
+                    'an image folder whose subfolders are the classes. Results go to '
+                    'WORKDIR/eval/<split>-step_<step>.json and the folder of that name.')
 flags.DEFINE_enum('bad_files', None, list(data_spec.BAD_FILES),
                   'Sets config.data.bad_files (what to do with files that are not readable '
                   "images: 'error' or 'skip'), also where the config comes from the workdir.")
@@ -159,7 +163,8 @@ def _run(mode: str, config: ml_collections.ConfigDict) -> None:
   try:
     from hhjax import agreement  # pylint: disable=g-import-not-at-top
     agreement.check_processes_agree(mode, config, {'checkpoint': FLAGS.checkpoint,
-                                                   'images': FLAGS.images})
+                                                   'images': FLAGS.images,
+                                                   'split': FLAGS.split})
     _run_mode(mode, config)
     ok = True
   except errors.Preempted:
@@ -207,7 +212,7 @@ def _run_mode(mode: str, config: ml_collections.ConfigDict) -> None:
     train.train_and_evaluate(config, FLAGS.workdir)
   elif mode == 'eval':
     from hhjax import evaluate  # pylint: disable=g-import-not-at-top
-    evaluate.evaluate(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint)
+    evaluate.evaluate(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, split=FLAGS.split)
   elif mode == 'predict':
     from hhjax import predict  # pylint: disable=g-import-not-at-top
     predict.predict(config, FLAGS.workdir, FLAGS.images, checkpoint=FLAGS.checkpoint)
@@ -314,6 +319,9 @@ def _check_command_line(argv: list[str]) -> None:
     raise app.UsageError('--mode=export needs --format=keras or --format=saved_model.')
   if NONE_OVERRIDES and FLAGS.config is None:
     raise app.UsageError(f'--config.{NONE_OVERRIDES[0]}=None needs --config=configs/....py')
+  if FLAGS.checkpoint not in ('latest', 'best') and not FLAGS.checkpoint.isdigit():
+    raise app.UsageError(f'--checkpoint={FLAGS.checkpoint!r}: must be latest, best or a step '
+                         'number (e.g. 160).')
   workdir_lib.check_workdir_flag(FLAGS.workdir)
 
 

@@ -340,11 +340,19 @@ class _Child:
     return ' | '.join(line for _, line in self.lines[-n:])
 
 
-def _data_flags(args, source: str, n: int) -> list[str]:
+def split_flags(repo: str | pathlib.Path) -> list[str]:
+  """The flags that validate on the 'validation' split, in the checkout `repo`'s terms (before
+  validation and test were apart, its config had eval_split)."""
+  if 'validation_split' in (pathlib.Path(repo) / 'configs' / 'default.py').read_text():
+    return ['--config.data.validation_split=validation', '--config.data.test_split=None']
+  return ['--config.data.eval_split=validation']
+
+
+def _data_flags(args, source: str, n: int, repo: str | pathlib.Path = ROOT) -> list[str]:
   root = pathlib.Path(args.data_root)
   if source == 'fake':
     return ['--config.data.source=fake', f'--config.data.fake.num_train_examples={n}']
-  flags = ['--config.data.eval_split=validation', '--config.data.bad_files=skip']
+  flags = [*split_flags(repo), '--config.data.bad_files=skip']
   if source == 'folder':
     return flags + ['--config.data.source=folder',
                     f'--config.data.dir={root / f"folder_{n}"}']
@@ -367,7 +375,7 @@ def measure_start(args, label: str, repo: str, source: str, n: int, count: int) 
           f'--workdir={workdir}', '--config.steps_per_epoch=100000',
           '--config.warmup.epochs=1', '--config.finetune.epochs=0',
           '--config.log_every_steps=1', '--config.checkpoint_every_steps=1',
-          f'--config.data.num_parallel_calls={2 // count}', *_data_flags(args, source, n)]
+          f'--config.data.num_parallel_calls={2 // count}', *_data_flags(args, source, n, repo)]
   for run in ('fresh', 'resume'):
     if run == 'fresh':  # the first run on this data: no image-check verdicts kept yet
       subprocess.run(['rm', '-rf', str(root / 'hhjax_cache')], check=True)
@@ -442,12 +450,12 @@ def pipeline_child(args) -> None:
   config.batch_size = 20
   config.data.image_size = 150
   config.data.num_parallel_calls = 2 // args.process_count
-  for flag in _data_flags(args, args.source, args.n):
+  for flag in _data_flags(args, args.source, args.n, args.repo):
     keys, value = flag_value(flag)
     node = config
     for key in keys[:-1]:
       node = node[key]
-    node[keys[-1]] = int(value) if value.isdigit() else value
+    node[keys[-1]] = int(value) if value.isdigit() else None if value == 'None' else value
   try:
     from hhjax.data import spec as data_spec  # pylint: disable=g-import-not-at-top
     data = data_spec.DataSpec.from_config(config)

@@ -55,7 +55,7 @@ def _spec(args, source: str, threads: int | None, augment: bool,
   config.data.source = source
   if source == 'folder':
     config.data.dir = args.data_dir
-    config.data.eval_split = 'validation'
+    config.data.validation_split, config.data.test_split = 'validation', None
   else:
     config.data.fake.num_train_examples = 1024
   return spec.DataSpec.from_config(config)

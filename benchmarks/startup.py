@@ -68,7 +68,7 @@ def _checkout(root: pathlib.Path, label: str, where: str) -> pathlib.Path:
 def _train_argv(repo: pathlib.Path, workdir: pathlib.Path, data_dir: str) -> list[str]:
   return [str(repo / 'main.py'), '--config=configs/seed_keras.py', f'--workdir={workdir}',
           '--config.model.pretrained=None', '--config.data.source=folder',
-          f'--config.data.dir={data_dir}', '--config.data.eval_split=validation',
+          f'--config.data.dir={data_dir}', *data_scale.split_flags(repo),
           '--config.steps_per_epoch=5', '--config.warmup.epochs=1',
           '--config.log_every_steps=1', '--config.checkpoint_every_steps=1']
 

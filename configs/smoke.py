@@ -7,8 +7,8 @@ Synthetic images (the classes differ in brightness), 75x75, random init, Incepti
 mixed0 with a small head: 2 warm-up epochs with the backbone frozen, then 1 fine-tuning epoch
 that opens mixed0, 10 steps of 4 images each. It exercises everything the real job does
 (checkpoints, resume, evaluation, metrics.jsonl, TensorBoard, loss.png / accuracy.png,
-eval.json with a confusion matrix). Expected: about 25 s on 2 CPU cores, ending at validation
-accuracy 1.0 on the 12 synthetic test images (an easy task on purpose: it shows that the loop
+eval.json with a confusion matrix, test.json). Expected: about 25 s on 2 CPU cores, ending at
+validation accuracy 1.0 on the 12 synthetic validation images (and on the 12 test images) (an easy task on purpose: it shows that the loop
 works, not what the model can do).
 Running the same command again resumes the finished run and only evaluates.
 """
@@ -26,6 +26,9 @@ def get_config():
   config.keep_checkpoints = 2
 
   config.data.source = 'fake'
+  # Synthetic splits of their own: 12 validation images choose, 12 other test images report.
+  config.data.validation_split = 'validation'
+  config.data.test_split = 'test'
   config.data.image_size = 75
   config.data.fake.num_train_examples = 32
   config.data.fake.num_eval_examples = 12

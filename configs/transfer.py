@@ -4,6 +4,10 @@ Run:
     python main.py --config=configs/transfer.py --workdir=/tmp/hhjax/transfer \
         --config.data.source=folder --config.data.dir=/path/to/images
 
+With DIR/train/ and DIR/test/, 10 % of each class of train is held out for validation (it
+chooses: the early stopping below) and test is reported at the end; with DIR/train/ and
+DIR/validation/ only, add --config.data.validation_split=validation --config.data.test_split=None.
+
 What it changes from configs/default.py (the Keras tutorial's recipe), and why:
   * config.loss.label_smoothing = 0.1 (Keras's `label_smoothing`): softer targets, better
     calibrated probabilities on few images.

@@ -7,8 +7,9 @@ temporary directory and renames it when complete, so a process killed during a s
 checkpoint that `latest_step` would return; the leftover temporary directory is removed when the
 next run opens the workdir.
 
-Retention: the last `keep` checkpoints, plus the best one by validation accuracy, plus the one
-step `keep_also` names (the best epoch of a phase whose early stopping restores best weights).
+Retention: the last `keep` checkpoints, plus the best one by validation accuracy (hhjax.best's
+rule, which orbax's BestN keeps by the same ordering), plus the one step `keep_also` names (the
+best epoch of a phase whose early stopping restores best weights).
 
 Faults: a checkpoint that cannot be read whole (a file missing or truncated) raises
 CheckpointDamagedError, and `newest_intact` falls back to the one before; nothing is deleted,
@@ -34,11 +35,12 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from hhjax import best
 from hhjax import compat
 from hhjax import errors
 from hhjax import trees
 
-BEST_METRIC = 'val_accuracy'
+BEST_METRIC = best.METRIC
 # Orbax's name for the JSON metadata of a step (phase, progress, config): read only as JSON.
 STEP_METADATA_FILE = '_CHECKPOINT_METADATA'
 
@@ -46,7 +48,7 @@ T = TypeVar('T')
 
 
 def _best_fn(metrics: Mapping[str, float]) -> float:
-  return float(metrics[BEST_METRIC])
+  return best.rank(metrics)
 
 
 @dataclasses.dataclass
@@ -110,8 +112,11 @@ class Checkpoints:
     return max(steps) if steps else None
 
   def best_step(self) -> int | None:
-    """The step with the best validation accuracy (the latest when none has metrics)."""
-    return self._manager.best_step()
+    """The best step by hhjax.best's rule (the highest validation accuracy, of equals the
+    latest); the latest step when none has metrics."""
+    steps = sorted(self._manager.all_steps())
+    chosen = best.choose(steps, self._manager.metrics)
+    return chosen if chosen is not None else (steps[-1] if steps else None)
 
   def keep_also(self, step: int | None) -> None:
     """Keeps `step`'s checkpoint from deletion from the next save on (None: no extra one)."""

@@ -126,6 +126,7 @@ RULES: dict[str, _Rule] = {
     'data.image_dtype': _one_of(data_spec.IMAGE_DTYPES),
     'data.bad_files': _one_of(data_spec.BAD_FILES),
     'data.cache_decoded': _BOOL,
+    'data.validation_fraction': _number(0, 1),
     'data.num_parallel_calls': _optional(_integer(1)),
     'data.fake.num_train_examples': _integer(1),
     'data.fake.num_eval_examples': _integer(1),
@@ -315,8 +316,45 @@ def _check_schedule(config: Any, phase: str, found: list[str]) -> None:
                           'piecewise schedule'))
 
 
+def _check_splits(config: Any, found: list[str]) -> None:
+  """Training, validation and test: named apart, validation named or held out."""
+  if _lookup(config, 'data.validation_split') is _MISSING:
+    return   # a config.json written before validation and test were apart (eval_split)
+  eval_split = _lookup(config, 'data.eval_split')
+  if eval_split not in (None, '', _MISSING):
+    found.append(
+        f'config.data.eval_split = {eval_split!r}: replaced by config.data.validation_split (the '
+        'split that chooses: early stopping, the best checkpoint) and config.data.test_split '
+        '(reported once training ends, never chosen on). For an image folder with train/ and '
+        'validation/: --config.data.validation_split=validation --config.data.test_split=None; '
+        'to keep choosing and reporting on one split as before, set validation_split to it and '
+        'test_split=None.')
+  train = _lookup(config, 'data.train_split')
+  validation = _lookup(config, 'data.validation_split') or None
+  test = _lookup(config, 'data.test_split') or None
+  fraction = _lookup(config, 'data.validation_fraction')
+  if validation is None and _is_number(fraction) and fraction == 0:   # the rule: in [0, 1)
+    found.append(_problem('data.validation_fraction', fraction,
+                          'in (0, 1) when config.data.validation_split is None (the share of '
+                          'the training split held out for validation)'))
+  if validation is not None and validation == train:
+    found.append(_problem('data.validation_split', validation,
+                          f'another split than config.data.train_split ({train!r}), or None to '
+                          'hold out config.data.validation_fraction of it'))
+  if test is not None and test == train:
+    found.append(_problem('data.test_split', test,
+                          f'another split than config.data.train_split ({train!r}), or None'))
+  if test is not None and test == validation:
+    found.append(_problem(
+        'data.test_split', test,
+        'another split than config.data.validation_split, or None: the split that chooses '
+        'cannot also give the reported result (configs/seed_keras.py validates on test and '
+        'sets test_split=None)'))
+
+
 def _check_relations(config: Any, found: list[str]) -> None:
   """The rules that involve more than one field."""
+  _check_splits(config, found)
   if _lookup(config, 'data.source') == 'folder' and _lookup(config, 'data.dir') in (None, ''):
     found.append(_problem('data.dir', _lookup(config, 'data.dir'),
                           "the image folder's root when config.data.source='folder'"))

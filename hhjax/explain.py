@@ -9,7 +9,8 @@ to the image: it is large where the features that raise the predicted class's sc
 active. One jitted function computes it for a batch of images, for any cut and head: a forward
 pass that captures A on the way, then the head's gradient with respect to A.
 
-Writes, each run replacing the previous one's files:
+Prints each image's prediction (`path<TAB>class<TAB>probability`, as --mode=predict does), then
+the paths it writes, each run replacing the previous one's files:
 
     WORKDIR/explain/NN_<name>.png   the image as the model sees it, and the map over it
     WORKDIR/explain/overview.png    the images with their maps in one grid (the first 40)
@@ -223,7 +224,8 @@ def explain(config: ml_collections.ConfigDict, workdir: str, images: Sequence[st
   """Writes Grad-CAM pictures of `images` for the latest (or 'best') checkpoint in `workdir`.
 
   Returns:
-    The paths written into WORKDIR/explain/ (process 0 writes and prints them; the others
+    The paths written into WORKDIR/explain/ (process 0 prints each image's prediction, then
+    writes and prints them; the others
     compute their share and return []).
   """
   paths = bad_files.readable_files(predict.expand_images(images), config.data.get('bad_files'),
@@ -251,6 +253,9 @@ def explain(config: ml_collections.ConfigDict, workdir: str, images: Sequence[st
     probs.append(out['probabilities'][:len(chunk)])
   if jax.process_index() != 0:
     return []
+  # Each image's prediction, as --mode=predict prints it: the class each map explains.
+  for path, k, p in zip(paths, np.concatenate(predicted), np.concatenate(probs)):
+    print(f'{path}\t{class_names[int(k)]}\t{p[int(k)]:.4f}', flush=True)
   shown = preprocessing.denormalize(np.concatenate(inputs), config.data.preprocessing)
   written = _write(epath.Path(workdir_lib.absolute(workdir)) / EXPLAIN_DIR, paths, shown,
                    np.concatenate(maps), np.concatenate(predicted), np.concatenate(probs),

@@ -121,8 +121,8 @@ def _trainable(entry: keras_classifier.KerasLayerPath,
 
 def _compile_for_fit(keras_module, model, spec: keras_classifier.KerasClassifier,
                      config: ml_collections.ConfigDict) -> None:
-  for entry in keras_classifier.keras_layer_paths(model, spec):
-    entry.layer.trainable = _trainable(entry, config)
+  for layer_path in keras_classifier.keras_layer_paths(model, spec):
+    layer_path.layer.trainable = _trainable(layer_path, config)
   binary = classifier.num_outputs(spec.num_classes) == 1
   model.compile(
       optimizer=keras_module.optimizers.RMSprop(

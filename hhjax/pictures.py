@@ -155,7 +155,7 @@ def _listing(order, names, labels, predicted, confidence, class_names) -> list[d
 def write_eval_pictures(data: data_spec.DataSpec, result: Mapping[str, Any],
                         class_names: Sequence[str], step: int, workdir: str, *,
                         is_main: bool = True, max_images: int = 20,
-                        columns: int = 5) -> list[str]:
+                        columns: int = 5, split: str | None = None) -> list[str]:
   """Writes the confusion matrix, the misclassified grid and its list into `workdir`.
 
   Args:
@@ -164,16 +164,18 @@ def write_eval_pictures(data: data_spec.DataSpec, result: Mapping[str, Any],
       'probabilities' in the split's table order).
     class_names: in label order.
     step: the evaluated checkpoint's step, for the titles.
-    workdir: where eval.json lives.
+    workdir: the folder to write into (the workdir, beside eval.json, or another
+      evaluation's folder).
     is_main: whether this process draws and writes (process 0); the others only take part in
       listing the split.
     max_images: how many images the grid shows.
     columns: images per row of the grid.
+    split: the evaluated split (default: the validation split, data.validation).
 
   Returns:
     The paths written (none when the split no longer matches the evaluation).
   """
-  split = data.eval_split
+  split = data.validation if split is None else split
   # Every process lists the split: with several processes, checking an image folder is a
   # collective step (hhjax.data.bad_files) that all of them must take. Only `is_main` draws.
   table = sources.table(data, split)

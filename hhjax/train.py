@@ -19,6 +19,7 @@ checkpoints the step it is at and stops (hhjax.preemption), so the next run lose
 
 from collections.abc import Iterator
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -28,12 +29,14 @@ from absl import logging
 from etils import epath
 import jax
 import ml_collections
+import numpy as np
 
 from hhjax import checkpointing
 from hhjax import compat
 from hhjax import compilation
 from hhjax import entry
 from hhjax import errors
+from hhjax import files
 from hhjax import metrics as metrics_lib
 from hhjax import peers
 from hhjax import pictures
@@ -42,6 +45,7 @@ from hhjax import sharding
 from hhjax import workdir as workdir_lib
 from hhjax import workdir_lock
 from hhjax.data import pipeline
+from hhjax.data import sources
 from hhjax.data import spec as data_spec
 from hhjax.model import classifier
 from hhjax.training import evaluation
@@ -58,6 +62,12 @@ from hhjax.training import step_log
 from hhjax.training import steps
 
 PyTree = Any
+
+# The test split's evaluation at the end of training, and the folder of its pictures.
+TEST_FILE = 'test.json'
+TEST_PICTURES = 'test'
+# The splits of the run and the rows held out of the training split (written at its start).
+DATA_SPLIT_FILE = 'data_split.json'
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
@@ -109,6 +119,13 @@ class _Run:
     logging.info('%d training images, %d classes %s; %d steps per epoch of %d images; '
                  '%d device(s): %s.', num_train, len(class_names), class_names, spe,
                  config.batch_size, jax.device_count(), jax.devices()[0].platform)
+    logging.info('Validation (chooses: early stopping, the best checkpoint): %s, %d images%s. '
+                 'Test (reported when training ends, never chosen on): %s.', data.validation,
+                 info.num_examples[data.validation],
+                 ', held out of the training split, stratified by class' if data.holds_out
+                 else '',
+                 f'{data.test_split}, {info.num_examples[data.test_split]} images'
+                 if data.test_split else 'none (config.data.test_split is None)')
     loss = _loss(config, data, class_names)
     is_main = jax.process_index() == 0
     return cls(
@@ -188,6 +205,7 @@ def _restore_or_initialise(run: _Run) -> tuple[PyTree, phases_lib.Progress,
   """
   steps = run.ckpts.all_steps()
   if not steps:
+    _write_data_split(run)
     abstract = state_lib.abstract_variables(run.model, run.target.image_size)
     setup = run.setup(run.phases[0], abstract['params'])
     if not entry.pretrained(run.config):
@@ -208,6 +226,7 @@ def _restore_or_initialise(run: _Run) -> tuple[PyTree, phases_lib.Progress,
         f'The checkpoint in {run.workdir} was trained on classes {saved_classes}, the data '
         f'now has {run.class_names}. Use another --workdir.')
   workdir_lib.check_resume_config(saved.config, run.target.config, run.workdir)
+  _check_same_held_out(saved.config, run)
   diffs = workdir_lib.config_differences(saved.config, run.target.config)
   if diffs:
     logging.warning("Resuming with a config that differs from the checkpoint's:\n  %s",
@@ -221,6 +240,51 @@ def _restore_or_initialise(run: _Run) -> tuple[PyTree, phases_lib.Progress,
                     'again.', latest, phase.name, run.workdir)
   _more_epochs(run, restored)
   return restored.state, restored.progress, restored.setup
+
+
+def _check_same_held_out(saved_config: dict[str, Any], run: _Run) -> None:
+  """Refuses a resume whose training split would lose other rows to validation.
+
+  The training stream's position is the global step: with another held-out share (fraction,
+  seed or training split) the same step would point at other images, and rows validated on
+  so far would train.
+  """
+  if not saved_config or 'data' not in saved_config:
+    return
+  saved = data_spec.held_out_identity(saved_config)
+  now = data_spec.held_out_identity(run.target.config)
+  if saved != now:
+    def text(identity):
+      return ('nothing held out' if identity is None else
+              ', '.join(f'{k} {v!r}' for k, v in identity.items()))
+    raise errors.CheckpointMismatchError(
+        f'The checkpoint in {run.workdir} was trained with another held-out validation share '
+        f'of the training split: checkpoint {text(saved)}, now {text(now)} '
+        '(config.data.validation_split / validation_fraction / seed). Resumed, the training '
+        'stream would read other rows than the run it continues. Resume with the values it '
+        'was trained with, or train the new config in another --workdir.')
+
+
+def _write_data_split(run: _Run) -> None:
+  """WORKDIR/data_split.json: the splits of this run and, when validation is held out of the
+  training split, its rows there (per class), written when the run starts.
+
+  Every process lists the rows (an image folder's check is a collective step); process 0
+  writes.
+  """
+  data = run.data
+  record = {'train_split': data.train_split, 'validation': data.validation,
+            'test_split': data.test_split, 'class_names': run.class_names}
+  if data.holds_out:
+    rows, training, whole = sources.held_out(data)
+    per_class = [np.bincount(whole.labels[r], minlength=len(run.class_names)).tolist()
+                 for r in (rows, training)]
+    record.update(validation_fraction=data.validation_fraction, seed=data.seed,
+                  validation_per_class=per_class[0], training_per_class=per_class[1],
+                  validation_rows=[int(r) for r in rows])
+  if run.is_main:
+    files.write_atomic(epath.Path(run.workdir) / DATA_SPLIT_FILE,
+                       json.dumps(record, indent=1))
 
 
 def _more_epochs(run: _Run, restored: restore.Restored) -> None:
@@ -279,7 +343,8 @@ def _restore_best_weights(run: _Run, state: PyTree, progress: phases_lib.Progres
                           phase: phases_lib.Phase, evaluator: evaluation.Evaluator,
                           result: dict[str, Any]) -> tuple[PyTree, dict[str, Any]]:
   """At a phase's end, Keras's restore_best_weights: the weights (params and BatchNorm
-  statistics) of the best epoch's checkpoint, and their evaluation. Unchanged when the rule is
+  statistics, and the EMA where one is kept) of the best epoch's checkpoint, and their
+  evaluation. Unchanged when the rule is
   off or the last epoch was the best."""
   step = int(jax.device_get(state['step']))
   best = patience.step_to_restore(phase.stopping, progress.patience, step)
@@ -292,9 +357,12 @@ def _restore_best_weights(run: _Run, state: PyTree, progress: phases_lib.Progres
     logging.warning('Cannot restore the best weights of phase %s (step %d): %s Keeping the '
                     'last epoch\'s weights.', phase.name, best, e)
     return state, result
-  state = dict(state, params=saved['params'], batch_stats=saved['batch_stats'])
+  # The optimizer state comes back too: the phase ends here (the next one builds its own), and
+  # with config.optimizer.use_ema it holds the average that the best epoch was evaluated with.
+  state = dict(state, params=saved['params'], batch_stats=saved['batch_stats'],
+               opt_state=saved['opt_state'])
   progress.patience.restored_from = best
-  result = evaluator(state['params'], state['batch_stats'])
+  result = evaluator(optim.inference_params(state), state['batch_stats'])
   logging.info('Restored the weights of step %d, the end of the best epoch (%d of phase %s, '
                '%s %.4f; config.%s.early_stopping.restore_best_weights): validation loss %.4f '
                'accuracy %.4f.', best, progress.patience.best_epoch + 1, phase.name,
@@ -433,6 +501,22 @@ def _next_phase(run: _Run, state: PyTree, progress: phases_lib.Progress
   return dict(state, params=params, opt_state=opt_state), progress, setup
 
 
+def _final_test(run: _Run, state: PyTree, step: int) -> dict[str, Any]:
+  """The test split, once, on the final state: WORKDIR/test.json and its pictures in
+  WORKDIR/test/. Nothing reads it to choose."""
+  split = run.data.test_split
+  test_eval = run.evaluator(optim.inference_params(state), state['batch_stats'],
+                            evaluation.eval_batches(run.data, split))
+  out = evaluation.report(test_eval, run.class_names, step, run.workdir, run.is_main,
+                          split=split, path=os.path.join(run.workdir, TEST_FILE))
+  folder = os.path.join(run.workdir, TEST_PICTURES)
+  if run.is_main:
+    epath.Path(folder).mkdir(parents=True, exist_ok=True)
+  pictures.write_eval_pictures(run.data, test_eval, run.class_names, step, folder,
+                               is_main=run.is_main, split=split)
+  return out
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains as `config` says, resuming from WORKDIR/checkpoints if there are any.
 
@@ -440,8 +524,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   loads; call it first when calling this from a program of your own.
 
   Returns:
-    The final evaluation (loss, accuracy, confusion matrix, class names) plus 'step' and
-    'stop_reason'.
+    The final evaluation of the validation split (loss, accuracy, confusion matrix, class
+    names) plus 'step', 'stop_reason' and, with a test split, 'test' (its evaluation).
   """
   new_workdir = not epath.Path(workdir_lib.absolute(workdir)).exists()
   held = False   # a run refused by another's lock leaves that run's new workdir alone
@@ -499,10 +583,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   step = int(jax.device_get(state['step']))
   if last_eval is None:
     last_eval = run.evaluator(optim.inference_params(state), state['batch_stats'])
-  result = evaluation.report(last_eval, run.class_names, step, run.workdir, run.is_main)
+  result = evaluation.report(last_eval, run.class_names, step, run.workdir, run.is_main,
+                             split=run.data.validation)
   result['stop_reason'] = progress.stop_reason
   pictures.write_eval_pictures(run.data, last_eval, run.class_names, step, run.workdir,
                                is_main=run.is_main)
+  if run.data.test_split:
+    result['test'] = _final_test(run, state, step)
   if run.is_main:
     for path in metrics_lib.plot_history(metrics_lib.read_rows(run.workdir), run.workdir):
       logging.info('Wrote %s', path)

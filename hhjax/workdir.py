@@ -120,9 +120,10 @@ def parse_config_json(text: str, where: str) -> dict[str, Any]:
   return saved
 
 
-def write_eval(workdir: str, result: Mapping[str, Any]) -> None:
-  """Writes WORKDIR/eval.json."""
-  files.write_atomic(epath.Path(workdir) / EVAL_FILE, json.dumps(dict(result), indent=2))
+def write_eval(workdir: str, result: Mapping[str, Any], path: str | None = None) -> None:
+  """Writes WORKDIR/eval.json, or `path` (another evaluation's file)."""
+  files.write_atomic(epath.Path(path) if path else epath.Path(workdir) / EVAL_FILE,
+                     json.dumps(dict(result), indent=2))
 
 
 def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -15,7 +15,8 @@ PACKAGE = ROOT / 'hhjax'
 
 # Lowest first. A module not named here takes its folder's layer.
 LAYERS = (
-    ('base', {'hhjax.errors', 'hhjax.files', 'hhjax.trees', 'hhjax.durations', 'hhjax.compat'}),
+    ('base', {'hhjax.errors', 'hhjax.files', 'hhjax.trees', 'hhjax.durations', 'hhjax.compat',
+              'hhjax.best'}),
     ('runtime', {'hhjax.checkpointing', 'hhjax.workdir', 'hhjax.workdir_lock', 'hhjax.metrics',
                  'hhjax.peers', 'hhjax.preemption', 'hhjax.sharding', 'hhjax.host_malloc',
                  'hhjax.compilation'}),

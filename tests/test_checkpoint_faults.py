@@ -175,7 +175,7 @@ def test_eval_skips_checkpoints_with_a_deleted_array_file_metadata_or_manifest(
   assert 'step 4 in ' in damaged[1] and f'{METADATA} is missing' in damaged[1]
   assert 'step 3 in ' in damaged[2] and 'array metadata cannot be read' in damaged[2]
   assert len(_warnings(proc, 'Using the checkpoint of step 2')) == 1
-  assert json.loads((workdir / 'eval.json').read_text())['step'] == 2
+  assert json.loads((workdir / 'eval' / 'validation-step_000002.json').read_text())['step'] == 2
   assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()) == STEPS  # all kept
   assert seconds < 60
   _assert_same_checkpoints(workdir, trained, [2])
@@ -316,10 +316,9 @@ def image(tmp_path):
 
 
 def test_eval_and_predict_work_with_a_relative_workdir(workdir, env, image):
-  (workdir / 'eval.json').unlink()   # written by the training run; eval writes it again
   proc, _, _ = _main('--mode=eval', '--workdir=run', env=env, cwd=workdir.parent)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert json.loads((workdir / 'eval.json').read_text())['step'] == 6
+  assert json.loads((workdir / 'eval' / 'validation-step_000006.json').read_text())['step'] == 6
   # A --config that differs only in what does not change the model is accepted.
   proc, _, _ = _main('--mode=predict', '--workdir=run', f'--images={image}',
                      f'--config={ROOT / "configs/smoke.py"}', *FLAGS, '--config.batch_size=2',

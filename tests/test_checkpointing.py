@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from hhjax import checkpointing
+from hhjax import compare
 from hhjax import compat
 from hhjax import errors
 from hhjax import trees
@@ -50,6 +51,26 @@ def test_keeps_last_few_and_the_best(tmp_path):
     assert ckpts.all_steps() == [2, 5, 6]
     assert ckpts.best_step() == 2
     assert ckpts.latest_step() == 6
+
+
+def test_the_best_checkpoint_and_compare_choose_the_same_of_equal_epochs(tmp_path):
+  # Epochs 2 and 4 tie: retention, --checkpoint=best and compare's best epoch all take the
+  # latest of them (hhjax.best), so the epoch compare names is the checkpoint that restores.
+  state = _state()
+  accuracies = {1: 0.5, 2: 0.9, 3: None, 4: 0.9, 5: 0.6, 6: 0.7}
+  with checkpointing.Checkpoints(tmp_path, keep=2) as ckpts:
+    for step, acc in accuracies.items():
+      ckpts.save(step, state, {'step': step},
+                 metrics=None if acc is None else {'val_accuracy': acc, 'val_loss': 1 - acc})
+    ckpts.wait()
+    assert ckpts.all_steps() == [4, 5, 6]   # the best kept is the one best_step names
+    assert ckpts.best_step() == 4
+  with checkpointing.Checkpoints(tmp_path, read_only=True) as ckpts:
+    assert ckpts.best_step() == 4
+  rows = [{'epoch': e, 'step': s, 'val_accuracy': a, 'val_loss': 1 - a}
+          for e, (s, a) in enumerate(((s, a) for s, a in accuracies.items() if a), 1)]
+  chosen = compare.summary(rows)
+  assert (chosen['best_step'], chosen['best_epoch'], chosen['best_accuracy']) == (4, 3, 0.9)
 
 
 def test_unfinished_save_is_ignored_and_removed(tmp_path):

@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 LEGACY_CONFIG = ROOT / 'tests' / 'data' / 'legacy_workdir' / 'config.json'
 
 # Fields with no fixed set or range: any name, split or path may be right.
-FREE_FIELDS = {'data.name', 'data.train_split', 'data.eval_split', 'model.pretrained',
+FREE_FIELDS = {'data.name', 'data.train_split', 'model.pretrained',
                'data.dir'}   # data.dir: needed with source='folder', tested below
 
 # (field, a bad value, what the message must show of it; None: the value's repr).
@@ -38,6 +38,11 @@ BAD_VALUES = [
     ('data.image_dtype', 'float16', None),
     ('data.bad_files', 'ignore', None),
     ('data.cache_decoded', 'yes', None),
+    ('data.validation_fraction', 1.0, None),
+    ('data.validation_fraction', 0.0, None),     # nothing held out, and no split named
+    ('data.validation_split', 'train', None),    # the training split itself
+    ('data.test_split', 'train', None),
+    ('data.eval_split', 'validation', None),     # replaced: the message says by what
     ('data.num_parallel_calls', 0, None),
     ('data.fake.num_train_examples', 0, None),
     ('data.fake.num_eval_examples', 0, None),
@@ -169,6 +174,26 @@ def test_a_bad_value_is_rejected_naming_the_field_and_the_value(field, value, sh
 def test_every_field_of_the_default_config_is_checked_or_free_by_design():
   tested = {field for field, _, _ in BAD_VALUES}
   assert set(_leaves(default.get_config().to_dict())) == tested | FREE_FIELDS
+
+
+def test_the_replaced_eval_split_is_refused_naming_what_replaced_it():
+  message = _message(_config(data__eval_split='validation'))
+  assert 'config.data.validation_split' in message and 'config.data.test_split' in message
+
+
+def test_a_test_split_that_also_validates_is_refused():
+  message = _message(_config(data__validation_split='test', data__test_split='test'))
+  assert 'config.data.test_split' in message and 'chooses' in message
+
+
+def test_a_named_validation_split_ignores_the_fraction_and_a_legacy_eval_split_validates():
+  config_checks.validate(_config(data__validation_split='validation',
+                                 data__validation_fraction=0.0, data__test_split=None))
+  legacy = default.get_config().to_dict()
+  for field in ('validation_split', 'validation_fraction', 'test_split'):
+    del legacy['data'][field]
+  legacy['data']['eval_split'] = 'test'      # what a workdir's config.json held before
+  config_checks.validate(ml_collections.ConfigDict(legacy))
 
 
 @pytest.mark.parametrize('name', sorted(p.stem for p in (ROOT / 'configs').glob('*.py')

@@ -59,7 +59,7 @@ def _config(**data):
   config = default.get_config()
   config.batch_size = 4
   config.data.image_size = SIZE
-  config.data.eval_split = 'validation'
+  config.data.validation_split, config.data.test_split = 'validation', None
   for key, value in data.items():
     config.data[key] = value
   return config
@@ -157,7 +157,8 @@ def counting(todo, *args, **kwargs):
 bad_files._decode_all = counting
 config = default.get_config()
 config.data.source, config.data.dir = 'folder', sys.argv[2]
-config.data.eval_split, config.data.bad_files = 'validation', 'skip'
+config.data.validation_split, config.data.bad_files = 'validation', 'skip'
+config.data.test_split = None
 info = pipeline.dataset_info(spec.DataSpec.from_config(config))
 bad = sorted(p for p, (_, reason) in bad_files._CHECKED.items() if reason)
 print(json.dumps({'decoded': decoded, 'sizes': info.num_examples, 'bad': bad}))
@@ -228,8 +229,9 @@ def tfds_dirs(tmp_path_factory):
 
 
 def _tfds_config(data_dir, **data):
-  return _config(source='tfds', name='hhjax_test_images', dir=data_dir, eval_split='test',
-                 num_parallel_calls=2, **data)
+  data = {'validation_split': 'test', 'test_split': None, **data}
+  return _config(source='tfds', name='hhjax_test_images', dir=data_dir, num_parallel_calls=2,
+                 **data)
 
 
 def _batches(config, split, steps=None, **kwargs):
@@ -261,6 +263,24 @@ def test_tfds_records_give_the_in_memory_batches_and_resume_exactly(tfds_dirs, c
   assert sum(int(b['mask'].sum()) for b in evaluation) == 7
   cached = _tfds_config(tfds_dirs['array_record'], cache_decoded=True)
   _assert_same(whole[:3], _batches(cached, 'train', 3))
+
+
+def test_a_held_out_validation_of_records_is_that_of_the_same_split_in_memory(tfds_dirs):
+  # Records carry their labels: every label is read to stratify, then the held-out share and
+  # the training split's rest are read record by record, as the in-memory split gives them.
+  held = dict(validation_split=None, validation_fraction=0.3, test_split='test')
+  on_demand = _tfds_config(tfds_dirs['array_record'], **held)
+  in_memory = _tfds_config(tfds_dirs['tfrecord'], **held)
+  share = _spec(on_demand).validation
+  table = pipeline.sources.table(_spec(on_demand), share)
+  assert table.kind == 'records' and table.rows is not None
+  assert pipeline.dataset_info(_spec(on_demand)) == pipeline.dataset_info(_spec(in_memory))
+  assert pipeline.dataset_info(_spec(on_demand)).num_examples == {
+      'train': 6, share: 4, 'test': 7}   # 5 of each class: 1.5 rounds to 2
+  for split in (share, 'train'):
+    _assert_same(_batches(on_demand, split, training=False),
+                 _batches(in_memory, split, training=False))
+  _assert_same(_batches(on_demand, 'train', 3), _batches(in_memory, 'train', 3))
 
 
 def test_each_process_reads_only_the_records_of_its_share(tfds_dirs, monkeypatch):

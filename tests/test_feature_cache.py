@@ -97,8 +97,8 @@ def test_cached_steps_equal_steps_on_images(prepared):
 def test_cached_eval_batches_hold_the_backbone_output(prepared):
   config, mesh, model, _, state = prepared
   batches = feature_cache.compute_features(model, state['params'], state['batch_stats'],
-                                           entry.data(config), config.data.eval_split, mesh)
-  images = next(pipeline.create_dataset(_spec(config), config.data.eval_split)
+                                           entry.data(config), entry.data(config).validation, mesh)
+  images = next(pipeline.create_dataset(_spec(config), entry.data(config).validation)
                 .as_numpy_iterator())
   full = jax.jit(lambda v, x: model.apply(v, x))(
       {'params': state['params'], 'batch_stats': state['batch_stats']}, images['image'])
@@ -197,8 +197,8 @@ def test_cached_features_of_uint8_batches_are_those_of_the_normalised_images(pre
   config = config.copy_and_resolve_references()
   config.data.image_dtype = 'uint8'     # pixels travel as bytes; the model normalises them
   batches = feature_cache.compute_features(model, state['params'], state['batch_stats'],
-                                           entry.data(config), config.data.eval_split, mesh)
-  images = next(pipeline.create_dataset(_spec(config), config.data.eval_split)
+                                           entry.data(config), entry.data(config).validation, mesh)
+  images = next(pipeline.create_dataset(_spec(config), entry.data(config).validation)
                 .as_numpy_iterator())
   assert images['image'].dtype == np.uint8
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}

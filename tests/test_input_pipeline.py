@@ -17,6 +17,7 @@ from hhjax import errors
 from hhjax import preview
 from hhjax.data import bad_files
 from hhjax.data import decode
+from hhjax.data import holdout
 from hhjax.data import pipeline
 from hhjax.data import sources
 from hhjax.data import spec as data_spec
@@ -190,7 +191,8 @@ def _make_folder(root: pathlib.Path, counts=None):
 
 
 def _folder_config(root, **data):
-  return _config(source='folder', dir=str(root), eval_split='validation', **data)
+  return _config(source='folder', dir=str(root), validation_split='validation', test_split=None,
+                 **data)
 
 
 def test_folder_of_every_format_is_read_whole(tmp_path):
@@ -471,7 +473,8 @@ def test_batch_size_must_divide_over_processes():
 def test_evaluation_sees_every_example_exactly_once(process_count):
   config = _fake_config(num_eval=7)
   info = pipeline.dataset_info(_spec(config))
-  assert info.num_examples == {'train': 10, 'test': 7}
+  # The default config holds out a tenth of each class of train (one of five) for validation.
+  assert info.num_examples == {'train': 8, 'train[validation 10%]': 2, 'test': 7}
   seen = []
   for index in range(process_count):
     batches = list(pipeline.create_dataset(
@@ -487,6 +490,66 @@ def test_evaluation_sees_every_example_exactly_once(process_count):
   assert set(seen) == {im.tobytes() for b in reference for im in b['image'][b['mask']]}
 
 
+def test_the_held_out_validation_is_stratified_disjoint_and_fixed_by_the_seed():
+  labels = np.array([0] * 90 + [1] * 10 + [2])   # 90/10, and a class of one image
+  validation, training = holdout.split_rows(labels, 0.1, seed=3)
+  assert not set(validation) & set(training)
+  assert sorted([*validation, *training]) == list(range(101))
+  assert list(validation) == sorted(validation) and list(training) == sorted(training)
+  assert np.bincount(labels[validation], minlength=3).tolist() == [9, 1, 0]   # one kept to train
+  # A function of (labels, fraction, seed) alone: every process, and every resume, gets the
+  # same rows; another seed others.
+  again, _ = holdout.split_rows(labels.copy(), 0.1, seed=3)
+  np.testing.assert_array_equal(again, validation)
+  assert set(holdout.split_rows(labels, 0.1, seed=4)[0]) != set(validation)
+  assert holdout.counts(np.array([1, 2, 5, 15, 1000]), 0.1).tolist() == [0, 1, 1, 2, 100]
+
+
+def _images(batches):
+  return [image.tobytes() for b in batches
+          for image in (b['image'][b['mask']] if 'mask' in b else b['image'])]
+
+
+def test_held_out_images_never_train_with_one_process_or_two():
+  config = _fake_config(num_train=20, num_eval=4, validation_fraction=0.25)
+  config.data.augment.enabled = False
+  spec = _spec(config)
+  assert spec.holds_out and spec.validation == 'train[validation 25%]'
+  assert pipeline.dataset_info(spec).num_examples == {
+      'train': 14, 'train[validation 25%]': 6, 'test': 4}
+  every = _images(pipeline.create_dataset(      # the whole training split, one pass
+      dataclasses.replace(spec, validation_split='test', validation_fraction=0.0), 'train',
+      training=False, process_count=1, process_index=0).as_numpy_iterator())
+  validation = _images(pipeline.create_dataset(spec, spec.validation, process_count=1,
+                                               process_index=0).as_numpy_iterator())
+  single = _take(pipeline.create_dataset(spec, 'train', process_count=1, process_index=0), 14)
+  trained = set(_images(single))      # four epochs of 14 images
+  assert len(trained) == 14 and len(set(validation)) == 6
+  assert not trained & set(validation) and trained | set(validation) == set(every)
+  labels = [int(l) for b in pipeline.create_dataset(spec, spec.validation, process_count=1,
+                                                   process_index=0).as_numpy_iterator()
+            for l in b['label'][b['mask']]]
+  assert sorted(labels) == [0, 0, 0, 1, 1, 1]    # 10 of each class: 2.5 rounds to 3
+  # Two processes read the same table: their shares of each batch make the one-process batch.
+  shares = [_take(pipeline.create_dataset(spec, 'train', process_count=2, process_index=i), 14)
+            for i in range(2)]
+  for step, whole in enumerate(single):
+    np.testing.assert_array_equal(
+        np.concatenate([share[step]['image'] for share in shares]), whole['image'])
+
+
+def test_a_config_written_before_validation_and_test_were_apart_validates_on_eval_split():
+  tree = default.get_config().to_dict()
+  for field in ('validation_split', 'validation_fraction', 'test_split'):
+    del tree['data'][field]
+  tree['data']['eval_split'] = 'test'
+  spec = data_spec.DataSpec.from_config(tree)
+  assert (spec.validation, spec.holds_out, spec.test_split) == ('test', False, None)
+  assert data_spec.held_out_identity(tree) is None
+  assert data_spec.held_out_identity(default.get_config()) == {
+      'train_split': 'train', 'validation_fraction': 0.1, 'seed': 0}
+
+
 def test_tfds_source_under_mock_data(monkeypatch):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   # mock_data serves records without preparing the dataset: no download, so no network check
@@ -495,7 +558,8 @@ def test_tfds_source_under_mock_data(monkeypatch):
   config = _config(source='tfds')
   with tfds.testing.mock_data(num_examples=5):
     info = pipeline.dataset_info(_spec(config))
-    assert info.num_examples == {'train': 5, 'test': 5}
+    # horses_or_humans has train and test: one image of each class of train validates.
+    assert info.num_examples == {'train': 3, 'train[validation 10%]': 2, 'test': 5}
     assert info.class_names == ('horses', 'humans')
     train = _take(pipeline.create_dataset(_spec(config), 'train', process_count=1,
                                           process_index=0), 3)
@@ -553,7 +617,8 @@ def real_config(real_data_dir):
   config = default.get_config()
   config.data.source = 'folder'
   config.data.dir = str(real_data_dir)
-  config.data.eval_split = 'validation'
+  config.data.validation_split = 'validation'
+  config.data.test_split = None
   return config
 
 

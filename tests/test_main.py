@@ -39,7 +39,7 @@ def test_smoke_config_runs_end_to_end(smoke_workdir):
   rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
   assert [r['phase'] for r in rows] == ['warmup', 'warmup', 'finetune']
   assert rows[-1]['val_loss'] < rows[0]['val_loss']      # it learns the easy synthetic task
-  for name in ('loss.png', 'accuracy.png', 'eval.json', 'config.json'):
+  for name in ('loss.png', 'accuracy.png', 'eval.json', 'test.json', 'config.json'):
     assert (workdir / name).stat().st_size > 0
 
 
@@ -60,7 +60,10 @@ def test_the_log_says_only_what_the_run_does_once(smoke_workdir):
   # is announced, with its time and where it came from, and the time since the launch.
   _, log = smoke_workdir
   assert not _library_noise(log)
-  bodies = collections.Counter(_ABSL_PREFIX.sub('', line) for line in log.splitlines())
+  # Each record once (a record's continuation lines, such as the confusion matrices of the
+  # validation and the test split, may well be alike).
+  bodies = collections.Counter(_ABSL_PREFIX.sub('', line) for line in log.splitlines()
+                               if _ABSL_PREFIX.match(line))
   assert not [line for line, n in bodies.items() if n > 1 and line.strip()]
   assert 'Compiling the train step of phase warmup ...' in log
   assert re.search(r'The train step of phase warmup: (compiled|loaded) in [\d.]+ s .*'
@@ -109,12 +112,32 @@ def test_tensorboard_from_the_requirements_reads_the_runs_scalars(smoke_workdir,
     assert tag in proc.stdout
 
 
-def test_eval_needs_only_the_workdir(smoke_workdir, env):
+def test_eval_of_the_test_split_at_the_best_checkpoint_leaves_the_runs_own_results(
+    smoke_workdir, env):
+  from hhjax import best  # pylint: disable=g-import-not-at-top
   workdir, _ = smoke_workdir
-  proc = _main('--mode=eval', f'--workdir={workdir}', env=env)
-  saved = json.load(open(workdir / 'eval.json'))
+  # The training run's own results: validation (eval.json and pictures) and test (test.json and
+  # test/): the two splits hold other images, so their numbers differ.
+  own = {p: p.read_bytes() for p in [*workdir.glob('*.json'), *workdir.glob('*.png'),
+                                      *(workdir / 'test').iterdir()]}
+  validation, test = (json.load(open(workdir / name)) for name in ('eval.json', 'test.json'))
+  rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  assert (validation['split'], test['split']) == ('validation', 'test')
+  assert validation['loss'] == pytest.approx(rows[-1]['val_loss'], rel=1e-6) != test['loss']
+
+  proc = _main('--mode=eval', f'--workdir={workdir}', '--split=test', '--checkpoint=best',
+               env=env)
+  chosen = best.choose(rows, lambda row: row)['step']
+  path = workdir / 'eval' / f'test-step_{chosen:06d}.json'
+  saved = json.load(open(path))
+  assert (saved['split'], saved['step'], saved['count']) == ('test', chosen, 12)
   assert f"accuracy {saved['accuracy']:.4f}" in proc.stderr
-  assert 'true \\ predicted' in proc.stderr and saved['count'] == 12
+  assert 'true \\ predicted' in proc.stderr
+  for name in ('confusion_matrix.png', 'misclassified.png', 'misclassified.json'):
+    assert (path.with_suffix('') / name).stat().st_size > 0
+  assert {p: p.read_bytes() for p in own} == own            # nothing of the run rewritten
+  if chosen == rows[-1]['step']:   # the best is the final step: test.json's numbers again
+    assert saved['loss'] == pytest.approx(test['loss'], rel=1e-6)
   assert 'The evaluation step: loaded in ' in proc.stderr   # compiled by the training run
   assert not _library_noise(proc.stderr)
 

@@ -56,7 +56,8 @@ def _flags(data_dir):
   # Fine-tuning only, BatchNorm statistics too: batch statistics over the global batch, whose
   # halves come from different processes. A checkpoint at each epoch's end only.
   return ['--config=configs/smoke.py', '--config.data.source=folder',
-          f'--config.data.dir={data_dir}', '--config.data.eval_split=validation',
+          f'--config.data.dir={data_dir}', '--config.data.validation_split=validation',
+          '--config.data.test_split=None',
           '--config.data.num_parallel_calls=1', '--config.batch_size=4',
           '--config.eval_batch_size=4', f'--config.steps_per_epoch={STEPS_PER_EPOCH}',
           '--config.warmup.epochs=0', f'--config.finetune.epochs={EPOCHS}',
@@ -270,7 +271,7 @@ def test_progress_and_results_are_logged_by_process_zero_only(two):
 
 def test_eval_and_predict_read_a_two_process_workdir_as_one_process(ctx, two):
   # In this (one-device) process, through what main.py's --mode=eval and --mode=predict call.
-  workdir = ctx.tmp / 'two_copy'   # eval rewrites eval.json: keep the run's for the test above
+  workdir = ctx.tmp / 'two_copy'   # eval writes into the workdir: keep the run's as it was
   shutil.copytree(two[0], workdir)
   config = workdir_lib.load_config(str(workdir))
   result = evaluate.evaluate(config, str(workdir))

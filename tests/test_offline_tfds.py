@@ -51,6 +51,9 @@ def _tiny_config(data_dir):
   config.data.source = 'tfds'
   config.data.name = 'hhjax_tiny_images'
   config.data.dir = str(data_dir)
+  # The tiny dataset has a train and a test split only: test validates, as it did before
+  # validation and test were apart.
+  config.data.validation_split, config.data.test_split = 'test', None
   return config
 
 

@@ -5,6 +5,8 @@ misclassifies plenty) serves every test; the Grad-CAM arithmetic itself is check
 tests/test_explain.py.
 """
 
+import contextlib
+import io
 import json
 import os
 import pathlib
@@ -16,8 +18,10 @@ from PIL import Image
 import pytest
 
 from configs import smoke
+from hhjax import compare
 from hhjax import entry
 from hhjax import evaluate
+from hhjax import metrics
 from hhjax import pictures
 from hhjax import predict
 from hhjax import workdir as workdir_lib
@@ -54,17 +58,27 @@ def trained(real_data_dir, tmp_path_factory, env):
   """Two warm-up epochs of 3 steps on the real folder; the final evaluation on validation."""
   workdir = tmp_path_factory.mktemp('real')
   _run('--config=configs/smoke.py', f'--workdir={workdir}', '--config.data.source=folder',
-       f'--config.data.dir={real_data_dir}', '--config.data.eval_split=validation',
+       f'--config.data.dir={real_data_dir}', '--config.data.validation_split=validation',
+       '--config.data.test_split=None',
        '--config.steps_per_epoch=3', '--config.warmup.epochs=2', '--config.finetune.epochs=0',
        '--config.eval_batch_size=32', env=env)
   return workdir
 
 
 @pytest.fixture(scope='module')
-def predictions(trained, real_data_dir):
-  """predict's (path, class, probability) for every validation image, in-process."""
-  return predict.predict(workdir_lib.load_config(str(trained)), str(trained),
-                         [str(real_data_dir / 'validation')])
+def predicted(trained, real_data_dir):
+  """predict's (path, class, probability) for every validation image, in-process, and what it
+  printed."""
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    results = predict.predict(workdir_lib.load_config(str(trained)), str(trained),
+                              [str(real_data_dir / 'validation')])
+  return results, printed.getvalue()
+
+
+@pytest.fixture(scope='module')
+def predictions(predicted):
+  return predicted[0]
 
 
 def _grid_pixels(count):
@@ -72,15 +86,19 @@ def _grid_pixels(count):
   return round(100 * (2.7 * rows + 0.6)), round(100 * 2.3 * columns)
 
 
-def test_eval_draws_the_confusion_matrix_and_what_predict_gets_wrong(trained, predictions):
+def test_eval_draws_the_confusion_matrix_and_what_predict_gets_wrong(trained, predicted):
+  predictions, printed = predicted
   for name in (pictures.CONFUSION_FILE, pictures.EXAMPLES_FILE, pictures.EXAMPLES_JSON):
     assert (trained / name).exists(), f'the training run wrote no {name}'
-    (trained / name).unlink()   # eval must write them itself
   # In-process, what --mode=eval calls: the training run above has been through main.py, and a
-  # process start costs more than the rest of this test.
-  evaluate.evaluate(workdir_lib.load_config(str(trained)), str(trained))
-  evaluation = json.loads((trained / 'eval.json').read_text())
-  listing = json.loads((trained / pictures.EXAMPLES_JSON).read_text())
+  # process start costs more than the rest of this test. Its files are its own.
+  result = evaluate.evaluate(workdir_lib.load_config(str(trained)), str(trained))
+  path = pathlib.Path(evaluate.result_path(str(trained), 'validation', result['step']))
+  evaluation = json.loads(path.read_text())
+  folder = path.with_suffix('')
+  listing = json.loads((folder / pictures.EXAMPLES_JSON).read_text())
+  # The training run's final evaluation is of the same split and step: the same numbers.
+  assert json.loads((trained / 'eval.json').read_text())['confusion'] == evaluation['confusion']
 
   # The misclassified images are exactly those predict gets wrong, most confident first.
   wrong = {path: prob for path, name, prob in predictions
@@ -96,9 +114,20 @@ def test_eval_draws_the_confusion_matrix_and_what_predict_gets_wrong(trained, pr
   for row in listing['misclassified']:
     assert row['true'] == pathlib.Path(row['name']).parent.name != row['predicted']
 
+  # predict on the labelled folder printed the same summary after its per-file lines.
+  lines = printed.splitlines()
+  assert len([l for l in lines if l.count('\t') == 2]) == 256
+  assert lines[256] == (f"accuracy {evaluation['accuracy']:.4f} on 256 labelled images "
+                        f'({256 - len(wrong)} right, {len(wrong)} wrong)')
+  per_class = np.array(evaluation['confusion'])
+  assert lines[257] == (f'horses: {per_class[0].sum()} images, {per_class[0, 0]} right '
+                        f'({per_class[0, 0] / per_class[0].sum():.4f}), {per_class[:, 0].sum()} '
+                        'predicted as horses')
+  assert '\n'.join(lines[260:]) == metrics.format_confusion(per_class, ['horses', 'humans'])
+
   # The pictures: a 2 x 2 matrix with a colour bar, and a grid of min(20, wrong) images.
-  _png(trained / pictures.CONFUSION_FILE)
-  grid = _png(trained / pictures.EXAMPLES_FILE)
+  _png(folder / pictures.CONFUSION_FILE)
+  grid = _png(folder / pictures.EXAMPLES_FILE)
   assert grid.shape[:2] == _grid_pixels(min(20, len(wrong)))
   assert (grid.min(axis=-1) < 100).mean() > 0.05   # dark pixels: the images are there
 
@@ -140,13 +169,18 @@ def test_explain_draws_a_heat_map_over_each_image(trained, predictions, real_dat
   pictures_written = ['0_horse1-000.png', '1_valhuman01-00.png', '2_horse5-123.png']
   assert sorted(os.listdir(out)) == sorted(pictures_written + ['maps.npz', 'overview.png'])
   assert str(out / 'overview.png') in proc.stdout
+  # Each image's prediction first, as predict prints it.
+  by_path = {path: (name, prob) for path, name, prob in predictions}
+  for line, path in zip(proc.stdout.splitlines(), chosen):
+    shown_path, name, prob = line.split('\t')
+    assert shown_path == str(path) and name == by_path[str(path)][0]
+    assert float(prob) == pytest.approx(by_path[str(path)][1], abs=1e-4)
 
   saved = np.load(out / 'maps.npz')
   assert list(saved['paths']) == [str(p) for p in chosen]
   assert saved['maps'].shape == (3, SIZE, SIZE)
   assert (saved['maps'] >= 0).all() and (saved['maps'].max(axis=(1, 2)) > 0).all()
   # The class each map explains is the one predict gives, with the same probability.
-  by_path = {path: (name, prob) for path, name, prob in predictions}
   class_names = list(saved['class_names'])
   for path, k, probs in zip(saved['paths'], saved['predicted'], saved['probabilities']):
     name, prob = by_path[path]
@@ -168,7 +202,10 @@ def test_compare_draws_runs_side_by_side(trained, tmp_path, env):
   older.mkdir()
   config = json.loads((trained / 'config.json').read_text())
   config['warmup']['learning_rate'] = 0.5
+  # Neither labels a run: bookkeeping, and synthetic data's classes in a folder run.
+  config['log_every_steps'], config['data']['fake']['num_classes'] = 7, 5
   (older / 'config.json').write_text(json.dumps(config))
+  (older / 'test.json').write_text(json.dumps({'step': 6, 'accuracy': 0.3, 'loss': 0.9}))
   (older / 'metrics.jsonl').write_text(''.join(
       json.dumps({k: v for k, v in dict(r, val_accuracy=0.25 * r['epoch']).items()
                   if k != 'time'}) + '\n' for r in rows))
@@ -179,10 +216,16 @@ def test_compare_draws_runs_side_by_side(trained, tmp_path, env):
   first = next(l.split() for l in lines if l.startswith(trained.name))
   assert first[1:4] == ['2', '6', f"{rows[-1]['val_accuracy']:.4f}"]
   assert first[-1].count(':') == 1                       # m:ss, from the rows' 'time'
+  assert first[-3:-1] == ['-', '-']                      # no test split in that run
   second = next(l.split() for l in lines if l.startswith('older'))
   assert second[3:6] == ['0.5000', '0.5000', '(2)'] and second[-1] == '-'
+  assert second[-3:-1] == ['0.3000', '0.9000']           # its test.json
   differing = lines[lines.index('Config fields that differ:') + 2:]
   assert differing[0].split() == ['warmup.learning_rate', '0.01', '0.5'] and not differing[1]
+  assert differing[2] == ('Also differ, without changing the result (bookkeeping, or unused): '
+                          'data.fake.num_classes, log_every_steps')
+  assert compare.legend_labels(['a', 'b'], [compare._config(str(d)) for d in (trained, older)]
+                               ) == ['a (warmup.learning_rate=0.01)', 'b (warmup.learning_rate=0.5)']
   image = _png(chart)
   assert image.shape[1] == 1100
   for colour in ((31, 119, 180), (255, 127, 14)):        # one line per run

@@ -40,7 +40,7 @@ def _config(data_dir):
   config = smoke.get_config()
   config.data.source = 'folder'
   config.data.dir = data_dir
-  config.data.eval_split = 'validation'
+  config.data.validation_split, config.data.test_split = 'validation', None
   config.steps_per_epoch = 2
   config.warmup.epochs = 1
   config.finetune.epochs = 0

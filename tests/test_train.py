@@ -226,6 +226,66 @@ def test_checkpoint_of_another_model_is_a_clear_error(trained):
     train.train_and_evaluate(other, workdir)
 
 
+def test_a_resume_that_would_hold_out_other_rows_is_refused(trained):
+  # Holding out a share of train changes the training table the stream's position points into.
+  config, workdir, _ = trained
+  before = open(os.path.join(workdir, 'config.json')).read()
+  other = config.copy_and_resolve_references()
+  other.data.validation_split = None    # now 10 % of train would validate
+  with pytest.raises(errors.CheckpointMismatchError,
+                     match=r"another held-out validation share.*checkpoint nothing held out, "
+                           r"now train_split 'train', validation_fraction 0\.1, seed 0"):
+    train.train_and_evaluate(other, workdir)
+  assert open(os.path.join(workdir, 'config.json')).read() == before
+
+
+def _disagreeing_folder(root):
+  """train/ of dark (class_0) and bright (class_1) images; validation/ three dark and two
+  bright; test/ the same five images with their labels swapped: whatever a model predicts, its
+  test accuracy is 1 - its validation accuracy, and the two are never equal."""
+  rng = np.random.default_rng(0)
+  def write(path, level):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(level + rng.integers(-20, 20, (75, 75, 3)), 0, 255)
+                    .astype(np.uint8)).save(path)
+  for i in range(4):
+    write(root / 'train' / 'class_0' / f'{i}.png', 40)
+    write(root / 'train' / 'class_1' / f'{i}.png', 215)
+  for i, (level, true, swapped) in enumerate([(40, 0, 1)] * 3 + [(215, 1, 0)] * 2):
+    write(root / 'validation' / f'class_{true}' / f'{i}.png', level)
+    shutil.copy(root / 'validation' / f'class_{true}' / f'{i}.png',
+                (root / 'test' / f'class_{swapped}').mkdir(parents=True, exist_ok=True) or
+                root / 'test' / f'class_{swapped}' / f'{i}.png')
+  return root
+
+
+def test_early_stopping_and_the_best_checkpoint_read_validation_never_test(tmp_path):
+  config = tiny_config()
+  config.data.source, config.data.dir = 'folder', str(_disagreeing_folder(tmp_path / 'data'))
+  config.data.validation_split, config.data.test_split = 'validation', 'test'
+  config.warmup.epochs, config.finetune.epochs = 1, 0
+  config.early_stopping.metric, config.early_stopping.threshold = 'val_accuracy', 0.5
+  workdir = str(tmp_path / 'run')
+  result = train.train_and_evaluate(config, workdir)
+  row, = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  validation = json.load(open(os.path.join(workdir, 'eval.json')))
+  test = json.load(open(os.path.join(workdir, train.TEST_FILE)))
+  assert (validation['split'], test['split']) == ('validation', 'test')
+  assert validation['step'] == test['step'] == row['step'] == result['step']
+  assert validation['count'] == test['count'] == 5
+  assert row['val_accuracy'] == validation['accuracy'] == result['accuracy']
+  assert row['val_loss'] == pytest.approx(validation['loss'], rel=1e-6)
+  assert test['accuracy'] == pytest.approx(1 - validation['accuracy'])    # they disagree
+  assert result['test']['accuracy'] == test['accuracy']
+  # The stop is decided by validation's accuracy; test's would decide the other way.
+  assert bool(result['stop_reason']) == (validation['accuracy'] > 0.5) != (test['accuracy'] > 0.5)
+  # The metrics that rank checkpoints for --checkpoint=best are validation's.
+  with checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'), read_only=True) as c:
+    ranked = c._manager.metrics(row['step'])   # pylint: disable=protected-access
+  assert ranked['val_accuracy'] == validation['accuracy'] != test['accuracy']
+  assert os.path.exists(os.path.join(workdir, train.TEST_PICTURES, 'confusion_matrix.png'))
+
+
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   config = tiny_config()
   config.warmup.epochs, config.finetune.epochs = 2, 0
@@ -343,11 +403,16 @@ def test_lines_of_metrics_jsonl_that_are_not_rows_are_left_out_with_a_warning(tm
 
 def test_a_finished_run_given_more_epochs_trains_them_exactly(tmp_path, caplog):
   # Keras's fit(initial_epoch=...): the added fine-tuning epochs continue the finished phase,
-  # ending where a run given them from the start ends.
+  # ending where a run given them from the start ends. Validation is held out of train here:
+  # the resumed run trains on the rows the first one did.
   config = tiny_config()
   config.steps_per_epoch = 1
   config.warmup.epochs, config.finetune.epochs = 0, 1
+  config.data.validation_split = None   # 10 % of each class of the 16 training images
   train.train_and_evaluate(config, str(tmp_path / 'short'))     # step 1
+  split = json.load(open(tmp_path / 'short' / train.DATA_SPLIT_FILE))
+  assert split['validation_per_class'] == [1, 1] and split['training_per_class'] == [7, 7]
+  assert json.load(open(tmp_path / 'short' / 'eval.json'))['count'] == 2
   config.finetune.epochs = 3
   with caplog.at_level('INFO'):
     longer = train.train_and_evaluate(config, str(tmp_path / 'short'))

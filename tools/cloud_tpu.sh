@@ -28,7 +28,8 @@
 #   --run=NAME             HHJAX_RUN            default default: the workdir gs://BUCKET/hhjax/runs/NAME
 #   --config=FILE          HHJAX_CONFIG         default configs/default.py
 #   --data=tfds|DIR        HHJAX_DATA           default tfds (horses_or_humans); DIR: an image folder
-#   --eval-split=SPLIT     HHJAX_EVAL_SPLIT     default validation (with --data=DIR)
+#   --validation-split=S   HHJAX_VALIDATION_SPLIT  default validation (with --data=DIR: the folder's
+#                          split that chooses; no test split unless the flags after -- name one)
 #   --weights=FILE.h5      HHJAX_WEIGHTS        default: none ('imagenet', downloaded on each host)
 #   --on-demand            HHJAX_SPOT=0         an on-demand TPU instead of a spot one
 #   --attempts=N           HHJAX_ATTEMPTS       default 20: train runs at most N times
@@ -47,7 +48,7 @@ RUNTIME=${HHJAX_RUNTIME:-}
 RUN=${HHJAX_RUN:-default}
 CONFIG=${HHJAX_CONFIG:-configs/default.py}
 DATA=${HHJAX_DATA:-tfds}
-EVAL_SPLIT=${HHJAX_EVAL_SPLIT:-validation}
+VALIDATION_SPLIT=${HHJAX_VALIDATION_SPLIT:-${HHJAX_EVAL_SPLIT:-validation}}
 WEIGHTS=${HHJAX_WEIGHTS:-}
 SPOT=${HHJAX_SPOT:-1}
 ATTEMPTS=${HHJAX_ATTEMPTS:-20}
@@ -67,7 +68,7 @@ while (($#)); do
     --run=*) RUN=${1#*=} ;;
     --config=*) CONFIG=${1#*=} ;;
     --data=*) DATA=${1#*=} ;;
-    --eval-split=*) EVAL_SPLIT=${1#*=} ;;
+    --validation-split=*|--eval-split=*) VALIDATION_SPLIT=${1#*=} ;;
     --weights=*) WEIGHTS=${1#*=} ;;
     --on-demand) SPOT=0 ;;
     --attempts=*) ATTEMPTS=${1#*=} ;;
@@ -106,7 +107,7 @@ if [[ $DATA == tfds ]]; then
   TRAIN_FLAGS+=" --config.data.dir=$STORE/tensorflow_datasets"
 else
   TRAIN_FLAGS+=" --config.data.source=folder --config.data.dir=$STORE/data/$(basename "$DATA")"
-  TRAIN_FLAGS+=" --config.data.eval_split=$EVAL_SPLIT"
+  TRAIN_FLAGS+=" --config.data.validation_split=$VALIDATION_SPLIT --config.data.test_split=None"
 fi
 [[ -z $WEIGHTS ]] || TRAIN_FLAGS+=" --config.model.pretrained=$STORE/weights/$(basename "$WEIGHTS")"
 ((${#EXTRA[@]} == 0)) || TRAIN_FLAGS+=" ${EXTRA[*]}"

@@ -95,7 +95,8 @@ def _split_dir(root: str, split: str) -> str:
     raise errors.DataNotFoundError(
         f'No folder for split {split!r}: {split_dir} does not exist. {root} holds '
         f'{present or "no folders"}. Expected the layout DIR/<split>/<class>/<image>; set '
-        f'config.data.train_split / config.data.eval_split to split folder names.')
+        f'config.data.train_split / config.data.validation_split / config.data.test_split to '
+        f'split folder names (test_split=None: no test split).')
   return split_dir
 
 
@@ -125,7 +126,7 @@ def _check_root(spec: data_spec.DataSpec) -> str:
 
 def _same_classes(spec: data_spec.DataSpec, split: str, classes: list[str]) -> None:
   """Both splits of the spec must name the same classes, or labels would mean other things."""
-  for other in {spec.train_split, spec.eval_split} - {split}:
+  for other in [s for s in spec.named_splits() if s != split]:
     other_classes = _folder_classes(spec.dir, other)
     if other_classes != classes:
       raise errors.DataError(

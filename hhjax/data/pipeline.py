@@ -43,7 +43,8 @@ class DatasetInfo:
   """What a training loop needs to know about the data before reading it.
 
   Attributes:
-    num_examples: split name -> number of examples (train and eval splits of the spec).
+    num_examples: split name -> number of examples (spec.splits(): training, validation and,
+      when there is one, test).
     num_classes: number of classes.
     class_names: class names, in label order.
   """
@@ -53,9 +54,10 @@ class DatasetInfo:
 
 
 def dataset_info(spec: data_spec.DataSpec) -> DatasetInfo:
-  """Sizes of the train and eval splits, the number of classes and the class names.
+  """Sizes of the training, validation and test splits, the number of classes and the class
+  names.
 
-  For an image folder this checks every file of both splits first (bad files count as absent
+  For an image folder this checks every file of every split first (bad files count as absent
   with bad_files='skip', and raise with 'error'). For TFDS, sizes come from the dataset's
   metadata when it has them, otherwise from reading the split.
   """
@@ -81,16 +83,26 @@ def class_counts(spec: data_spec.DataSpec, split: str) -> tuple[int, ...]:
 def _fake_loader(table: sources.Table, size: int, num_classes: int):
   top_label = max(num_classes - 1, 1)
   labels = tf.constant(table.labels)
+  whole_row = _whole_row(table)
 
   def load_fake(index):
     noise = tf.random.stateless_uniform(
-        [size, size, 3], streams.stateless_seed(table.salt, streams.FAKE_SALT, index),
+        [size, size, 3],
+        streams.stateless_seed(table.salt, streams.FAKE_SALT, whole_row(index)),
         maxval=255.0)
     # A brightness that grows with the label makes fake classes learnable.
     label = tf.gather(labels, index)
     level = 127.5 * tf.cast(label, tf.float32) / top_label
     return tf.floor(noise / 2 + level), label
   return load_fake
+
+
+def _whole_row(table: sources.Table):
+  """index in `table` -> the row of the whole table it is (a held-out part's rows)."""
+  if table.rows is None:
+    return lambda index: index
+  rows = tf.constant(table.rows, tf.int64)
+  return lambda index: tf.gather(rows, tf.cast(index, tf.int64))
 
 
 def _loader(table: sources.Table, spec: data_spec.DataSpec):
@@ -107,8 +119,10 @@ def _loader(table: sources.Table, spec: data_spec.DataSpec):
   def resized(contents):
     return decode.resize(decode.decode_image(contents), spec.image_size, spec.resize_method)
   if table.kind == 'records':
+    whole_row = _whole_row(table)
+
     def load_record(index):
-      contents, label = table.keys.read(index)
+      contents, label = table.keys.read(whole_row(index))
       return resized(contents), label
     return load_record
   # A list, not a numpy 'S' array: numpy would strip trailing NUL bytes off encoded images.
@@ -125,7 +139,10 @@ def _loader(table: sources.Table, spec: data_spec.DataSpec):
 def _fingerprint(table: sources.Table) -> str:
   """Identifies a table's contents: its keys (with file sizes and times) and labels."""
   if table.kind == 'records':
-    return hashlib.sha256(f'records\0{table.keys.origin}\0{table.size}'.encode()).hexdigest()
+    digest = hashlib.sha256(f'records\0{table.keys.origin}\0{table.size}'.encode())
+    if table.rows is not None:
+      digest.update(table.rows.tobytes())
+    return digest.hexdigest()
   digest = hashlib.sha256(table.kind.encode() + table.labels.tobytes())
   for key in table.keys:
     if table.kind == 'path':
@@ -221,7 +238,7 @@ def create_dataset(spec: data_spec.DataSpec, split: str, *, start_step: int = 0,
 
   Args:
     spec: what to read and how (DataSpec.from_config(config)).
-    split: a split name, e.g. spec.train_split or spec.eval_split.
+    split: a split name, e.g. spec.train_split, spec.validation or spec.test_split.
     start_step: for training, the global step the stream starts at (exact resume).
     training: augmented infinite stream (True) or one padded pass (False); by default True
       exactly for spec.train_split.

@@ -27,6 +27,7 @@ import numpy as np
 from hhjax import errors
 from hhjax.data import bad_files
 from hhjax.data import folders
+from hhjax.data import holdout
 from hhjax.data import records
 from hhjax.data import spec as data_spec
 from hhjax.data import table as table_lib
@@ -83,7 +84,8 @@ def _tfds_root(builder) -> str:
 def _tfds_offline_advice(builder) -> str:
   name, root = builder.name, _tfds_root(builder)
   return ('train on an image folder: --config.data.source=folder '
-          '--config.data.dir=DIR --config.data.eval_split=SPLIT, images in DIR/<split>/<class>/; '
+          '--config.data.dir=DIR --config.data.validation_split=SPLIT '
+          '--config.data.test_split=None, images in DIR/<split>/<class>/; '
           f'or prepare the dataset where there is network (`tfds build {name} --data_dir=D`) and '
           f'copy D/{name}/ into {root}/ (--config.data.dir sets that folder)')
 
@@ -240,20 +242,49 @@ def _source(spec: data_spec.DataSpec) -> _Source:
         f'config.data.source must be one of {SOURCES}, got {spec.source!r}.') from None
 
 
+def _with_labels(whole: Table) -> Table:
+  if whole.labels is not None:
+    return whole
+  # Records carry their labels: the held-out share is stratified, so every label is read.
+  return dataclasses.replace(whole, labels=whole.keys.labels(),
+                             rows=np.arange(len(whole.keys), dtype=np.int64))
+
+
+def held_out(spec: data_spec.DataSpec) -> tuple[np.ndarray, np.ndarray, Table]:
+  """(validation rows, training rows, the whole training split's table) of spec.holds_out:
+  rows of the whole table, stratified by class and fixed by spec.seed (holdout.py)."""
+  whole = _with_labels(_source(spec).table(spec, spec.train_split))
+  validation, training = holdout.split_rows(whole.labels, spec.validation_fraction, spec.seed)
+  return validation, training, whole
+
+
 def table(spec: data_spec.DataSpec, split: str) -> Table:
-  """The table of `split` from spec.source; an image folder is checked first."""
+  """The table of `split` from spec.source; an image folder is checked first.
+
+  With a held-out validation (spec.holds_out), spec.train_split's table lacks the rows that
+  spec.validation's holds: the two are disjoint and together are the whole training split.
+  """
+  if spec.holds_out and split in (spec.train_split, spec.validation):
+    validation, training, whole = held_out(spec)
+    return whole.part(training if split == spec.train_split else validation)
   return _source(spec).table(spec, split)
 
 
 def sizes_and_class_names(
     spec: data_spec.DataSpec) -> tuple[dict[str, int], tuple[str, ...]]:
-  """{split: number of examples} of the train and eval splits, and the class names.
+  """{split: number of examples} of spec.splits() (training, validation, test), and the
+  class names.
 
-  For an image folder this checks every file of both splits first (bad files count as absent
+  For an image folder this checks every file of every split first (bad files count as absent
   with bad_files='skip', and raise with 'error'). For TFDS, sizes come from the dataset's
-  metadata when it has them, otherwise from reading the split.
+  metadata when it has them, otherwise from reading the split. A held-out validation's size
+  and the training split's that lacks it come from the rows held out.
   """
-  return _source(spec).sizes(spec, list(dict.fromkeys([spec.train_split, spec.eval_split])))
+  sizes, names = _source(spec).sizes(spec, spec.named_splits())
+  if spec.holds_out:
+    validation, training, _ = held_out(spec)
+    sizes[spec.train_split], sizes[spec.validation] = len(training), len(validation)
+  return {split: sizes[split] for split in spec.splits()}, names
 
 
 def changed_file_error(spec: data_spec.DataSpec,

@@ -3,6 +3,7 @@
     data = DataSpec.from_config(config)          # the one place hhjax.data reads a config
     info = pipeline.dataset_info(data)
     train = pipeline.create_dataset(data, data.train_split, start_step=step)
+    validation = pipeline.create_dataset(data, data.validation)   # one padded pass
     smaller = dataclasses.replace(data, image_size=75)
 
 Every function of hhjax.data takes a DataSpec (or the explicit values it needs), so its signature
@@ -59,7 +60,11 @@ class DataSpec:
     name: the TFDS dataset name (source='tfds').
     dir: the image folder's root (source='folder'), or TFDS's data_dir (None: its default).
     train_split: the training split's name.
-    eval_split: the evaluation split's name.
+    validation_split: the split that chooses (early stopping, the best checkpoint); None:
+      `validation_fraction` of the training split is held out instead (see `validation`).
+    validation_fraction: the share of each class of the training split held out for
+      validation when validation_split is None (holdout.py); 0 with a named split.
+    test_split: the split reported once training ends, never used for a choice; None: none.
     image_size: images are resized to image_size x image_size.
     resize_method: one of RESIZE_METHODS.
     preprocessing: one of hhjax.model.preprocessing.NAMES.
@@ -77,7 +82,9 @@ class DataSpec:
   name: str
   dir: str | None
   train_split: str
-  eval_split: str
+  validation_split: str | None
+  validation_fraction: float = 0.0
+  test_split: str | None = None
   image_size: int
   resize_method: str
   preprocessing: str
@@ -91,22 +98,78 @@ class DataSpec:
   batch_size: int
   eval_batch_size: int
 
+  @property
+  def holds_out(self) -> bool:
+    """Whether validation is a share of the training split held out from training."""
+    return self.validation_split is None and self.validation_fraction > 0
+
+  @property
+  def validation(self) -> str:
+    """The name of the split that validates: validation_split, or the held-out share's name.
+
+    The held-out share reads as `train[validation 10%]`: sources.table gives its rows, and
+    the training split's table lacks them.
+    """
+    if self.validation_split is not None:
+      return self.validation_split
+    return held_out_name(self.train_split, self.validation_fraction)
+
+  def splits(self) -> list[str]:
+    """Training, validation and (when there is one) test, each once, in that order."""
+    names = [self.train_split, self.validation] + ([self.test_split] if self.test_split else [])
+    return list(dict.fromkeys(names))
+
+  def named_splits(self) -> list[str]:
+    """The splits the source itself has a name for (a held-out share is not one of them)."""
+    names = [self.train_split, self.validation_split, self.test_split]
+    return list(dict.fromkeys(n for n in names if n))
+
   @classmethod
   def from_config(cls, config: Any) -> 'DataSpec':
     """The spec of a ConfigDict, or of a mapping of plain values (a workdir's config.json).
 
     Reads config.data, config.seed, config.batch_size and config.eval_batch_size; fields that a
-    config written by an older version lacks take the defaults above.
+    config written by an older version lacks take the defaults above. A config written before
+    validation and test were apart (config.data.eval_split, no validation_split) chose and
+    reported on eval_split: that split validates, nothing is held out and there is no test.
     """
     data = config['data']
     names = _field_names(cls) - {'fake', 'augment', 'seed', 'batch_size', 'eval_batch_size'}
+    values = _present(data, names)
+    if 'validation_split' not in data:   # written before validation and test were apart
+      values.update(validation_split=data['eval_split'], validation_fraction=0.0,
+                    test_split=None)
+    for name in ('validation_split', 'test_split'):   # '' from the command line: none
+      if name in values and not values[name]:
+        values[name] = None
+    if values.get('validation_split') is not None:
+      values['validation_fraction'] = 0.0   # read only when nothing names the split
+    values['validation_fraction'] = float(values.get('validation_fraction', 0.0))
     return cls(
-        **_present(data, names),
+        **values,
         fake=FakeSpec(**_present(data['fake'], _field_names(FakeSpec))),
         augment=_augment(data['augment']),
         seed=int(config['seed']),
         batch_size=int(config['batch_size']),
         eval_batch_size=int(config.get('eval_batch_size') or config['batch_size']))
+
+
+def held_out_name(train_split: str, fraction: float) -> str:
+  """The name of the share `fraction` of `train_split` held out for validation."""
+  return f'{train_split}[validation {fraction * 100:g}%]'
+
+
+def held_out_identity(config: Any) -> dict[str, Any] | None:
+  """What decides which rows the training split loses to validation, or None if it loses none.
+
+  Compared when a run resumes: another fraction, seed or training split would move rows
+  between training and validation, so the training stream's position would point elsewhere.
+  """
+  spec = DataSpec.from_config(config)
+  if not spec.holds_out:
+    return None
+  return {'train_split': spec.train_split, 'validation_fraction': spec.validation_fraction,
+          'seed': spec.seed}
 
 
 def _field_names(cls) -> set[str]:

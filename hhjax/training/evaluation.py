@@ -2,7 +2,8 @@
 
 The same `Evaluator` runs at the end of every training epoch (hhjax.train), in
 `--mode=eval` (hhjax.evaluate) and over cached features (hhjax.training.feature_cache);
-`report` logs a result and writes WORKDIR/eval.json.
+`report` logs a result and writes WORKDIR/eval.json (the validation split at the end of training),
+WORKDIR/test.json (the test split, then) or, for --mode=eval, WORKDIR/eval/<split>-step_N.json.
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -26,14 +27,16 @@ PyTree = Any
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 
 
-def eval_batches(data: data_spec.DataSpec) -> Batches:
-  """One pass of the eval split per call; the dataset is built once, on first use."""
+def eval_batches(data: data_spec.DataSpec, split: str | None = None) -> Batches:
+  """One pass of `split` (default: the validation split) per call, in table order; the
+  dataset is built once, on first use."""
   dataset = None
+  split = data.validation if split is None else split
 
   def batches():
     nonlocal dataset
     if dataset is None:
-      dataset = pipeline.create_dataset(data, data.eval_split)
+      dataset = pipeline.create_dataset(data, split, training=False)
     return dataset.as_numpy_iterator()
 
   return batches
@@ -60,9 +63,11 @@ class Evaluator:
         jax.jit(steps.make_eval_step(model, num_classes, label_smoothing),
                 in_shardings=(repl, repl, data), out_shardings=repl), 'the evaluation step')
 
-  def __call__(self, params: PyTree, batch_stats: PyTree) -> dict[str, Any]:
+  def __call__(self, params: PyTree, batch_stats: PyTree,
+               batches: Batches | None = None) -> dict[str, Any]:
+    """One pass of the evaluator's batches, or of `batches` (another split, same step)."""
     totals, probabilities = None, []
-    for batch in self._batches():
+    for batch in (batches or self._batches)():
       out = self._step(params, batch_stats, sharding.to_global(batch, self._mesh))
       probabilities.append(out.pop('probabilities'))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
@@ -79,20 +84,28 @@ class Evaluator:
 
 
 def report(result: Mapping[str, Any], class_names: Sequence[str], step: int, workdir: str,
-           is_main: bool) -> dict[str, Any]:
-  """Logs an evaluation with its confusion matrix; process 0 writes WORKDIR/eval.json."""
+           is_main: bool, *, split: str | None = None,
+           path: str | None = None) -> dict[str, Any]:
+  """Logs an evaluation with its confusion matrix; process 0 writes WORKDIR/eval.json.
+
+  `split` names the evaluated split in the log and the file; `path` is where the file goes
+  (default WORKDIR/eval.json: the training run's own evaluation of its validation split).
+  """
   out = {'step': step, 'loss': result['loss'], 'accuracy': result['accuracy'],
          'count': result['count'], 'class_names': list(class_names),
          'confusion': np.asarray(result['confusion']).tolist()}
-  logging.info('Evaluation at step %d on %d images: loss %.4f, accuracy %.4f\n'
+  if split is not None:
+    out['split'] = split
+  logging.info('Evaluation at step %d%s on %d images: loss %.4f, accuracy %.4f\n'
                'Confusion matrix (rows: true class, columns: predicted):\n%s', step,
-               result['count'], result['loss'], result['accuracy'],
+               f' of {split}' if split else '', result['count'], result['loss'],
+               result['accuracy'],
                metrics_lib.format_confusion(result['confusion'], class_names))
   if is_main:
     try:
-      workdir_lib.write_eval(workdir, out)
+      workdir_lib.write_eval(workdir, out, path)
     except Exception as e:  # pylint: disable=broad-except  # OSError here, other types on gs://
       # The results are printed above; a read-only workdir should not turn them into a failure.
-      logging.warning('Could not write %s/%s (%s: %s); the results above are not saved.',
-                      workdir, workdir_lib.EVAL_FILE, type(e).__name__, e)
+      logging.warning('Could not write %s (%s: %s); the results above are not saved.',
+                      path or f'{workdir}/{workdir_lib.EVAL_FILE}', type(e).__name__, e)
   return out

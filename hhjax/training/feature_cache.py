@@ -124,7 +124,8 @@ def compute_features(model, params: PyTree, batch_stats: PyTree, data: data_spec
 
 
 class FeatureCache:
-  """One phase's cached features: the train split's (on the devices) and the eval split's."""
+  """One phase's cached features: the train split's (on the devices) and the validation
+  split's."""
 
   def __init__(self, model, state: PyTree, data: data_spec.DataSpec, mesh: jax.sharding.Mesh):
     self.model = model
@@ -140,10 +141,10 @@ class FeatureCache:
     # Held whole on every device: each step gathers its batch from it.
     self.features = jax.device_put(features, sharding.replicated(mesh))
     self._eval_batches = compute_features(
-        model, state['params'], state['batch_stats'], data, data.eval_split, mesh)
+        model, state['params'], state['batch_stats'], data, data.validation, mesh)
     logging.info('Cached the backbone features of %d training images (%.0f MB on each device) '
                  'and of the %r split: this phase trains only the head.', self.num_examples,
-                 features.nbytes / 2**20, data.eval_split)
+                 features.nbytes / 2**20, data.validation)
 
   def batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
     """{'index', 'label'} per step from `start_step` on, in the input pipeline's order."""
@@ -155,8 +156,8 @@ class FeatureCache:
       yield {'index': indices, 'label': self.labels[indices]}
 
   def eval_batches(self) -> list[dict[str, np.ndarray]]:
-    """The eval split's cached features, as the eval pipeline batches them (an Evaluator's
-    `batches`)."""
+    """The validation split's cached features, as the eval pipeline batches them (an
+    Evaluator's `batches`)."""
     return self._eval_batches
 
   def train_step(self, setup: phases_lib.PhaseSetup

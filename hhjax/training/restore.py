@@ -224,7 +224,8 @@ def _finished_steps(workdir: str) -> set[int]:
 
 
 def for_inference(workdir: str, target: Target, which: str = 'latest') -> Restored:
-  """The latest or best checkpoint in `workdir`, read-only, for eval, predict, explain, export.
+  """The latest or best checkpoint in `workdir`, or that of a step ('160'), read-only, for
+  eval, predict, explain, export.
 
   'latest' is the newest checkpoint that reads whole (damaged ones are skipped with a warning);
   a damaged 'best' is an error. A checkpoint that a training run beside this one deletes
@@ -246,6 +247,17 @@ def for_inference(workdir: str, target: Target, which: str = 'latest') -> Restor
   return _read_only(workdir, target, which)
 
 
+def _step(ckpts: checkpointing.Checkpoints, target: Target, which: str,
+          steps: Sequence[int]) -> Restored:
+  step = int(which)
+  if step not in steps:
+    raise errors.DataNotFoundError(
+        f'--checkpoint={which}: no checkpoint of step {step} in {ckpts.directory} (it has '
+        f'steps {sorted(steps)}; older ones are removed as training keeps the last few and '
+        'the best).')
+  return restore(ckpts, step, target)
+
+
 def _read_only(workdir: str, target: Target, which: str) -> Restored:
   compat.quiet_orbax()
   with checkpointing.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True) as ckpts:
@@ -253,8 +265,13 @@ def _read_only(workdir: str, target: Target, which: str) -> Restored:
     if not steps:
       raise errors.DataNotFoundError(
           f'No finished checkpoint in {ckpts.directory}: train first.')
-    restored = best(ckpts, target) if which == 'best' else latest(ckpts, target)
-    if restored.step == max(steps) or which == 'best':
+    if which == 'best':
+      restored = best(ckpts, target)
+    elif which == 'latest':
+      restored = latest(ckpts, target)
+    else:
+      restored = _step(ckpts, target, which, steps)
+    if restored.step == max(steps) or which != 'latest':
       logging.info('Using the checkpoint of step %d (%s) in %s.', restored.step, which,
                    ckpts.directory)
     else:

@@ -30,7 +30,6 @@ import numpy as np
 from hhjax import errors
 from hhjax import trees
 from hhjax.model import backbones
-from hhjax.model import inception
 from hhjax.model.inception import ENDPOINTS, InceptionV3
 from hhjax.weights import official
 
