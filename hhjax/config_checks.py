@@ -26,6 +26,7 @@ from typing import Any
 import ml_collections
 
 from hhjax import errors
+from hhjax import eval_metrics
 from hhjax.data import spec as data_spec
 from hhjax.model import classifier
 from hhjax.model import inception
@@ -149,6 +150,11 @@ RULES: dict[str, _Rule] = {
         'None or ' + _one_of(phases.EARLY_STOPPING_METRICS).allowed),
     'early_stopping.mode': _one_of(phases.EARLY_STOPPING_MODES),
     'early_stopping.threshold': _NUMBER,
+    'eval.top_k': _Rule(lambda v: isinstance(v, (list, tuple))
+                        and all(_is_int(k) and k >= 1 for k in v),
+                        'a list of integers >= 1, e.g. (5,)'),
+    'eval.threshold': _one_of(eval_metrics.THRESHOLD_RULES),
+    'eval.calibration_bins': _integer(1),
 }
 
 

@@ -34,10 +34,12 @@ from hhjax import compat
 from hhjax import compilation
 from hhjax import entry
 from hhjax import errors
+from hhjax import eval_metrics
 from hhjax import metrics as metrics_lib
 from hhjax import peers
 from hhjax import pictures
 from hhjax import preemption
+from hhjax import run_report
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
 from hhjax import workdir_lock
@@ -112,7 +114,8 @@ class _Run:
                                         keep=int(config.keep_checkpoints)),
         writer=metrics_lib.MetricsWriter(workdir, enabled=is_main, start=start),
         evaluator=evaluation.Evaluator(model, len(class_names), mesh,
-                                       evaluation.eval_batches(data)),
+                                       evaluation.eval_batches(data),
+                                       metrics=entry.eval_metrics(config)),
         target=entry.restore_target(config, mesh, model_for=lambda _: model),
         early_stopping=entry.early_stopping(config), cache=entry.feature_cache(config),
         is_main=is_main, notice=notice)
@@ -220,7 +223,8 @@ def _end_epoch(run: _Run, state: PyTree, progress: phases_lib.Progress, phase_en
   row = {'step': step, 'epoch': progress.epochs_done, 'phase': progress.phase,
          'train_loss': train_loss, 'train_accuracy': train_acc,
          'val_loss': result['loss'], 'val_accuracy': result['accuracy'],
-         'learning_rate': run.phases[progress.index(run.phases)].learning_rate}
+         'learning_rate': run.phases[progress.index(run.phases)].learning_rate,
+         **eval_metrics.row_fields(result['metrics'], run.class_names, 'val')}
   logging.info('Epoch %d (%s) done at step %d: train loss %.4f accuracy %.4f | '
                'validation loss %.4f accuracy %.4f on %d images (%.1f s)',
                progress.epochs_done, progress.phase, step, train_loss, train_acc,
@@ -259,7 +263,7 @@ def _phase_inputs(run: _Run, setup: phases_lib.PhaseSetup, state: PyTree, step: 
   if cache is not None:
     run.train_iter = None   # a later phase on images starts its stream where this one ends
     evaluator = evaluation.Evaluator(cache.head_model, len(run.class_names), run.mesh,
-                                     cache.eval_batches)
+                                     cache.eval_batches, metrics=entry.eval_metrics(run.config))
     return cache.train_step(setup), cache.batches(start_step=step), evaluator
   if run.train_iter is None:
     run.train_iter = pipeline.create_dataset(run.data, run.data.train_split,
@@ -290,7 +294,8 @@ def _run_phase(run: _Run, state: PyTree, progress: phases_lib.Progress,
       every=max(1, int(run.config.log_every_steps or run.steps_per_epoch)),
       batch_size=int(run.config.batch_size), total_steps=run.total_steps,
       steps_per_epoch=run.steps_per_epoch, phase=setup.phase, progress=progress,
-      check=lambda state: _check_finite(run, state, setup.phase.name))
+      check=lambda state: _check_finite(run, state, setup.phase.name),
+      on_row=run.writer.write_progress)
   checkpoint_every = int(run.config.checkpoint_every_steps or 0)   # 0: only at epoch ends
   last_eval = None
   while step < phase_end:
@@ -382,6 +387,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   # Only now that the checkpoint (if any) fits: a refused resume must leave the config that
   # eval and predict read for that checkpoint as it was.
   workdir_lib.save_config(config, run.workdir, run.is_main)
+  run.writer.write_hparams(workdir_lib.config_dict(config))
   last_eval = None
   while True:
     if not progress.phase_done:
@@ -404,4 +410,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       logging.info('Wrote %s', path)
   run.writer.close()
   run.ckpts.close()
+  if run.is_main:   # the last line of the log: where to look at the run
+    run_report.write_and_log(run.workdir)
   return result
