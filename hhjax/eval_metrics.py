@@ -213,9 +213,11 @@ def compute(probabilities: np.ndarray, labels: np.ndarray, spec: Spec = Spec(),
     out['balanced_accuracy'] = float(sk.balanced_accuracy_score(labels, predicted))
     out.update(_ranking(sk, probabilities, labels, names, present, undefined))
     out['log_loss'] = float(sk.log_loss(labels, probabilities, labels=classes))
+    # Two classes: scikit-learn takes the positive class's score (top-1 is the accuracy).
+    scores = probabilities[:, 1] if num_classes == 2 else probabilities
     for k in sorted(set(spec.top_k)):
       if k < num_classes:
-        out[f'top_{k}_accuracy'] = float(sk.top_k_accuracy_score(labels, probabilities, k=k,
+        out[f'top_{k}_accuracy'] = float(sk.top_k_accuracy_score(labels, scores, k=k,
                                                                  labels=classes))
   predictions = np.bincount(predicted, minlength=num_classes)
   for c in classes:
