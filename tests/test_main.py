@@ -117,6 +117,9 @@ def test_eval_needs_only_the_workdir(smoke_workdir, env):
   assert 'true \\ predicted' in proc.stderr and saved['count'] == 12
   assert 'The evaluation step: loaded in ' in proc.stderr   # compiled by the training run
   assert not _library_noise(proc.stderr)
+  # The run report, rewritten with this evaluation, is the last line.
+  assert proc.stderr.rstrip().splitlines()[-1].endswith(
+      f'Run report: {(workdir / "report.html").as_uri()}')
 
 
 def test_predict_prints_path_class_and_probability(smoke_workdir, env, tmp_path):

@@ -84,6 +84,17 @@ def _rows(workdir):
     return [{k: v for k, v in json.loads(line).items() if k != 'time'} for line in f]
 
 
+def _tensorboard(workdir):
+  """(tag, step, value) of every TensorBoard point, sorted; a point written twice shows twice."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  points = []
+  for path in sorted(pathlib.Path(workdir, 'tensorboard').glob('events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      points += [(v.tag, event.step, tf.make_ndarray(v.tensor).tolist())
+                 for v in event.summary.value]
+  return sorted(points)
+
+
 def test_killed_and_restarted_run_ends_like_an_uninterrupted_one(tmp_path):
   env = _env(tmp_path / 'jax_cache')   # later runs reuse the first run's compilations
   reference, resumed = tmp_path / 'reference', tmp_path / 'resumed'
@@ -113,4 +124,8 @@ def test_killed_and_restarted_run_ends_like_an_uninterrupted_one(tmp_path):
     np.testing.assert_array_equal(got_leaves[path], value, err_msg=jax.tree_util.keystr(path))
   # The per-epoch record is the same too: no epoch lost or written twice.
   assert _rows(resumed) == _rows(reference)
+  # And TensorBoard's, to the step: each progress point (every step here) and epoch point once,
+  # with the values of the uninterrupted run.
+  points = _tensorboard(reference)
+  assert [p for p in points if p[0] == 'train_steps/loss'] and _tensorboard(resumed) == points
   assert not any(TMP_SUFFIX in n for n in os.listdir(resumed / 'checkpoints'))
