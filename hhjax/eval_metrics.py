@@ -158,16 +158,10 @@ def choose_threshold(probabilities: np.ndarray, labels: np.ndarray, rule: str
   return float(thresholds[best]), None
 
 
-def _ranking(sk, probabilities: np.ndarray, labels: np.ndarray, names: Sequence[str],
-             present: np.ndarray, undefined: dict[str, str]) -> dict[str, float | None]:
+def _ranking(sk, probabilities: np.ndarray, labels: np.ndarray, num_classes: int,
+             present: np.ndarray) -> dict[str, float | None]:
   """ROC AUC and average precision; None where a class has no example."""
-  num_classes = len(names)
   if len(present) < num_classes:
-    missing = ', '.join(names[c] for c in range(num_classes) if c not in set(present.tolist()))
-    reason = (f'no example of {missing} in the split: '
-              + ('a split of one class has no ROC or precision-recall curve'
-                 if len(present) < 2 else 'its one-vs-rest curves are undefined'))
-    undefined['roc_auc'] = undefined['average_precision'] = reason
     return {'roc_auc': None, 'average_precision': None}
   if num_classes == 2:
     score = probabilities[:, 1]
@@ -188,17 +182,16 @@ def compute(probabilities: np.ndarray, labels: np.ndarray, spec: Spec = Spec(),
     probabilities: [n, num_classes], each row summing to 1.
     labels: [n] true classes, integers in [0, num_classes).
     spec: top-k, threshold rule and calibration bins.
-    class_names: for the sentences of 'undefined' (default: the class indexes).
+    class_names: for the sentences of 'undefined' (default: the class indexes; `reasons`
+      writes them again for other names).
   """
   sk = _sk()
   probabilities = np.asarray(probabilities)
   labels = np.asarray(labels).astype(int)
   num_classes = probabilities.shape[1]
   classes = list(range(num_classes))
-  names = [str(c) for c in (class_names if class_names is not None else classes)]
   predicted = predicted_classes(probabilities)
   present = np.unique(labels)
-  undefined: dict[str, str] = {}
   out: dict[str, Any] = {}
   with warnings.catch_warnings():
     # The cases scikit-learn warns about are reported in 'undefined' instead.
@@ -211,7 +204,7 @@ def compute(probabilities: np.ndarray, labels: np.ndarray, spec: Spec = Spec(),
       out.update({f'precision_{average}': float(p), f'recall_{average}': float(r),
                   f'f1_{average}': float(f)})
     out['balanced_accuracy'] = float(sk.balanced_accuracy_score(labels, predicted))
-    out.update(_ranking(sk, probabilities, labels, names, present, undefined))
+    out.update(_ranking(sk, probabilities, labels, num_classes, present))
     out['log_loss'] = float(sk.log_loss(labels, probabilities, labels=classes))
     # Two classes: scikit-learn takes the positive class's score (top-1 is the accuracy).
     scores = probabilities[:, 1] if num_classes == 2 else probabilities
@@ -220,29 +213,45 @@ def compute(probabilities: np.ndarray, labels: np.ndarray, spec: Spec = Spec(),
         out[f'top_{k}_accuracy'] = float(sk.top_k_accuracy_score(labels, scores, k=k,
                                                                  labels=classes))
   predictions = np.bincount(predicted, minlength=num_classes)
-  for c in classes:
-    if not predictions[c]:
-      undefined[f'precision/{names[c]}'] = (f'no example was predicted as {names[c]}: '
-                                            'precision set to 0 (zero_division)')
-    if not support[c]:
-      undefined[f'recall/{names[c]}'] = (f'no example of {names[c]} in the split: recall set '
-                                         'to 0 (zero_division)')
   out['per_class'] = {'precision': precision.tolist(), 'recall': recall.tolist(),
                       'f1': f1.tolist(), 'support': support.tolist(),
                       'predicted': predictions.tolist()}
   out['calibration'] = calibration(probabilities, labels, spec.calibration_bins)
   out['ece'] = out['calibration']['ece']
   if num_classes == 2:
-    out['threshold'] = _threshold_block(probabilities, labels, spec.threshold_rule, undefined)
-  out['undefined'] = undefined
+    out['threshold'] = _threshold_block(probabilities, labels, spec.threshold_rule)
+  out['undefined'] = reasons(out, class_names if class_names is not None else classes)
   return out
 
 
-def _threshold_block(probabilities, labels, rule: str, undefined: dict[str, str]
-                     ) -> dict[str, Any]:
-  chosen, reason = choose_threshold(probabilities, labels, rule)
-  if reason:
-    undefined['threshold'] = f'no threshold can be chosen: {reason}'
+def reasons(metrics: Mapping[str, Any], class_names: Sequence[Any]) -> dict[str, str]:
+  """{metric: why it is None or set by convention} of a `compute` result, naming the classes
+  `class_names`: ranking metrics of a split missing a class, precision of a class nobody
+  predicted, recall of a class with no example, a threshold on a split of one class."""
+  names = [str(c) for c in class_names]
+  support, predicted = metrics['per_class']['support'], metrics['per_class']['predicted']
+  out = {}
+  missing = [names[c] for c, n in enumerate(support) if not n]
+  if metrics['roc_auc'] is None and missing:
+    out['roc_auc'] = out['average_precision'] = (
+        f'no example of {", ".join(missing)} in the split: '
+        + ('a split of one class has no ROC or precision-recall curve'
+           if len(names) - len(missing) < 2 else 'its one-vs-rest curves are undefined'))
+  for c, name in enumerate(names):
+    if not predicted[c]:
+      out[f'precision/{name}'] = (f'no example was predicted as {name}: precision set to 0 '
+                                  '(zero_division)')
+    if not support[c]:
+      out[f'recall/{name}'] = (f'no example of {name} in the split: recall set to 0 '
+                               '(zero_division)')
+  threshold = metrics.get('threshold')
+  if threshold is not None and threshold['value'] is None:
+    out['threshold'] = 'no threshold can be chosen: the split holds one class only'
+  return out
+
+
+def _threshold_block(probabilities, labels, rule: str) -> dict[str, Any]:
+  chosen, _ = choose_threshold(probabilities, labels, rule)
   return {'rule': rule, 'positive_class': 1, 'value': chosen,
           'at_value': None if chosen is None else at_threshold(probabilities, labels, chosen),
           'at_0.5': at_threshold(probabilities, labels, 0.5)}

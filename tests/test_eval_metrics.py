@@ -298,3 +298,16 @@ def test_eval_json_names_each_class_and_the_positive_one():
   assert not math.isnan(out['ece'])
   text = evaluation.format_metrics(out)
   assert 'macro mean' in text and 'roc_auc' in text and 'maximising F1' in text
+
+
+def test_eval_json_says_what_is_undefined_with_the_class_names():
+  # The evaluation pass knows class indexes only; eval.json names the classes.
+  y = np.zeros(4, int)
+  metrics = eval_metrics.compute(_binary([0.1, 0.2, 0.3, 0.4]), y)
+  assert 'recall/1' in metrics['undefined']
+  result = {'loss': 0.3, 'accuracy': 1.0, 'count': 4, 'confusion': [[4, 0], [0, 0]],
+            'metrics': metrics}
+  undefined = evaluation.eval_json(result, ['cat', 'dog'], 1)['undefined']
+  assert set(undefined) == {'roc_auc', 'average_precision', 'precision/dog', 'recall/dog',
+                            'threshold'}
+  assert 'no example of dog' in undefined['roc_auc']

@@ -117,6 +117,7 @@ def named_metrics(metrics: Mapping[str, Any], class_names: Sequence[str]) -> dic
                       for c, name in enumerate(names)}
   if 'threshold' in out:
     out['threshold'] = dict(out['threshold'], positive_class=names[1])
+  out['undefined'] = eval_metrics.reasons(metrics, names)
   return out
 
 

@@ -1,11 +1,12 @@
 """The training log's progress lines: loss, accuracy, images/s and ETA every few steps.
 
 Every `every` steps and at epoch ends, a progress row goes to TensorBoard (hhjax.metrics
-`write_progress`), at the first step of a run too, which has no line (no rate yet): the step
-and the numbers that follow from the training state alone, so that a resumed run writes the
-same row again, to the bit: {'step', 'loss', 'accuracy', 'learning_rate'}, the loss and
-accuracy being the means over the epoch's steps so far (those of the line). Throughput and
-ETA, which depend on the machine, stay in the line.
+`write_progress`): the step and the numbers that follow from the training state alone, so
+that a resumed run writes the same rows again, to the bit: {'step', 'loss', 'accuracy',
+'learning_rate'}, the loss and accuracy being the means over the epoch's steps so far (those
+of the line). Throughput and ETA, which depend on the machine, stay in the line. The first
+step after a start or a resume gets its row but no line (there is no rate yet), so that the
+rows do not depend on where a run was resumed.
 """
 
 from collections.abc import Callable, Mapping
