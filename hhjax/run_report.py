@@ -132,7 +132,7 @@ def _metrics_section(result: Mapping[str, Any]) -> str:
       label += (f' ({result["calibration"]["bins"]} '
                 f'{html.escape(result["calibration"]["binning"])})')
     rows.append([f'<th>{html.escape(label)}</th>',
-                 _cell(result[name], name, undefined.get(name, ''))])
+                 _cell(result.get(name), name, undefined.get(name, ''))])
   out = _table(rows, css='metrics')
   per_class = result.get('per_class')
   if per_class:
