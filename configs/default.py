@@ -107,15 +107,37 @@ def get_config() -> ml_collections.ConfigDict:
   opt.rho = 0.9
   opt.epsilon = 1e-7
 
+  # ---------------------------------------------------------------- loss
+  # Cross-entropy (sigmoid for 2 classes, softmax for more), as Keras's compiled loss.
+  config.loss = loss = ml_collections.ConfigDict()
+  # Keras BinaryCrossentropy / CategoricalCrossentropy(label_smoothing=...): targets become
+  # y (1 - s) + s / 2 (sigmoid) or y (1 - s) + s / k (softmax, k classes). In [0, 1); 0: none.
+  # The validation loss is smoothed too, as Keras's val_loss.
+  loss.label_smoothing = 0.0
+  # Keras fit(class_weight=...): None (unweighted); 'balanced' (n / (k * count) per class from
+  # the training split's counts, logged at the start); or a mapping {class name or index:
+  # weight} (classes left out weigh 1), e.g. --config.loss.class_weight="{'humans': 2.0}".
+  # The training loss is sum(weight * loss) / batch size (Keras's 'sum_over_batch_size');
+  # the validation loss stays unweighted, as Keras's val_loss.
+  loss.class_weight = ml_collections.FieldReference(None, field_type=object)
+
   # ---------------------------------------------------------------- phases
   # Warm-up: the backbone is frozen, only the head trains.
   config.warmup = ml_collections.ConfigDict()
   config.warmup.epochs = 10
   config.warmup.learning_rate = 1e-4
-  # Freezing rules: (regex over '/'-joined parameter paths, 'train' | 'freeze'), first match
-  # wins, every parameter must match one. Paths look like 'backbone/mixed6/branch7x7_1/conv/kernel'
-  # and 'head/hidden/kernel'.
+  # Freezing rules: (regex over '/'-joined parameter paths, 'train' | 'freeze' | a number),
+  # first match wins, every parameter must match one. Paths look like
+  # 'backbone/mixed6/branch7x7_1/conv/kernel' and 'head/hidden/kernel'. A number > 0 trains
+  # at the phase's learning rate times it, e.g. ('^backbone/mixed6/', 0.1) (big_vision's
+  # lr_mults; Keras has no per-layer rate in one optimizer).
   config.warmup.param_labels = (('^head/', 'train'), ('^backbone/', 'freeze'))
+  # timm's / BEiT's layer-wise learning-rate decay: the head trains at the phase's rate, the
+  # backbone's block at the cut at rate x decay, the one before it x decay^2, ..., the stem
+  # x decay^(blocks); multiplied into param_labels' numbers. 1.0: none (the same step as
+  # without). In (0, 1].
+  config.warmup.layer_decay = 1.0
+  config.warmup.early_stopping = _keras_early_stopping()
 
   # Fine-tuning: layers from `unfreeze_from` on are opened, with a lower learning rate.
   config.finetune = ml_collections.ConfigDict()
@@ -128,10 +150,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Empty: the rules follow from unfreeze_from (head and blocks from it on train, the rest is
   # frozen). Set explicit (regex, label) rules here to override.
   config.finetune.param_labels = ()
+  config.finetune.layer_decay = 1.0          # as config.warmup.layer_decay
+  config.finetune.early_stopping = _keras_early_stopping()
 
   # Early stopping: end a phase when `metric` > `threshold` (mode 'max') or < `threshold`
   # (mode 'min') at the end of an epoch. Metrics: train_accuracy, train_loss, val_accuracy,
-  # val_loss. The seed stops at train_accuracy > 0.999.
+  # val_loss. The seed stops at train_accuracy > 0.999. (Applies to every phase; Keras's
+  # patience rule is per phase: config.<phase>.early_stopping.)
   config.early_stopping = ml_collections.ConfigDict()
   config.early_stopping.metric = ml_collections.FieldReference(None, field_type=str)
   config.early_stopping.threshold = 0.999
@@ -153,3 +178,25 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.calibration_bins = 15
 
   return config
+
+
+def _keras_early_stopping() -> ml_collections.ConfigDict:
+  """config.<phase>.early_stopping: keras.callbacks.EarlyStopping for the phase (one Keras fit).
+
+  Its counters start afresh with each phase and are checkpointed, so a resumed run continues
+  them. Both this and config.early_stopping are checked at every epoch's end.
+  """
+  es = ml_collections.ConfigDict()
+  # Keras monitor: train_loss, train_accuracy, val_loss or val_accuracy (Keras's loss,
+  # accuracy, val_loss, val_accuracy); None: off.
+  es.monitor = ml_collections.FieldReference(None, field_type=str)
+  es.min_delta = 0.0            # an improvement must beat the best by more than this
+  es.patience = 0               # epochs without improvement before the phase stops
+  es.mode = 'auto'              # 'auto' (losses down, accuracies up), 'min' or 'max'
+  # An epoch resets the patience only if it also beats this value (None: no baseline).
+  es.baseline = ml_collections.FieldReference(None, field_type=float)
+  # At the phase's end (stopped or not, as Keras 3), the weights of the best epoch: restored
+  # from its checkpoint, which is kept until then.
+  es.restore_best_weights = False
+  es.start_from_epoch = 0       # the phase's first epochs not looked at
+  return es

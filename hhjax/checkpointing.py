@@ -7,7 +7,8 @@ temporary directory and renames it when complete, so a process killed during a s
 checkpoint that `latest_step` would return; the leftover temporary directory is removed when the
 next run opens the workdir.
 
-Retention: the last `keep` checkpoints, plus the best one by validation accuracy.
+Retention: the last `keep` checkpoints, plus the best one by validation accuracy, plus the one
+step `keep_also` names (the best epoch of a phase whose early stopping restores best weights).
 
 Faults: a checkpoint that cannot be read whole (a file missing or truncated) raises
 CheckpointDamagedError, and `newest_intact` falls back to the one before; nothing is deleted,
@@ -21,6 +22,7 @@ manager's preemption calls) is in hhjax.compat.
 
 from collections.abc import Callable, Mapping
 import contextlib
+import dataclasses
 import json
 import os
 import threading
@@ -47,6 +49,16 @@ def _best_fn(metrics: Mapping[str, float]) -> float:
   return float(metrics[BEST_METRIC])
 
 
+@dataclasses.dataclass
+class _KeptSteps:
+  """An orbax preservation policy: keeps the steps in `steps`, a set its owner changes."""
+  steps: set[int] = dataclasses.field(default_factory=set)
+
+  def should_preserve(self, checkpoints, *, context) -> list[bool]:
+    del context
+    return [info.step in self.steps for info in checkpoints]
+
+
 # With several processes, a process whose background write failed says so under this key of the
 # coordination service's key-value store (see `Checkpoints._wait_for_save`).
 _FAILED_SAVE_KEY = 'hhjax/checkpoint_failed/'
@@ -62,11 +74,13 @@ class Checkpoints:
       raise errors.DataNotFoundError(f'No checkpoints at {self.directory}: train first '
                               '(python main.py --config=... --workdir=...).')
     policy = None
+    self._kept = _KeptSteps()
     if not read_only:
       policy = ocp.checkpoint_managers.AnyPreservationPolicy([
           ocp.checkpoint_managers.LatestN(n=max(1, keep)),
           ocp.checkpoint_managers.BestN(get_metric_fn=_best_fn, reverse=False, n=1,
                                         keep_checkpoints_without_metrics=False),
+          self._kept,
       ])
     options = ocp.CheckpointManagerOptions(
         best_fn=_best_fn, best_mode='max', preservation_policy=policy,
@@ -98,6 +112,12 @@ class Checkpoints:
   def best_step(self) -> int | None:
     """The step with the best validation accuracy (the latest when none has metrics)."""
     return self._manager.best_step()
+
+  def keep_also(self, step: int | None) -> None:
+    """Keeps `step`'s checkpoint from deletion from the next save on (None: no extra one)."""
+    self._kept.steps.clear()
+    if step is not None:
+      self._kept.steps.add(int(step))
 
   def save(self, step: int, state: Any, info: Mapping[str, Any],
            metrics: Mapping[str, float] | None = None) -> None:

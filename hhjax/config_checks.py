@@ -32,7 +32,9 @@ from hhjax.model import classifier
 from hhjax.model import inception
 from hhjax.model import lowering
 from hhjax.model import preprocessing
+from hhjax.training import losses
 from hhjax.training import optim
+from hhjax.training import patience
 from hhjax.training import phases
 
 # config.speed fields read by lowering.parse_switch: the model's rewrites, then the cache.
@@ -90,6 +92,16 @@ def _zoom_ok(value: Any) -> bool:
     return 0 <= value < 1
   return (isinstance(value, (list, tuple)) and len(value) == 2
           and all(_is_number(z) for z in value) and 0 < value[0] <= value[1])
+
+
+def _class_weight_ok(value: Any) -> bool:
+  if value is None or value in ('', losses.BALANCED):
+    return True
+  try:
+    losses.parse_mapping(value)
+  except ValueError:
+    return False
+  return True
 
 
 _BOOL = _Rule(lambda v: isinstance(v, bool), 'True or False')
@@ -150,12 +162,31 @@ RULES: dict[str, _Rule] = {
         'None or ' + _one_of(phases.EARLY_STOPPING_METRICS).allowed),
     'early_stopping.mode': _one_of(phases.EARLY_STOPPING_MODES),
     'early_stopping.threshold': _NUMBER,
+    'loss.label_smoothing': _number(0, 1),
+    'loss.class_weight': _Rule(
+        _class_weight_ok, f"None, {losses.BALANCED!r}, or a mapping {{class name or index: "
+        "weight >= 0}} (or 'name=weight,...')"),
     'eval.top_k': _Rule(lambda v: isinstance(v, (list, tuple))
                         and all(_is_int(k) and k >= 1 for k in v),
                         'a list of integers >= 1, e.g. (5,)'),
     'eval.threshold': _one_of(eval_metrics.THRESHOLD_RULES),
     'eval.calibration_bins': _integer(1),
 }
+# Each phase's per-layer learning rates and Keras early stopping.
+for _phase in ('warmup', 'finetune'):
+  RULES.update({
+      f'{_phase}.layer_decay': _Rule(lambda v: _is_number(v) and 0 < v <= 1,
+                                     'a number in (0, 1] (1: no layer decay)'),
+      f'{_phase}.early_stopping.monitor': _Rule(
+          lambda v: not v or (isinstance(v, str) and v in phases.EARLY_STOPPING_METRICS),
+          'None or ' + _one_of(phases.EARLY_STOPPING_METRICS).allowed),
+      f'{_phase}.early_stopping.min_delta': _number(0),
+      f'{_phase}.early_stopping.patience': _integer(0),
+      f'{_phase}.early_stopping.mode': _one_of(patience.MODES),
+      f'{_phase}.early_stopping.baseline': _optional(_NUMBER),
+      f'{_phase}.early_stopping.restore_best_weights': _BOOL,
+      f'{_phase}.early_stopping.start_from_epoch': _integer(0),
+  })
 
 
 def _lookup(config: Any, path: str) -> Any:
@@ -170,6 +201,8 @@ def _lookup(config: Any, path: str) -> Any:
 
 
 def _problem(path: str, value: Any, allowed: str) -> str:
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()   # a mapping's repr on one line
   return f'config.{path} = {value!r}: must be {allowed}.'
 
 
@@ -193,13 +226,14 @@ def _check_param_labels(config: Any, phase: str, found: list[str]) -> None:
   rules = _lookup(config, path)
   if rules is _MISSING or rules is None:
     return
-  labels = ', '.join(repr(label) for label in optim.LABELS)
+  labels = (', '.join(repr(label) for label in optim.LABELS)
+            + ' or a learning-rate multiplier > 0')
   if not isinstance(rules, (list, tuple)):
     found.append(_problem(path, rules, f'a list of (regex, label) pairs, label one of {labels}'))
     return
   for i, rule in enumerate(rules):
-    if (not isinstance(rule, (list, tuple)) or len(rule) != 2
-        or not isinstance(rule[0], str) or rule[1] not in optim.LABELS):
+    if (not isinstance(rule, (list, tuple)) or len(rule) != 2 or not isinstance(rule[0], str)
+        or not (rule[1] in optim.LABELS or optim.is_multiplier(rule[1]))):
       found.append(_problem(f'{path}[{i}]', rule, f'a (regex, label) pair, label one of {labels}'))
       continue
     try:

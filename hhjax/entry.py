@@ -9,6 +9,7 @@ signature says what it reads. This module is where a config becomes those:
                                       preprocessing config.data says the images get)
     feature_cache(config)             config.speed's feature-cache settings
     phases(config), optimizer(config), setup_for(config), early_stopping(config)
+    label_smoothing(config), loss(config, class_names, class_counts)
     restore_target(config, mesh)      what a checkpoint is restored into
     restore_for_inference(config, workdir, which)
     eval_metrics(config)              config.eval: top-k, threshold rule, calibration bins
@@ -30,6 +31,7 @@ from hhjax import workdir as workdir_lib
 from hhjax.data import spec as data_spec
 from hhjax.model import classifier
 from hhjax.model import lowering
+from hhjax.training import losses
 from hhjax.training import optim
 from hhjax.training import phases as phases_lib
 from hhjax.training import restore
@@ -127,11 +129,32 @@ def optimizer(config: ml_collections.ConfigDict) -> optim.OptimizerSpec:
                              epsilon=float(opt.epsilon))
 
 
-def setup_for(config: ml_collections.ConfigDict
+def setup_for(config: ml_collections.ConfigDict, loss_spec: losses.LossSpec | None = None
               ) -> Callable[[phases_lib.Phase, PyTree], phases_lib.PhaseSetup]:
-  """(phase, params) -> the phase's labels and optimizer, with config.optimizer's settings."""
+  """(phase, params) -> the phase's labels, optimizer and loss, with config.optimizer's
+  settings; `loss_spec` is the training loss (`loss`; None: config.loss without class
+  weights, which only a training run resolves)."""
   spec = optimizer(config)
-  return lambda phase, params: phases_lib.setup(phase, params, spec)
+  loss_spec = loss_spec or losses.LossSpec(label_smoothing=label_smoothing(config))
+  return lambda phase, params: phases_lib.setup(phase, params, spec, loss_spec)
+
+
+def label_smoothing(config: ml_collections.ConfigDict) -> float:
+  """config.loss.label_smoothing (absent: 0)."""
+  return float((config.get('loss') or {}).get('label_smoothing', 0.0) or 0.0)
+
+
+def class_weight_needs_counts(config: ml_collections.ConfigDict) -> bool:
+  """Whether config.loss.class_weight is 'balanced' (the training split's counts are read)."""
+  return (config.get('loss') or {}).get('class_weight') == losses.BALANCED
+
+
+def loss(config: ml_collections.ConfigDict, class_names, class_counts=None) -> losses.LossSpec:
+  """The training loss config.loss asks for, class weights resolved for `class_names`
+  ('balanced' from `class_counts`, the training split's examples per class)."""
+  weights = losses.resolve_class_weights((config.get('loss') or {}).get('class_weight'),
+                                         class_names, class_counts)
+  return losses.LossSpec(label_smoothing=label_smoothing(config), class_weights=weights)
 
 
 def early_stopping(config: ml_collections.ConfigDict) -> phases_lib.EarlyStopping:
@@ -151,12 +174,14 @@ def keras_classifier_spec(config: ml_collections.ConfigDict, num_classes: int = 
 
 def restore_target(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
                    model_for: Callable[[int], Any] | None = None,
-                   training: bool = True) -> restore.Target:
+                   training: bool = True,
+                   loss_spec: losses.LossSpec | None = None) -> restore.Target:
   """What a checkpoint is restored into under `config` (by default a model for the
-  checkpoint's own classes)."""
+  checkpoint's own classes); `loss_spec`: the training loss (see `setup_for`)."""
   return restore.Target(
       model_for=model_for or (lambda n: model(config, n)), phases=phases(config),
-      setup_for=setup_for(config), image_size=image_size(config), seed=int(config.seed),
+      setup_for=setup_for(config, loss_spec), image_size=image_size(config),
+      seed=int(config.seed),
       mesh=mesh, config=workdir_lib.config_dict(config), training=training)
 
 

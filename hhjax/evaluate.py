@@ -32,6 +32,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                                       checkpoint)
   evaluator = evaluation.Evaluator(model, len(class_names), mesh,
                                    evaluation.eval_batches(entry.data(config)),
+                                   label_smoothing=entry.label_smoothing(config),
                                    metrics=entry.eval_metrics(config))
   result = evaluator(state['params'], state['batch_stats'])
   is_main = jax.process_index() == 0

@@ -48,7 +48,9 @@ from hhjax.data import spec as data_spec
 from hhjax.model import classifier
 from hhjax.training import evaluation
 from hhjax.training import feature_cache
+from hhjax.training import losses
 from hhjax.training import optim
+from hhjax.training import patience
 from hhjax.training import phases as phases_lib
 from hhjax.training import restore
 from hhjax.training import state as state_lib
@@ -81,6 +83,7 @@ class _Run:
   evaluator: evaluation.Evaluator
   target: restore.Target
   early_stopping: phases_lib.EarlyStopping
+  loss: losses.LossSpec
   cache: feature_cache.Settings
   is_main: bool
   notice: preemption.Notice
@@ -105,6 +108,7 @@ class _Run:
     logging.info('%d training images, %d classes %s; %d steps per epoch of %d images; '
                  '%d device(s): %s.', num_train, len(class_names), class_names, spe,
                  config.batch_size, jax.device_count(), jax.devices()[0].platform)
+    loss = _loss(config, data, class_names)
     is_main = jax.process_index() == 0
     return cls(
         config=config, workdir=workdir, mesh=mesh, data=data, model=model,
@@ -115,9 +119,11 @@ class _Run:
         writer=metrics_lib.MetricsWriter(workdir, enabled=is_main, start=start),
         evaluator=evaluation.Evaluator(model, len(class_names), mesh,
                                        evaluation.eval_batches(data),
+                                       label_smoothing=loss.label_smoothing,
                                        metrics=entry.eval_metrics(config)),
-        target=entry.restore_target(config, mesh, model_for=lambda _: model),
-        early_stopping=entry.early_stopping(config), cache=entry.feature_cache(config),
+        target=entry.restore_target(config, mesh, model_for=lambda _: model, loss_spec=loss),
+        early_stopping=entry.early_stopping(config), loss=loss,
+        cache=entry.feature_cache(config),
         is_main=is_main, notice=notice)
 
   @property
@@ -133,9 +139,28 @@ class _Run:
     """Checkpoints `state`; first stops the run if a loss has become NaN or infinite."""
     _check_finite(self, state, progress.phase)
     step = int(jax.device_get(state['step']))
+    # restore_best_weights: the best epoch's checkpoint stays until the phase has used it.
+    self.ckpts.keep_also(patience.kept_step(self.phases[progress.index(self.phases)].stopping,
+                                            progress.patience))
     restore.save(self.ckpts, state, restore.CheckpointMeta(
         step=step, phase=progress.phase, progress=progress,
         class_names=tuple(self.class_names), config=self.target.config), metrics)
+
+
+def _loss(config: ml_collections.ConfigDict, data: data_spec.DataSpec,
+          class_names: list[str]) -> losses.LossSpec:
+  """config.loss with its class weights resolved (and logged) for the training split."""
+  counts = (pipeline.class_counts(data, data.train_split)
+            if entry.class_weight_needs_counts(config) else None)
+  loss = entry.loss(config, class_names, counts)
+  if loss.class_weights is not None:
+    source = (f"'balanced': n / (k * count) from the training split's counts "
+              f"{dict(zip(class_names, counts))}" if counts is not None else 'as given')
+    logging.info('Class weights (config.loss.class_weight, %s): %s.', source,
+                 losses.describe(loss.class_weights, class_names))
+  if loss.label_smoothing:
+    logging.info('Label smoothing %g (config.loss.label_smoothing).', loss.label_smoothing)
+  return loss
 
 
 def _check_finite(run: _Run, state: PyTree, phase: str) -> None:
@@ -231,14 +256,50 @@ def _end_epoch(run: _Run, state: PyTree, progress: phases_lib.Progress, phase_en
                result['loss'], result['accuracy'], result['count'],
                time.perf_counter() - t_eval)
   run.writer.write(row)
-  reason = phases_lib.early_stop(run.early_stopping, row)
-  if reason:
+  phase = run.phases[progress.index(run.phases)]
+  epoch_in_phase = (step - progress.phase_start_step) // run.steps_per_epoch - 1
+  # Both rules see every epoch (Keras calls every callback); either may end the phase.
+  reasons = [r for r in (phases_lib.early_stop(run.early_stopping, row),
+                         patience.on_epoch_end(phase.stopping, progress.patience,
+                                               epoch_in_phase, row, step)) if r]
+  if reasons:
+    reason = '; '.join(reasons)
     logging.info('Early stopping of phase %s: %s.', progress.phase, reason)
     progress.stop_reason = reason
-  progress.phase_done = bool(reason) or step >= phase_end
+  progress.phase_done = bool(reasons) or step >= phase_end
   state = dict(state, metrics=state_lib.replicate(steps.zero_metrics(),
                                                   sharding.replicated(run.mesh)))
+  if progress.phase_done:
+    state, result = _restore_best_weights(run, state, progress, phase, evaluator, result)
   run.save(state, progress, {'val_accuracy': result['accuracy'], 'val_loss': result['loss']})
+  return state, result
+
+
+def _restore_best_weights(run: _Run, state: PyTree, progress: phases_lib.Progress,
+                          phase: phases_lib.Phase, evaluator: evaluation.Evaluator,
+                          result: dict[str, Any]) -> tuple[PyTree, dict[str, Any]]:
+  """At a phase's end, Keras's restore_best_weights: the weights (params and BatchNorm
+  statistics) of the best epoch's checkpoint, and their evaluation. Unchanged when the rule is
+  off or the last epoch was the best."""
+  step = int(jax.device_get(state['step']))
+  best = patience.step_to_restore(phase.stopping, progress.patience, step)
+  if best is None:
+    return state, result
+  run.ckpts.wait()
+  try:
+    saved = restore.restore(run.ckpts, best, run.target).state
+  except errors.CheckpointDamagedError as e:
+    logging.warning('Cannot restore the best weights of phase %s (step %d): %s Keeping the '
+                    'last epoch\'s weights.', phase.name, best, e)
+    return state, result
+  state = dict(state, params=saved['params'], batch_stats=saved['batch_stats'])
+  progress.patience.restored_from = best
+  result = evaluator(state['params'], state['batch_stats'])
+  logging.info('Restored the weights of step %d, the end of the best epoch (%d of phase %s, '
+               '%s %.4f; config.%s.early_stopping.restore_best_weights): validation loss %.4f '
+               'accuracy %.4f.', best, progress.patience.best_epoch + 1, phase.name,
+               phase.stopping.monitor, progress.patience.best, phase.name, result['loss'],
+               result['accuracy'])
   return state, result
 
 
@@ -250,6 +311,12 @@ def _log_phase(setup: phases_lib.PhaseSetup, params: PyTree) -> None:
                f'{optim.count(trainable):,}', f'{optim.count(frozen):,}',
                '' if phase.bn_train_from is None else
                f', BatchNorm trains from {phase.bn_train_from}')
+  if setup.multipliers is not None:
+    factors, _ = optim.split(setup.multipliers, setup.labels)
+    values = jax.tree.leaves(factors)
+    logging.info('Per-layer learning rates (config.%s.param_labels multipliers, layer_decay '
+                 '%g): the trainable parameters at %g to %g times %g.', phase.name,
+                 phase.layer_decay, min(values), max(values), phase.learning_rate)
 
 
 def _phase_inputs(run: _Run, setup: phases_lib.PhaseSetup, state: PyTree, step: int):
@@ -263,7 +330,9 @@ def _phase_inputs(run: _Run, setup: phases_lib.PhaseSetup, state: PyTree, step: 
   if cache is not None:
     run.train_iter = None   # a later phase on images starts its stream where this one ends
     evaluator = evaluation.Evaluator(cache.head_model, len(run.class_names), run.mesh,
-                                     cache.eval_batches, metrics=entry.eval_metrics(run.config))
+                                     cache.eval_batches,
+                                     label_smoothing=run.loss.label_smoothing,
+                                     metrics=entry.eval_metrics(run.config))
     return cache.train_step(setup), cache.batches(start_step=step), evaluator
   if run.train_iter is None:
     run.train_iter = pipeline.create_dataset(run.data, run.data.train_split,

@@ -87,7 +87,21 @@ BAD_VALUES = [
     ('eval.top_k', (0,), None),
     ('eval.threshold', 'accuracy', None),
     ('eval.calibration_bins', 0, None),
-]
+    ('loss.label_smoothing', 1.0, None),
+    ('loss.label_smoothing', -0.1, None),
+    ('loss.class_weight', 'equal', None),
+    ('loss.class_weight', 'horses=heavy', None),
+    ('loss.class_weight', {'horses': -1.0}, 'horses'),
+    ('loss.class_weight', 2.0, None),
+    ('warmup.param_labels', (('^head/', 0.0),), "('^head/', 0.0)"),
+    ('finetune.param_labels', (('^head/', float('inf')),), "('^head/', inf)"),
+    ('warmup.layer_decay', 0.0, None),
+    ('finetune.layer_decay', 1.5, None),
+] + [(f'{phase}.early_stopping.{field}', value, None)
+     for phase in ('warmup', 'finetune')
+     for field, value in (('monitor', 'val_auc'), ('min_delta', -0.01), ('patience', -1),
+                          ('patience', 2.5), ('mode', 'up'), ('baseline', 'low'),
+                          ('restore_best_weights', 'yes'), ('start_from_epoch', -1))]
 
 
 def _set(tree: dict, path: str, value) -> None:
@@ -224,7 +238,8 @@ def _main_fails_fast(args: list[str], env: dict, field: str) -> None:
     (['--config.speed.fold_bn=sometimes'], 'config.speed.fold_bn'),
     (['--config.warmup.epochs=0', '--config.finetune.epochs=0'], 'config.finetune.epochs'),
     (['--config.early_stopping.mode=maximum'], 'config.early_stopping.mode'),
-], ids=['data', 'model', 'speed', 'phases', 'early_stopping'])
+    (["--config.loss.class_weight={'class_1': -1.0}"], 'config.loss.class_weight'),
+], ids=['data', 'model', 'speed', 'phases', 'early_stopping', 'class_weight_mapping'])
 def test_main_reports_a_bad_override_in_seconds_without_a_traceback(overrides, field, env,
                                                                      tmp_path):
   _main_fails_fast(['--config=configs/smoke.py', f'--workdir={tmp_path}', *overrides], env,

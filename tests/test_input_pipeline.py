@@ -708,3 +708,14 @@ def test_a_file_corrupted_in_place_with_its_size_and_time_kept_is_named(tmp_path
   bad_files._CHECKED.clear()   # a later run: its verdicts come from the verdict file
   with pytest.raises(errors.DataError, match=f'{victim}'):
     pipeline.dataset_info(_spec(config))
+
+
+def test_listings_that_differ_between_processes_are_told_apart_by_count_bytes_or_names():
+  same = {'files': 8, 'bytes': 5120, 'names': 1, 'sizes': 2}
+  assert bad_files._listing_differences([same, dict(same)]) == []
+  resized = dict(same, bytes=5130, sizes=3)
+  renamed = dict(same, names=4)
+  assert bad_files._listing_differences([same, resized, renamed]) == [
+      'process 1 lists 8 files of 5,130 bytes, process 0 8 files of 5,120 bytes',
+      'process 2 lists 8 files of 5,120 bytes, process 0 8 files of 5,120 bytes (other names or '
+      'sizes)']

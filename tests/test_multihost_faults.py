@@ -51,10 +51,12 @@ train._check_finite = slow
 '''
 
 
-def _pair(tmp_path, name, args, extra=((), ()), setup=(None, None), timeout=240):
+def _pair(tmp_path, name, args, extra=((), ()), setup=(None, None), timeout=240,
+          cwd=(ROOT, ROOT)):
   """main.py as 2 processes on the smoke config's synthetic data; `extra[i]`: process i's own
-  arguments, `setup[i]`: Python code run in process i before main.py (a fault to inject).
-  Returns (exit statuses, logs, seconds until both ended)."""
+  arguments, `setup[i]`: Python code run in process i before main.py (a fault to inject),
+  `cwd[i]`: its working directory (a host of its own). Returns (exit statuses, logs, seconds
+  until both ended)."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', HHJAX_MALLOC_TUNING='off',
              HHJAX_PEER_TIMEOUT_S=str(PEER_TIMEOUT_S), JAX_NUM_PROCESSES='2',
              JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{_free_port()}',
@@ -68,8 +70,9 @@ def _pair(tmp_path, name, args, extra=((), ()), setup=(None, None), timeout=240)
       wrapper = [] if setup[i] is None else ['-c', _RUN_MAIN_AFTER.format(setup=setup[i])]
       procs.append(subprocess.Popen(
           [sys.executable, *wrapper, str(ROOT / 'main.py'), f'--workdir={tmp_path / name}',
-           '--config=configs/smoke.py', *args, *extra[i]],
-          env=dict(env, JAX_PROCESS_ID=str(i)), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err))
+           f'--config={ROOT / "configs" / "smoke.py"}', *args, *extra[i]],
+          env=dict(env, JAX_PROCESS_ID=str(i)), cwd=cwd[i], stdout=subprocess.DEVNULL,
+          stderr=err))
   try:
     for p in procs:
       p.wait(timeout=timeout)
@@ -101,6 +104,37 @@ def test_processes_started_with_different_configs_refuse_alike_before_any_work(t
   assert 'training images' not in logs[0]   # before the data is read
   assert not (tmp_path / 'differ' / 'checkpoints').exists()
   print(f'both processes refused in {seconds:.1f} s')
+
+
+def _image_folder(root: pathlib.Path, per_class: int) -> None:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for split in ('train', 'test'):
+    for c, name in enumerate(('horses', 'humans')):
+      folder = root / split / name
+      folder.mkdir(parents=True)
+      for i in range(per_class):
+        Image.new('RGB', (24, 24), (40 + 150 * c, 60 + i, 90)).save(folder / f'{i}.png')
+
+
+def test_hosts_whose_copies_of_the_data_folder_differ_refuse_alike(tmp_path):
+  # The same command on two hosts, each reading its own copy of data/ (a relative data.dir
+  # from its own working directory): the config agrees, one copy holds an extra image.
+  hosts = [tmp_path / 'host0', tmp_path / 'host1']
+  _image_folder(hosts[0] / 'data', 4)
+  _image_folder(hosts[1] / 'data', 4)
+  (hosts[1] / 'data' / 'train' / 'horses' / '3.png').rename(
+      hosts[1] / 'data' / 'train' / 'horses' / 'extra.png')
+  codes, logs, _ = _pair(tmp_path, 'data', ['--config.data.source=folder',
+                                            '--config.data.dir=data'], cwd=hosts)
+  assert codes == [errors.EXIT_USER_ERROR] * 2, [log[-2000:] for log in logs]
+  messages = [_one_line_error(log) for log in logs]
+  assert messages[0] == messages[1]
+  # The renamed file keeps the count and the bytes: only the names tell the copies apart.
+  assert messages[0].startswith(
+      'error: The 2 processes of this run list other files in data/train: process 1 lists 8 '
+      'files of '), messages[0]
+  assert '(other names or sizes). Give every host the same copy of the data' in messages[0]
+  assert not (tmp_path / 'data' / 'checkpoints').exists()
 
 
 def test_a_nan_loss_in_fine_tuning_ends_every_process_with_exit_2(tmp_path):

@@ -113,20 +113,40 @@ def _exchange(store, key: str, mine: str) -> list[str]:
           for i in range(jax.process_count())]
 
 
-def _agree_on_todo(store, key: str, folder: str, paths: Sequence[str],
+def _listing_differences(listings: Sequence[Mapping[str, int]]) -> list[str]:
+  """'process i lists N files of B bytes, process 0 M of C' for each process that differs."""
+  def seen(s):
+    return f"{s['files']:,} files of {s['bytes']:,} bytes"
+  first = listings[0]
+  return [f'process {i} lists {seen(s)}, process 0 {seen(first)}'
+          + (' (other names or sizes)' if seen(s) == seen(first) else '')
+          for i, s in enumerate(listings) if i and s != first]
+
+
+def _agree_on_todo(store, key: str, folder: str, signatures: Mapping[str, tuple[int, ...]],
                    todo: set[str]) -> list[str]:
-  """The files that any process has no verdict for, in `paths` order, the same everywhere."""
-  listing = [len(paths), zlib.crc32('\0'.join(paths).encode())]
+  """The files that any process has no verdict for, in listing order, the same everywhere.
+
+  First the processes compare their listings (names and sizes): each host reads its own copy of
+  the folder the config names, and a copy that differs would feed other files at the same
+  steps.
+  """
+  paths = list(signatures)
+  listing = {'files': len(paths), 'bytes': sum(signatures[p][0] for p in paths),
+             'names': zlib.crc32('\0'.join(paths).encode()),
+             'sizes': zlib.crc32(np.array([signatures[p][0] for p in paths], np.int64).tobytes())}
   mask = np.packbits(np.array([p in todo for p in paths], bool))
+  shares = [json.loads(text) for text in _exchange(store, f'{key}/todo', json.dumps(
+      {'listing': listing, 'todo': base64.b64encode(mask.tobytes()).decode()}))]
+  diffs = _listing_differences([share['listing'] for share in shares])
+  if diffs:
+    raise errors.DataError(
+        f'The {len(shares)} processes of this run list other files in {folder}: '
+        f'{"; ".join(diffs)}. Give every host the same copy of the data (the same file names '
+        'and sizes) or a folder they share, and wait until a copy is complete before starting.')
   union = np.zeros(len(paths), bool)
-  for text in _exchange(store, f'{key}/todo', json.dumps(
-      {'listing': listing, 'todo': base64.b64encode(mask.tobytes()).decode()})):
-    other = json.loads(text)
-    if other['listing'] != listing:
-      raise errors.DataError(
-          f'The processes of this run list different files in {folder}: was the folder '
-          'changed while the run started? Start the run again once it holds what it should.')
-    bits = np.frombuffer(base64.b64decode(other['todo']), np.uint8)
+  for share in shares:
+    bits = np.frombuffer(base64.b64decode(share['todo']), np.uint8)
     union |= np.unpackbits(bits, count=len(paths)).astype(bool)
   return [p for p, m in zip(paths, union) if m]
 
@@ -178,7 +198,7 @@ def check_image_files(paths: Sequence[str], num_parallel_calls: int | None = Non
   store = peers.key_value_store() if folder is not None and jax.process_count() > 1 else None
   if store is not None:
     key = f'hhjax/image_check/{next(_exchanges)}'
-    todo = _agree_on_todo(store, key, folder, list(signatures), todo)
+    todo = _agree_on_todo(store, key, folder, signatures, todo)
   else:
     todo = [p for p in signatures if p in todo]
   if todo:

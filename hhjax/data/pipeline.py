@@ -2,6 +2,7 @@
 
     data = data_spec.DataSpec.from_config(config)  # what the pipeline reads (spec.py)
     info = dataset_info(data)                     # sizes, number of classes, class names
+    counts = class_counts(data, data.train_split) # examples per class (class weights)
     train = create_dataset(data, data.train_split, start_step=step)
     for batch in train.as_numpy_iterator(): ...   # {'image': f32 [b,H,W,3], 'label': i32 [b]}
 
@@ -60,6 +61,18 @@ def dataset_info(spec: data_spec.DataSpec) -> DatasetInfo:
   """
   sizes, names = sources.sizes_and_class_names(spec)
   return DatasetInfo(num_examples=sizes, num_classes=len(names), class_names=names)
+
+
+def class_counts(spec: data_spec.DataSpec, split: str) -> tuple[int, ...]:
+  """The number of examples of each class in `split`, in label order.
+
+  Read from the split's whole table (every label, whichever process asks), so every process
+  and every resumed run of the same data gets the same counts.
+  """
+  table = sources.table(spec, split)
+  labels = table.labels if table.labels is not None else table.keys.labels()
+  return tuple(int(c) for c in np.bincount(np.asarray(labels, np.int64),
+                                           minlength=len(table.class_names)))
 
 
 # ----------------------------------------------------------------------------- loading rows

@@ -40,6 +40,15 @@ class Records:
     # An object array keeps bytes whole (numpy's 'S' would strip trailing NUL bytes).
     return np.array(self.source[int(index)], dtype=object)
 
+  def labels(self) -> np.ndarray:
+    """Every record's label, in order (reads the whole split once)."""
+    spec = {'label': _FEATURES['label']}
+    out = []
+    for start in range(0, len(self), 1024):
+      raw = [self.source[i] for i in range(start, min(start + 1024, len(self)))]
+      out.append(tf.io.parse_example(tf.constant(raw, tf.string), spec)['label'].numpy())
+    return np.concatenate(out).astype(np.int32) if out else np.zeros((0,), np.int32)
+
   def read(self, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """(encoded image bytes, int32 label) of the record at `index`, in TensorFlow ops."""
     serialized = tf.numpy_function(self._get, [index], tf.string, stateful=False)

@@ -52,15 +52,17 @@ class Evaluator:
     num_classes: for the confusion matrix.
     mesh: the device mesh.
     batches: returns a fresh iterable of padded batches with 'mask' per call.
+    label_smoothing: config.loss.label_smoothing: the loss is Keras's val_loss, the compiled
+      loss with its smoothing (and never class weights).
     metrics: what hhjax.eval_metrics computes beyond its fixed metrics (config.eval).
   """
 
   def __init__(self, model, num_classes: int, mesh: jax.sharding.Mesh, batches: Batches,
-               metrics: eval_metrics.Spec = eval_metrics.Spec()):
+               label_smoothing: float = 0.0, metrics: eval_metrics.Spec = eval_metrics.Spec()):
     self._mesh = mesh
     self._batches = batches
     self._metrics = metrics
-    eval_step = steps.make_eval_step(model, num_classes)
+    eval_step = steps.make_eval_step(model, num_classes, label_smoothing)
 
     def step(params, batch_stats, batch):
       # The labels come back with the probabilities, gathered from every process's share.

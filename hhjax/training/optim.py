@@ -2,24 +2,32 @@
 
 Freezing is data, not code: a phase lists `(regex, label)` rules over the '/'-joined parameter
 paths (`backbone/mixed6/branch7x7_1/conv/kernel`, `head/hidden/kernel`); the first rule that
-matches a path gives its label, and every parameter must be matched. Labels are `'train'` and
-`'freeze'`. The optimizer is an `optax.partition` over those labels; the train step also uses
-the labels to differentiate only the trainable parameters (see `split` / `merge`).
+matches a path gives its label, and every parameter must be matched. Labels are `'train'`,
+`'freeze'`, or a learning-rate multiplier: a number > 0 trains the parameter at the phase's
+rate times that number (big_vision's `lr_mults`). The optimizer is an `optax.partition` over
+'train'/'freeze'; the train step also uses the labels to differentiate only the trainable
+parameters (see `split` / `merge`). Multipliers, and the layer decay of timm and BEiT
+(`layer_decay_factors`), scale the optimizer's updates leaf by leaf (`scale_updates`).
 """
 
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
+import math
+import numbers
 import re
 from typing import Any
 
 from flax import traverse_util
+import jax
 import optax
 
 TRAIN = 'train'
 FREEZE = 'freeze'
 LABELS = (TRAIN, FREEZE)
 
-Rules = Sequence[tuple[str, str]]
+# A rule's label: 'train', 'freeze', or a learning-rate multiplier (a number > 0).
+Label = str | float
+Rules = Sequence[tuple[str, Label]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,27 +59,27 @@ def path_str(path: tuple[str, ...]) -> str:
   return '/'.join(str(k) for k in path)
 
 
-def param_labels(params: Mapping[str, Any], rules: Rules) -> dict[str, Any]:
-  """Labels every parameter with the first rule whose regex matches its path.
+def is_multiplier(label: Any) -> bool:
+  """A rule label that is a learning-rate multiplier: a finite number > 0."""
+  return (isinstance(label, numbers.Real) and not isinstance(label, bool)
+          and math.isfinite(label) and label > 0)
 
-  Args:
-    params: nested dict of parameters, e.g. `{'backbone': ..., 'head': ...}`.
-    rules: `(regex, label)` pairs, tried in order with `re.search` on the '/'-joined path.
 
-  Returns:
-    A nested dict with the structure of `params` and a label string at each leaf.
+def rule_label(label: Any) -> Label:
+  """A rule's label as the rules hold it: a multiplier as a float, anything else as text."""
+  return float(label) if is_multiplier(label) else str(label)
 
-  Raises:
-    ValueError: a rule has an unknown label or a bad regex, or some parameters match no rule.
-  """
+
+def _matched(params: Mapping[str, Any], rules: Rules) -> dict[tuple[str, ...], Label]:
+  """Each parameter's path -> the label of the first rule whose regex matches it."""
   compiled = []
   for rule in rules:
     if len(rule) != 2:
       raise ValueError(f'A freezing rule is a (regex, label) pair; found {rule!r}.')
     pattern, label = rule
-    if label not in LABELS:
-      raise ValueError(f'Freezing rule {tuple(rule)!r}: label must be one of {LABELS}, '
-                       f'found {label!r}.')
+    if label not in LABELS and not is_multiplier(label):
+      raise ValueError(f'Freezing rule {tuple(rule)!r}: label must be one of {LABELS} or a '
+                       f'learning-rate multiplier > 0, found {label!r}.')
     try:
       compiled.append((re.compile(pattern), label))
     except re.error as e:
@@ -91,7 +99,72 @@ def param_labels(params: Mapping[str, Any], rules: Rules) -> dict[str, Any]:
         f'{len(uncovered)} parameters match no freezing rule; every parameter needs a label. '
         f'Rules: {[tuple(r) for r in rules]}. Uncovered:\n  {shown}{more}\n'
         "Add a catch-all rule such as ('^backbone/', 'freeze').")
-  return traverse_util.unflatten_dict(labels)
+  return labels
+
+
+def param_labels(params: Mapping[str, Any], rules: Rules) -> dict[str, Any]:
+  """Labels every parameter 'train' or 'freeze' by the first rule whose regex matches its path.
+
+  Args:
+    params: nested dict of parameters, e.g. `{'backbone': ..., 'head': ...}`.
+    rules: `(regex, label)` pairs, tried in order with `re.search` on the '/'-joined path; a
+      multiplier label trains (its factor is `lr_multipliers`').
+
+  Returns:
+    A nested dict with the structure of `params` and 'train' or 'freeze' at each leaf.
+
+  Raises:
+    ValueError: a rule has an unknown label or a bad regex, or some parameters match no rule.
+  """
+  return traverse_util.unflatten_dict(
+      {path: FREEZE if label == FREEZE else TRAIN
+       for path, label in _matched(params, rules).items()})
+
+
+def layer_decay_factors(blocks: Sequence[str], decay: float) -> dict[str, float]:
+  """timm's / BEiT's layer-wise decay: block -> its learning-rate factor.
+
+  The layers are the backbone's `blocks` in order (stem first, the block at the cut last),
+  then the head; layer i of L gets `decay ** (L - 1 - i)`. The head trains at the phase's rate
+  (factor 1), the block at the cut at `decay`, the one before it at `decay ** 2`, and so on:
+  timm's `param_groups_layer_decay`, whose last layer is the head.
+  """
+  n = len(blocks)
+  return {block: float(decay) ** (n - i) for i, block in enumerate(blocks)}
+
+
+def lr_multipliers(params: Mapping[str, Any], rules: Rules, blocks: Sequence[str] = (),
+                   layer_decay: float = 1.0) -> dict | None:
+  """Each parameter's learning-rate factor, or None when every trainable one's is 1.
+
+  The factor is the multiplier of the rule that labels the parameter (1 for 'train'), times its
+  block's layer-decay factor (`layer_decay_factors`; parameters outside the backbone's blocks,
+  the head's, get 1). Frozen parameters get 1: they are not updated at all.
+  """
+  decay = layer_decay_factors(blocks, layer_decay) if layer_decay != 1.0 else {}
+  factors = {}
+  for path, label in _matched(params, rules).items():
+    factor = float(label) if is_multiplier(label) else 1.0
+    if path[0] == 'backbone' and len(path) > 1:
+      factor *= decay.get(str(path[1]), 1.0)
+    factors[path] = 1.0 if label == FREEZE else factor
+  if all(f == 1.0 for f in factors.values()):
+    return None
+  return traverse_util.unflatten_dict(factors)
+
+
+def scale_updates(tx: optax.GradientTransformation,
+                  multipliers: Mapping[str, Any]) -> optax.GradientTransformation:
+  """`tx` with each leaf's update multiplied by its factor in `multipliers` (a tree of floats).
+
+  Every optimizer here ends by scaling with the learning rate, so this is the update of a
+  learning rate times the factor: one optimizer (one state, one global norm), per-leaf rates.
+  """
+  def scale(updates, params=None):
+    del params
+    return jax.tree.map(lambda u, f: u if f == 1.0 else u * f, updates, multipliers)
+
+  return optax.chain(tx, optax.stateless(scale))
 
 
 def finetune_rules(unfreeze_from: str, endpoints: Sequence[str]) -> list[tuple[str, str]]:

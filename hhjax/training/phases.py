@@ -18,7 +18,9 @@ import optax
 
 from hhjax import errors
 from hhjax.model import classifier
+from hhjax.training import losses
 from hhjax.training import optim
+from hhjax.training import patience as patience_lib
 
 PyTree = Any
 
@@ -29,14 +31,39 @@ class Phase:
   name: str                       # 'warmup' or 'finetune'
   epochs: int
   learning_rate: float
-  rules: tuple[tuple[str, str], ...]   # freezing rules, first match wins
+  rules: tuple[tuple[str, optim.Label], ...]   # freezing rules, first match wins
   bn_train_from: str | None       # None: every BatchNorm in inference mode
+  # config.<phase>.layer_decay over `blocks` (the backbone's, stem first); 1.0: none.
+  layer_decay: float = 1.0
+  blocks: tuple[str, ...] = ()
+  # config.<phase>.early_stopping: Keras's EarlyStopping for this phase.
+  stopping: patience_lib.Patience = patience_lib.Patience()
 
 
-def _rules(value) -> tuple[tuple[str, str], ...] | None:
+def _rules(value) -> tuple[tuple[str, optim.Label], ...] | None:
   if value is None:
     return None
-  return tuple((str(p), str(l)) for p, l in value)
+  return tuple((str(p), optim.rule_label(l)) for p, l in value)
+
+
+def patience_rule(value: Mapping[str, Any] | None) -> patience_lib.Patience:
+  """config.<phase>.early_stopping as a Patience (absent: off)."""
+  if not value:
+    return patience_lib.Patience()
+  baseline = value.get('baseline')
+  return patience_lib.Patience(
+      monitor=value.get('monitor') or None, min_delta=float(value.get('min_delta', 0.0)),
+      patience=int(value.get('patience', 0)), mode=str(value.get('mode', 'auto')),
+      baseline=None if baseline is None else float(baseline),
+      restore_best_weights=bool(value.get('restore_best_weights', False)),
+      start_from_epoch=int(value.get('start_from_epoch', 0)))
+
+
+def _phase_options(phase: Mapping[str, Any], blocks: Sequence[str]) -> dict[str, Any]:
+  """The Phase fields of config.<phase>'s layer decay and Keras early stopping."""
+  return {'layer_decay': float(phase.get('layer_decay', 1.0) or 1.0),
+          'blocks': ('stem',) + tuple(blocks),
+          'stopping': patience_rule(phase.get('early_stopping'))}
 
 
 def make_phases(warmup: Mapping[str, Any], finetune: Mapping[str, Any],
@@ -54,13 +81,14 @@ def make_phases(warmup: Mapping[str, Any], finetune: Mapping[str, Any],
     rules = _rules(warmup.get('param_labels')) or (
         ('^head/', optim.TRAIN), ('^backbone/', optim.FREEZE))
     phases.append(Phase('warmup', int(warmup['epochs']), float(warmup['learning_rate']), rules,
-                        None))
+                        None, **_phase_options(warmup, blocks)))
   if finetune['epochs'] > 0:
     ft = finetune
     default_rules = tuple(optim.finetune_rules(ft['unfreeze_from'], blocks))  # checks the name
     rules = _rules(ft.get('param_labels')) or default_rules
     phases.append(Phase('finetune', int(ft['epochs']), float(ft['learning_rate']), rules,
-                        ft['unfreeze_from'] if ft['train_bn'] else None))
+                        ft['unfreeze_from'] if ft['train_bn'] else None,
+                        **_phase_options(ft, blocks)))
   if not phases:
     raise errors.ConfigError(
         'Nothing to train: config.warmup.epochs and config.finetune.epochs are 0.')
@@ -69,17 +97,31 @@ def make_phases(warmup: Mapping[str, Any], finetune: Mapping[str, Any],
 
 @dataclasses.dataclass(frozen=True)
 class PhaseSetup:
-  """A phase with its parameter labels and optimizer, built once."""
+  """A phase with its parameter labels, optimizer and loss, built once.
+
+  `multipliers` are the learning-rate factors of the trainable parameters (a tree like
+  `labels`: the freezing rules' multipliers times the layer decay), None when all are 1.
+  """
   phase: Phase
   labels: PyTree
   tx: optax.GradientTransformation
+  loss: losses.LossSpec = losses.LossSpec()
+  multipliers: PyTree | None = None
 
 
-def setup(phase: Phase, params: PyTree, optimizer: optim.OptimizerSpec) -> PhaseSetup:
-  """Labels `params` (arrays or shapes) by the phase's rules and builds its optimizer."""
+def setup(phase: Phase, params: PyTree, optimizer: optim.OptimizerSpec,
+          loss: losses.LossSpec = losses.LossSpec()) -> PhaseSetup:
+  """Labels `params` (arrays or shapes) by the phase's rules and builds its optimizer.
+
+  Per-layer learning rates scale the optimizer's updates (`optim.scale_updates`); with every
+  factor 1 the optimizer is the plain one, unchanged.
+  """
   labels = optim.param_labels(params, phase.rules)
+  multipliers = optim.lr_multipliers(params, phase.rules, phase.blocks, phase.layer_decay)
   tx = optim.make_optimizer(labels, phase.learning_rate, optimizer)
-  return PhaseSetup(phase, labels, tx)
+  if multipliers is not None:
+    tx = optim.scale_updates(tx, multipliers)
+  return PhaseSetup(phase, labels, tx, loss, multipliers)
 
 
 @dataclasses.dataclass
@@ -90,6 +132,8 @@ class Progress:
   phase_done: bool = False
   epochs_done: int = 0            # completed epochs over all phases
   stop_reason: str | None = None  # why the last phase ended early, if it did
+  # The phase's Keras EarlyStopping counters (config.<phase>.early_stopping).
+  patience: patience_lib.Counters = dataclasses.field(default_factory=patience_lib.Counters)
 
   def to_metadata(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -104,6 +148,7 @@ class Progress:
     saved = dict(info['progress'])
     saved.pop('phase_index', None)
     saved['phase'] = info['phase']
+    saved['patience'] = patience_lib.Counters.from_dict(saved.get('patience'))
     return cls(**saved)
 
   def index(self, phases: Sequence[Phase]) -> int:
@@ -166,6 +211,11 @@ def reopen_for_more_epochs(progress: Progress, phase: Phase, step: int,
     return (f'Phase {phase.name} stopped early after {epochs_text(done)} '
             f'({progress.stop_reason}); it stays done: config.{phase.name}.epochs={phase.epochs} '
             'adds no epochs to an early-stopped phase (a new --workdir trains afresh).')
+  if progress.patience.restored_from is not None:
+    return (f'Phase {phase.name} ended after {epochs_text(done)} with the weights of step '
+            f'{progress.patience.restored_from} restored (config.{phase.name}.early_stopping.'
+            f'restore_best_weights); it stays done: more epochs would not continue the run '
+            'that was trained (a new --workdir trains afresh).')
   progress.phase_done = False
   return (f'Phase {phase.name} ended after {epochs_text(done)}; config.{phase.name}.epochs is now '
           f'{phase.epochs}: training {phase.epochs - done} more from step {step}.')

@@ -22,17 +22,11 @@ import jax.numpy as jnp
 import optax
 
 from hhjax.model import classifier
+from hhjax.training import losses
 from hhjax.training import optim
 from hhjax.training import phases as phases_lib
 
 PyTree = Any
-
-
-def per_example_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Binary cross-entropy on one sigmoid logit, or softmax cross-entropy over classes."""
-  if logits.shape[-1] == 1:
-    return optax.sigmoid_binary_cross_entropy(logits[:, 0], labels.astype(logits.dtype))
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
 def predicted_class(logits: jax.Array) -> jax.Array:
@@ -46,8 +40,12 @@ def zero_metrics() -> dict[str, jax.Array]:
           'count': jnp.zeros((), jnp.int32)}
 
 
-def _loss_fn(model, phase: phases_lib.Phase):
-  """(trainable, frozen, batch_stats, images, labels, rng) -> (mean loss, (logits, stats))."""
+def _loss_fn(model, phase: phases_lib.Phase, loss: losses.LossSpec):
+  """(trainable, frozen, batch_stats, images, labels, rng) -> (batch loss, (logits, stats)).
+
+  The batch loss is config.loss's (hhjax.training.losses.batch_loss): the mean cross-entropy,
+  with Keras's label smoothing and class weights when they are set.
+  """
 
   def loss_fn(trainable, frozen, batch_stats, images, labels, rng):
     variables = {'params': optim.merge(trainable, frozen), 'batch_stats': batch_stats}
@@ -59,7 +57,7 @@ def _loss_fn(model, phase: phases_lib.Phase):
                                     bn_train_from=phase.bn_train_from,
                                     rngs={'dropout': rng}, mutable=['batch_stats'])
       new_batch_stats = updated['batch_stats']
-    return jnp.mean(per_example_loss(logits, labels)), (logits, new_batch_stats)
+    return losses.batch_loss(logits, labels, loss), (logits, new_batch_stats)
 
   return loss_fn
 
@@ -72,7 +70,7 @@ def make_train_step(model, setup: phases_lib.PhaseSetup
   constants, so XLA builds no backward pass through them (a warm-up step costs about one
   backbone forward plus the head) and they come out bit-identical.
   """
-  loss_fn = _loss_fn(model, setup.phase)
+  loss_fn = _loss_fn(model, setup.phase, setup.loss)
   labels, tx = setup.labels, setup.tx
 
   def train_step(state, batch):
@@ -109,8 +107,11 @@ def make_train_step(model, setup: phases_lib.PhaseSetup
   return train_step
 
 
-def make_eval_step(model, num_classes: int):
+def make_eval_step(model, num_classes: int, label_smoothing: float = 0.0):
   """`(params, batch_stats, batch) -> sums` over the masked examples, with a confusion matrix.
+
+  The loss is Keras's val_loss: the compiled loss (`label_smoothing` included) without class
+  weights.
 
   Also returns the batch's 'probabilities' [b, num_classes], padding included: the pictures of
   an evaluation (hhjax.pictures) rank examples by them without a second pass.
@@ -124,7 +125,8 @@ def make_eval_step(model, num_classes: int):
     pred = predicted_class(logits)
     confusion = jnp.einsum('bi,bj->ij', jax.nn.one_hot(labels_, num_classes) * mask[:, None],
                            jax.nn.one_hot(pred, num_classes))
-    return {'loss_sum': jnp.sum(per_example_loss(logits, labels_) * mask),
+    return {'loss_sum': jnp.sum(losses.per_example_loss(logits, labels_, label_smoothing)
+                                * mask),
             'correct': jnp.sum((pred == labels_) * mask),
             'count': jnp.sum(mask),
             'confusion': confusion,
