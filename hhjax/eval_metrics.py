@@ -17,8 +17,9 @@ lacks for the top class:
   and macro-averaged over the classes for more; None, with the reason in 'undefined', when a
   class has no example in the split (a split of one class has no ROC curve);
 - top-k accuracy for each k of `Spec.top_k` smaller than the number of classes;
-- log loss: the mean cross-entropy of the probabilities (the model's own 'loss' is computed
-  from its logits, and can differ by float32 rounding and clipping);
+- log loss: the mean cross-entropy of the probabilities (the evaluation's own 'loss' is
+  computed from the logits with the training's label smoothing, as Keras's val_loss: without
+  smoothing the two differ by float32 rounding and clipping only);
 - expected calibration error (Guo et al. 2017, "On calibration of modern neural networks",
   eq. 3): the top-class probability of every example in `Spec.calibration_bins` equal-width
   bins ((0, 1/M], (1/M, 2/M], ..., ((M-1)/M, 1]), ECE = sum over bins of
