@@ -13,6 +13,28 @@ Every field can be overridden, e.g. `--config.finetune.epochs=0 --config.batch_s
 import ml_collections
 
 
+def schedule() -> ml_collections.ConfigDict:
+  """A phase's learning-rate schedule, counted in optimizer steps from the phase's start
+  (Keras's keras.optimizers.schedules; the phase's learning_rate is their initial rate)."""
+  s = ml_collections.ConfigDict()
+  # 'constant' (the learning_rate throughout), 'cosine' (CosineDecay), 'exponential'
+  # (ExponentialDecay) or 'piecewise' (PiecewiseConstantDecay).
+  s.name = 'constant'
+  s.decay_steps = 1000                     # cosine, exponential
+  s.alpha = 0.0                            # cosine: the final rate, as a fraction
+  # cosine: rise linearly from learning_rate to warmup_target over warmup_steps, then decay
+  # from warmup_target (None: no warm-up, decay from learning_rate).
+  s.warmup_target = ml_collections.FieldReference(None, field_type=float)
+  s.warmup_steps = 0
+  s.decay_rate = 0.96                      # exponential: lr * decay_rate ** (step / decay_steps)
+  s.staircase = False                      # exponential: a whole number of decay_steps
+  # piecewise: values[i] for steps in (boundaries[i-1], boundaries[i]]; one more value than
+  # boundaries; the phase's learning_rate is not used.
+  s.boundaries = ()
+  s.values = ()
+  return s
+
+
 def get_config() -> ml_collections.ConfigDict:
   """Returns the default configuration."""
   config = ml_collections.ConfigDict()
@@ -41,7 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.eval_split = 'test'                 # 'validation' for the shared image folder.
   data.image_size = 150
   data.resize_method = 'bilinear'          # 'nearest' mimics Keras flow_from_directory.
-  data.preprocessing = 'inception'         # x/127.5 - 1; 'rescale' is x/255 (the seed).
+  # 'inception': x/127.5 - 1 (Keras's 'tf' mode); 'caffe': RGB->BGR minus the ImageNet mean
+  # (Keras's VGG/ResNet preprocess_input); 'rescale': x/255 (the seed).
+  data.preprocessing = 'inception'
   # 'float32': batches carry normalised images; 'uint8': pixels, normalised on the device
   # (a quarter of the bytes to move; rounds augmented pixels to whole grey levels).
   data.image_dtype = 'float32'
@@ -71,7 +95,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- model
   config.model = model = ml_collections.ConfigDict()
-  model.cut = 'mixed7'
+  # The Keras application the classifier stands on (hhjax/model/backbones.py, README "Backbones"):
+  # 'inception_v3', 'vgg16', 'vgg19', 'resnet50', 'resnet101', 'resnet152' or 'xception'.
+  # model.cut and finetune.unfreeze_from name its endpoints; VGG and ResNet's ImageNet weights
+  # expect data.preprocessing='caffe', InceptionV3 and Xception's 'inception'.
+  model.backbone = 'inception_v3'
+  model.cut = 'mixed7'                     # An endpoint of the backbone (the last block kept).
   # 'imagenet', a path to a Keras .h5, a converted checkpoint folder, or None (random init).
   model.pretrained = ml_collections.FieldReference('imagenet', field_type=str)
   model.head = 'flatten'                   # 'flatten' (the seed) or 'gap'.
@@ -102,10 +131,44 @@ def get_config() -> ml_collections.ConfigDict:
   speed.cache_features_max_mb = 4096.0      # larger caches are skipped (held on every device)
 
   # ---------------------------------------------------------------- optimizer
+  # Keras 3's optimizers, with Keras's argument names and update rules (README, "Training").
   config.optimizer = opt = ml_collections.ConfigDict()
-  opt.name = 'rmsprop'                     # Keras RMSprop semantics.
-  opt.rho = 0.9
-  opt.epsilon = 1e-7
+  opt.name = 'rmsprop'                     # 'rmsprop', 'sgd', 'adam' or 'adamw'.
+  opt.rho = 0.9                            # rmsprop
+  opt.epsilon = 1e-7                       # rmsprop, adam, adamw
+  opt.momentum = 0.0                       # sgd: velocity = momentum * velocity - lr * g
+  opt.nesterov = False                     # sgd
+  opt.beta_1 = 0.9                         # adam, adamw
+  opt.beta_2 = 0.999                       # adam, adamw
+  # Decoupled weight decay, w -= w * weight_decay * lr before each update (every optimizer).
+  # None: none, except adamw's Keras default 0.004.
+  opt.weight_decay = ml_collections.FieldReference(None, field_type=float)
+  # Regexes over '/'-joined parameter paths excluded from weight decay, e.g. ('bias', '/bn/')
+  # (Keras's exclude_from_weight_decay(var_names=...), which matches variable names).
+  opt.weight_decay_exclude = ()
+  # Clip the gradient to this global norm (None: no clipping).
+  opt.global_clipnorm = ml_collections.FieldReference(None, field_type=float)
+  # Apply the mean gradient of this many batches every that many steps (None: every step):
+  # an optimizer step on an N-times-larger batch (BatchNorm statistics aside).
+  opt.gradient_accumulation_steps = ml_collections.FieldReference(None, field_type=int)
+  # An exponential moving average of the trainable weights, updated after every step:
+  # evaluation, the best checkpoint, predict and export use it, and the next phase starts
+  # from it (Keras swaps it in at the end of fit).
+  opt.use_ema = False
+  opt.ema_momentum = 0.99
+  # Overwrite the weights with their average every this many optimizer steps (None: never).
+  opt.ema_overwrite_frequency = ml_collections.FieldReference(None, field_type=int)
+
+  # keras.callbacks.ReduceLROnPlateau, per phase: the rate times `factor` (not below min_lr)
+  # after `patience` epochs without an improvement of `min_delta` in `monitor`, then `cooldown`
+  # epochs of rest. monitor None: off. Needs constant schedules.
+  config.reduce_lr_on_plateau = plateau = ml_collections.ConfigDict()
+  plateau.monitor = ml_collections.FieldReference(None, field_type=str)   # 'val_loss', ...
+  plateau.factor = 0.1
+  plateau.patience = 10
+  plateau.min_delta = 1e-4
+  plateau.cooldown = 0
+  plateau.min_lr = 0.0
 
   # ---------------------------------------------------------------- loss
   # Cross-entropy (sigmoid for 2 classes, softmax for more), as Keras's compiled loss.
@@ -138,6 +201,7 @@ def get_config() -> ml_collections.ConfigDict:
   # without). In (0, 1].
   config.warmup.layer_decay = 1.0
   config.warmup.early_stopping = _keras_early_stopping()
+  config.warmup.schedule = schedule()
 
   # Fine-tuning: layers from `unfreeze_from` on are opened, with a lower learning rate.
   config.finetune = ml_collections.ConfigDict()
@@ -152,6 +216,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.finetune.param_labels = ()
   config.finetune.layer_decay = 1.0          # as config.warmup.layer_decay
   config.finetune.early_stopping = _keras_early_stopping()
+  config.finetune.schedule = schedule()
 
   # Early stopping: end a phase when `metric` > `threshold` (mode 'max') or < `threshold`
   # (mode 'min') at the end of an epoch. Metrics: train_accuracy, train_loss, val_accuracy,

@@ -1,3 +1,4 @@
-"""hhjax: transfer learning with a Keras-exact InceptionV3 in JAX/Flax."""
+"""hhjax: transfer learning with Keras-exact backbones (InceptionV3, VGG, ResNet, Xception) in
+JAX/Flax."""
 
 __version__ = "0.1.0"

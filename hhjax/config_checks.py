@@ -29,13 +29,15 @@ from hhjax import errors
 from hhjax import eval_metrics
 from hhjax.data import spec as data_spec
 from hhjax.model import classifier
-from hhjax.model import inception
+from hhjax.model import backbones
 from hhjax.model import lowering
 from hhjax.model import preprocessing
 from hhjax.training import losses
+from hhjax.training import keras_optim
 from hhjax.training import optim
 from hhjax.training import patience
 from hhjax.training import phases
+from hhjax.training import plateau
 
 # config.speed fields read by lowering.parse_switch: the model's rewrites, then the cache.
 SPEED_SWITCHES = tuple(f.name for f in dataclasses.fields(lowering.Lowering)) + (
@@ -119,7 +121,7 @@ RULES: dict[str, _Rule] = {
     'checkpoint_every_steps': _integer(0),
     'keep_checkpoints': _integer(1),
     'data.source': _one_of(data_spec.SOURCES),
-    'data.image_size': _integer(inception.MIN_SIZE),
+    'data.image_size': _integer(min(b.min_size for b in backbones.BACKBONES.values())),
     'data.resize_method': _one_of(data_spec.RESIZE_METHODS),
     'data.preprocessing': _one_of(preprocessing.NAMES),
     'data.image_dtype': _one_of(data_spec.IMAGE_DTYPES),
@@ -141,7 +143,7 @@ RULES: dict[str, _Rule] = {
     'data.augment.vertical_flip': _BOOL,
     'data.augment.fill_mode': _one_of(data_spec.FILL_MODES),
     'data.augment.cval': _NUMBER,
-    'model.cut': _one_of(inception.ENDPOINTS),
+    'model.backbone': _one_of(backbones.NAMES),
     'model.head': _one_of(classifier.HEADS),
     'model.hidden': _integer(0),
     'model.dropout': _number(0, 1),
@@ -150,11 +152,30 @@ RULES: dict[str, _Rule] = {
     'optimizer.name': _one_of(tuple(optim.OPTIMIZERS)),
     'optimizer.rho': _number(0, 1),
     'optimizer.epsilon': _number(0, low_open=True),
+    'optimizer.momentum': _Rule(lambda v: _is_number(v) and 0 <= v <= 1, 'a number in [0, 1]'),
+    'optimizer.nesterov': _BOOL,
+    'optimizer.beta_1': _number(0, 1),
+    'optimizer.beta_2': _number(0, 1),
+    'optimizer.weight_decay': _optional(_number(0)),
+    'optimizer.global_clipnorm': _optional(_number(0, low_open=True)),
+    # Keras: None, or at least 2 micro-batches per update.
+    'optimizer.gradient_accumulation_steps': _optional(_integer(2)),
+    'optimizer.use_ema': _BOOL,
+    'optimizer.ema_momentum': _Rule(lambda v: _is_number(v) and 0 <= v <= 1,
+                                    'a number in [0, 1]'),
+    'optimizer.ema_overwrite_frequency': _optional(_integer(1)),
+    'reduce_lr_on_plateau.monitor': _Rule(
+        lambda v: not v or (isinstance(v, str) and v in plateau.METRICS),
+        'None or ' + _one_of(plateau.METRICS).allowed),
+    'reduce_lr_on_plateau.factor': _number(0, 1),   # Keras refuses a factor >= 1
+    'reduce_lr_on_plateau.patience': _integer(0),
+    'reduce_lr_on_plateau.min_delta': _number(0),
+    'reduce_lr_on_plateau.cooldown': _integer(0),
+    'reduce_lr_on_plateau.min_lr': _number(0),
     'warmup.epochs': _integer(0),
     'warmup.learning_rate': _LEARNING_RATE,
     'finetune.epochs': _integer(0),
     'finetune.learning_rate': _LEARNING_RATE,
-    'finetune.unfreeze_from': _one_of(inception.BLOCKS),
     'finetune.train_bn': _BOOL,
     # The loop reads any false value ('' from the command line too) as "no early stopping".
     'early_stopping.metric': _Rule(
@@ -187,6 +208,20 @@ for _phase in ('warmup', 'finetune'):
       f'{_phase}.early_stopping.restore_best_weights': _BOOL,
       f'{_phase}.early_stopping.start_from_epoch': _integer(0),
   })
+
+
+# config.<phase>.schedule's fields (boundaries and values: `_check_schedule`).
+SCHEDULE_RULES: dict[str, _Rule] = {
+    'name': _one_of(keras_optim.SCHEDULES),
+    'decay_steps': _integer(1),
+    'alpha': _Rule(lambda v: _is_number(v) and 0 <= v <= 1, 'a number in [0, 1]'),
+    'warmup_target': _optional(_number(0)),
+    'warmup_steps': _integer(0),
+    'decay_rate': _number(0, low_open=True),
+    'staircase': _BOOL,
+}
+for _phase in ('warmup', 'finetune'):
+  RULES.update({f'{_phase}.schedule.{k}': rule for k, rule in SCHEDULE_RULES.items()})
 
 
 def _lookup(config: Any, path: str) -> Any:
@@ -242,6 +277,50 @@ def _check_param_labels(config: Any, phase: str, found: list[str]) -> None:
       found.append(_problem(f'{path}[{i}]', rule, f'a valid regex ({e})'))
 
 
+def _check_weight_decay_exclude(config: Any, found: list[str]) -> None:
+  path = 'optimizer.weight_decay_exclude'
+  patterns = _lookup(config, path)
+  if patterns is _MISSING or patterns is None:
+    return
+  if not isinstance(patterns, (list, tuple)):
+    found.append(_problem(path, patterns, "a list of regexes over parameter paths, e.g. "
+                          "('bias',)"))
+    return
+  for i, pattern in enumerate(patterns):
+    if not isinstance(pattern, str):
+      found.append(_problem(f'{path}[{i}]', pattern, 'a regex (a string)'))
+      continue
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      found.append(_problem(f'{path}[{i}]', pattern, f'a valid regex ({e})'))
+
+
+def _check_schedule(config: Any, phase: str, found: list[str]) -> None:
+  """A schedule's boundaries (increasing step numbers) and values (rates > 0), one more value
+  than boundaries for a piecewise schedule."""
+  path = f'{phase}.schedule'
+  boundaries = _lookup(config, f'{path}.boundaries')
+  values = _lookup(config, f'{path}.values')
+  if boundaries is not _MISSING and not (
+      isinstance(boundaries, (list, tuple)) and all(_is_int(b) and b >= 0 for b in boundaries)
+      and all(a < b for a, b in zip(boundaries, boundaries[1:]))):
+    found.append(_problem(f'{path}.boundaries', boundaries,
+                          'a list of increasing step numbers >= 0'))
+    return
+  if values is not _MISSING and not (
+      isinstance(values, (list, tuple)) and all(_is_number(v) and v > 0 for v in values)):
+    found.append(_problem(f'{path}.values', values, 'a list of learning rates > 0'))
+    return
+  if (_lookup(config, f'{path}.name') == 'piecewise'
+      and (boundaries is _MISSING or values is _MISSING
+           or len(values) != len(boundaries) + 1)):
+    n = 1 + (0 if boundaries is _MISSING else len(boundaries))
+    found.append(_problem(f'{path}.values', None if values is _MISSING else values,
+                          f'{n} learning rates (one more than config.{path}.boundaries) for a '
+                          'piecewise schedule'))
+
+
 def _check_relations(config: Any, found: list[str]) -> None:
   """The rules that involve more than one field."""
   if _lookup(config, 'data.source') == 'folder' and _lookup(config, 'data.dir') in (None, ''):
@@ -255,18 +334,47 @@ def _check_relations(config: Any, found: list[str]) -> None:
     found.append(' and '.join(f'config.{phase}.epochs = {n!r}' for phase, n in given.items())
                  + ': nothing to train; at least one phase needs epochs > 0.')
 
-  # Fine-tuning opens blocks of the backbone, so only blocks up to the cut.
+  # Keras's ReduceLROnPlateau sets the optimizer's rate, which a schedule does not allow.
+  monitor = _lookup(config, 'reduce_lr_on_plateau.monitor')
+  if monitor and monitor is not _MISSING:
+    for phase in ('warmup', 'finetune'):
+      name = _lookup(config, f'{phase}.schedule.name')
+      if name not in (_MISSING, 'constant'):
+        found.append(_problem(f'{phase}.schedule.name', name,
+                              "'constant' while config.reduce_lr_on_plateau.monitor is set "
+                              '(the plateau rule sets the rate a schedule would)'))
+
+  # The cut, the image size and where fine-tuning starts are the backbone's.
+  name = _lookup(config, 'model.backbone')
+  name = backbones.DEFAULT if name is _MISSING else name
+  if name not in backbones.BACKBONES:
+    return   # Named by the rule of model.backbone.
+  backbone = backbones.get(name)
+  size = _lookup(config, 'data.image_size')
+  if _is_int(size) and not size >= backbone.min_size:
+    found.append(_problem('data.image_size', size,
+                          f'an integer >= {backbone.min_size} ({backbone.keras_name})'))
+  endpoints = ', '.join(repr(e) for e in backbone.endpoints)
   cut = _lookup(config, 'model.cut')
+  if cut is not _MISSING and cut not in backbone.endpoints:
+    found.append(_problem('model.cut', cut, f'an endpoint of {backbone.keras_name}: {endpoints}'))
   start = _lookup(config, 'finetune.unfreeze_from')
+  if start is _MISSING:
+    return
+  if start != 'stem' and start not in backbone.endpoints:
+    found.append(_problem('finetune.unfreeze_from', start,
+                          f"'stem' or an endpoint of {backbone.keras_name}: {endpoints}"))
+    return
+  # Fine-tuning opens blocks of the backbone, so only blocks up to the cut.
   finetune_epochs = epochs['finetune']
-  if (cut in inception.ENDPOINTS and start in inception.BLOCKS and _is_int(finetune_epochs)
+  if (cut in backbone.endpoints and start != 'stem' and _is_int(finetune_epochs)
       and finetune_epochs > 0):
-    blocks = inception.BLOCKS[:inception.BLOCKS.index(cut) + 1]
+    blocks = backbone.endpoints_to(cut)
     if start not in blocks:
       found.append(_problem(
           'finetune.unfreeze_from', start,
           f"'stem' or a block up to config.model.cut = {cut!r}: "
-          + ', '.join(repr(b) for b in blocks if b != 'stem')))
+          + ', '.join(repr(b) for b in blocks)))
 
 
 def problems(config: Config) -> list[str]:
@@ -275,6 +383,8 @@ def problems(config: Config) -> list[str]:
   _check_rules(config, found)
   for phase in ('warmup', 'finetune'):
     _check_param_labels(config, phase, found)
+    _check_schedule(config, phase, found)
+  _check_weight_decay_exclude(config, found)
   _check_relations(config, found)
   return found
 

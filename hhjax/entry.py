@@ -8,8 +8,8 @@ signature says what it reads. This module is where a config becomes those:
     model(config, num_classes)        the Classifier (config.model, config.speed, and the
                                       preprocessing config.data says the images get)
     feature_cache(config)             config.speed's feature-cache settings
-    phases(config), optimizer(config), setup_for(config), early_stopping(config)
-    label_smoothing(config), loss(config, class_names, class_counts)
+    phases(config), optimizer(config), plateau(config), setup_for(config),
+    early_stopping(config), label_smoothing(config), loss(config, class_names, class_counts)
     restore_target(config, mesh)      what a checkpoint is restored into
     restore_for_inference(config, workdir, which)
     eval_metrics(config)              config.eval: top-k, threshold rule, calibration bins
@@ -29,9 +29,11 @@ from hhjax import eval_metrics as eval_metrics_lib
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
 from hhjax.data import spec as data_spec
+from hhjax.model import backbones
 from hhjax.model import classifier
 from hhjax.model import lowering
 from hhjax.training import losses
+from hhjax.training import plateau as plateau_lib
 from hhjax.training import optim
 from hhjax.training import phases as phases_lib
 from hhjax.training import restore
@@ -95,7 +97,8 @@ def check_downloads(config: ml_collections.ConfigDict, *, weights: bool = True) 
   if data_download is not None:
     needs.append(data_download)
   name = pretrained(config)
-  missing = official.download_needed(name) if weights and name else None
+  missing = (official.download_needed(name, config.model.get('backbone'))
+             if weights and name else None)
   if missing is not None:
     needs.append(sources.Download(
         f'the official ImageNet weights ({missing.filename}, '
@@ -120,13 +123,37 @@ def check_downloads(config: ml_collections.ConfigDict, *, weights: bool = True) 
 
 def phases(config: ml_collections.ConfigDict) -> list[phases_lib.Phase]:
   """The phases config.warmup and config.finetune ask for, in order."""
-  return phases_lib.make_phases(config.warmup, config.finetune, config.model.cut)
+  return phases_lib.make_phases(config.warmup, config.finetune, config.model.cut,
+                                config.model.get('backbone'))
 
 
 def optimizer(config: ml_collections.ConfigDict) -> optim.OptimizerSpec:
-  opt = config.optimizer
-  return optim.OptimizerSpec(name=str(opt.get('name', 'rmsprop')), rho=float(opt.rho),
-                             epsilon=float(opt.epsilon))
+  """config.optimizer (fields an older config lacks take their defaults)."""
+  opt, d = config.optimizer, optim.OptimizerSpec()
+  get = lambda name: opt.get(name, getattr(d, name))
+  optional = lambda name, kind: None if get(name) is None else kind(get(name))
+  return optim.OptimizerSpec(
+      name=str(get('name')), rho=float(opt.rho), epsilon=float(opt.epsilon),
+      momentum=float(get('momentum')), nesterov=bool(get('nesterov')),
+      beta_1=float(get('beta_1')), beta_2=float(get('beta_2')),
+      weight_decay=optional('weight_decay', float),
+      weight_decay_exclude=tuple(str(p) for p in get('weight_decay_exclude') or ()),
+      global_clipnorm=optional('global_clipnorm', float),
+      gradient_accumulation_steps=optional('gradient_accumulation_steps', int),
+      use_ema=bool(get('use_ema')), ema_momentum=float(get('ema_momentum')),
+      ema_overwrite_frequency=optional('ema_overwrite_frequency', int),
+      plateau=plateau(config).monitor is not None)
+
+
+def plateau(config: ml_collections.ConfigDict) -> plateau_lib.PlateauSpec:
+  """config.reduce_lr_on_plateau (absent, or a false monitor: off)."""
+  block = config.get('reduce_lr_on_plateau') or {}
+  d = plateau_lib.PlateauSpec()
+  get = lambda name: block.get(name, getattr(d, name))
+  return plateau_lib.PlateauSpec(
+      monitor=get('monitor') or None, factor=float(get('factor')),
+      patience=int(get('patience')), min_delta=float(get('min_delta')),
+      cooldown=int(get('cooldown')), min_lr=float(get('min_lr')))
 
 
 def setup_for(config: ml_collections.ConfigDict, loss_spec: losses.LossSpec | None = None
@@ -169,7 +196,8 @@ def keras_classifier_spec(config: ml_collections.ConfigDict, num_classes: int = 
   m = config.model
   return keras_classifier.KerasClassifier(
       m.cut, m.head, int(m.hidden), float(m.dropout), num_classes, image_size(config),
-      tuple(class_names) if class_names else None, config.data.preprocessing)
+      tuple(class_names) if class_names else None, config.data.preprocessing,
+      m.get('backbone') or backbones.DEFAULT)
 
 
 def restore_target(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
@@ -187,11 +215,13 @@ def restore_target(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
                           which: str = 'latest'):
-  """(mesh, model, state, class names, step) of the latest or best checkpoint in `workdir`."""
+  """(mesh, model, state, class names, step) of the latest or best checkpoint in `workdir`;
+  the state's params are the EMA weights when the optimizer keeps an EMA."""
   mesh = sharding.make_mesh()
   restored = restore.for_inference(workdir, restore_target(config, mesh, training=False), which)
-  return (mesh, restored.model, restored.state, list(restored.meta.class_names or ()),
-          restored.step)
+  # With config.optimizer.use_ema, inference uses the weights' moving average.
+  state = dict(restored.state, params=optim.inference_params(restored.state))
+  return (mesh, restored.model, state, list(restored.meta.class_names or ()), restored.step)
 
 
 def eval_metrics(config: ml_collections.ConfigDict) -> eval_metrics_lib.Spec:

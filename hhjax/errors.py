@@ -63,7 +63,7 @@ class CheckpointSaveError(UserError, OSError):
 
 
 class KerasWeightsError(UserError, ValueError):
-  """A file that does not hold Keras InceptionV3 weights, or cannot be read."""
+  """A file that does not hold Keras weights of the expected backbone, or cannot be read."""
 
 
 class WeightsDownloadError(UserError, RuntimeError):

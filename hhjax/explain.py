@@ -43,7 +43,6 @@ from hhjax import workdir as workdir_lib
 from hhjax.data import bad_files
 from hhjax.data import decode
 from hhjax.model import classifier
-from hhjax.model import inception
 from hhjax.model import preprocessing
 from hhjax.training import steps
 
@@ -68,7 +67,8 @@ def class_score(logits: jax.Array, classes: jax.Array) -> jax.Array:
 
 
 def _is_backbone(module: nn.Module, method_name: str) -> bool:
-  return isinstance(module, inception.InceptionV3) and method_name == '__call__'
+  # The classifier's backbone, whichever family: its call returns the endpoints.
+  return module.path == ('backbone',) and method_name == '__call__'
 
 
 def gradcam(model: classifier.Classifier, variables: PyTree,

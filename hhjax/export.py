@@ -43,8 +43,8 @@ import numpy as np
 from hhjax import entry
 from hhjax import errors
 from hhjax import workdir as workdir_lib
+from hhjax.model import backbones
 from hhjax.model import classifier
-from hhjax.model import inception
 from hhjax.weights import keras_classifier
 
 FORMATS = ('keras', 'saved_model')
@@ -106,21 +106,23 @@ def _output(path: pathlib.Path) -> Iterator[pathlib.Path]:
 # ---------------------------------------------------------------------------------- Keras
 
 
-def _trainable(path: str, config: ml_collections.ConfigDict) -> bool:
-  """Whether the Keras layer at our `path` trains in our fine-tuning phase, in Keras's terms."""
-  if path.startswith('head/'):
+def _trainable(entry: keras_classifier.KerasLayerPath,
+               config: ml_collections.ConfigDict) -> bool:
+  """Whether the Keras layer `entry` trains in our fine-tuning phase, in Keras's terms."""
+  if entry.block == 'head':
     return True
   ft = config.finetune
-  opened = inception.BLOCKS[inception.BLOCKS.index(ft.unfreeze_from):]
-  if keras_classifier.kind(path) == 'bn' and not ft.train_bn:
+  blocks = backbones.get(config.model.get('backbone')).blocks
+  opened = blocks[blocks.index(ft.unfreeze_from):] if ft.unfreeze_from in blocks else blocks
+  if entry.is_batch_norm and not ft.train_bn:
     return False   # Keras runs a frozen BatchNormalization in inference mode, as we do
-  return path.split('/')[1] in opened
+  return entry.block in opened
 
 
 def _compile_for_fit(keras_module, model, spec: keras_classifier.KerasClassifier,
                      config: ml_collections.ConfigDict) -> None:
-  for layer, path in zip(keras_classifier.keras_layers_with_weights(model), spec.layer_paths()):
-    layer.trainable = _trainable(path, config)
+  for entry in keras_classifier.keras_layer_paths(model, spec):
+    entry.layer.trainable = _trainable(entry, config)
   binary = classifier.num_outputs(spec.num_classes) == 1
   model.compile(
       optimizer=keras_module.optimizers.RMSprop(

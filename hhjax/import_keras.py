@@ -36,6 +36,7 @@ from hhjax import entry
 from hhjax import errors
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
+from hhjax.model import backbones
 from hhjax.model import classifier
 from hhjax.training import phases as phases_lib
 from hhjax.training import restore
@@ -48,20 +49,21 @@ def _set(config: ml_collections.ConfigDict, field: str, value: Any,
          why: str = 'from the Keras file') -> None:
   """Sets config.<field> ('model.cut'), logging a change from what the config said."""
   section, name = field.split('.')
-  before = config[section][name]
+  before = config[section].get(name)
   if before != value:
     logging.info('config.%s = %r (%s; the config said %r).', field, value, why, before)
   config[section][name] = value
 
 
-def unfreeze_from_for(cut: str, unfreeze_from: str) -> str | None:
+def unfreeze_from_for(cut: str, unfreeze_from: str,
+                      backbone: str = backbones.DEFAULT) -> str | None:
   """The block fine-tuning opens from under the file's cut when the config's is past it.
 
   None when the config's value fits (a block up to the cut, or 'stem'). Otherwise the cut's top
   two blocks, as the default config opens mixed6 and mixed7 of its mixed7 cut and Keras's
   InceptionV3 fine-tuning example trains the top two blocks (the cut's one block for mixed0).
   """
-  blocks = classifier.backbone_blocks(cut)
+  blocks = classifier.backbone_blocks(cut, backbone)
   if unfreeze_from == 'stem' or unfreeze_from in blocks:
     return None
   return blocks[max(0, len(blocks) - 2)]
@@ -72,11 +74,12 @@ def config_for(spec: keras_model.KerasClassifier,
   """A copy of `config` that describes the file's model."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
+    _set(config, 'model.backbone', spec.backbone)
     _set(config, 'model.cut', spec.cut)
     _set(config, 'model.head', spec.head)
     _set(config, 'model.hidden', spec.hidden)
     _set(config, 'model.dropout', spec.dropout)
-    start = unfreeze_from_for(spec.cut, config.finetune.unfreeze_from)
+    start = unfreeze_from_for(spec.cut, config.finetune.unfreeze_from, spec.backbone)
     if start is not None:
       _set(config, 'finetune.unfreeze_from', start,
            f'{config.finetune.unfreeze_from!r} is past the file\'s cut {spec.cut}: fine-tuning '

@@ -49,9 +49,11 @@ from hhjax.model import classifier
 from hhjax.training import evaluation
 from hhjax.training import feature_cache
 from hhjax.training import losses
+from hhjax.training import keras_optim
 from hhjax.training import optim
 from hhjax.training import patience
 from hhjax.training import phases as phases_lib
+from hhjax.training import plateau as plateau_lib
 from hhjax.training import restore
 from hhjax.training import state as state_lib
 from hhjax.training import step_log
@@ -84,6 +86,7 @@ class _Run:
   target: restore.Target
   early_stopping: phases_lib.EarlyStopping
   loss: losses.LossSpec
+  plateau: plateau_lib.PlateauSpec
   cache: feature_cache.Settings
   is_main: bool
   notice: preemption.Notice
@@ -122,7 +125,7 @@ class _Run:
                                        label_smoothing=loss.label_smoothing,
                                        metrics=entry.eval_metrics(config)),
         target=entry.restore_target(config, mesh, model_for=lambda _: model, loss_spec=loss),
-        early_stopping=entry.early_stopping(config), loss=loss,
+        early_stopping=entry.early_stopping(config), loss=loss, plateau=entry.plateau(config),
         cache=entry.feature_cache(config),
         is_main=is_main, notice=notice)
 
@@ -243,12 +246,12 @@ def _end_epoch(run: _Run, state: PyTree, progress: phases_lib.Progress, phase_en
   step = int(jax.device_get(state['step']))
   train_loss, train_acc, _ = step_log.metrics_from_state(state)
   t_eval = time.perf_counter()
-  result = evaluator(state['params'], state['batch_stats'])
+  result = evaluator(optim.inference_params(state), state['batch_stats'])
   progress.epochs_done += 1
   row = {'step': step, 'epoch': progress.epochs_done, 'phase': progress.phase,
          'train_loss': train_loss, 'train_accuracy': train_acc,
          'val_loss': result['loss'], 'val_accuracy': result['accuracy'],
-         'learning_rate': run.phases[progress.index(run.phases)].learning_rate,
+         'learning_rate': _learning_rate(run, state, progress),
          **eval_metrics.row_fields(result['metrics'], run.class_names, 'val')}
   logging.info('Epoch %d (%s) done at step %d: train loss %.4f accuracy %.4f | '
                'validation loss %.4f accuracy %.4f on %d images (%.1f s)',
@@ -271,6 +274,7 @@ def _end_epoch(run: _Run, state: PyTree, progress: phases_lib.Progress, phase_en
                                                   sharding.replicated(run.mesh)))
   if progress.phase_done:
     state, result = _restore_best_weights(run, state, progress, phase, evaluator, result)
+  state = _reduce_lr_on_plateau(run, state, progress, row)
   run.save(state, progress, {'val_accuracy': result['accuracy'], 'val_loss': result['loss']})
   return state, result
 
@@ -303,11 +307,42 @@ def _restore_best_weights(run: _Run, state: PyTree, progress: phases_lib.Progres
   return state, result
 
 
+def _learning_rate(run: _Run, state: PyTree, progress: phases_lib.Progress) -> float:
+  """The rate of the state's last step (see step_log.learning_rate)."""
+  return step_log.learning_rate(state, run.phases[progress.index(run.phases)])
+
+
+def _reduce_lr_on_plateau(run: _Run, state: PyTree, progress: phases_lib.Progress,
+                          row: dict[str, Any]) -> PyTree:
+  """config.reduce_lr_on_plateau at an epoch's end: counts in `progress` (saved with the
+  checkpoint), the new rate in the optimizer state."""
+  if not run.plateau.monitor or progress.phase_done:
+    return state
+  counters = progress.plateau or plateau_lib.start()
+  progress.plateau, rate = plateau_lib.step(run.plateau, counters,
+                                                    row[run.plateau.monitor],
+                                                    row['learning_rate'])
+  if rate is None:
+    return state
+  logging.info('ReduceLROnPlateau: %s did not improve for %d epochs; learning rate %g -> %g '
+               '(config.reduce_lr_on_plateau).', run.plateau.monitor, run.plateau.patience,
+               row['learning_rate'], rate)
+  opt_state = jax.jit(keras_optim.set_learning_rate, static_argnums=1,
+                      out_shardings=sharding.replicated(run.mesh))(state['opt_state'], rate)
+  return dict(state, opt_state=opt_state)
+
+
 def _log_phase(setup: phases_lib.PhaseSetup, params: PyTree) -> None:
   phase = setup.phase
   trainable, frozen = optim.split(params, setup.labels)
-  logging.info('Phase %s: %s, learning rate %g, %s trainable / %s frozen parameters%s.',
-               phase.name, phases_lib.epochs_text(phase.epochs), phase.learning_rate,
+  schedule = phase.schedule
+  rate = {'constant': f'learning rate {phase.learning_rate:g}',
+          'piecewise': f'learning rates {list(schedule.values)} split at optimizer steps '
+                       f'{list(schedule.boundaries)}'}.get(
+                           schedule.name, f'learning rate {phase.learning_rate:g} on a '
+                           f'{schedule.name} schedule')
+  logging.info('Phase %s: %s, %s, %s trainable / %s frozen parameters%s.',
+               phase.name, phases_lib.epochs_text(phase.epochs), rate,
                f'{optim.count(trainable):,}', f'{optim.count(frozen):,}',
                '' if phase.bn_train_from is None else
                f', BatchNorm trains from {phase.bn_train_from}')
@@ -391,16 +426,17 @@ def _next_phase(run: _Run, state: PyTree, progress: phases_lib.Progress
                 ) -> tuple[PyTree, phases_lib.Progress, phases_lib.PhaseSetup] | None:
   """The state, progress and setup at the start of the next phase (None after the last).
 
-  Same parameters and statistics, a fresh optimizer for the new trainable set (Keras
-  recompiles with a new optimizer between the two stages).
+  Same parameters (their EMA, with config.optimizer.use_ema) and statistics, a fresh optimizer
+  for the new trainable set (Keras recompiles with a new optimizer between the two stages).
   """
   progress = progress.next_phase(run.phases, int(jax.device_get(state['step'])))
   if progress is None:
     return None
-  setup = run.setup(run.phases[progress.index(run.phases)], state['params'])
-  opt_state = jax.jit(setup.tx.init, out_shardings=sharding.replicated(run.mesh))(
-      state['params'])
-  return dict(state, opt_state=opt_state), progress, setup
+  # As Keras's fit ends (finalize_variable_values): the weights become their EMA, if kept.
+  params = optim.inference_params(state)
+  setup = run.setup(run.phases[progress.index(run.phases)], params)
+  opt_state = jax.jit(setup.tx.init, out_shardings=sharding.replicated(run.mesh))(params)
+  return dict(state, params=params, opt_state=opt_state), progress, setup
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -469,7 +505,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   run.ckpts.wait()
   step = int(jax.device_get(state['step']))
   if last_eval is None:
-    last_eval = run.evaluator(state['params'], state['batch_stats'])
+    last_eval = run.evaluator(optim.inference_params(state), state['batch_stats'])
   result = evaluation.report(last_eval, run.class_names, step, run.workdir, run.is_main)
   result['stop_reason'] = progress.stop_reason
   pictures.write_eval_pictures(run.data, last_eval, run.class_names, step, run.workdir,

@@ -154,13 +154,15 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
 # is left out (inactive at inference), and so is everything about where the data comes from and
 # how it is batched, which may differ. The number of classes is the checkpoint's own, except
 # for the synthetic source, whose classes the config sets.
-INFERENCE_FIELDS = ('data.image_size', 'data.resize_method', 'data.preprocessing', 'model.cut',
-                    'model.head', 'model.hidden')
+INFERENCE_FIELDS = ('data.image_size', 'data.resize_method', 'data.preprocessing',
+                    'model.backbone', 'model.cut', 'model.head', 'model.hidden')
+# What a config written before a field existed meant by leaving it out.
+FIELD_DEFAULTS = {'model.backbone': 'inception_v3'}
 
 
 def inference_differences(saved: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
   """'config.FIELD: X in config.json, Y given' for each field of INFERENCE_FIELDS that differs."""
-  a, b = flat_fields(saved), flat_fields(given)
+  a, b = ({**FIELD_DEFAULTS, **flat_fields(c)} for c in (saved, given))
   fields = list(INFERENCE_FIELDS)
   if a.get('data.source') == b.get('data.source') == 'fake':
     fields.append('data.fake.num_classes')

@@ -14,7 +14,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 
 def randomize(model, seed: int = 0) -> None:
-  """Draws new values for every weight of a Keras (tf_keras or Keras 3) InceptionV3."""
+  """Draws new values for every weight of a Keras (tf_keras or Keras 3) application model."""
   rng = np.random.default_rng(seed)
   for layer in model.layers:
     weights = layer.get_weights()
@@ -25,6 +25,20 @@ def randomize(model, seed: int = 0) -> None:
       kh, kw, cin, _ = weights[0].shape
       # He-normal: keeps the scale through ReLUs.
       new = [rng.normal(0.0, np.sqrt(2.0 / (kh * kw * cin)), weights[0].shape)]
+      if len(weights) == 2:                      # with a bias (VGG, ResNet)
+        new.append(rng.normal(0.0, 0.1, weights[1].shape))
+    elif kind == 'SeparableConv2D':
+      kh, kw, cin, _ = weights[0].shape
+      new = [rng.normal(0.0, np.sqrt(1.0 / (kh * kw)), weights[0].shape),
+             rng.normal(0.0, np.sqrt(2.0 / cin), weights[1].shape)]
+      if len(weights) == 3:
+        new.append(rng.normal(0.0, 0.1, weights[2].shape))
+    elif kind == 'BatchNormalization' and len(weights) == 4:   # with gamma (ResNet, Xception)
+      (c,) = weights[0].shape
+      new = [rng.uniform(0.5, 1.5, c),           # gamma
+             rng.normal(0.0, 0.2, c),            # beta
+             rng.normal(0.0, 0.2, c),            # moving_mean
+             rng.uniform(0.5, 2.0, c)]           # moving_variance, positive
     elif kind == 'BatchNormalization':
       (c,) = weights[0].shape
       new = [rng.normal(0.0, 0.2, c),            # beta
@@ -36,6 +50,25 @@ def randomize(model, seed: int = 0) -> None:
     else:
       raise AssertionError(f'unexpected layer with weights: {layer.name} ({kind})')
     layer.set_weights([w.astype(np.float32) for w in new])
+
+
+def randomize_flax(variables, seed: int = 0):
+  """Our variables with new random values at the scales `randomize` draws (variances > 0)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+
+  def draw(path, x):
+    key = getattr(path[-1], 'key', None)
+    if key == 'var':
+      return rng.uniform(0.5, 2.0, x.shape).astype(np.float32)
+    if key == 'scale':
+      return rng.uniform(0.5, 1.5, x.shape).astype(np.float32)
+    if key in ('kernel', 'depthwise_kernel', 'pointwise_kernel'):
+      fan_in = int(np.prod(x.shape[:-1])) if key != 'depthwise_kernel' else int(
+          np.prod(x.shape[:2]))
+      return rng.normal(0.0, np.sqrt(2.0 / fan_in), x.shape).astype(np.float32)
+    return rng.normal(0.0, 0.1, x.shape).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(draw, variables)
 
 
 def save_tf_keras_weights(path: pathlib.Path, *, include_top: bool = False, size: int = 150,

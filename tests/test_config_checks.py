@@ -34,7 +34,7 @@ BAD_VALUES = [
     ('data.source', 'imagenet', None),
     ('data.image_size', 74, None),
     ('data.resize_method', 'bicubic', None),
-    ('data.preprocessing', 'caffe', None),
+    ('data.preprocessing', 'torch', None),
     ('data.image_dtype', 'float16', None),
     ('data.bad_files', 'ignore', None),
     ('data.cache_decoded', 'yes', None),
@@ -55,6 +55,7 @@ BAD_VALUES = [
     ('data.augment.vertical_flip', None, None),
     ('data.augment.fill_mode', 'mirror', None),
     ('data.augment.cval', 'black', None),
+    ('model.backbone', 'resnet18', None),
     ('model.cut', 'mixed11', None),
     ('model.head', 'mlp', None),
     ('model.hidden', -1, None),
@@ -66,9 +67,32 @@ BAD_VALUES = [
     ('speed.compute_dtype', 'float16', None),
     ('speed.cache_features', 'always', None),
     ('speed.cache_features_max_mb', 0.0, None),
-    ('optimizer.name', 'adam', None),
+    ('optimizer.name', 'adagrad', None),
     ('optimizer.rho', 1.0, None),
     ('optimizer.epsilon', 0.0, None),
+    ('optimizer.momentum', 1.5, None),
+    ('optimizer.nesterov', 'yes', None),
+    ('optimizer.beta_1', 1.0, None),
+    ('optimizer.beta_2', -0.1, None),
+    ('optimizer.weight_decay', -0.01, None),
+    ('optimizer.weight_decay_exclude', 'bias', None),
+    ('optimizer.weight_decay_exclude', ('(bias',), "'(bias'"),
+    ('optimizer.global_clipnorm', 0.0, None),
+    ('optimizer.gradient_accumulation_steps', 1, None),
+    ('optimizer.use_ema', 1, None),
+    ('optimizer.ema_momentum', 1.1, None),
+    ('optimizer.ema_overwrite_frequency', 0, None),
+    ('reduce_lr_on_plateau.monitor', 'loss', None),
+    ('reduce_lr_on_plateau.factor', 1.0, None),
+    ('reduce_lr_on_plateau.patience', -1, None),
+    ('reduce_lr_on_plateau.min_delta', -1e-4, None),
+    ('reduce_lr_on_plateau.cooldown', 0.5, None),
+    ('reduce_lr_on_plateau.min_lr', -1.0, None),
+    *[(f'{phase}.schedule.{field}', value, None) for phase in ('warmup', 'finetune')
+      for field, value in (('name', 'linear'), ('decay_steps', 0), ('alpha', 2.0),
+                           ('warmup_target', -1.0), ('warmup_steps', -1),
+                           ('decay_rate', 0.0), ('staircase', 'no'), ('boundaries', (3, 1)),
+                           ('values', (0.1, 0.0)))],
     ('warmup.epochs', -1, None),
     ('warmup.learning_rate', 0.0, None),
     ('warmup.param_labels', (('^head/', 'thaw'),), "('^head/', 'thaw')"),
@@ -165,6 +189,30 @@ def test_a_legacy_workdir_config_validates_even_without_optional_sections():
   config_checks.validate(ml_collections.ConfigDict(tree))
 
 
+@pytest.mark.parametrize('boundaries, values, field', [
+    ((10, 5), (0.1, 0.01, 0.001), 'boundaries'),
+    ((5, 10), (0.1, 0.01), 'values'),
+    ((5,), (0.1, -0.01), 'values'),
+])
+def test_a_piecewise_schedule_needs_increasing_boundaries_and_one_more_value(
+    boundaries, values, field):
+  message = _message(_config(finetune__schedule__name='piecewise',
+                             finetune__schedule__boundaries=boundaries,
+                             finetune__schedule__values=values))
+  assert message.startswith(f'config.finetune.schedule.{field} = ') and '\n' not in message
+  config_checks.validate(_config(finetune__schedule__name='piecewise',
+                                 finetune__schedule__boundaries=(5, 10),
+                                 finetune__schedule__values=(0.1, 0.01, 0.001)))
+
+
+def test_reduce_lr_on_plateau_refuses_a_schedule():
+  message = _message(_config(reduce_lr_on_plateau__monitor='val_loss',
+                             warmup__schedule__name='cosine'))
+  assert message.startswith("config.warmup.schedule.name = 'cosine': must be 'constant' while "
+                            'config.reduce_lr_on_plateau.monitor is set')
+  config_checks.validate(_config(reduce_lr_on_plateau__monitor='val_loss'))
+
+
 def test_the_message_lists_the_allowed_values():
   message = _message(_config(data__resize_method='bicubic'))
   assert message == ("config.data.resize_method = 'bicubic': must be one of 'bilinear', "
@@ -186,6 +234,28 @@ def test_unfreeze_from_after_the_cut_is_fine_when_fine_tuning_is_off():
   config_checks.validate(_config(model__cut='mixed2', finetune__epochs=0))
   message = _message(_config(model__cut='mixed2'))
   assert "config.finetune.unfreeze_from = 'mixed6'" in message and "'mixed2'" in message
+
+
+@pytest.mark.parametrize('backbone, field, value, listed', [
+    ('resnet50', 'model__cut', 'mixed7', "'conv2_block1_out', 'conv2_block2_out'"),
+    ('vgg16', 'model__cut', 'block6_pool', "'block1_pool', 'block2_pool'"),
+    ('xception', 'finetune__unfreeze_from', 'mixed6', "'block2_add', 'block3_add'"),
+])
+def test_cut_and_unfreeze_from_must_be_endpoints_of_the_backbone(backbone, field, value,
+                                                                   listed):
+  valid = {'resnet50': 'conv4_block6_out', 'vgg16': 'block5_pool',
+           'xception': 'block14_sepconv2_act'}[backbone]
+  config = _config(model__backbone=backbone, model__cut=valid, finetune__unfreeze_from=valid)
+  config_checks.validate(config)
+  message = _message(_config(**{'model__backbone': backbone, 'model__cut': valid,
+                                'finetune__unfreeze_from': valid, field: value}))
+  assert f'config.{field.replace("__", ".")} = {value!r}' in message and listed in message
+
+
+def test_image_size_below_the_backbones_minimum_is_rejected():
+  message = _message(_config(model__backbone='xception', model__cut='block14_sepconv2_act',
+                             finetune__unfreeze_from='block13_add', data__image_size=64))
+  assert 'config.data.image_size = 64' in message and '>= 71 (Xception)' in message
 
 
 def test_every_bad_field_is_reported_at_once():

@@ -199,7 +199,7 @@ def test_normalize_images_on_device_equals_float_preprocessing():
   floats = jnp.linspace(-1, 1, 12).reshape(1, 2, 2, 3)
   np.testing.assert_array_equal(preprocessing.normalize_images(floats), floats)
   with pytest.raises(ValueError, match='preprocessing'):
-    preprocessing.normalize_images(jnp.asarray(images), 'caffe')
+    preprocessing.normalize_images(jnp.asarray(images), 'torch')
 
 
 @pytest.mark.parametrize('value,backend,expected', [

@@ -153,8 +153,8 @@ def test_preprocessing_maps_pixels_to_the_documented_ranges():
   pixels = tf.constant([0.0, 127.5, 255.0])
   np.testing.assert_allclose(decode.normalize(pixels, 'inception'), [-1, 0, 1])
   np.testing.assert_allclose(decode.normalize(pixels, 'rescale'), [0, 0.5, 1])
-  with pytest.raises(ValueError, match="preprocessing must be one of .*'caffe'"):
-    decode.normalize(pixels, 'caffe')
+  with pytest.raises(ValueError, match="preprocessing must be one of .*'torch'"):
+    decode.normalize(pixels, 'torch')
 
 
 
@@ -294,7 +294,7 @@ def test_broken_layouts_fail_at_once_saying_what_was_found(tmp_path, layout, exp
 
 
 @pytest.mark.parametrize('field, value', [
-    ('source', 'hdf5'), ('resize_method', 'bicubic'), ('preprocessing', 'caffe'),
+    ('source', 'hdf5'), ('resize_method', 'bicubic'), ('preprocessing', 'torch'),
     ('image_dtype', 'float16'), ('bad_files', 'ignore'),
 ])
 def test_unknown_config_values_are_config_errors_naming_the_field(tmp_path, field, value):

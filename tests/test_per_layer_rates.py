@@ -168,3 +168,28 @@ def test_all_factors_one_builds_the_plain_optimizer_and_the_same_step(params):
 def test_a_bad_rule_label_is_refused(params, label):
   with pytest.raises(ValueError, match='multiplier > 0'):
     optim.param_labels(params, (('.*', label),))
+
+
+def test_multipliers_scale_the_update_before_accumulation_and_the_ema_see_it():
+  # A parameter at factor 0.5 trains, accumulates and is averaged exactly as it would alone at
+  # half the rate: the EMA averages the weights the scaled updates produce.
+  spec = optim.OptimizerSpec(name='adam', use_ema=True, ema_momentum=0.9,
+                             gradient_accumulation_steps=2)
+  params = {'a': jnp.ones((3,)), 'b': jnp.full((2,), 2.0)}
+  train = {'a': optim.TRAIN, 'b': optim.TRAIN}
+  both = optim.make_optimizer(train, LR, spec, multipliers={'a': 0.5, 'b': 1.0})
+  alone = optim.make_optimizer({'a': optim.TRAIN}, LR * 0.5, spec)
+  p_both, s_both = params, both.init(params)
+  p_alone, s_alone = {'a': params['a']}, alone.init({'a': params['a']})
+  for step in range(6):
+    g = {'a': jnp.arange(3.0) - step, 'b': jnp.ones((2,)) * step}
+    u, s_both = both.update(g, s_both, p_both)
+    p_both = optax.apply_updates(p_both, u)
+    u, s_alone = alone.update({'a': g['a']}, s_alone, p_alone)
+    p_alone = optax.apply_updates(p_alone, u)
+  np.testing.assert_array_equal(p_both['a'], p_alone['a'])
+  assert not np.allclose(p_both['a'], params['a'])
+  ema_both = optim.inference_params({'params': p_both, 'opt_state': s_both})
+  ema_alone = optim.inference_params({'params': p_alone, 'opt_state': s_alone})
+  np.testing.assert_array_equal(ema_both['a'], ema_alone['a'])
+  assert not np.allclose(ema_both['a'], p_both['a'])

@@ -1,5 +1,7 @@
 """A run killed with SIGKILL (during a checkpoint save, and mid-step) and restarted with the same
-command ends with exactly the parameters, optimizer state and metrics of an uninterrupted run."""
+command ends with exactly the parameters, optimizer state and metrics of an uninterrupted run:
+with today's recipe, and with the optimizer options in flight (a schedule, EMA, gradient
+accumulation killed between micro-batches, ReduceLROnPlateau's counters and reduced rate)."""
 
 import json
 import os
@@ -11,6 +13,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from hhjax import checkpointing
 
@@ -26,9 +29,31 @@ LAST_STEP = 9
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
 
 
-def _command(workdir):
+# Extra flags per case, still 9 steps; the option cases train one phase of 3 epochs (one
+# compilation per run). With 2 micro-batches per update and a checkpoint every step, every
+# other checkpoint (and a kill there) falls between micro-batches.
+ONE_PHASE = ['--config.warmup.epochs=3', '--config.finetune.epochs=0']
+OPTIONS = {
+    'rmsprop': [],
+    'adamw_cosine_ema_accumulation': ONE_PHASE + [
+        '--config.optimizer.name=adamw', '--config.optimizer.use_ema=True',
+        '--config.optimizer.ema_momentum=0.5', '--config.optimizer.gradient_accumulation_steps=2',
+        '--config.optimizer.global_clipnorm=1.0', '--config.warmup.schedule.name=cosine',
+        '--config.warmup.schedule.decay_steps=3', '--config.warmup.schedule.warmup_steps=1',
+        '--config.warmup.schedule.warmup_target=0.02'],
+    # The rate is reduced at the second epoch's end, the third runs with it.
+    'sgd_nesterov_plateau_ema_overwrite': ONE_PHASE + [
+        '--config.optimizer.name=sgd', '--config.optimizer.momentum=0.9',
+        '--config.optimizer.nesterov=True', '--config.optimizer.use_ema=True',
+        '--config.optimizer.ema_overwrite_frequency=2',
+        '--config.reduce_lr_on_plateau.monitor=val_loss',
+        '--config.reduce_lr_on_plateau.patience=1', '--config.reduce_lr_on_plateau.min_delta=10'],
+}
+
+
+def _command(workdir, options=()):
   return [sys.executable, str(ROOT / 'main.py'), '--config=' + str(ROOT / 'configs/smoke.py'),
-          f'--workdir={workdir}', *FLAGS]
+          f'--workdir={workdir}', *FLAGS, *options]
 
 
 def _env(cache):
@@ -48,9 +73,9 @@ def _steps(ckpt_dir):
   return done, saving
 
 
-def _kill_when(workdir, env, condition, what):
+def _kill_when(workdir, env, condition, what, options=()):
   """Starts the run and SIGKILLs it as soon as `condition(done, saving)` holds."""
-  proc = subprocess.Popen(_command(workdir), env=env, stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(_command(workdir, options), env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   deadline = time.time() + 300
@@ -95,24 +120,33 @@ def _tensorboard(workdir):
   return sorted(points)
 
 
-def test_killed_and_restarted_run_ends_like_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize('case', list(OPTIONS))
+def test_killed_and_restarted_run_ends_like_an_uninterrupted_one(tmp_path, case):
+  options = OPTIONS[case]
   env = _env(tmp_path / 'jax_cache')   # later runs reuse the first run's compilations
   reference, resumed = tmp_path / 'reference', tmp_path / 'resumed'
-  proc = subprocess.run(_command(reference), env=env, capture_output=True, text=True,
+  proc = subprocess.run(_command(reference, options), env=env, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
 
-  # 1. Killed while a checkpoint is being written (its temporary directory exists).
-  done, saving = _kill_when(resumed, env, lambda d, s: d and s and s[-1] >= 3,
-                            'during a checkpoint save')
-  assert saving, 'no save was in progress at the kill'
-  # 2. Restarted, then killed again at an arbitrary point once it got further.
-  first_resume = done[-1]
-  done, _ = _kill_when(resumed, env, lambda d, s: d and d[-1] >= first_resume + 2,
-                       'after resuming')
+  if not options:
+    # 1. Killed while a checkpoint is being written (its temporary directory exists).
+    done, saving = _kill_when(resumed, env, lambda d, s: d and s and s[-1] >= 3,
+                              'during a checkpoint save')
+    assert saving, 'no save was in progress at the kill'
+    # 2. Restarted, then killed again at an arbitrary point once it got further.
+    first_resume = done[-1]
+    done, _ = _kill_when(resumed, env, lambda d, s: d and d[-1] >= first_resume + 2,
+                         'after resuming')
+  else:
+    # Killed once, after the first epoch, its newest checkpoint at an odd step: between two
+    # micro-batches, with the plateau's counters of epoch 1 to carry over.
+    done, _ = _kill_when(resumed, env, lambda d, s: d and d[-1] >= 5 and d[-1] % 2,
+                         'between two micro-batches', options)
   assert done[-1] < LAST_STEP
   # 3. Restarted once more, to the end.
-  proc = subprocess.run(_command(resumed), env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(_command(resumed, options), env=env, capture_output=True, text=True,
+                        timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Resuming from step' in proc.stderr
 
@@ -124,6 +158,9 @@ def test_killed_and_restarted_run_ends_like_an_uninterrupted_one(tmp_path):
     np.testing.assert_array_equal(got_leaves[path], value, err_msg=jax.tree_util.keystr(path))
   # The per-epoch record is the same too: no epoch lost or written twice.
   assert _rows(resumed) == _rows(reference)
+  if 'plateau' in case:   # the plateau rule did act: the last epoch ran at the reduced rate
+    rates = [row['learning_rate'] for row in _rows(reference)]
+    assert rates[-1] == pytest.approx(rates[0] * 0.1)
   # And TensorBoard's, to the step: each progress point (every step here) and epoch point once,
   # with the values of the uninterrupted run.
   points = _tensorboard(reference)

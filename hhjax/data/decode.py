@@ -120,7 +120,11 @@ def normalize(image: tf.Tensor, preprocessing: str = 'inception') -> tf.Tensor:
   division is IEEE float32, as numpy's and Keras's, so the device's lookup table agrees.
   """
   divisor, offset = preprocessing_lib.formula(preprocessing)
-  return tf.cast(image, tf.float32) / divisor + offset
+  image = tf.cast(image, tf.float32)
+  order = preprocessing_lib.channel_order(preprocessing)
+  if order is not None:
+    image = tf.gather(image, list(order), axis=-1)
+  return image / divisor + offset
 
 
 def to_output(image: tf.Tensor, preprocessing: str, image_dtype: str = 'float32') -> tf.Tensor:

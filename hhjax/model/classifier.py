@@ -1,13 +1,14 @@
-"""The classifier: Keras's InceptionV3 cut at an endpoint, plus the seed's dense head.
+"""The classifier: a Keras backbone cut at an endpoint, plus the seed's dense head.
 
-    backbone  InceptionV3 up to config.model.cut ('mixed7' in the seed)
+    backbone  config.model.backbone (`hhjax.model.backbones`; InceptionV3 by default) up to
+              config.model.cut ('mixed7' in the seed)
     head      Flatten (or global average pooling) -> Dense(hidden, relu) -> Dropout
               -> Dense(1) with a sigmoid for two classes, Dense(num_classes) with a softmax
               otherwise
 
 The module returns logits; the sigmoid / softmax live in the loss and in `probabilities`.
 Parameters are `{'backbone': ..., 'head': ...}`, so freezing rules read
-`^backbone/mixed6/...` and `^head/...`.
+`^backbone/<block>/...` (e.g. `^backbone/mixed6/...`) and `^head/...`.
 """
 
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from hhjax import errors
-from hhjax.model import inception
+from hhjax.model import backbones
 from hhjax.model import lowering as lowering_lib
 from hhjax.model import preprocessing as preprocessing_lib
 
@@ -73,10 +74,11 @@ class Head(nn.Module):
 
 
 class Classifier(nn.Module):
-  """InceptionV3 cut at `cut` and a dense head.
+  """A backbone cut at `cut` and a dense head.
 
   Attributes:
-    cut: the last InceptionV3 block kept, 'mixed0' ... 'mixed10'.
+    cut: the last backbone block kept, one of its endpoints ('mixed0' ... 'mixed10' for
+      InceptionV3).
     num_classes: number of classes (2 gives one sigmoid output).
     head: 'flatten' or 'gap'.
     hidden: hidden Dense width (0: none).
@@ -84,9 +86,10 @@ class Classifier(nn.Module):
     lowering: faster lowerings of the backbone's arithmetic (`hhjax.model.lowering.Lowering`,
       from config.speed); the variables are the same whichever is on.
     dtype: computation dtype (config.speed.compute_dtype); parameters stay float32.
-    preprocessing: how uint8 images are normalised on the device ('inception': x / 127.5 - 1,
-      'rescale': x / 255), bit-identical to the input pipeline's float32 normalisation;
-      float images are taken as already normalised.
+    preprocessing: how uint8 images are normalised on the device
+      (`hhjax.model.preprocessing`), bit-identical to the input pipeline's float32
+      normalisation; float images are taken as already normalised.
+    backbone: the backbone family member (`hhjax.model.backbones.NAMES`).
   """
   cut: str = 'mixed7'
   num_classes: int = 2
@@ -96,6 +99,7 @@ class Classifier(nn.Module):
   lowering: lowering_lib.Lowering = lowering_lib.Lowering()
   dtype: Any = None
   preprocessing: str = 'inception'
+  backbone: str = backbones.DEFAULT
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, *,
@@ -107,7 +111,7 @@ class Classifier(nn.Module):
         pixels that are normalised here, on the device.
       train: dropout on.
       bn_train_from: None keeps every BatchNorm in inference mode (Keras's frozen layers, and
-        Keras's fine-tuning default here); a block name ('stem', 'mixed0', ...) runs the
+        Keras's fine-tuning default here); a block name ('stem' or an endpoint) runs the
         BatchNorms from that block on with batch statistics and updates their moving
         averages (apply with `mutable=['batch_stats']`).
       from_features: `x` is already the backbone's output at `cut` (cached features,
@@ -118,28 +122,39 @@ class Classifier(nn.Module):
       features = x
     else:
       x = preprocessing_lib.normalize_images(x, self.preprocessing)
-      features = inception.InceptionV3(final_endpoint=self.cut, lowering=self.lowering,
-                                       dtype=self.dtype, name='backbone')(
+      features = backbone_module(self, name='backbone')(
           x, train=bn_train_from is not None, train_from=bn_train_from)[self.cut]
     return Head(num_outputs(self.num_classes), self.head, self.hidden, self.dropout,
                 dtype=self.dtype, name='head')(features, train)
 
 
-def check_cut(cut: str) -> None:
-  if cut not in inception.ENDPOINTS:
-    raise errors.ConfigError(f'config.model.cut={cut!r} is not an InceptionV3 endpoint; valid '
-                             f'cuts are {list(inception.ENDPOINTS)}.')
+def backbone_module(model: Classifier, name: str | None = None) -> nn.Module:
+  """The classifier's backbone up to its cut: inside the classifier as its submodule `name`,
+  else on its own (the variables under 'backbone' fit it)."""
+  options = {} if name else {'parent': None}
+  return backbones.get(model.backbone).build(model.cut, lowering=model.lowering,
+                                             dtype=model.dtype, name=name, **options)
 
 
-def backbone_blocks(cut: str) -> tuple[str, ...]:
-  """The backbone's mixed blocks, 'mixed0' ... cut."""
-  check_cut(cut)
-  return inception.ENDPOINTS[:inception.ENDPOINTS.index(cut) + 1]
+def check_cut(cut: str, backbone: str | None = None) -> None:
+  backbones.get(backbone).check_endpoint(cut)
+
+
+def backbone_blocks(cut: str, backbone: str | None = None) -> tuple[str, ...]:
+  """The backbone's endpoints (its blocks after the stem), the first ... cut (backbone None:
+  InceptionV3)."""
+  return backbones.get(backbone).endpoints_to(cut)
+
+
+def backbone_layers(cut: str, backbone: str | None = None) -> tuple[str, ...]:
+  """The backbone's top-level blocks up to `cut`, its 'stem' first when it has one: the layers
+  of a layer-wise learning-rate decay."""
+  return backbones.get(backbone).blocks_to(cut)
 
 
 def create_model(model: Mapping[str, Any], num_classes: int, *, preprocessing: str,
                  speed: Mapping[str, Any] | None = None) -> Classifier:
-  """The classifier that `model` (config.model: cut, head, hidden, dropout) describes.
+  """The classifier that `model` (config.model: backbone, cut, head, hidden, dropout) describes.
 
   Args:
     model: config.model, or any mapping with its fields.
@@ -149,7 +164,8 @@ def create_model(model: Mapping[str, Any], num_classes: int, *, preprocessing: s
     speed: config.speed (optional): the backbone's lowerings ('auto': on for the CPU backend)
       and the compute dtype.
   """
-  check_cut(model['cut'])
+  backbone = model.get('backbone') or backbones.DEFAULT
+  check_cut(model['cut'], backbone)
   if model['head'] not in HEADS:
     raise errors.ConfigError(f'config.model.head must be one of {HEADS}, got {model["head"]!r}.')
   num_outputs(num_classes)
@@ -158,7 +174,7 @@ def create_model(model: Mapping[str, Any], num_classes: int, *, preprocessing: s
                     hidden=int(model['hidden']), dropout=float(model['dropout']),
                     lowering=lowering_lib.Lowering.from_config(speed),
                     dtype=lowering_lib.compute_dtype(speed.get('compute_dtype')),
-                    preprocessing=preprocessing)
+                    preprocessing=preprocessing, backbone=backbone)
 
 
 def probabilities(logits: jax.Array) -> jax.Array:

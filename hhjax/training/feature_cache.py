@@ -28,7 +28,7 @@ from hhjax import sharding
 from hhjax.data import pipeline
 from hhjax.data import spec as data_spec
 from hhjax.data import streams
-from hhjax.model import inception
+from hhjax.model import classifier
 from hhjax.model import preprocessing
 from hhjax.training import optim
 from hhjax.training import phases as phases_lib
@@ -94,9 +94,9 @@ def wanted(data: data_spec.DataSpec, settings: Settings, setup: phases_lib.Phase
   return reason is None and not _backbone_trains(setup)
 
 
-def _backbone(model) -> inception.InceptionV3:
-  return inception.InceptionV3(final_endpoint=model.cut, lowering=model.lowering,
-                               dtype=model.dtype)
+def _backbone(model):
+  """The classifier's backbone on its own (the variables under 'backbone' fit it)."""
+  return classifier.backbone_module(model)
 
 
 def compute_features(model, params: PyTree, batch_stats: PyTree, data: data_spec.DataSpec,

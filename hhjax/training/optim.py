@@ -1,4 +1,4 @@
-"""Optimizers and freezing: Keras's RMSprop in optax, parameter labels from path patterns.
+"""Optimizers and freezing: Keras's optimizers in optax (keras_optim), labels from path patterns.
 
 Freezing is data, not code: a phase lists `(regex, label)` rules over the '/'-joined parameter
 paths (`backbone/mixed6/branch7x7_1/conv/kernel`, `head/hidden/kernel`); the first rule that
@@ -7,19 +7,20 @@ matches a path gives its label, and every parameter must be matched. Labels are 
 rate times that number (big_vision's `lr_mults`). The optimizer is an `optax.partition` over
 'train'/'freeze'; the train step also uses the labels to differentiate only the trainable
 parameters (see `split` / `merge`). Multipliers, and the layer decay of timm and BEiT
-(`layer_decay_factors`), scale the optimizer's updates leaf by leaf (`scale_updates`).
+(`layer_decay_factors`), scale the optimizer's updates leaf by leaf
+(`keras_optim.scale_by_path`).
 """
 
 from collections.abc import Callable, Mapping, Sequence
-import dataclasses
 import math
 import numbers
 import re
 from typing import Any
 
 from flax import traverse_util
-import jax
 import optax
+
+from hhjax.training import keras_optim
 
 TRAIN = 'train'
 FREEZE = 'freeze'
@@ -30,29 +31,10 @@ Label = str | float
 Rules = Sequence[tuple[str, Label]]
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimizerSpec:
-  """config.optimizer: which optimizer, with its Keras arguments (the learning rate is a
-  phase's)."""
-  name: str = 'rmsprop'
-  rho: float = 0.9
-  epsilon: float = 1e-7
-
-
-def keras_rmsprop(learning_rate: float | optax.Schedule, rho: float = 0.9,
-                  epsilon: float = 1e-7) -> optax.GradientTransformation:
-  """RMSprop with the semantics of `keras.optimizers.RMSprop` (no momentum, not centered).
-
-  Keras (3 and tf_keras 2) computes `v = rho * v + (1 - rho) * g**2` with `v` starting at 0 and
-  `w -= lr * g / sqrt(v + epsilon)`: epsilon inside the square root, no bias correction. optax's
-  `rmsprop` has the same form but defaults to eps=1e-8; here the pieces are spelt out so the
-  Keras defaults (rho 0.9, epsilon 1e-7) are the ones used.
-  """
-  return optax.chain(
-      optax.scale_by_rms(decay=rho, eps=epsilon, initial_scale=0.0, eps_in_sqrt=True,
-                         bias_correction=False),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+# config.optimizer and config.<phase>.schedule, and Keras's RMSprop: see keras_optim.
+OptimizerSpec = keras_optim.OptimizerSpec
+ScheduleSpec = keras_optim.ScheduleSpec
+keras_rmsprop = keras_optim.keras_rmsprop
 
 
 def path_str(path: tuple[str, ...]) -> str:
@@ -153,20 +135,6 @@ def lr_multipliers(params: Mapping[str, Any], rules: Rules, blocks: Sequence[str
   return traverse_util.unflatten_dict(factors)
 
 
-def scale_updates(tx: optax.GradientTransformation,
-                  multipliers: Mapping[str, Any]) -> optax.GradientTransformation:
-  """`tx` with each leaf's update multiplied by its factor in `multipliers` (a tree of floats).
-
-  Every optimizer here ends by scaling with the learning rate, so this is the update of a
-  learning rate times the factor: one optimizer (one state, one global norm), per-leaf rates.
-  """
-  def scale(updates, params=None):
-    del params
-    return jax.tree.map(lambda u, f: u if f == 1.0 else u * f, updates, multipliers)
-
-  return optax.chain(tx, optax.stateless(scale))
-
-
 def finetune_rules(unfreeze_from: str, endpoints: Sequence[str]) -> list[tuple[str, str]]:
   """Rules that train the head and the backbone blocks from `unfreeze_from` on.
 
@@ -185,28 +153,40 @@ def finetune_rules(unfreeze_from: str, endpoints: Sequence[str]) -> list[tuple[s
           ('^backbone/', FREEZE)]
 
 
-def _rmsprop(spec: OptimizerSpec, learning_rate: float) -> optax.GradientTransformation:
-  return keras_rmsprop(learning_rate, spec.rho, spec.epsilon)
-
-
-# config.optimizer.name -> the optimizer it builds: Keras's RMSprop is the one the recipe uses.
-# The only place a name is looked up, so an unknown name can only be an error.
-OPTIMIZERS: dict[str, Callable[[OptimizerSpec, float], optax.GradientTransformation]] = {
-    'rmsprop': _rmsprop,
-}
+# config.optimizer.name -> the optimizer it builds (Keras 3's update rules, keras_optim); RMSprop
+# is the one the recipe uses. The only place a name is looked up, so an unknown name can only
+# be an error.
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    name: keras_optim.train_transform for name in keras_optim.OPTIMIZER_NAMES}
 
 
 def make_optimizer(labels: Mapping[str, Any], learning_rate: float,
-                   spec: OptimizerSpec = OptimizerSpec()) -> optax.GradientTransformation:
+                   spec: OptimizerSpec = OptimizerSpec(),
+                   schedule: ScheduleSpec = ScheduleSpec(),
+                   multipliers: Mapping[str, Any] | None = None) -> optax.GradientTransformation:
   """`spec`'s optimizer on the parameters labelled 'train'; 'freeze' parameters get zero updates.
 
-  The frozen part holds no optimizer state (optax masks it out).
+  `learning_rate` is the phase's rate, which `schedule` varies over its steps; `multipliers`
+  (a tree of factors, from `lr_multipliers`) scale it per parameter: one optimizer, one state,
+  one global norm. The frozen part holds no optimizer state (optax masks it out).
   """
   if spec.name not in OPTIMIZERS:
     raise ValueError(f'config.optimizer.name must be one of {tuple(OPTIMIZERS)}, got '
                      f'{spec.name!r}.')
-  return optax.partition(
-      {TRAIN: OPTIMIZERS[spec.name](spec, learning_rate), FREEZE: optax.set_to_zero()}, labels)
+  rate = keras_optim.schedule(learning_rate, schedule)
+  factors = None if multipliers is None else {
+      tuple(str(k) for k in path): f
+      for path, f in traverse_util.flatten_dict(multipliers).items() if f != 1.0}
+  train = (OPTIMIZERS[spec.name](spec, rate) if not factors else
+           OPTIMIZERS[spec.name](spec, rate, factors))
+  return optax.partition({TRAIN: train, FREEZE: optax.set_to_zero()}, labels)
+
+
+def inference_params(state: Mapping[str, Any]) -> dict:
+  """The parameters to evaluate, predict and export with: the EMA of the trainable ones when
+  config.optimizer.use_ema keeps one (the frozen ones as they are), else `state['params']`."""
+  averaged = keras_optim.ema_params(state.get('opt_state'), state['params'])
+  return state['params'] if averaged is None else averaged
 
 
 def split(tree: Mapping[str, Any], labels: Mapping[str, Any]) -> tuple[dict, dict]:

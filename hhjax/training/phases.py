@@ -38,6 +38,8 @@ class Phase:
   blocks: tuple[str, ...] = ()
   # config.<phase>.early_stopping: Keras's EarlyStopping for this phase.
   stopping: patience_lib.Patience = patience_lib.Patience()
+  # config.<phase>.schedule: the rate over the phase's optimizer steps (constant: learning_rate)
+  schedule: optim.ScheduleSpec = optim.ScheduleSpec()
 
 
 def _rules(value) -> tuple[tuple[str, optim.Label], ...] | None:
@@ -59,36 +61,40 @@ def patience_rule(value: Mapping[str, Any] | None) -> patience_lib.Patience:
       start_from_epoch=int(value.get('start_from_epoch', 0)))
 
 
-def _phase_options(phase: Mapping[str, Any], blocks: Sequence[str]) -> dict[str, Any]:
+def _phase_options(phase: Mapping[str, Any], layers: Sequence[str]) -> dict[str, Any]:
   """The Phase fields of config.<phase>'s layer decay and Keras early stopping."""
   return {'layer_decay': float(phase.get('layer_decay', 1.0) or 1.0),
-          'blocks': ('stem',) + tuple(blocks),
-          'stopping': patience_rule(phase.get('early_stopping'))}
+          'blocks': tuple(layers),
+          'stopping': patience_rule(phase.get('early_stopping')),
+          'schedule': optim.ScheduleSpec.from_mapping(phase.get('schedule'))}
 
 
 def make_phases(warmup: Mapping[str, Any], finetune: Mapping[str, Any],
-                cut: str) -> list[Phase]:
+                cut: str, backbone: str | None = None) -> list[Phase]:
   """The phases asked for, in order (a phase with 0 epochs is left out).
 
   Args:
-    warmup: config.warmup (epochs, learning_rate, param_labels).
-    finetune: config.finetune (epochs, learning_rate, unfreeze_from, train_bn, param_labels).
+    warmup: config.warmup (epochs, learning_rate, param_labels, schedule).
+    finetune: config.finetune (epochs, learning_rate, unfreeze_from, train_bn, param_labels,
+      schedule).
     cut: the backbone's last block (config.model.cut): fine-tuning opens blocks up to it.
+    backbone: config.model.backbone (None: the default, InceptionV3).
   """
-  blocks = classifier.backbone_blocks(cut)
+  blocks = classifier.backbone_blocks(cut, backbone)
+  layers = classifier.backbone_layers(cut, backbone)   # the stem too, for the layer decay
   phases = []
   if warmup['epochs'] > 0:
     rules = _rules(warmup.get('param_labels')) or (
         ('^head/', optim.TRAIN), ('^backbone/', optim.FREEZE))
     phases.append(Phase('warmup', int(warmup['epochs']), float(warmup['learning_rate']), rules,
-                        None, **_phase_options(warmup, blocks)))
+                        None, **_phase_options(warmup, layers)))
   if finetune['epochs'] > 0:
     ft = finetune
     default_rules = tuple(optim.finetune_rules(ft['unfreeze_from'], blocks))  # checks the name
     rules = _rules(ft.get('param_labels')) or default_rules
     phases.append(Phase('finetune', int(ft['epochs']), float(ft['learning_rate']), rules,
                         ft['unfreeze_from'] if ft['train_bn'] else None,
-                        **_phase_options(ft, blocks)))
+                        **_phase_options(ft, layers)))
   if not phases:
     raise errors.ConfigError(
         'Nothing to train: config.warmup.epochs and config.finetune.epochs are 0.')
@@ -113,14 +119,12 @@ def setup(phase: Phase, params: PyTree, optimizer: optim.OptimizerSpec,
           loss: losses.LossSpec = losses.LossSpec()) -> PhaseSetup:
   """Labels `params` (arrays or shapes) by the phase's rules and builds its optimizer.
 
-  Per-layer learning rates scale the optimizer's updates (`optim.scale_updates`); with every
+  Per-layer learning rates scale the optimizer's updates (`keras_optim.scale_by_path`); with every
   factor 1 the optimizer is the plain one, unchanged.
   """
   labels = optim.param_labels(params, phase.rules)
   multipliers = optim.lr_multipliers(params, phase.rules, phase.blocks, phase.layer_decay)
-  tx = optim.make_optimizer(labels, phase.learning_rate, optimizer)
-  if multipliers is not None:
-    tx = optim.scale_updates(tx, multipliers)
+  tx = optim.make_optimizer(labels, phase.learning_rate, optimizer, phase.schedule, multipliers)
   return PhaseSetup(phase, labels, tx, loss, multipliers)
 
 
@@ -134,6 +138,8 @@ class Progress:
   stop_reason: str | None = None  # why the last phase ended early, if it did
   # The phase's Keras EarlyStopping counters (config.<phase>.early_stopping).
   patience: patience_lib.Counters = dataclasses.field(default_factory=patience_lib.Counters)
+  # ReduceLROnPlateau's counters in this phase (hhjax.training.plateau), when it is on
+  plateau: dict[str, Any] | None = None
 
   def to_metadata(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -81,7 +81,8 @@ def initialise(model, image_size: int, seed: int, tx: optax.GradientTransformati
   variables = jax.jit(functools.partial(init_variables, model, image_size, seed),
                       out_shardings=repl)()
   if pretrained_weights:
-    variables = replicate(pretrained.load_backbone(variables, pretrained_weights, cut), repl)
+    variables = replicate(pretrained.load_backbone(
+        variables, pretrained_weights, cut, backbone=getattr(model, 'backbone', None)), repl)
   else:
     logging.info('No pretrained weights (config.model.pretrained=None): random init.')
   return jax.jit(lambda v: build_state(v, tx, seed), out_shardings=repl)(variables)

@@ -1,4 +1,5 @@
-"""The training log's progress lines: loss, accuracy, images/s and ETA every few steps.
+"""The training log's progress lines: loss, accuracy, learning rate, images/s and ETA every few
+steps.
 
 Every `every` steps and at epoch ends, a progress row goes to TensorBoard (hhjax.metrics
 `write_progress`): the step and the numbers that follow from the training state alone, so
@@ -17,6 +18,7 @@ from absl import logging
 import jax
 
 from hhjax import durations
+from hhjax.training import keras_optim
 from hhjax.training import phases as phases_lib
 
 PyTree = Any
@@ -29,6 +31,12 @@ def metrics_from_state(state: PyTree) -> tuple[float, float, int]:
   if not count:
     return float('nan'), float('nan'), 0
   return float(m['loss_sum']) / count, float(m['correct']) / count, count
+
+
+def learning_rate(state: PyTree, phase: phases_lib.Phase) -> float:
+  """The rate of the state's last step (the phase's constant when the optimizer holds none)."""
+  rate = keras_optim.current_learning_rate(state['opt_state'])
+  return phase.learning_rate if rate is None else rate
 
 
 class StepLog:
@@ -65,18 +73,20 @@ class StepLog:
       return
     loss, acc, _ = metrics_from_state(state)
     if self._on_row is not None:   # also where no line is (the first step: no rate yet)
-      self._on_row(self.row(step, loss, acc))
+      self._on_row(self.row(step, state, loss, acc))
     if step <= self._step:
       return
     rate = (step - self._step) * self._batch / max(now - self._t, 1e-9)
     eta = (self._total - step) * self._batch / rate
     epoch, in_epoch = divmod(step - self._progress.phase_start_step, self._steps_per_epoch)
-    logging.info('%s epoch %d/%d step %d/%d  loss %.4f  accuracy %.4f  %.1f img/s  ETA %s',
-                 self._phase.name, epoch + (1 if in_epoch else 0), self._phase.epochs, step,
-                 self._total, loss, acc, rate, durations.format_duration(eta))
+    logging.info('%s epoch %d/%d step %d/%d  loss %.4f  accuracy %.4f  lr %.4g  %.1f img/s  '
+                 'ETA %s', self._phase.name, epoch + (1 if in_epoch else 0), self._phase.epochs,
+                 step, self._total, loss, acc, learning_rate(state, self._phase), rate,
+                 durations.format_duration(eta))
     self.restart(step)
 
-  def row(self, step: int, loss: float, accuracy: float) -> dict[str, float]:
-    """A progress row (see the module docstring)."""
+  def row(self, step: int, state: PyTree, loss: float, accuracy: float) -> dict[str, float]:
+    """A progress row (see the module docstring): the learning rate is the state's last
+    step's, as the line's."""
     return {'step': step, 'loss': loss, 'accuracy': accuracy,
-            'learning_rate': self._phase.learning_rate}
+            'learning_rate': learning_rate(state, self._phase)}

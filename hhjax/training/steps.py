@@ -8,7 +8,9 @@ The state the train step carries is a plain pytree:
     step            int32, global step (counts every phase; also the data stream's position)
     params          {'backbone': ..., 'head': ...}
     batch_stats     {'backbone': ...}
-    opt_state       optax state of this phase's optimizer (none for frozen parameters)
+    opt_state       optax state of this phase's optimizer (none for frozen parameters); also
+                    the pending micro-batch gradients, the EMA weights and the injected rate
+                    when config.optimizer asks for them (hhjax.training.keras_optim)
     rng             dropout key; step `s` uses fold_in(rng, s)
     metrics         running sums of the current epoch (loss_sum, correct, count)
     nonfinite_step  first step whose loss was NaN/inf, or -1
@@ -56,7 +58,7 @@ def _loss_fn(model, phase: phases_lib.Phase, loss: losses.LossSpec):
       logits, updated = model.apply(variables, images, train=True,
                                     bn_train_from=phase.bn_train_from,
                                     rngs={'dropout': rng}, mutable=['batch_stats'])
-      new_batch_stats = updated['batch_stats']
+      new_batch_stats = updated.get('batch_stats', batch_stats)   # none without BatchNorm
     return losses.batch_loss(logits, labels, loss), (logits, new_batch_stats)
 
   return loss_fn

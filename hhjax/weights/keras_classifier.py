@@ -1,6 +1,7 @@
 """The Keras classifier as Keras lays it out: what it is, its layers' order, built in Keras.
 
-The tutorial's classifier, which `hhjax.model.classifier.Classifier` computes:
+The tutorial's classifier, which `hhjax.model.classifier.Classifier` computes (on InceptionV3
+here; `KerasClassifier.backbone` names the keras.applications model of any declared backbone):
 
     base = keras.applications.InceptionV3(include_top=False, input_shape=(S, S, 3), ...)
     x = layers.Flatten()(base.get_layer('mixed7').output)   # or GlobalAveragePooling2D()
@@ -10,8 +11,9 @@ The tutorial's classifier, which `hhjax.model.classifier.Classifier` computes:
     model = keras.Model(base.input, x)
 
 `KerasClassifier` says which one (cut, head, class count, image size); `layer_paths` pairs its
-Keras layers with weights, in `model.layers` order, with our parameter paths (the backbone's
-part is `hhjax.weights.keras_h5.keras_layer_order`); `build_keras_classifier` builds it in Keras 3
+Keras layers with weights, in `model.layers` order, with our parameter paths (InceptionV3's
+backbone by position, `hhjax.weights.keras_h5.keras_layer_order`; the other families' by
+name, `keras_layer_paths`); `build_keras_classifier` builds it in Keras 3
 or tf_keras holding our variables. `hhjax.weights.keras_model` reads such models from files.
 """
 
@@ -23,8 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hhjax.model import backbones
 from hhjax.model import classifier
 from hhjax.weights import keras_h5
+from hhjax.weights import keras_named
 
 Variables = keras_h5.Variables
 
@@ -53,11 +57,29 @@ class KerasClassifier:
   image_size: int | None     # None where the file leaves the input size open
   class_names: tuple[str, ...] | None = None   # only in files hhjax exported
   preprocessing: str | None = None             # idem
+  backbone: str = backbones.DEFAULT            # config.model.backbone
+
+  @property
+  def declared(self) -> backbones.Backbone:
+    return backbones.get(self.backbone)
+
+  @property
+  def by_name(self) -> bool:
+    """Whether Keras names the backbone's layers (read and written by name, not position)."""
+    return self.declared.keras_names == 'name'
+
+  def backbone_layers(self) -> list[keras_named.Layer]:
+    """The backbone's layers with weights up to the cut, for the families Keras names."""
+    return keras_named.layers(self.declared,
+                              keras_named.abstract_variables(self.declared, self.cut))
+
+  def head_paths(self) -> list[str]:
+    return (['head/hidden'] if self.hidden else []) + ['head/output']
 
   def describe(self) -> str:
     """'InceptionV3 cut at mixed7 -> Flatten -> Dense(1024, relu) -> ...', for messages."""
-    parts = [f'InceptionV3 cut at {self.cut}', 'Flatten' if self.head == 'flatten'
-             else 'GlobalAveragePooling2D']
+    parts = [f'{self.declared.keras_name} cut at {self.cut}',
+             'Flatten' if self.head == 'flatten' else 'GlobalAveragePooling2D']
     parts += [f'Dense({self.hidden}, relu)'] if self.hidden else []
     parts += [f'Dropout({self.dropout:g})'] if self.dropout else []
     outputs = classifier.num_outputs(self.num_classes)
@@ -66,14 +88,19 @@ class KerasClassifier:
     return ' -> '.join(parts) + size
 
   def layer_paths(self) -> list[str]:
-    """Our module paths of the layers with weights, in Keras's order (what a file lists)."""
+    """Our module paths of the layers with weights, in Keras's order (what a file lists).
+
+    InceptionV3 only: the other families' layers are paired by name (`keras_layer_paths`)."""
+    if self.by_name:
+      raise ValueError(f'{self.declared.keras_name} layers are paired by name, not position.')
     backbone = [f'backbone/{p}' for p in keras_h5.keras_layer_order(self.cut)]
-    return backbone + (['head/hidden'] if self.hidden else []) + ['head/output']
+    return backbone + self.head_paths()
 
   def flax_model(self) -> classifier.Classifier:
     """Our model (logits; no speed rewrites) for these variables."""
     return classifier.Classifier(cut=self.cut, num_classes=self.num_classes, head=self.head,
-                                 hidden=self.hidden, dropout=self.dropout)
+                                 hidden=self.hidden, dropout=self.dropout,
+                                 backbone=self.backbone)
 
   def abstract_variables(self, image_size: int) -> Variables:
     """Shapes of the classifier's variables at `image_size` (the flatten head depends on it)."""
@@ -134,32 +161,74 @@ def keras_layers_with_weights(model) -> list[Any]:
   return [layer for layer in model.layers if layer.weights]
 
 
+@dataclasses.dataclass(frozen=True)
+class KerasLayerPath:
+  """A Keras layer with weights, our variables for its arrays (Keras's order), and its block."""
+  layer: Any
+  targets: tuple[tuple[str, tuple[str, ...]], ...]
+  block: str            # 'head' or the backbone block holding it
+  is_batch_norm: bool
+
+
+def keras_layer_paths(model, spec: KerasClassifier) -> list[KerasLayerPath]:
+  """Each layer with weights of a Keras classifier of `spec` and where its arrays go.
+
+  InceptionV3's are paired by position; the other families' backbone layers by name (Keras's
+  unnamed ones in order), the head's Dense layers, the last ones, by position."""
+  layers = keras_layers_with_weights(model)
+  head = spec.head_paths()
+  if not spec.by_name:
+    paths = spec.layer_paths()
+    if len(layers) != len(paths):
+      raise ValueError(f'The Keras model has {len(layers)} layers with weights, '
+                       f'{spec.describe()} {len(paths)}.')
+    return [KerasLayerPath(l, tuple(targets(p)), p.split('/')[1] if p.startswith('backbone/')
+                           else 'head', kind(p) == 'bn') for l, p in zip(layers, paths)]
+  base, top = layers[:len(layers) - len(head)], layers[len(layers) - len(head):]
+  as_file = [keras_h5.FileLayer(i, l.name, None, [w.name for w in l.weights],
+                                [tuple(w.shape) for w in l.weights]) for i, l in enumerate(base)]
+  pairs = keras_named.pair('the Keras model', spec.declared, as_file, spec.backbone_layers())
+  by_name = {l.name: l for l in base}
+  out = [KerasLayerPath(by_name[theirs.name],
+                        tuple((c, ('backbone',) + k) for c, k in ours.targets), ours.path[0],
+                        any(c == 'batch_stats' for c, _ in ours.targets))
+         for ours, theirs in pairs]
+  return out + [KerasLayerPath(l, tuple(targets(p)), 'head', False) for l, p in zip(top, head)]
+
+
 def set_keras_weights(model, spec: KerasClassifier, variables: Variables) -> None:
   """Copies `variables` into a Keras classifier built as `build_keras_classifier` builds it."""
-  layers, paths = keras_layers_with_weights(model), spec.layer_paths()
-  if len(layers) != len(paths):
-    raise ValueError(f'The Keras model has {len(layers)} layers with weights, '
-                     f'{spec.describe()} {len(paths)}.')
-  for layer, path in zip(layers, paths):
-    layer.set_weights([np.asarray(leaf(variables, c, k), np.float32)
-                       for c, k in targets(path)])
+  for entry in keras_layer_paths(model, spec):
+    entry.layer.set_weights([np.asarray(leaf(variables, c, k), np.float32)
+                             for c, k in entry.targets])
+
+
+def keras_endpoint(base, backbone: backbones.Backbone, endpoint: str):
+  """The Keras layer that outputs `endpoint` in a keras.applications model `base`.
+
+  Endpoints Keras leaves unnamed (Xception's additions, `backbone.unnamed_endpoints`) are its
+  Add layers, in order."""
+  if endpoint in backbone.unnamed_endpoints:
+    adds = [l for l in base.layers if type(l).__name__ == 'Add']
+    return adds[backbone.unnamed_endpoints.index(endpoint)]
+  return base.get_layer(endpoint)
 
 
 def build_keras_classifier(keras_module, spec: KerasClassifier,
                            variables: Variables | None = None):
   """The tutorial's model in Keras (`keras` 3 or `tf_keras`), holding `variables` if given.
 
-  keras.applications.InceptionV3 (no weights) cut at spec.cut, then the head, as the Keras
+  keras.applications.<the backbone> (no weights) cut at spec.cut, then the head, as the Keras
   tutorial builds it; the result has the same layers, in the same order, as a model the
   tutorial trained, so Keras's loaders and `fit` treat both alike.
   """
   if spec.image_size is None:
     raise ValueError('build_keras_classifier needs spec.image_size.')
   layers = keras_module.layers
-  base = keras_module.applications.InceptionV3(
+  base = getattr(keras_module.applications, spec.declared.keras_name)(
       include_top=False, weights=None, input_shape=(spec.image_size, spec.image_size, 3))
   pool = layers.Flatten() if spec.head == 'flatten' else layers.GlobalAveragePooling2D()
-  x = pool(base.get_layer(spec.cut).output)
+  x = pool(keras_endpoint(base, spec.declared, spec.cut).output)
   if spec.hidden:
     x = layers.Dense(spec.hidden, activation='relu')(x)
   if spec.dropout:

@@ -29,6 +29,7 @@ import numpy as np
 
 from hhjax import errors
 from hhjax import trees
+from hhjax.model import backbones
 from hhjax.model import inception
 from hhjax.model.inception import ENDPOINTS, InceptionV3
 from hhjax.weights import official
@@ -122,9 +123,12 @@ def _kind(path: str) -> str:
   return path.rsplit('/', 1)[-1]
 
 
-def abstract_variables(model: InceptionV3) -> Variables:
-  """Shapes and dtypes of `model`'s variables, without computing anything."""
-  x = jax.ShapeDtypeStruct((1, inception.MIN_SIZE, inception.MIN_SIZE, 3), jnp.float32)
+def abstract_variables(model) -> Variables:
+  """Shapes and dtypes of `model`'s (any declared backbone's) variables, computing nothing."""
+  size = backbones.of_module(model).min_size
+  if model.include_top and not isinstance(model, InceptionV3):
+    size = 224   # VGG's top flattens Keras's 7x7 grid.
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   return jax.eval_shape(model.init, jax.random.key(0), x)
 
 
@@ -355,15 +359,17 @@ def check_variables(variables: Variables, abstract: Variables, source: str) -> N
     raise errors.KerasWeightsError(f'{source}: the variables do not fit the model:\n{report}')
 
 
-def cut(model: InceptionV3, variables: Variables,
-        final_endpoint: str) -> tuple[InceptionV3, Variables]:
-  """The network up to `final_endpoint` (no top) and its share of `variables`."""
-  if final_endpoint not in ENDPOINTS:
-    raise ValueError(f'final_endpoint must be one of {ENDPOINTS}, got {final_endpoint!r}.')
-  if ENDPOINTS.index(final_endpoint) > ENDPOINTS.index(model.final_endpoint):
+def cut(model, variables: Variables, final_endpoint: str):
+  """The network (any declared backbone) up to `final_endpoint` (no top) and its share of
+  `variables`."""
+  backbone = backbones.of_module(model)
+  endpoints = backbone.endpoints
+  if final_endpoint not in endpoints:
+    raise ValueError(f'final_endpoint must be one of {endpoints}, got {final_endpoint!r}.')
+  if endpoints.index(final_endpoint) > endpoints.index(model.final_endpoint):
     raise errors.KerasWeightsError(
         f'Cannot cut at {final_endpoint}: these weights end at {model.final_endpoint}.')
-  keep = {'stem', *ENDPOINTS[:ENDPOINTS.index(final_endpoint) + 1]}
+  keep = set(backbone.blocks_to(final_endpoint))
   variables = {collection: {k: v for k, v in tree.items() if k in keep}
                for collection, tree in variables.items()}
-  return InceptionV3(final_endpoint=final_endpoint), variables
+  return backbone.build(final_endpoint), variables

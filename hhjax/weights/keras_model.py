@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 
 from hhjax import errors
+from hhjax.model import backbones
 from hhjax.model import inception
 from hhjax.weights import keras_classifier
 from hhjax.weights import keras_files
 from hhjax.weights import keras_h5
+from hhjax.weights import keras_named
 
 Variables = keras_h5.Variables
 FileLayer = keras_h5.FileLayer
@@ -159,9 +161,49 @@ def _not_a_classifier(path: pathlib.Path, expected: str, layers: list[FileLayer]
       f'{count}. {misfit} Is it a model of another architecture?')
 
 
+# Layer classes of the keras.applications backbones whose layers Keras names.
+_NAMED_BACKBONE_CLASSES = _BACKBONE_CLASSES + ('ZeroPadding2D', 'Add', 'SeparableConv2D')
+
+
+def _named_family(kf: KerasFile) -> tuple[backbones.Backbone, str] | None:
+  """(family, last endpoint) of a backbone whose layers Keras names, from the file's layer
+  names; None when no such family's first block is there (InceptionV3 then)."""
+  names = {l.name for l in kf.layers}
+  for backbone in backbones.BACKBONES.values():
+    if backbone.keras_names != 'name':
+      continue
+    if not keras_named.named_layers_to(backbone, backbone.endpoints[0]) <= names:
+      continue
+    endpoint = keras_named.final_endpoint(backbone, names)
+    named = {n for n in names if not any(keras_named.auto_named(n, p)
+                                         for p in backbone.unnamed.values())}
+    # Beside the backbone's layers, only the head's (auto-named Dense layers).
+    if keras_named.named_layers_to(backbone, endpoint) >= {
+        n for n in named if not keras_named.auto_named(n, 'dense')}:
+      return backbone, endpoint
+  return None
+
+
+def _named_cut(kf: KerasFile, layers: list[dict[str, Any]], head_input: list[str],
+               backbone: backbones.Backbone, endpoint: str) -> str:
+  """The endpoint the head reads: its input by name (Keras's unnamed Add layers by order)."""
+  if len(head_input) == 1 and head_input[0] in backbone.endpoints:
+    return head_input[0]
+  adds = [l.get('name') for l in layers if l.get('class_name') == 'Add']
+  if len(head_input) == 1 and head_input[0] in adds:
+    index = adds.index(head_input[0])
+    if index < len(backbone.unnamed_endpoints):
+      return backbone.unnamed_endpoints[index]
+  raise errors.KerasWeightsError(
+      f'{kf.path}: the head reads {head_input}, not an endpoint of {backbone.keras_name} '
+      f'(its backbone ends at {endpoint}); hhjax cuts at {list(backbone.endpoints)}.')
+
+
 def _spec_from_model_config(kf: KerasFile) -> KerasClassifier:
   """The classifier a whole-model file's config describes (checking the backbone's weights)."""
   path = kf.path
+  named = _named_family(kf)
+  allowed = _NAMED_BACKBONE_CLASSES if named else _BACKBONE_CLASSES
   kind = kf.model_config.get('class_name') if isinstance(kf.model_config, dict) else None
   if kind not in ('Functional', 'Model'):
     raise errors.KerasWeightsError(
@@ -172,7 +214,7 @@ def _spec_from_model_config(kf: KerasFile) -> KerasClassifier:
   if not layers:
     raise keras_files.corrupt(path, 'its model config lists no layers')
   for layer in layers:
-    if layer.get('class_name') not in _BACKBONE_CLASSES + _HEAD_CLASSES:
+    if layer.get('class_name') not in allowed + _HEAD_CLASSES:
       raise errors.KerasWeightsError(
           f'{path} is not an InceptionV3 classifier: {_words(layer)} is neither a layer of '
           f"InceptionV3 nor of a head hhjax represents. {_HEAD_GRAMMAR}.")
@@ -189,6 +231,14 @@ def _spec_from_model_config(kf: KerasFile) -> KerasClassifier:
           f'{_words(head[0])}. {_HEAD_GRAMMAR}.')
   image_size = _input_size(path, layers)
   backbone = kf.layers[:len(kf.layers) - sum(l.get('class_name') == 'Dense' for l in head)]
+  if named:
+    family, endpoint = named
+    cut = _named_cut(kf, layers, _inbound_names(head[0]), family, endpoint)
+    spec = KerasClassifier(cut, 'gap', 0, 0.0, 2, None, backbone=family.name)
+    keras_named.pair(path, family, backbone, spec.backbone_layers())   # checks every shape
+    kind, hidden, dropout, outputs = _parse_head(path, head)
+    return KerasClassifier(cut, kind, hidden, dropout, 2 if outputs == 1 else outputs,
+                           image_size, backbone=family.name)
   cut = _cut(_inbound_names(head[0]), backbone)
   bare = KerasClassifier(cut, 'gap', 0, 0.0, 2, None)   # the head's layers are left out
   order = keras_classifier.expected_layers(bare, inception.MIN_SIZE)[:-1]
@@ -229,6 +279,31 @@ def _read_head(kf: KerasFile, layers: list[FileLayer], paths: list[str]) -> dict
       raise keras_files.corrupt(kf.path, f'{layer.describe()} holds NaN or infinite values')
     head[path.split('/')[1]] = {'kernel': kernel, 'bias': bias}
   return head
+
+
+def _read_named(kf: KerasFile, spec: KerasClassifier, size: int) -> Variables:
+  """A classifier on a backbone Keras names the layers of: the backbone by name, the head's
+  Dense layers (the last ones) by position, every shape checked."""
+  heads = spec.head_paths()
+  base, top = kf.layers[:len(kf.layers) - len(heads)], kf.layers[len(kf.layers) - len(heads):]
+  if len(top) < len(heads):
+    raise _not_a_classifier(kf.path, f'the classifier {spec.describe()}', kf.layers,
+                            len(heads), 'It has too few layers for the head.')
+  abstract = spec.abstract_variables(size)
+  for layer, path in zip(top, heads):
+    want = [tuple(keras_classifier.leaf(abstract, c, k).shape)
+            for c, k in keras_classifier.targets(path)]
+    if layer.shapes != want:
+      raise _not_a_classifier(
+          kf.path, f'the classifier {spec.describe()}', kf.layers, len(kf.layers),
+          f'Its {layer.describe()} does not fit the head\'s {path} ({want}).')
+  backbone = keras_named.read(kf.path, keras_named.pair(kf.path, spec.declared, base,
+                                                        spec.backbone_layers()))
+  head = _read_head(kf, top, heads)
+  variables = {'params': {'backbone': backbone['params'], 'head': head}, 'batch_stats': {}}
+  if backbone.get('batch_stats'):
+    variables['batch_stats']['backbone'] = backbone['batch_stats']
+  return variables
 
 
 def _read(kf: KerasFile, spec: KerasClassifier) -> Variables:
@@ -275,7 +350,12 @@ def read_classifier(path: str | pathlib.Path, described: KerasClassifier | None 
       spec, source = _spec_from_model_config(kf), 'its model config'
     else:
       spec, source = _spec_from_config(kf, described), 'the config (a weights-only file)'
-    size = spec.image_size or (described.image_size if described else inception.MIN_SIZE)
+    size = spec.image_size or (described.image_size if described else spec.declared.min_size)
+    if spec.by_name:
+      variables = _read_named(kf, spec, size)
+      spec = _with_metadata(spec, kf)
+      keras_h5.check_variables(variables, spec.abstract_variables(size), source=str(path))
+      return spec, variables
     expected = keras_classifier.expected_layers(spec, size)
     misfit = _misfit(kf.layers, expected)
     if misfit:

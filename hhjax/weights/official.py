@@ -1,12 +1,13 @@
-"""Keras's official ImageNet InceptionV3 weights files: where they are, and getting them verified.
+"""Keras's official ImageNet weights files: where they are, and getting them verified.
 
-`fetch_official('imagenet')` (no top) or `fetch_official('imagenet_top')` returns the path of
+Each backbone declares its files (`hhjax.model.backbones`: URL and MD5 as the installed Keras
+has them). `fetch_official('imagenet', backbone)` (no top) or `fetch_official('imagenet_top',
+backbone)` returns the path of
 the official .h5 file, verified by its MD5: the copy in `$HHJAX_CACHE_DIR/keras/` (default
 `~/.cache/hhjax`), else Keras's own copy in `~/.keras/models/`, else a fresh download into the
 former. Without network access the error says where to put a copy fetched elsewhere.
 """
 
-import dataclasses
 import hashlib
 import os
 import pathlib
@@ -18,30 +19,22 @@ from absl import logging
 
 from hhjax import errors
 from hhjax import files
+from hhjax.model import backbones
 
 
-@dataclasses.dataclass(frozen=True)
-class WeightsFile:
-  """An official Keras weights file."""
-  url: str
-  md5: str
-  size: int | None
-  include_top: bool
-
-  @property
-  def filename(self) -> str:
-    return self.url.rsplit('/', 1)[-1]
+WeightsFile = backbones.WeightsFile
+# The names config.model.pretrained takes for official files (each backbone has both).
+NAMES = ('imagenet', 'imagenet_top')
+# InceptionV3's, the default backbone's.
+OFFICIAL_WEIGHTS = backbones.get(backbones.DEFAULT).weights
 
 
-_KERAS_URL = 'https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/'
-OFFICIAL_WEIGHTS = {
-    'imagenet': WeightsFile(
-        _KERAS_URL + 'inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5',
-        md5='bcbd6486424b2319ff4ef7d526e38f63', size=87_910_968, include_top=False),
-    'imagenet_top': WeightsFile(
-        _KERAS_URL + 'inception_v3_weights_tf_dim_ordering_tf_kernels.h5',
-        md5='9a0d58056eeedaa3f26cb7ebd46da564', size=None, include_top=True),
-}
+def official_weights(name: str, backbone: str | None = None) -> WeightsFile:
+  """The official file `name` ('imagenet' or 'imagenet_top') of `backbone` (default
+  InceptionV3), as the installed Keras's applications source names it."""
+  return backbones.get(backbone).weights[name]
+
+
 CACHE_DIR_ENV = files.CACHE_DIR_ENV
 # Seconds to wait for the server. Short: a machine without network access should hear so at
 # once, with the way out, rather than hang.
@@ -69,15 +62,16 @@ def _keras_cache_file(weights: WeightsFile) -> pathlib.Path:
   return pathlib.Path(keras_home).expanduser() / 'models' / weights.filename
 
 
-def fetch_official(name: str) -> pathlib.Path:
-  """The verified official .h5 file `name` ('imagenet' or 'imagenet_top'), downloaded if needed.
+def fetch_official(name: str, backbone: str | None = None) -> pathlib.Path:
+  """The verified official .h5 file `name` ('imagenet' or 'imagenet_top') of `backbone`
+  (default InceptionV3), downloaded if needed.
 
   Looks in $HHJAX_CACHE_DIR/keras/ and Keras's own cache (~/.keras/models/) first.
 
   Raises:
     WeightsDownloadError: no network, or the file does not have the official MD5.
   """
-  weights = OFFICIAL_WEIGHTS[name]
+  weights = official_weights(name, backbone)
   dest = cache_dir() / 'keras' / weights.filename
   if dest.is_file():
     got = _md5(dest)
@@ -92,14 +86,14 @@ def fetch_official(name: str) -> pathlib.Path:
   return _download(weights, dest)
 
 
-def download_needed(name: str) -> WeightsFile | None:
+def download_needed(name: str, backbone: str | None = None) -> WeightsFile | None:
   """The official file `name` when neither cache holds it (a run would download it), else None.
 
   Only looks: the MD5 is checked when the file is read (`fetch_official`).
   """
-  weights = OFFICIAL_WEIGHTS.get(name)
-  if weights is None:
+  if name not in NAMES:
     return None
+  weights = official_weights(name, backbone)
   if (cache_dir() / 'keras' / weights.filename).is_file() or _keras_cache_file(weights).is_file():
     return None
   return weights
@@ -128,7 +122,7 @@ def _download(weights: WeightsFile, dest: pathlib.Path) -> pathlib.Path:
     except (urllib.error.URLError, socket.timeout, OSError) as e:
       reason = getattr(e, 'reason', e)
       raise errors.WeightsDownloadError(
-          f'Could not download the official InceptionV3 weights from {weights.url} '
+          f'Could not download the official weights from {weights.url} '
           f'({reason}). Without network access, {offline_advice(weights)}.') from e
     if digest.hexdigest() != weights.md5:
       raise errors.WeightsDownloadError(

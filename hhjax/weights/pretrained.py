@@ -1,9 +1,11 @@
-"""Pretrained InceptionV3 weights: from a name, a Keras .h5 file or a converted folder.
+"""Pretrained backbone weights: from a name, a Keras weights file or a converted folder.
 
-`load_pretrained(spec)` takes what `config.model.pretrained` holds: 'imagenet' (Keras's ImageNet
-weights without the top) or 'imagenet_top' (with it), fetched and verified by
-`hhjax.weights.official`; the path of a Keras .h5 file, read by `hhjax.weights.keras_h5`; or a
-converted folder. `load_backbone` puts them into the classifier's backbone.
+`load_pretrained(spec, backbone=...)` takes what `config.model.pretrained` holds: 'imagenet'
+(Keras's ImageNet weights of config.model.backbone without the top) or 'imagenet_top' (with
+it), fetched and verified by `hhjax.weights.official`; the path of a Keras file, read by
+`hhjax.weights.keras_h5` (InceptionV3, whose layers Keras numbers: paired by position) or
+`hhjax.weights.keras_named` (the families whose layers Keras names: by name, .keras archives
+too); or a converted folder. `load_backbone` puts them into the classifier's backbone.
 
 A converted folder is the one converted on-disk format: an orbax checkpoint of the variables and
 the model's configuration, for machines where the training job should not read HDF5 or reach the
@@ -35,24 +37,43 @@ import orbax.checkpoint as ocp
 from hhjax import errors
 from hhjax import files
 from hhjax import trees
-from hhjax.model.inception import InceptionV3
+from hhjax.model import backbones
 from hhjax.weights import keras_h5
+from hhjax.weights import keras_named
 from hhjax.weights import official
 
 Variables = keras_h5.Variables
 
 
-def _model_metadata(model: InceptionV3) -> dict[str, Any]:
-  return {'architecture': 'InceptionV3', 'final_endpoint': model.final_endpoint,
-          'include_top': model.include_top, 'num_classes': model.num_classes}
+def _model_metadata(model) -> dict[str, Any]:
+  return {'architecture': backbones.of_module(model).keras_name,
+          'final_endpoint': model.final_endpoint, 'include_top': model.include_top,
+          'num_classes': model.num_classes}
 
 
-def _model_from_metadata(meta: dict[str, Any], source: str) -> InceptionV3:
-  if meta.get('architecture') != 'InceptionV3':
+def _model_from_metadata(meta: dict[str, Any], source: str):
+  backbone = backbones.of_keras_name(str(meta.get('architecture')))
+  if backbone is None:
     raise errors.KerasWeightsError(
-        f'{source} does not hold InceptionV3 weights (metadata: {meta}).')
-  return InceptionV3(final_endpoint=meta['final_endpoint'], include_top=meta['include_top'],
-                     num_classes=meta['num_classes'])
+        f'{source} does not hold the weights of a known backbone (metadata: {meta}).')
+  return backbone.build(meta['final_endpoint'], include_top=meta['include_top'],
+                        num_classes=meta['num_classes'])
+
+
+def load_file(path: str | os.PathLike, backbone: str | None = None):
+  """(module, variables) from a Keras weights file of `backbone` (default InceptionV3)."""
+  declared = backbones.get(backbone)
+  if declared.keras_names == 'position':
+    return keras_h5.load_h5(path)
+  return keras_named.load(path, declared)
+
+
+def _check_family(model, backbone: str | None, source: str) -> None:
+  want, got = backbones.get(backbone), backbones.of_module(model)
+  if got is not want:
+    raise errors.KerasWeightsError(
+        f'{source} holds {got.keras_name} weights, but config.model.backbone is '
+        f'{want.name!r} ({want.keras_name}).')
 
 
 def _path(path: str | os.PathLike) -> epath.Path:
@@ -62,7 +83,7 @@ def _path(path: str | os.PathLike) -> epath.Path:
   return epath.Path(pathlib.Path(path).expanduser().resolve())
 
 
-def save_converted(directory: str | os.PathLike, model: InceptionV3,
+def save_converted(directory: str | os.PathLike, model,
                    variables: Variables) -> epath.Path:
   """Writes `variables` and the model's configuration as an orbax checkpoint in `directory`.
 
@@ -82,7 +103,7 @@ def save_converted(directory: str | os.PathLike, model: InceptionV3,
   return directory
 
 
-def load_converted(directory: str | os.PathLike) -> tuple[InceptionV3, Variables]:
+def load_converted(directory: str | os.PathLike):
   """Reads a folder written by `save_converted` (or the converter command).
 
   Returns:
@@ -108,9 +129,9 @@ def load_converted(directory: str | os.PathLike) -> tuple[InceptionV3, Variables
   return model, variables
 
 
-def _load_official(name: str) -> tuple[InceptionV3, Variables]:
-  weights = official.OFFICIAL_WEIGHTS[name]
-  model, variables = keras_h5.load_h5(official.fetch_official(name))
+def _load_official(name: str, backbone: str | None = None):
+  weights = official.official_weights(name, backbone)
+  model, variables = load_file(official.fetch_official(name, backbone), backbone)
   if model.include_top != weights.include_top:
     raise errors.KerasWeightsError(
         f'The official file for {name!r} has include_top={model.include_top}, expected '
@@ -118,7 +139,7 @@ def _load_official(name: str) -> tuple[InceptionV3, Variables]:
   return model, variables
 
 
-def _load_url(url: str) -> tuple[InceptionV3, Variables]:
+def _load_url(url: str, backbone: str | None = None):
   """A converted folder or a Keras .h5 file on storage that TensorFlow reads (gs://, ...)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top  # seconds to load; URLs only
   if tf.io.gfile.isdir(url):
@@ -133,45 +154,50 @@ def _load_url(url: str) -> tuple[InceptionV3, Variables]:
     local = os.path.join(tmp, os.path.basename(url.rstrip('/')) or 'weights.h5')
     tf.io.gfile.copy(url, local)
     try:
-      return keras_h5.load_h5(local)
+      return load_file(local, backbone)
     except errors.UserError as e:
       raise type(e)(str(e).replace(local, url)) from None
 
 
-def load_pretrained(spec: str | os.PathLike, *,
-                    final_endpoint: str | None = None) -> tuple[InceptionV3, Variables]:
-  """Pretrained InceptionV3 weights from a name, an .h5 file or a converted folder.
+def load_pretrained(spec: str | os.PathLike, *, final_endpoint: str | None = None,
+                    backbone: str | None = None):
+  """Pretrained backbone weights from a name, a Keras file or a converted folder.
 
   Args:
     spec: 'imagenet' (Keras's ImageNet weights without the top), 'imagenet_top' (with it),
-      the path of a Keras .h5 file, or a folder written by `save_converted`.
+      the path of a Keras .h5 (or, for the families Keras names layers of, .keras) file, or a
+      folder written by `save_converted`.
     final_endpoint: if given, cut the network there (see `keras_h5.cut`), dropping any top.
+    backbone: config.model.backbone (None: InceptionV3); weights of another family are
+      refused.
 
   Returns:
     (model, variables) as `keras_h5.load_h5` returns them.
   """
-  if isinstance(spec, str) and spec in official.OFFICIAL_WEIGHTS:
-    model, variables = _load_official(spec)
+  if isinstance(spec, str) and spec in official.NAMES:
+    model, variables = _load_official(spec, backbone)
   elif files.is_url(spec):
-    model, variables = _load_url(os.fspath(spec))
+    model, variables = _load_url(os.fspath(spec), backbone)
   else:
     path = pathlib.Path(spec).expanduser()
     if path.is_dir():
       model, variables = load_converted(path)
     elif path.is_file():
-      model, variables = keras_h5.load_h5(path)
+      model, variables = load_file(path, backbone)
     else:
       names = ' or '.join(map(repr, official.OFFICIAL_WEIGHTS))
       raise errors.DataNotFoundError(
           f'Pretrained weights {str(spec)!r}: expected {names}, a Keras .h5 file or a converted '
           f'folder, but nothing exists at {path}.')
+  _check_family(model, backbone, str(spec))
   if final_endpoint is not None:
     model, variables = keras_h5.cut(model, variables, final_endpoint)
   return model, variables
 
 
-def load_backbone(variables: Mapping[str, Any], spec: str, cut: str) -> dict[str, Any]:
-  """Returns `variables` with the backbone replaced by pretrained InceptionV3 weights.
+def load_backbone(variables: Mapping[str, Any], spec: str, cut: str,
+                  backbone: str | None = None) -> dict[str, Any]:
+  """Returns `variables` with the backbone replaced by pretrained weights.
 
   Strict: every backbone array of the model must come from the weights with the same shape,
   and the weights may hold nothing else except the blocks past `cut` and the ImageNet top,
@@ -182,11 +208,13 @@ def load_backbone(variables: Mapping[str, Any], spec: str, cut: str) -> dict[str
     spec: 'imagenet', 'imagenet_top', a Keras .h5 file or a converted folder; see
       `load_pretrained`.
     cut: the model's last block.
+    backbone: config.model.backbone (None: InceptionV3).
   """
   # Cutting there drops the blocks past the cut and the ImageNet top, and says so clearly when
   # the weights end before the cut.
-  _, source = load_pretrained(spec, final_endpoint=cut)
-  collections = ('params', 'batch_stats')
+  _, source = load_pretrained(spec, final_endpoint=cut, backbone=backbone)
+  # A backbone without BatchNorm (VGG) has no batch_stats.
+  collections = tuple(c for c in ('params', 'batch_stats') if variables[c].get('backbone'))
   ours = {c: variables[c]['backbone'] for c in collections}
   theirs = {c: source.get(c, {}) for c in collections}
   report = trees.describe_differences(
@@ -205,29 +233,27 @@ def load_backbone(variables: Mapping[str, Any], spec: str, cut: str) -> dict[str
   return out
 
 
-def _describe(model: InceptionV3, variables: Variables) -> str:
+def _describe(model, variables: Variables) -> str:
   count = sum(np.size(v) for v in jax.tree.leaves(variables))
   top = f'with a {model.num_classes}-class top' if model.include_top else 'without top'
-  return f'InceptionV3 up to {model.final_endpoint}, {top}, {count:,} values'
+  name = backbones.of_module(model).keras_name
+  return f'{name} up to {model.final_endpoint}, {top}, {count:,} values'
 
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(
       prog='python -m hhjax.weights.pretrained',
-      description='Convert Keras InceptionV3 weights (.h5) into an orbax checkpoint folder that '
-                  'training can start from (config.model.pretrained=DIR).')
+      description='Convert Keras backbone weights (.h5, .keras) into an orbax checkpoint '
+                  'folder that training can start from (config.model.pretrained=DIR).')
   parser.add_argument('--h5', required=True,
-                      help='Keras .h5 file, or "imagenet" / "imagenet_top" to download the '
+                      help='Keras weights file, or "imagenet" / "imagenet_top" to download the '
                            'official file.')
   parser.add_argument('--out', required=True, help='Folder to create.')
+  parser.add_argument('--backbone', default=backbones.DEFAULT, choices=backbones.NAMES,
+                      help='The architecture of the weights (config.model.backbone).')
   args = parser.parse_args(argv)
   try:
-    if args.h5 in official.OFFICIAL_WEIGHTS:
-      model, variables = keras_h5.load_h5(official.fetch_official(args.h5))
-    elif files.is_url(args.h5):
-      model, variables = _load_url(args.h5)
-    else:
-      model, variables = keras_h5.load_h5(args.h5)
+    model, variables = load_pretrained(args.h5, backbone=args.backbone)
     out = save_converted(args.out, model, variables)
   except errors.UserError as e:
     # As main.py does: the message alone says what to fix; no traceback.

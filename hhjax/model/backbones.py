@@ -1,0 +1,212 @@
+"""The backbones a classifier may stand on, each declared once: `get(config.model.backbone)`.
+
+    name          Keras                  endpoints (cuts)                         min  preprocessing
+    inception_v3  InceptionV3            mixed0 ... mixed10                        75  inception
+    vgg16, vgg19  VGG16, VGG19           block1_pool ... block5_pool               32  caffe
+    resnet50/101/152  ResNet50/101/152   conv2_block1_out ... conv5_block3_out     32  caffe
+    xception      Xception               block2_add ... block13_add,               71  inception
+                                         block14_sepconv2_act
+
+A `Backbone` says everything the rest of the code needs to know about a family, so that no
+other module names one: how to build its Flax module, its endpoints in order (where a
+classifier may cut and where fine-tuning may start; the module's top-level submodules are
+'stem' (when it has one) and one per endpoint, so parameter paths read
+`backbone/<endpoint>/...`), its minimum input size, Keras's `preprocess_input` for it, Keras's
+official ImageNet files, how Keras's weight files name its layers, and which of the speed
+rewrites (`hhjax.model.lowering.Lowering`) it has been verified with.
+
+Adding a family: its Flax module, then one `Backbone(...)` in `_DECLARED` below.
+"""
+
+from collections.abc import Callable, Mapping
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+
+from hhjax import errors
+from hhjax.model import inception
+from hhjax.model import resnet
+from hhjax.model import vgg
+from hhjax.model import xception
+from hhjax.model.lowering import Lowering
+
+DEFAULT = 'inception_v3'
+_KERAS_APPLICATIONS = 'https://storage.googleapis.com/tensorflow/keras-applications/'
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsFile:
+  """An official Keras weights file: where it is, its MD5 (Keras's `file_hash`)."""
+  url: str
+  md5: str
+  size: int | None
+  include_top: bool
+
+  @property
+  def filename(self) -> str:
+    return self.url.rsplit('/', 1)[-1]
+
+
+def _official(family: str, stem: str, notop_md5: str, top_md5: str,
+              notop_size: int | None = None) -> dict[str, WeightsFile]:
+  """Keras's two ImageNet files of a family: `<stem>.h5` (with top) and `<stem>_notop.h5`."""
+  base = f'{_KERAS_APPLICATIONS}{family}/{stem}'
+  return {'imagenet': WeightsFile(f'{base}_notop.h5', notop_md5, notop_size, False),
+          'imagenet_top': WeightsFile(f'{base}.h5', top_md5, None, True)}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)   # one object per member: hashed by identity
+class Backbone:
+  """One backbone family member, as Keras builds it.
+
+  Attributes:
+    name: config.model.backbone's value, e.g. 'resnet50'.
+    keras_name: the `keras.applications` function that builds it, e.g. 'ResNet50'.
+    module: (final_endpoint, include_top, num_classes, lowering, dtype, name) -> the Flax
+      module; calling it on images returns {endpoint: features} up to final_endpoint (plus
+      'predictions' with the top).
+    endpoints: the names a cut and finetune.unfreeze_from may use, in network order.
+    has_stem: whether layers before the first endpoint sit in a block of their own, 'stem'.
+    min_size: the smallest square input Keras accepts.
+    preprocessing: Keras's `preprocess_input` for it, as a name of
+      `hhjax.model.preprocessing.NAMES` ('inception' is Keras's 'tf' mode).
+    weights: Keras's official ImageNet files, 'imagenet' (no top) and 'imagenet_top'.
+    keras_names: how Keras's weight files name the layers: 'position' (auto-numbered names,
+      paired by position: InceptionV3) or 'name' (each layer by the name of its module; those
+      in `unnamed` paired in order among the file's auto-named layers).
+    unnamed: module name -> the class prefix of Keras's automatic name (conv2d,
+      batch_normalization) for layers Keras leaves unnamed.
+    top: the top-level modules of the classification top, in order.
+    lowerings: the `Lowering` switches verified on this family; the others stay off.
+    parity_endpoints: the endpoints the parity tests compare (every stage's end, the last).
+    unnamed_endpoints: the endpoints whose Keras layer is unnamed (Xception's Add layers,
+      `add`, `add_1`, ...), in order: the k-th is the k-th Add layer of the Keras model.
+  """
+  name: str
+  keras_name: str
+  module: Callable[..., nn.Module]
+  endpoints: tuple[str, ...]
+  has_stem: bool
+  min_size: int
+  preprocessing: str
+  weights: Mapping[str, WeightsFile]
+  keras_names: str = 'name'
+  unnamed: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  top: tuple[str, ...] = ('predictions',)
+  lowerings: frozenset[str] = frozenset()
+  parity_endpoints: tuple[str, ...] = ()
+  unnamed_endpoints: tuple[str, ...] = ()
+
+  @property
+  def blocks(self) -> tuple[str, ...]:
+    """The top-level blocks of the module: 'stem' (if any), then one per endpoint."""
+    return (('stem',) if self.has_stem else ()) + self.endpoints
+
+  def check_endpoint(self, endpoint: str, field: str = 'config.model.cut') -> None:
+    if endpoint not in self.endpoints:
+      raise errors.ConfigError(f'{field}={endpoint!r} is not an endpoint of {self.keras_name}; '
+                               f'valid names are {list(self.endpoints)}.')
+
+  def endpoints_to(self, cut: str) -> tuple[str, ...]:
+    """The endpoints up to and including `cut`."""
+    self.check_endpoint(cut)
+    return self.endpoints[:self.endpoints.index(cut) + 1]
+
+  def blocks_to(self, cut: str) -> tuple[str, ...]:
+    """The blocks (stem included) up to and including `cut`: what a cut network holds."""
+    self.check_endpoint(cut)
+    return self.blocks[:self.blocks.index(cut) + 1]
+
+  def lowering(self, lowering: Lowering) -> Lowering:
+    """`lowering` with the rewrites not verified on this family turned off."""
+    return Lowering(**{f.name: getattr(lowering, f.name) and f.name in self.lowerings
+                       for f in dataclasses.fields(Lowering)})
+
+  def build(self, final_endpoint: str | None = None, *, include_top: bool = False,
+            num_classes: int = 1000, lowering: Lowering = Lowering(), dtype: Any = None,
+            name: str | None = None, **module_options) -> nn.Module:
+    """The Flax module up to `final_endpoint` (default: the last), unverified rewrites off;
+    `module_options` (e.g. parent) go to the module."""
+    return self.module(final_endpoint=final_endpoint or self.endpoints[-1],
+                       include_top=include_top, num_classes=num_classes,
+                       lowering=self.lowering(lowering), dtype=dtype, name=name,
+                       **module_options)
+
+
+def _partial(cls, **fixed):
+  return lambda **kwargs: cls(**fixed, **kwargs)
+
+
+def _declared() -> tuple[Backbone, ...]:
+  families = [
+      Backbone(
+          'inception_v3', 'InceptionV3', inception.InceptionV3, inception.ENDPOINTS,
+          has_stem=True, min_size=inception.MIN_SIZE, preprocessing='inception',
+          weights=_official('inception_v3', 'inception_v3_weights_tf_dim_ordering_tf_kernels',
+                            'bcbd6486424b2319ff4ef7d526e38f63',
+                            '9a0d58056eeedaa3f26cb7ebd46da564', notop_size=87_910_968),
+          keras_names='position',
+          lowerings=frozenset({'fast_convs', 'fold_bn', 'merge_1x1', 'fast_pools'}),
+          parity_endpoints=inception.ENDPOINTS),
+  ]
+  for depth, notop, top in ((16, '6d6bbae143d832006294945121d1f1fc',
+                             '64373286793e3c8b2b4e3219cbf3544b'),
+                            (19, '253f8cb515780f3b799900260a226db6',
+                             'cbe5617147190e668d6c5d5026f83318')):
+    families.append(Backbone(
+        f'vgg{depth}', f'VGG{depth}', _partial(vgg.VGG, depth=depth), vgg.ENDPOINTS,
+        has_stem=False, min_size=vgg.MIN_SIZE, preprocessing='caffe',
+        weights=_official(f'vgg{depth}', f'vgg{depth}_weights_tf_dim_ordering_tf_kernels',
+                          notop, top),
+        top=('fc1', 'fc2', 'predictions'), parity_endpoints=vgg.ENDPOINTS))
+  # Keras's resnet.py WEIGHTS_HASHES: (with top, without).
+  for depth, (top, notop) in ((50, ('2cb95161c43110f7111970584f804107',
+                                    '4d473c1dd8becc155b73f8504c6f6626')),
+                              (101, ('f1aeb4b969a6efcfb50fad2f0c20cfc5',
+                                     '88cf7a10940856eca736dc7b7e228a21')),
+                              (152, ('100835be76be38e30d865e96f2aaae62',
+                                     'ee4c566cf9a93f14d82f913c2dc6dd0c'))):
+    families.append(Backbone(
+        f'resnet{depth}', f'ResNet{depth}', _partial(resnet.ResNet, depth=depth),
+        resnet.endpoints(depth), has_stem=True, min_size=resnet.MIN_SIZE,
+        preprocessing='caffe',
+        weights=_official('resnet', f'resnet{depth}_weights_tf_dim_ordering_tf_kernels',
+                          notop, top),
+        parity_endpoints=resnet.stage_ends(depth)))
+  families.append(Backbone(
+      'xception', 'Xception', xception.Xception, xception.ENDPOINTS, has_stem=True,
+      min_size=xception.MIN_SIZE, preprocessing='inception',
+      weights=_official('xception', 'xception_weights_tf_dim_ordering_tf_kernels',
+                        'b0042744bf5b25fce3cb969f33bebb97', '0a58e3b7378bc2990ea3b43d5981f1f6'),
+      unnamed={'residual_conv': 'conv2d', 'residual_bn': 'batch_normalization'},
+      parity_endpoints=xception.ENDPOINTS, unnamed_endpoints=xception.ENDPOINTS[:-1]))
+  return tuple(families)
+
+
+BACKBONES: dict[str, Backbone] = {b.name: b for b in _declared()}
+NAMES = tuple(BACKBONES)
+
+
+def get(name: str | None) -> Backbone:
+  """The declaration of config.model.backbone `name` (None: the default, InceptionV3)."""
+  name = DEFAULT if name is None else name
+  if name not in BACKBONES:
+    raise errors.ConfigError(f'config.model.backbone must be one of {list(NAMES)}, got '
+                             f'{name!r}.')
+  return BACKBONES[name]
+
+
+def of_module(module: nn.Module) -> Backbone:
+  """The declaration a backbone module (as `Backbone.build` makes it) was built from."""
+  for backbone in BACKBONES.values():
+    built = backbone.build()
+    if type(built) is type(module) and getattr(built, 'depth', None) == getattr(
+        module, 'depth', None):
+      return backbone
+  raise ValueError(f'{type(module).__name__} is not a declared backbone.')
+
+
+def of_keras_name(keras_name: str) -> Backbone | None:
+  """The declaration of `keras.applications.<keras_name>`, or None."""
+  return next((b for b in BACKBONES.values() if b.keras_name == keras_name), None)
