@@ -239,6 +239,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.early_stopping.threshold = 0.999
   config.early_stopping.mode = 'max'
 
+  # ---------------------------------------------------------------- evaluation metrics
+  # Every evaluation (each epoch's, the final one, --mode=eval) reports, beside loss and
+  # accuracy: per-class precision / recall / F1 with macro and weighted means, balanced
+  # accuracy, ROC AUC and average precision, log loss and the expected calibration error
+  # (README, "Evaluation").
+  config.eval = ml_collections.ConfigDict()
+  # Top-k accuracy for each k here smaller than the number of classes.
+  config.eval.top_k = (5,)
+  # A two-class head's decision threshold on p(second class), chosen on the evaluated split:
+  # 'f1' maximises the F1 score, 'youden' Youden's J (true minus false positive rate).
+  config.eval.threshold = 'f1'
+  # Equal-width bins of the top-class probability for the calibration error (ECE) and the
+  # reliability diagram calibration.png (15, as Guo et al. 2017).
+  config.eval.calibration_bins = 15
+
   return config
 
 

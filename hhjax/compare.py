@@ -35,8 +35,7 @@ from hhjax import metrics
 from hhjax import workdir as workdir_lib
 
 DEFAULT_OUT = 'compare.png'
-# The test split's evaluation a training run writes when it ends (hhjax.train.TEST_FILE).
-TEST_FILE = 'test.json'
+TEST_FILE = workdir_lib.TEST_FILE
 # Legend entries name at most this many differing fields; the table lists them all.
 _LEGEND_FIELDS = 2
 

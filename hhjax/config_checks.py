@@ -26,6 +26,7 @@ from typing import Any
 import ml_collections
 
 from hhjax import errors
+from hhjax import eval_metrics
 from hhjax.data import spec as data_spec
 from hhjax.model import classifier
 from hhjax.model import backbones
@@ -187,6 +188,11 @@ RULES: dict[str, _Rule] = {
     'loss.class_weight': _Rule(
         _class_weight_ok, f"None, {losses.BALANCED!r}, or a mapping {{class name or index: "
         "weight >= 0}} (or 'name=weight,...')"),
+    'eval.top_k': _Rule(lambda v: isinstance(v, (list, tuple))
+                        and all(_is_int(k) and k >= 1 for k in v),
+                        'a list of integers >= 1, e.g. (5,)'),
+    'eval.threshold': _one_of(eval_metrics.THRESHOLD_RULES),
+    'eval.calibration_bins': _integer(1),
 }
 # Each phase's per-layer learning rates and Keras early stopping.
 for _phase in ('warmup', 'finetune'):

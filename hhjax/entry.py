@@ -12,6 +12,7 @@ signature says what it reads. This module is where a config becomes those:
     early_stopping(config), label_smoothing(config), loss(config, class_names, class_counts)
     restore_target(config, mesh)      what a checkpoint is restored into
     restore_for_inference(config, workdir, which)
+    eval_metrics(config)              config.eval: top-k, threshold rule, calibration bins
 
 It never reads a field for a layer that has no use for it: the model gets no data fields but
 the preprocessing it must match, the data pipeline no model or speed fields.
@@ -24,6 +25,7 @@ import jax
 import ml_collections
 
 from hhjax import errors
+from hhjax import eval_metrics as eval_metrics_lib
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
 from hhjax.data import spec as data_spec
@@ -220,3 +222,14 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
   # With config.optimizer.use_ema, inference uses the weights' moving average.
   state = dict(restored.state, params=optim.inference_params(restored.state))
   return (mesh, restored.model, state, list(restored.meta.class_names or ()), restored.step)
+
+
+def eval_metrics(config: ml_collections.ConfigDict) -> eval_metrics_lib.Spec:
+  """config.eval (absent in workdirs of older versions: the defaults) as an
+  `eval_metrics.Spec`."""
+  spec = config.get('eval') or {}
+  default = eval_metrics_lib.Spec()
+  return eval_metrics_lib.Spec(
+      top_k=tuple(int(k) for k in spec.get('top_k', default.top_k)),
+      threshold_rule=str(spec.get('threshold', default.threshold_rule)),
+      calibration_bins=int(spec.get('calibration_bins', default.calibration_bins)))

@@ -25,6 +25,7 @@ import tensorflow as tf
 from hhjax import entry
 from hhjax import errors
 from hhjax import pictures
+from hhjax import run_report
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
 from hhjax.data import sources
@@ -98,9 +99,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 
              split: str = 'validation') -> dict[str, Any]:
   """Evaluates a checkpoint in `workdir` ('latest', 'best' or a step) on `split`.
 
-  Prints loss, accuracy and the confusion matrix; writes WORKDIR/eval/<split>-step_<step>.json
-  and, in the folder of that name, the pictures of hhjax.pictures (confusion matrix,
-  misclassified images).
+  Prints loss, accuracy, the confusion matrix and the metrics of hhjax.eval_metrics; writes
+  WORKDIR/eval/<split>-step_<step>.json and, in the folder of that name, the pictures of
+  hhjax.pictures (confusion matrix, reliability diagram, misclassified images) and a run report
+  of this evaluation, report.html.
   """
   workdir_lib.check_inference_config(config, workdir)
   sharding.check_batch_size(entry.eval_batch_size(config), 'config.eval_batch_size')
@@ -113,17 +115,22 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 
     _check_folder_classes(chosen, class_names)
   evaluator = evaluation.Evaluator(model, len(class_names), mesh,
                                    evaluation.eval_batches(chosen.data, chosen.split),
-                                   label_smoothing=entry.label_smoothing(config))
+                                   label_smoothing=entry.label_smoothing(config),
+                                   metrics=entry.eval_metrics(config))
   result = evaluator(state['params'], state['batch_stats'])
   is_main = jax.process_index() == 0
   path = result_path(workdir, chosen.name, step)
   folder = path[:-len('.json')]
-  if is_main:
-    epath.Path(folder).mkdir(parents=True, exist_ok=True)
   out = evaluation.report(result, class_names, step, workdir_lib.absolute(workdir), is_main,
-                          split=chosen.split, path=path)
+                          split=chosen.split, path=path, pictures_dir=folder)
   pictures.write_eval_pictures(chosen.data, result, class_names, step, folder,
                                is_main=is_main, split=chosen.split)
+  if is_main:
+    root = workdir_lib.absolute(workdir)
+    run_report.write_and_log(
+        root, [run_report.evaluation_of(out, f'--mode=eval --split={split}',
+                                        os.path.relpath(folder, root))],
+        path=os.path.join(folder, run_report.REPORT_FILE))
   return out
 
 

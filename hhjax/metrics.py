@@ -2,10 +2,22 @@
 
 `metrics.jsonl` has one JSON object per epoch:
 `{"step", "epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-"learning_rate", "time"}`; "time" is the run's wall-clock seconds up to that row, summed over
-resumes (rows written before it existed lack it). TensorBoard (WORKDIR/tensorboard/) shows the
-same rows; metrics.jsonl is the record, and on a resume the event files are rebuilt from its
-rows when they differ, so that a step repeated after a checkpoint never shows twice.
+"learning_rate", "time"}` and the validation metrics of hhjax.eval_metrics (`val_f1_macro`,
+`val_roc_auc`, `val_ece`, `val_f1/<class>`, ...); "time" is the run's wall-clock seconds up to
+that row, summed over resumes (rows written before it existed lack it).
+
+TensorBoard (WORKDIR/tensorboard/) shows
+- the same rows, one point per epoch: `train/loss`, `val/accuracy`, `val/f1_macro`, ...;
+- the progress rows of hhjax.training.step_log every config.log_every_steps steps:
+  `train_steps/loss`, `train_steps/accuracy`, `train_steps/learning_rate` (every number a
+  progress row holds);
+- the run's config as hyperparameters (the hparams plugin's table), each field '.'-joined.
+
+metrics.jsonl is the record of the epoch rows; the progress points and the hyperparameters
+live in the event files alone. On a resume the event files are rebuilt when they hold points
+past the checkpoint (or miss epoch rows): epoch points from metrics.jsonl, progress points and
+hyperparameters copied from the old files up to the checkpoint's step, so that a step repeated
+after a checkpoint never shows twice and every step before it stays as it was.
 
 TensorFlow is imported on first use (`_tf`): reading rows and plotting (`python -m
 hhjax.compare`) need none, and it takes seconds to load.
@@ -27,6 +39,8 @@ from hhjax import files
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
+PROGRESS_TAGS = 'train_steps/'   # the progress rows' tags: train_steps/loss, ...
+HPARAMS_TAGS = '_hparams_/'      # the hparams plugin's own tags
 
 
 def _tf():
@@ -84,34 +98,65 @@ def _write_rows(workdir: str, rows: Sequence[Mapping[str, Any]]) -> None:
                      ''.join(json.dumps(dict(r)) + '\n' for r in rows))
 
 
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+
 def _scalars(row: Mapping[str, Any]) -> list[tuple[str, float]]:
-  """(TensorBoard tag, value) of a row: 'train/loss', 'val/accuracy', 'learning_rate', ..."""
+  """(TensorBoard tag, value) of a row: 'train/loss', 'val/accuracy', 'learning_rate', ...
+  (fields that are not numbers, such as an undefined metric's None, have none)."""
   out = []
   for key, value in row.items():
-    if key.startswith(('train_', 'val_')) or key == 'learning_rate':
+    if not _is_number(value):
+      continue
+    if key.startswith(('train_', 'val_', 'test_')) or key == 'learning_rate':
       split, _, name = key.partition('_')
       out.append((f'{split}/{name}' if key != 'learning_rate' else 'learning_rate',
                   float(value)))
   return out
 
 
+def _progress_scalars(row: Mapping[str, Any]) -> list[tuple[str, float]]:
+  """(tag, value) of a progress row: 'train_steps/<field>' for each number but the step."""
+  return [(PROGRESS_TAGS + key, float(value)) for key, value in row.items()
+          if key != 'step' and _is_number(value)]
+
+
+def _hparams(config: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
+  """The config's fields as hparams values ('a.b': value); lists, tuples and None as JSON."""
+  flat = {}
+
+  def visit(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, Mapping):
+        visit(value, f'{prefix}{key}.')
+      elif isinstance(value, (bool, int, float, str)):
+        flat[f'{prefix}{key}'] = value
+      else:
+        flat[f'{prefix}{key}'] = json.dumps(value)
+
+  visit(config, '')
+  return flat
+
+
 def _event_files(workdir: str) -> list[str]:
   return sorted(_tf().io.gfile.glob(os.path.join(workdir, TENSORBOARD_DIR, 'events.out.tfevents.*')))
 
 
-def _tensorboard_points(workdir: str) -> list[tuple[str, int]] | None:
-  """(tag, step) of every scalar in WORKDIR/tensorboard, sorted; None if a file is unreadable."""
+def _tensorboard_events(workdir: str) -> tuple[list[tuple[str, int, Any]], bool]:
+  """((tag, step, Summary.Value) of every point in WORKDIR/tensorboard, in file order; whether
+  every file read to its end). A record cut short by a killed run ends its file's points."""
   from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
   tf = _tf()
-  points = []
+  points, whole = [], True
   for path in _event_files(workdir):
     try:
       for record in tf.data.TFRecordDataset(path):
         event = event_pb2.Event.FromString(record.numpy())
-        points += [(v.tag, int(event.step)) for v in event.summary.value]
-    except tf.errors.OpError:   # a record cut short by a killed run
-      return None
-  return sorted(points)
+        points += [(v.tag, int(event.step), v) for v in event.summary.value]
+    except tf.errors.OpError:
+      whole = False
+  return points, whole
 
 
 class MetricsWriter:
@@ -128,12 +173,14 @@ class MetricsWriter:
     self._tb = None
     self._start = time.monotonic() if start is None else start
     self._time_before = 0.0   # a resumed run's time up to its last kept row
+    self._has_hparams = None  # whether the event files hold the hyperparameters (None: unread)
 
   def truncate_after(self, step: int) -> None:
     """Drops rows past `step`: a resumed run rewrites what followed its checkpoint.
 
     TensorBoard's events are brought in line with the rows kept (rebuilt when they differ:
-    event files cannot be cut), so each step keeps one point per tag.
+    event files cannot be cut), so each step keeps one point per tag: the epoch points of the
+    rows kept, and the progress points and hyperparameters up to `step`.
     """
     if not self.enabled:
       return
@@ -142,21 +189,45 @@ class MetricsWriter:
     self._time_before = float(kept[-1].get('time', 0.0)) if kept else 0.0
     if kept != rows:
       _write_rows(self.workdir, kept)
-    want = sorted((tag, int(r['step'])) for r in kept for tag, _ in _scalars(r))
-    if _tensorboard_points(self.workdir) != want:
-      self._rebuild_tensorboard(kept)
+    points, whole = _tensorboard_events(self.workdir)
+    copied = {}   # (tag, step) -> the last Summary.Value of each progress point and hparams
+    for tag, at, value in points:
+      if tag.startswith(HPARAMS_TAGS) or (tag.startswith(PROGRESS_TAGS) and at <= step):
+        copied[(tag, at)] = value
+    self._has_hparams = any(tag.startswith(HPARAMS_TAGS) for tag, _ in copied)
+    want = sorted([(tag, int(r['step'])) for r in kept for tag, _ in _scalars(r)]
+                  + list(copied))
+    if not whole or sorted((tag, at) for tag, at, _ in points) != want:
+      self._rebuild_tensorboard(kept, copied)
 
-  def _rebuild_tensorboard(self, rows: Sequence[Mapping[str, Any]]) -> None:
+  def _rebuild_tensorboard(self, rows: Sequence[Mapping[str, Any]],
+                           copied: Mapping[tuple[str, int], Any]) -> None:
     # The new file is complete before the old ones go: a kill in between leaves duplicates,
     # which the next resume finds and rebuilds again, rather than lost points.
+    from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
+    tf = _tf()
     old = _event_files(self.workdir)
     self.close()
-    for row in rows:
-      self._write_tensorboard(row)
+    # In step order, as a run writes them: TensorBoard reads a step lower than the one
+    # before as a restart and drops the tag's later points.
+    writes = [(at, 0, tag, value) for (tag, at), value in copied.items()]
+    writes += [(int(row['step']), 1, '', row) for row in rows]
+    metadata = _scalar_metadata()
+    for at, kind, tag, value in sorted(writes, key=lambda w: (w[0], w[1], w[2])):
+      if kind == 1:
+        self._write_tensorboard(value)
+        continue
+      with self._writer().as_default(step=at):
+        if tag.startswith(PROGRESS_TAGS):   # as write_progress wrote it, the same float32
+          tf.summary.write(tag, tf.constant(tf.make_ndarray(value.tensor), tf.float32),
+                           metadata=metadata)
+        else:
+          tf.summary.experimental.write_raw_pb(
+              summary_pb2.Summary(value=[value]).SerializeToString(), step=at)
     if self._tb is not None:
       self._tb.flush()
     for path in old:
-      _tf().io.gfile.remove(path)
+      tf.io.gfile.remove(path)
 
   def _writer(self):
     if self._tb is None:
@@ -169,6 +240,34 @@ class MetricsWriter:
     with self._writer().as_default(step=int(row['step'])):
       for tag, value in _scalars(row):
         tf.summary.write(tag, tf.constant(value, tf.float32), metadata=metadata)
+
+  def write_progress(self, row: Mapping[str, Any]) -> None:
+    """A progress row of hhjax.training.step_log at its 'step', flushed at once: a checkpoint
+    saved after it must find it on disk, or a resume from there would miss it."""
+    if not self.enabled:
+      return
+    tf = _tf()
+    metadata = _scalar_metadata()
+    with self._writer().as_default(step=int(row['step'])):
+      for tag, value in _progress_scalars(row):
+        tf.summary.write(tag, tf.constant(value, tf.float32), metadata=metadata)
+    self._tb.flush()
+
+  def write_hparams(self, config: Mapping[str, Any]) -> None:
+    """The run's config (plain values, nested) as TensorBoard hyperparameters, unless the
+    event files have them already (a resumed run keeps those of its start)."""
+    if not self.enabled:
+      return
+    if self._has_hparams is None:
+      points, _ = _tensorboard_events(self.workdir)
+      self._has_hparams = any(tag.startswith(HPARAMS_TAGS) for tag, _, _ in points)
+    if self._has_hparams:
+      return
+    from tensorboard.plugins.hparams import api as hp  # pylint: disable=g-import-not-at-top
+    with self._writer().as_default(step=0):
+      hp.hparams(_hparams(config))
+    self._tb.flush()
+    self._has_hparams = True
 
   def write(self, row: Mapping[str, Any]) -> None:
     if not self.enabled:

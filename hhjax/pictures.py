@@ -216,3 +216,39 @@ def write_eval_pictures(data: data_spec.DataSpec, result: Mapping[str, Any],
   for path in paths:
     logging.info('Wrote %s', path)
   return [str(p) for p in paths]
+
+
+CALIBRATION_FILE = 'calibration.png'
+
+
+def plot_calibration(calibration: Mapping[str, Any], title: str) -> Figure:
+  """The reliability diagram of `hhjax.eval_metrics.calibration`: each bin's accuracy against
+  its confidence, the diagonal a perfectly calibrated model lies on, and below, the examples
+  per bin."""
+  lower, upper = np.asarray(calibration['lower']), np.asarray(calibration['upper'])
+  count = np.asarray(calibration['count'])
+  filled = count > 0
+  accuracy = np.array([a if a is not None else 0.0 for a in calibration['accuracy']])
+  confidence = np.array([c if c is not None else 0.0 for c in calibration['confidence']])
+  width = upper - lower
+  fig = Figure(figsize=(5.6, 6.4), layout='constrained')
+  top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+  top.bar(lower[filled], accuracy[filled], width=width[filled], align='edge',
+          color='tab:blue', edgecolor='white', label='accuracy of the bin')
+  # The gap between a bin's accuracy and its mean confidence, hatched over or above the bar.
+  low = np.minimum(accuracy, confidence)
+  top.bar(lower[filled], np.abs(confidence - accuracy)[filled], bottom=low[filled],
+          width=width[filled], align='edge', fill=False, hatch='//', edgecolor='tab:red',
+          lw=0.8, label='gap to its mean confidence')
+  top.plot([0, 1], [0, 1], color='gray', ls='--', lw=1, label='perfect calibration')
+  top.set_xlim(0, 1)
+  top.set_ylim(0, 1)
+  top.set_ylabel('accuracy')
+  top.set_title(f'{title}\nECE {calibration["ece"]:.4f} over {calibration["bins"]} '
+                f'{calibration["binning"]}', fontsize=10)
+  top.legend(loc='upper left', fontsize=8, frameon=False)
+  top.grid(alpha=0.3)
+  bottom.bar(lower, count, width=width, align='edge', color='gray', edgecolor='white')
+  bottom.set_xlabel('confidence (probability of the predicted class)')
+  bottom.set_ylabel('examples')
+  return fig

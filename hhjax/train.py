@@ -37,10 +37,12 @@ from hhjax import compilation
 from hhjax import entry
 from hhjax import errors
 from hhjax import files
+from hhjax import eval_metrics
 from hhjax import metrics as metrics_lib
 from hhjax import peers
 from hhjax import pictures
 from hhjax import preemption
+from hhjax import run_report
 from hhjax import sharding
 from hhjax import workdir as workdir_lib
 from hhjax import workdir_lock
@@ -64,8 +66,8 @@ from hhjax.training import steps
 PyTree = Any
 
 # The test split's evaluation at the end of training, and the folder of its pictures.
-TEST_FILE = 'test.json'
-TEST_PICTURES = 'test'
+TEST_FILE = workdir_lib.TEST_FILE
+TEST_PICTURES = workdir_lib.TEST_PICTURES
 # The splits of the run and the rows held out of the training split (written at its start).
 DATA_SPLIT_FILE = 'data_split.json'
 
@@ -137,7 +139,8 @@ class _Run:
         writer=metrics_lib.MetricsWriter(workdir, enabled=is_main, start=start),
         evaluator=evaluation.Evaluator(model, len(class_names), mesh,
                                        evaluation.eval_batches(data),
-                                       label_smoothing=loss.label_smoothing),
+                                       label_smoothing=loss.label_smoothing,
+                                       metrics=entry.eval_metrics(config)),
         target=entry.restore_target(config, mesh, model_for=lambda _: model, loss_spec=loss),
         early_stopping=entry.early_stopping(config), loss=loss, plateau=entry.plateau(config),
         cache=entry.feature_cache(config),
@@ -312,7 +315,8 @@ def _end_epoch(run: _Run, state: PyTree, progress: phases_lib.Progress, phase_en
   row = {'step': step, 'epoch': progress.epochs_done, 'phase': progress.phase,
          'train_loss': train_loss, 'train_accuracy': train_acc,
          'val_loss': result['loss'], 'val_accuracy': result['accuracy'],
-         'learning_rate': _learning_rate(run, state, progress)}
+         'learning_rate': _learning_rate(run, state, progress),
+         **eval_metrics.row_fields(result['metrics'], run.class_names, 'val')}
   logging.info('Epoch %d (%s) done at step %d: train loss %.4f accuracy %.4f | '
                'validation loss %.4f accuracy %.4f on %d images (%.1f s)',
                progress.epochs_done, progress.phase, step, train_loss, train_acc,
@@ -430,7 +434,8 @@ def _phase_inputs(run: _Run, setup: phases_lib.PhaseSetup, state: PyTree, step: 
     run.train_iter = None   # a later phase on images starts its stream where this one ends
     evaluator = evaluation.Evaluator(cache.head_model, len(run.class_names), run.mesh,
                                      cache.eval_batches,
-                                     label_smoothing=run.loss.label_smoothing)
+                                     label_smoothing=run.loss.label_smoothing,
+                                     metrics=entry.eval_metrics(run.config))
     return cache.train_step(setup), cache.batches(start_step=step), evaluator
   if run.train_iter is None:
     run.train_iter = pipeline.create_dataset(run.data, run.data.train_split,
@@ -461,7 +466,8 @@ def _run_phase(run: _Run, state: PyTree, progress: phases_lib.Progress,
       every=max(1, int(run.config.log_every_steps or run.steps_per_epoch)),
       batch_size=int(run.config.batch_size), total_steps=run.total_steps,
       steps_per_epoch=run.steps_per_epoch, phase=setup.phase, progress=progress,
-      check=lambda state: _check_finite(run, state, setup.phase.name))
+      check=lambda state: _check_finite(run, state, setup.phase.name),
+      on_row=run.writer.write_progress)
   checkpoint_every = int(run.config.checkpoint_every_steps or 0)   # 0: only at epoch ends
   last_eval = None
   while step < phase_end:
@@ -501,17 +507,22 @@ def _next_phase(run: _Run, state: PyTree, progress: phases_lib.Progress
   return dict(state, params=params, opt_state=opt_state), progress, setup
 
 
-def _final_test(run: _Run, state: PyTree, step: int) -> dict[str, Any]:
+def _final_test(run: _Run, state: PyTree, step: int,
+                validation: dict[str, Any]) -> dict[str, Any]:
   """The test split, once, on the final state: WORKDIR/test.json and its pictures in
-  WORKDIR/test/. Nothing reads it to choose."""
+  WORKDIR/test/. Nothing reads it to choose; a binary head's decision threshold chosen on
+  `validation` (the final validation result) is applied to it, beside 0.5."""
   split = run.data.test_split
   test_eval = run.evaluator(optim.inference_params(state), state['batch_stats'],
                             evaluation.eval_batches(run.data, split))
-  out = evaluation.report(test_eval, run.class_names, step, run.workdir, run.is_main,
-                          split=split, path=os.path.join(run.workdir, TEST_FILE))
+  chosen = (validation.get('threshold') or {}).get('value')
+  if chosen is not None:
+    test_eval['metrics']['threshold_from_validation'] = eval_metrics.at_threshold(
+        test_eval['probabilities'], test_eval['labels'], chosen)
   folder = os.path.join(run.workdir, TEST_PICTURES)
-  if run.is_main:
-    epath.Path(folder).mkdir(parents=True, exist_ok=True)
+  out = evaluation.report(test_eval, run.class_names, step, run.workdir, run.is_main,
+                          split=split, path=os.path.join(run.workdir, TEST_FILE),
+                          pictures_dir=folder)
   pictures.write_eval_pictures(run.data, test_eval, run.class_names, step, folder,
                                is_main=run.is_main, split=split)
   return out
@@ -570,6 +581,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   # Only now that the checkpoint (if any) fits: a refused resume must leave the config that
   # eval and predict read for that checkpoint as it was.
   workdir_lib.save_config(config, run.workdir, run.is_main)
+  run.writer.write_hparams(workdir_lib.config_dict(config))
   last_eval = None
   while True:
     if not progress.phase_done:
@@ -589,10 +601,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   pictures.write_eval_pictures(run.data, last_eval, run.class_names, step, run.workdir,
                                is_main=run.is_main)
   if run.data.test_split:
-    result['test'] = _final_test(run, state, step)
+    result['test'] = _final_test(run, state, step, result)
   if run.is_main:
     for path in metrics_lib.plot_history(metrics_lib.read_rows(run.workdir), run.workdir):
       logging.info('Wrote %s', path)
   run.writer.close()
   run.ckpts.close()
+  if run.is_main:   # the last line of the log: where to look at the run
+    run_report.write_and_log(run.workdir)
   return result

@@ -4,7 +4,10 @@
     WORKDIR/checkpoints/    orbax checkpoints (hhjax.checkpointing)
     WORKDIR/metrics.jsonl   one row per epoch (hhjax.metrics)
     WORKDIR/tensorboard/    the same rows as TensorBoard scalars
-    WORKDIR/loss.png, accuracy.png, eval.json
+    WORKDIR/loss.png, accuracy.png, eval.json (the validation split's final evaluation)
+    WORKDIR/test.json, test/   the test split's, once training ends, and its pictures
+    WORKDIR/eval/           --mode=eval's results, <split>-step_N.json with its pictures
+    WORKDIR/report.html     the run report (hhjax.run_report)
     WORKDIR/train.lock      held by the training run (hhjax.workdir_lock)
     WORKDIR/data_listing.json   the training files the run started on (hhjax.data_listing)
     WORKDIR/confusion_matrix.png, misclassified.png, misclassified.json   (hhjax.pictures)
@@ -26,6 +29,9 @@ from hhjax import files
 
 CONFIG_FILE = 'config.json'
 EVAL_FILE = 'eval.json'
+# The test split's evaluation a training run writes when it ends, and its pictures' folder.
+TEST_FILE = 'test.json'
+TEST_PICTURES = 'test'
 CHECKPOINT_DIR = 'checkpoints'
 
 

@@ -18,6 +18,7 @@ LAYERS = (
     ('base', {'hhjax.errors', 'hhjax.files', 'hhjax.trees', 'hhjax.durations', 'hhjax.compat',
               'hhjax.best'}),
     ('runtime', {'hhjax.checkpointing', 'hhjax.workdir', 'hhjax.workdir_lock', 'hhjax.metrics',
+                 'hhjax.eval_metrics',
                  'hhjax.peers', 'hhjax.preemption', 'hhjax.sharding', 'hhjax.host_malloc',
                  'hhjax.compilation'}),
     ('model', {'hhjax.model'}),
@@ -26,7 +27,8 @@ LAYERS = (
     ('training', {'hhjax.training'}),
     ('entry', {'hhjax.entry', 'hhjax.config_checks', 'hhjax.agreement', 'hhjax.data_listing',
                'hhjax.train', 'hhjax.evaluate', 'hhjax.predict', 'hhjax.explain',
-               'hhjax.export', 'hhjax.import_keras', 'hhjax.preview', 'hhjax.compare'}),
+               'hhjax.export', 'hhjax.import_keras', 'hhjax.preview', 'hhjax.compare',
+               'hhjax.run_report'}),
 )
 # Below the entry layer, the modules that may hold a config: the data spec's one constructor,
 # and the workdir's config.json.

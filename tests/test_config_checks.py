@@ -113,6 +113,9 @@ BAD_VALUES = [
     ('early_stopping.metric', 'accuracy', None),
     ('early_stopping.mode', 'maximum', None),
     ('early_stopping.threshold', 'high', None),
+    ('eval.top_k', (0,), None),
+    ('eval.threshold', 'accuracy', None),
+    ('eval.calibration_bins', 0, None),
     ('loss.label_smoothing', 1.0, None),
     ('loss.label_smoothing', -0.1, None),
     ('loss.class_weight', 'equal', None),
@@ -296,7 +299,8 @@ def test_a_config_error_is_a_value_error_for_library_callers():
 def test_the_checks_and_the_data_fields_allowed_values_load_without_tensorflow():
   # main.py checks the config before TensorFlow loads, so that a mistake is reported at once.
   code = ('import sys, main, hhjax.config_checks, hhjax.data.spec; '
-          "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
+          "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'; "
+          "assert 'sklearn' not in sys.modules, 'sklearn was imported'")
   proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]

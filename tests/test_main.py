@@ -140,6 +140,9 @@ def test_eval_of_the_test_split_at_the_best_checkpoint_leaves_the_runs_own_resul
     assert saved['loss'] == pytest.approx(test['loss'], rel=1e-6)
   assert 'The evaluation step: loaded in ' in proc.stderr   # compiled by the training run
   assert not _library_noise(proc.stderr)
+  # The run report, rewritten with this evaluation, is the last line.
+  assert proc.stderr.rstrip().splitlines()[-1].endswith(
+      f'Run report: {(workdir / "report.html").as_uri()}')
 
 
 def test_predict_prints_path_class_and_probability(smoke_workdir, env, tmp_path):

@@ -210,8 +210,8 @@ def _tensorboard(workdir):
   for path in files:
     for record in tf.data.TFRecordDataset(str(path)):
       event = event_pb2.Event.FromString(record.numpy())
-      points += [(v.tag, event.step, tf.make_ndarray(v.tensor).item())
-                 for v in event.summary.value]
+      points += [(v.tag, event.step, tf.make_ndarray(v.tensor).tolist())
+                 for v in event.summary.value]   # a list for the hparams' empty tensor
   return len(files), sorted(points)
 
 

@@ -109,6 +109,17 @@ def _rows(workdir):
     return [{k: v for k, v in json.loads(line).items() if k != 'time'} for line in f]
 
 
+def _tensorboard(workdir):
+  """(tag, step, value) of every TensorBoard point, sorted; a point written twice shows twice."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  points = []
+  for path in sorted(pathlib.Path(workdir, 'tensorboard').glob('events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      points += [(v.tag, event.step, tf.make_ndarray(v.tensor).tolist())
+                 for v in event.summary.value]
+  return sorted(points)
+
+
 @pytest.mark.parametrize('case', list(OPTIONS))
 def test_killed_and_restarted_run_ends_like_an_uninterrupted_one(tmp_path, case):
   options = OPTIONS[case]
@@ -150,4 +161,8 @@ def test_killed_and_restarted_run_ends_like_an_uninterrupted_one(tmp_path, case)
   if 'plateau' in case:   # the plateau rule did act: the last epoch ran at the reduced rate
     rates = [row['learning_rate'] for row in _rows(reference)]
     assert rates[-1] == pytest.approx(rates[0] * 0.1)
+  # And TensorBoard's, to the step: each progress point (every step here) and epoch point once,
+  # with the values of the uninterrupted run.
+  points = _tensorboard(reference)
+  assert [p for p in points if p[0] == 'train_steps/loss'] and _tensorboard(resumed) == points
   assert not any(TMP_SUFFIX in n for n in os.listdir(resumed / 'checkpoints'))

@@ -7,6 +7,7 @@ and a predict (a folder with a WebP image and an unreadable file, --bad_files=sk
 it. Smaller faults of the same commands are checked in-process.
 """
 
+import collections
 import dataclasses
 import json
 import pathlib
@@ -33,7 +34,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_FLAGS = ['--config=configs/smoke.py', '--config.warmup.epochs=10',
                '--config.finetune.epochs=0', '--config.keep_checkpoints=100']
 STEPS = [10 * (e + 1) for e in range(10)]
-TAGS = ('train/loss', 'train/accuracy', 'val/loss', 'val/accuracy', 'learning_rate')
+TAGS = ('train/loss', 'train/accuracy', 'val/loss', 'val/accuracy', 'learning_rate',
+        'val/f1_macro', 'val/ece')
+# The progress rows, every config.log_every_steps = 5 steps of the smoke config.
+PROGRESS_STEPS = [5 * (s + 1) for s in range(20)]
+PROGRESS_TAGS = ('train_steps/loss', 'train_steps/accuracy', 'train_steps/learning_rate')
 
 
 class _Process:
@@ -185,7 +190,18 @@ def test_resumed_run_has_one_tensorboard_point_per_step_and_tag(story):
   for path in (story.workdir / 'tensorboard').glob('events.out.tfevents.*'):
     for event in tf.compat.v1.train.summary_iterator(str(path)):
       points += [(v.tag, event.step) for v in event.summary.value]
-  assert sorted(points) == sorted((tag, step) for tag in TAGS for step in STEPS)
+  assert len(points) == len(set(points)), 'a point written twice'
+  steps = collections.defaultdict(list)
+  for tag, step in points:
+    steps[tag].append(step)
+  assert set(TAGS) | set(PROGRESS_TAGS) <= set(steps)
+  for tag, at in steps.items():
+    if tag.startswith('train_steps/'):   # those before the checkpoint it resumed from kept
+      assert sorted(at) == PROGRESS_STEPS, tag
+    elif tag.startswith('_hparams_/'):
+      assert at == [0], tag
+    else:                                # the epoch rows: losses, accuracies, metrics
+      assert sorted(at) == STEPS, tag
 
 
 def test_predict_beside_a_training_run_reads_webp_and_skips_bad_files_with_the_flag(story):

@@ -1,7 +1,16 @@
 """The training log's progress lines: loss, accuracy, learning rate, images/s and ETA every few
-steps."""
+steps.
 
-from collections.abc import Callable
+Every `every` steps and at epoch ends, a progress row goes to TensorBoard (hhjax.metrics
+`write_progress`): the step and the numbers that follow from the training state alone, so
+that a resumed run writes the same rows again, to the bit: {'step', 'loss', 'accuracy',
+'learning_rate'}, the loss and accuracy being the means over the epoch's steps so far (those
+of the line). Throughput and ETA, which depend on the machine, stay in the line. The first
+step after a start or a resume gets its row but no line (there is no rate yet), so that the
+rows do not depend on where a run was resumed.
+"""
+
+from collections.abc import Callable, Mapping
 from typing import Any
 import time
 
@@ -34,15 +43,17 @@ class StepLog:
   """Progress lines every `every` steps (config.log_every_steps) and at epoch ends.
 
   The step that compiles is left out of the rates. `check(state)` runs before each line (the
-  training run's test for a NaN loss).
+  training run's test for a NaN loss); `on_row(row)` gets the progress rows.
   """
 
   def __init__(self, *, every: int, batch_size: int, total_steps: int, steps_per_epoch: int,
                phase: phases_lib.Phase, progress: phases_lib.Progress,
-               check: Callable[[PyTree], None]):
+               check: Callable[[PyTree], None],
+               on_row: Callable[[Mapping[str, float]], None] | None = None):
     self._every, self._batch, self._total = every, batch_size, total_steps
     self._steps_per_epoch, self._phase, self._progress = steps_per_epoch, phase, progress
     self._check = check
+    self._on_row = on_row
     self._t, self._step, self._compiled = time.perf_counter(), None, False
 
   def restart(self, step: int) -> None:
@@ -58,9 +69,13 @@ class StepLog:
       return
     self._check(state)
     now = time.perf_counter()
-    if step <= self._step:
+    if step <= self._step and self._on_row is None:
       return
     loss, acc, _ = metrics_from_state(state)
+    if self._on_row is not None:   # also where no line is (the first step: no rate yet)
+      self._on_row(self.row(step, state, loss, acc))
+    if step <= self._step:
+      return
     rate = (step - self._step) * self._batch / max(now - self._t, 1e-9)
     eta = (self._total - step) * self._batch / rate
     epoch, in_epoch = divmod(step - self._progress.phase_start_step, self._steps_per_epoch)
@@ -69,3 +84,9 @@ class StepLog:
                  step, self._total, loss, acc, learning_rate(state, self._phase), rate,
                  durations.format_duration(eta))
     self.restart(step)
+
+  def row(self, step: int, state: PyTree, loss: float, accuracy: float) -> dict[str, float]:
+    """A progress row (see the module docstring): the learning rate is the state's last
+    step's, as the line's."""
+    return {'step': step, 'loss': loss, 'accuracy': accuracy,
+            'learning_rate': learning_rate(state, self._phase)}
