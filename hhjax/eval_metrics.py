@@ -215,7 +215,7 @@ def compute(probabilities: np.ndarray, labels: np.ndarray, spec: Spec = Spec(),
                                                                  labels=classes))
   predictions = np.bincount(predicted, minlength=num_classes)
   out['per_class'] = {'precision': precision.tolist(), 'recall': recall.tolist(),
-                      'f1': f1.tolist(), 'support': support.tolist(),
+                      'f1': f1.tolist(), 'support': np.asarray(support, int).tolist(),
                       'predicted': predictions.tolist()}
   out['calibration'] = calibration(probabilities, labels, spec.calibration_bins)
   out['ece'] = out['calibration']['ece']

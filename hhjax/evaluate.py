@@ -121,6 +121,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 
   is_main = jax.process_index() == 0
   path = result_path(workdir, chosen.name, step)
   folder = path[:-len('.json')]
+  if is_main:
+    epath.Path(folder).mkdir(parents=True, exist_ok=True)
   out = evaluation.report(result, class_names, step, workdir_lib.absolute(workdir), is_main,
                           split=chosen.split, path=path, pictures_dir=folder)
   pictures.write_eval_pictures(chosen.data, result, class_names, step, folder,
@@ -129,7 +131,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 
     root = workdir_lib.absolute(workdir)
     run_report.write_and_log(
         root, [run_report.evaluation_of(out, f'--mode=eval --split={split}',
-                                        os.path.relpath(folder, root))],
+                                        os.path.relpath(folder, root), key='eval')],
         path=os.path.join(folder, run_report.REPORT_FILE))
   return out
 

@@ -65,6 +65,7 @@ class Evaluation:
   title: str
   result: Mapping[str, Any]
   pictures: Sequence[tuple[str, str]] = ()
+  key: str = ''   # the page's name for its section (data-evaluation): 'validation', 'test', ...
 
 
 def _read_json(path: epath.Path) -> dict[str, Any] | None:
@@ -83,11 +84,12 @@ def _pictures(folder: str = '') -> tuple[tuple[str, str], ...]:
       ('Misclassified images', pictures.EXAMPLES_FILE)))
 
 
-def evaluation_of(result: Mapping[str, Any], title: str, folder: str = '') -> Evaluation:
+def evaluation_of(result: Mapping[str, Any], title: str, folder: str = '',
+                  key: str = '') -> Evaluation:
   """An evaluation result with its pictures in `folder` (relative to the workdir)."""
   split = result.get('split')
   return Evaluation(title=f'{title}: {split}' if split else title, result=result,
-                    pictures=_pictures(folder))
+                    pictures=_pictures(folder), key=key or title.lower())
 
 
 def evaluations_in(workdir: str) -> list[Evaluation]:
@@ -237,11 +239,13 @@ def render(workdir: str, evaluations: Sequence[Evaluation]) -> str:
     parts += ['<h2>Curves</h2>', curves]
   for evaluation in evaluations:
     result = evaluation.result
-    parts += [f'<h2>{html.escape(evaluation.title)}</h2>',
+    parts += [f'<section data-evaluation="{html.escape(evaluation.key)}">'
+              f'<h2>{html.escape(evaluation.title)}</h2>',
               f'<p>Step {_number(result.get("step"))}, {_number(result.get("count"))} images, '
               f'classes {html.escape(", ".join(map(str, result.get("class_names", []))))}.</p>',
               _metrics_section(result)]
     parts += [_image(directory, file, caption) for caption, file in evaluation.pictures]
+    parts.append('</section>')
   overview = _image(directory, GRADCAM_OVERVIEW, 'Grad-CAM overview (--mode=explain)')
   if overview:
     parts += ['<h2>Grad-CAM</h2>', overview]

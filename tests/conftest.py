@@ -37,7 +37,11 @@ def jax_cache_dir(tmp_path_factory) -> pathlib.Path:
 def env(jax_cache_dir) -> dict[str, str]:
   """The environment of the main.py processes the tests start: CPU, the shared compilation
   cache, no XLA flags of the caller's. Files that need another override this fixture."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(jax_cache_dir))
+  # Every compilation kept, however short: JAX keeps only those over 1 s by default, and on an
+  # idle machine the smoke config's eval step compiles in less, so whether a later process
+  # loads it would depend on the machine's load.
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(jax_cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   env.pop('XLA_FLAGS', None)
   return env
 

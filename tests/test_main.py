@@ -140,9 +140,11 @@ def test_eval_of_the_test_split_at_the_best_checkpoint_leaves_the_runs_own_resul
     assert saved['loss'] == pytest.approx(test['loss'], rel=1e-6)
   assert 'The evaluation step: loaded in ' in proc.stderr   # compiled by the training run
   assert not _library_noise(proc.stderr)
-  # The run report, rewritten with this evaluation, is the last line.
-  assert proc.stderr.rstrip().splitlines()[-1].endswith(
-      f'Run report: {(workdir / "report.html").as_uri()}')
+  # This evaluation's own report, beside its results (the run's is left as it was), is the
+  # last line.
+  report = path.with_suffix('') / 'report.html'
+  assert proc.stderr.rstrip().splitlines()[-1].endswith(f'Run report: {report.as_uri()}')
+  assert 'data-evaluation="eval"' in report.read_text()
 
 
 def test_predict_prints_path_class_and_probability(smoke_workdir, env, tmp_path):

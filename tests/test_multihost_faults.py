@@ -125,7 +125,9 @@ def test_hosts_whose_copies_of_the_data_folder_differ_refuse_alike(tmp_path):
   (hosts[1] / 'data' / 'train' / 'horses' / '3.png').rename(
       hosts[1] / 'data' / 'train' / 'horses' / 'extra.png')
   codes, logs, _ = _pair(tmp_path, 'data', ['--config.data.source=folder',
-                                            '--config.data.dir=data'], cwd=hosts)
+                                            '--config.data.dir=data',
+                                            '--config.data.validation_split=test',
+                                            '--config.data.test_split=None'], cwd=hosts)
   assert codes == [errors.EXIT_USER_ERROR] * 2, [log[-2000:] for log in logs]
   messages = [_one_line_error(log) for log in logs]
   assert messages[0] == messages[1]

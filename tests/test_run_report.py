@@ -69,29 +69,38 @@ window.addEventListener('load', () => {
 
 
 class _Cells(html.parser.HTMLParser):
-  """The text of each <td data-metric=...> of a page, per table class."""
+  """The text of each <td data-metric=...> of a page, per evaluation section and table class:
+  `sections[evaluation][(table, metric)]`; `cells` is the validation section's."""
 
   def __init__(self):
     super().__init__()
-    self.cells, self._table, self._metric, self.body = {}, None, None, {}
+    self.sections, self._section, self._table, self._metric, self.body = {}, None, None, None, {}
+
+  @property
+  def cells(self):
+    return self.sections.get('validation', {})
 
   def handle_starttag(self, tag, attrs):
     attrs = dict(attrs)
-    if tag == 'table':
+    if tag == 'section':
+      self._section = attrs.get('data-evaluation')
+    elif tag == 'table':
       self._table = attrs.get('class')
     elif tag == 'td' and 'data-metric' in attrs:
       self._metric = attrs['data-metric']
-      self.cells[(self._table, self._metric)] = ''
+      self.sections.setdefault(self._section, {})[(self._table, self._metric)] = ''
     elif tag == 'body':
       self.body = attrs
 
   def handle_endtag(self, tag):
     if tag == 'td':
       self._metric = None
+    elif tag == 'section':
+      self._section = None
 
   def handle_data(self, data):
     if self._metric is not None:
-      self.cells[(self._table, self._metric)] += data
+      self.sections[self._section][(self._table, self._metric)] += data
 
 
 @pytest.fixture(scope='module')
@@ -120,7 +129,9 @@ def test_the_report_is_one_self_contained_file(run):
   page = (workdir / run_report.REPORT_FILE).read_text()
   assert '<script' not in page and not re.search(r'(src|href)="(https?:)?//', page)
   sources = re.findall(r'<img src="([^"]*)"', page)
-  assert len(sources) == 5   # accuracy, loss, confusion matrix, calibration, misclassified
+  # accuracy, loss; then the confusion matrix, calibration and misclassified images of the
+  # validation and of the test split
+  assert len(sources) == 8
   assert all(s.startswith('data:image/png;base64,') for s in sources)
 
 
@@ -130,7 +141,7 @@ def test_the_report_renders_in_chromium_with_every_image_loaded(rendered):
   assert probe, 'the page never finished loading'
   loaded, height, characters = re.fullmatch(r'(\d+/\d+) images, (\d+) px, (\d+) characters',
                                             probe).groups()
-  assert loaded == '5/5', probe
+  assert loaded == '8/8', probe
   assert int(height) > 2000 and int(characters) > 500, probe
   with Image.open(shot) as image:   # not blank: text, tables and pictures on white
     pixels = np.asarray(image.convert('L'))
@@ -153,6 +164,9 @@ def test_the_report_tables_hold_the_numbers_of_eval_json(run, rendered):
   threshold = saved['threshold']
   assert cells.cells[('threshold', 'at_value/threshold')] == f'{threshold["value"]:.4f}'
   assert cells.cells[('threshold', 'at_0.5/f1')] == f'{threshold["at_0.5"]["f1"]:.4f}'
+  test = json.loads((workdir / 'test.json').read_text())   # the test split's own section
+  for name in ('accuracy', 'loss', 'f1_macro'):
+    assert cells.sections['test'][('metrics', name)] == f'{test[name]:.4f}', name
 
 
 def test_eval_json_and_the_epoch_rows_carry_the_metrics(run):
