@@ -35,17 +35,16 @@ TMP_SUFFIX = '.orbax-checkpoint-tmp'
 ONE_PHASE = ['--config.warmup.epochs=3', '--config.finetune.epochs=0']
 OPTIONS = {
     'rmsprop': [],
-    'adamw_cosine_ema_accumulation': ONE_PHASE + [
-        '--config.optimizer.name=adamw', '--config.optimizer.use_ema=True',
-        '--config.optimizer.ema_momentum=0.5', '--config.optimizer.gradient_accumulation_steps=2',
-        '--config.optimizer.global_clipnorm=1.0', '--config.warmup.schedule.name=cosine',
-        '--config.warmup.schedule.decay_steps=3', '--config.warmup.schedule.warmup_steps=1',
-        '--config.warmup.schedule.warmup_target=0.02'],
-    # The rate is reduced at the second epoch's end, the third runs with it.
-    'sgd_nesterov_plateau_ema_overwrite': ONE_PHASE + [
+    # One case for the options' state in flight: the rate set by ReduceLROnPlateau (reduced at
+    # the second epoch's end, the third runs with it; a schedule's rate lives in the same
+    # injected hyperparameter state), Nesterov momentum, the EMA with its overwrites, weight
+    # decay, clipping and gradient accumulation killed between micro-batches.
+    'sgd_nesterov_plateau_ema_accumulation': ONE_PHASE + [
         '--config.optimizer.name=sgd', '--config.optimizer.momentum=0.9',
         '--config.optimizer.nesterov=True', '--config.optimizer.use_ema=True',
-        '--config.optimizer.ema_overwrite_frequency=2',
+        '--config.optimizer.ema_momentum=0.5', '--config.optimizer.ema_overwrite_frequency=2',
+        '--config.optimizer.gradient_accumulation_steps=2',
+        '--config.optimizer.global_clipnorm=1.0', '--config.optimizer.weight_decay=0.01',
         '--config.reduce_lr_on_plateau.monitor=val_loss',
         '--config.reduce_lr_on_plateau.patience=1', '--config.reduce_lr_on_plateau.min_delta=10'],
 }
