@@ -38,7 +38,8 @@ OPTIONS = {
     # One case for the options' state in flight: the rate set by ReduceLROnPlateau (reduced at
     # the second epoch's end, the third runs with it; a schedule's rate lives in the same
     # injected hyperparameter state), Nesterov momentum, the EMA with its overwrites, weight
-    # decay, clipping and gradient accumulation killed between micro-batches.
+    # decay, clipping and gradient accumulation killed between micro-batches; label smoothing,
+    # balanced class weights and Keras's EarlyStopping.
     'sgd_nesterov_plateau_ema_accumulation': ONE_PHASE + [
         '--config.optimizer.name=sgd', '--config.optimizer.momentum=0.9',
         '--config.optimizer.nesterov=True', '--config.optimizer.use_ema=True',
@@ -46,7 +47,13 @@ OPTIONS = {
         '--config.optimizer.gradient_accumulation_steps=2',
         '--config.optimizer.global_clipnorm=1.0', '--config.optimizer.weight_decay=0.01',
         '--config.reduce_lr_on_plateau.monitor=val_loss',
-        '--config.reduce_lr_on_plateau.patience=1', '--config.reduce_lr_on_plateau.min_delta=10'],
+        '--config.reduce_lr_on_plateau.patience=1', '--config.reduce_lr_on_plateau.min_delta=10',
+        # The loss options, and Keras's early stopping with its counters in flight (patient
+        # enough not to stop; its best weights restored at the phase's end).
+        '--config.loss.label_smoothing=0.1', '--config.loss.class_weight=balanced',
+        '--config.warmup.early_stopping.monitor=val_loss',
+        '--config.warmup.early_stopping.patience=5',
+        '--config.warmup.early_stopping.restore_best_weights=True'],
 }
 
 
