@@ -16,7 +16,10 @@ workdir lock) and ends at once with errors.EXIT_PEER_LOST, without waiting for c
 the shutdown barrier. JAX's own heartbeat timeout is set to twice ours, as a backstop.
 
 A process that ends marks itself done (`finish`), or failed: the others then stop at once and
-point to its log, rather than wait `timeout` seconds. A failed one ends without JAX's shutdown
+point to its log, rather than wait `timeout` seconds. One that is done waits, still watching,
+until every other is done too (process 0 writes the run's results while the others have
+nothing left to do): JAX's shutdown barrier at exit, which gives up after its own timeout by
+aborting every process, is then met by all at once. A failed one ends without JAX's shutdown
 barrier (`end_failed`), where it would wait for the others until JAX's timeout.
 
 `timeout` is HHJAX_PEER_TIMEOUT_S (default 60 s). A lost process is found within about
@@ -139,18 +142,28 @@ class _Watch:
     self._seen = {p: (None, now) for p in range(count) if p != index}   # value, when it changed
     self._stop = threading.Event()
     self._beats = 0
-    for target, name in ((self._beat, 'peers-beat'), (self._check, 'peers-check')):
-      threading.Thread(target=target, name=name, daemon=True).start()
+    self._done = False                   # this process has ended its work (`finish(True)`)
+    self._all_done = threading.Event()   # ... and, as the beat thread last read, every other
+    self._threads = [threading.Thread(target=target, name=name, daemon=True)
+                     for target, name in ((self._beat, 'peers-beat'), (self._check, 'peers-check'))]
+    for thread in self._threads:
+      thread.start()
 
   def _beat(self) -> None:
     while not self._stop.is_set():
+      done = self._done
       try:
+        # This thread alone writes this process's key: a counter, then 'done' for good.
         self._beats += 1
-        self._state.client.key_value_set(f'{_KEY}{self._index}', str(self._beats),
+        self._state.client.key_value_set(f'{_KEY}{self._index}',
+                                         _DONE if done else str(self._beats),
                                          allow_overwrite=True)
         values = dict(self._state.client.key_value_dir_get(_KEY))
       except Exception as e:  # pylint: disable=broad-except  # the store's errors vary
         if self._stop.is_set():
+          return
+        if done and self._others_done():
+          self._all_done.set()   # the coordinator's process ended after every other had
           return
         _exit_lost(f'The coordination service (run by process 0) stopped answering '
                    f'({str(e).splitlines()[0][:200]}): process 0 was probably lost.')
@@ -164,7 +177,13 @@ class _Watch:
                      'why.')
         if new != value:
           self._seen[peer] = (new, now)
-      self._stop.wait(self._interval)
+      if done and self._others_done():
+        self._all_done.set()
+      # While this process waits for the others to end, it reads them often: its exit waits.
+      self._stop.wait(0.05 if done else self._interval)
+
+  def _others_done(self) -> bool:
+    return all(value == _DONE for value, _ in self._seen.values())
 
   def _check(self) -> None:
     while not self._stop.wait(1.0):
@@ -179,7 +198,18 @@ class _Watch:
                      'went away).')
 
   def finish(self, ok: bool) -> None:
+    if ok:
+      # Wait, still watching, until every other process has ended its work too (process 0
+      # writes the run's results alone): JAX's shutdown barrier at exit, entered early, would
+      # give up after its own timeout by aborting every process (a C++ check failure). A peer
+      # lost or failed meanwhile ends this process as during training: the watch threads go on.
+      self._done = True
+      self._all_done.wait()
+      self._stop.set()
+      return
     self._stop.set()
+    # A heartbeat in flight would overwrite the mark below with a counter.
+    self._threads[0].join(self._timeout)
     # The store may be gone already (the coordinator's process ended): nothing left to tell.
     with contextlib.suppress(Exception):
       self._state.client.key_value_set(f'{_KEY}{self._index}', _DONE if ok else _FAILED,

@@ -60,3 +60,27 @@ def keras_notop_h5(tmp_path_factory) -> pathlib.Path:
   included, saved with `save_weights`: the official notop file's layout. Read-only for tests."""
   from keras_reference import save_tf_keras_weights  # pylint: disable=g-import-not-at-top
   return save_tf_keras_weights(tmp_path_factory.mktemp('keras') / 'inception_v3_notop.h5')
+
+
+# The files whose tests take longest (seconds of one worker, measured with --durations=0),
+# longest first. `pytest -n 2` (pytest.ini: --dist loadfile --no-loadscope-reorder) hands whole
+# files to the workers in collection order: starting with these leaves the short ones to even
+# out the two workers' ends, instead of one long file starting last. Only the order of the
+# files changes; an outdated list costs time, never a result.
+LONGEST_FILES = (
+    'test_multihost.py',
+    'test_train_resume.py',
+    'test_workdir_faults.py',
+    'test_multihost_faults.py',
+    'test_main.py',
+    'test_train_sharding.py',
+    'test_train.py',
+    'test_pictures.py',
+    'test_feature_cache.py',
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+  del session, config
+  rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: the rest keep order

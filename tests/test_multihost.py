@@ -405,3 +405,70 @@ def test_a_hung_process_is_found_within_the_peer_timeout(tmp_path):
     assert ('Process 1 of 2 has sent no heartbeat for 5 s' if frozen else
             'The coordination service (run by process 0) has not answered for 5 s') in message
     assert timeout <= seconds[frozen] < timeout + 5
+
+
+# ----------------------------------------------------------------------------- ending apart
+
+# Two processes that end their work apart: process 0 works on (as it writes a run's results
+# alone) for `late` seconds after the last collective, then both end as main.py ends them.
+ENDING = r'''
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from hhjax import peers
+from hhjax import sharding
+sharding.maybe_initialize_distributed()
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+print('ready', flush=True)
+multihost_utils.process_allgather(np.zeros(1, np.float32))
+if jax.process_index() == 0:
+  time.sleep(float(sys.argv[2]))
+peers.finish(True)
+print('finished', flush=True)
+'''
+
+
+def test_a_process_done_first_waits_for_the_others_instead_of_aborting_at_exit(tmp_path):
+  """Process 0 ends its work well past JAX's shutdown-barrier timeout (2 * timeout + 1 s) after
+  process 1: both exit 0 (JAX would abort both at its barrier). In a second pair process 0
+  hangs meanwhile (SIGSTOP): process 1, waiting for it, stops in one line with exit status 4."""
+  timeout, late = 2, 7
+  pairs = {}
+  for name in ('late', 'hung'):
+    env = dict(os.environ, JAX_PLATFORMS='cpu', HHJAX_PEER_TIMEOUT_S=str(timeout),
+               JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{_free_port()}', JAX_NUM_PROCESSES='2')
+    env.pop('XLA_FLAGS', None)
+    logs = [tmp_path / f'{name}.{i}.err' for i in range(2)]
+    procs = []
+    for i in range(2):
+      with open(logs[i], 'w') as err:
+        procs.append(subprocess.Popen(
+            [sys.executable, '-c', ENDING, str(ROOT), str(late)],
+            env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=err, text=True))
+    pairs[name] = procs, logs
+  try:
+    for procs, _ in pairs.values():
+      for p in procs:
+        assert p.stdout.readline().strip() == 'ready'
+    hung = pairs['hung'][0]
+    time.sleep(1)
+    assert hung[1].poll() is None   # process 1 waits for process 0 to end its work
+    hung[0].send_signal(signal.SIGSTOP)
+    hung[1].wait(timeout=timeout + 60)
+    for p in pairs['late'][0]:
+      p.wait(timeout=late + 60)
+  finally:
+    for procs, _ in pairs.values():
+      for p in procs:
+        p.send_signal(signal.SIGCONT)
+        p.kill()
+        p.wait()
+  procs, logs = pairs['late']
+  assert [p.returncode for p in procs] == [0, 0], [log.read_text()[-2000:] for log in logs]
+  assert all(p.stdout.read().splitlines()[-1] == 'finished' for p in procs)
+  procs, logs = pairs['hung']
+  message = _assert_lost_in_one_line(procs[1].returncode, logs[1].read_text())
+  # Process 0 runs the store: its heartbeat or the store's answers stop first, as it happens.
+  assert ('Process 0 of 2 has sent no heartbeat for 2 s' in message
+          or 'The coordination service (run by process 0) has not answered for 2 s' in message)
