@@ -320,3 +320,40 @@ def test_a_sigterm_during_start_up_exits_3_in_one_line(tmp_path, env):
     assert log.rstrip().endswith('preempted (SIGTERM) outside the training steps, while starting '
                                  'or finishing: no step was lost; run the same command to resume')
     assert 'Traceback' not in log
+
+
+# main.py's end, as its `__main__` block ends it, in a process that also holds what an end
+# must honour: a non-daemon thread still writing, an atexit callback, an unflushed print.
+_END = r'''
+import atexit, os, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import runpy
+main = runpy.run_path(os.path.join(sys.argv[1], 'main.py'), run_name='not_main')
+class Collected:
+  def __del__(self):
+    os.write(2, b'torn down\n')
+keep = Collected()   # deleted only by the interpreter's final teardown
+def write():
+  time.sleep(1)
+  with open(sys.argv[2], 'w') as f:
+    f.write('written')
+threading.Thread(target=write).start()
+atexit.register(lambda: os.write(2, b'atexit\n'))
+print('buffered', end='')
+main['_exit_without_teardown'](int(sys.argv[3]))
+'''
+
+
+@pytest.mark.parametrize('status', [0, 3])
+def test_main_ends_after_its_threads_and_atexit_callbacks_without_the_teardown(tmp_path, env,
+                                                                               status):
+  """The interpreter's final teardown took seconds (5-6 s on a busy machine) after the last
+  line; main.py ends without it, once threads, atexit callbacks and streams are done."""
+  out = tmp_path / 'out.txt'
+  proc = subprocess.run([sys.executable, '-c', _END, str(ROOT), str(out), str(status)],
+                        env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == status, proc.stderr[-2000:]
+  assert out.read_text() == 'written'   # the non-daemon thread was joined
+  assert proc.stdout == 'buffered'
+  lines = proc.stderr.splitlines()
+  assert 'atexit' in lines and 'torn down' not in lines
