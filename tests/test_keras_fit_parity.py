@@ -28,7 +28,13 @@ written out here from timm's layer decay, not taken from hhjax.
 
 Nothing needs `steps_per_execution`. With gradient accumulation Keras evaluates a schedule at
 its micro-batch counter and hhjax at its optimizer-step counter (README, "Training"): that
-case keeps a constant rate, where both agree. Images are the smallest each backbone takes.
+case keeps a constant rate, where both agree. `class_weight` is fit's: each example's loss
+times its class's weight, summed over the batch size.
+
+For time: images are the smallest each backbone takes, cuts the first block, batches of 4,
+3-4 steps a phase; Keras runs fit eagerly (`compile(run_eagerly=True)`: the same operations,
+no graph to trace), and hhjax's speed rewrites are off, as 'auto' sets them on GPU and TPU
+(test_fast_model.py holds them to the plain model's outputs and gradients).
 """
 
 import dataclasses
