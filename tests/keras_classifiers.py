@@ -176,7 +176,8 @@ def keras_optimizer(keras, spec, learning_rate, schedule=None):
   """
   rate = learning_rate if schedule is None else keras_schedule(keras, learning_rate, schedule)
   common = dict(learning_rate=rate, weight_decay=spec.weight_decay,
-                global_clipnorm=spec.global_clipnorm,
+                global_clipnorm=spec.global_clipnorm, clipnorm=spec.clipnorm,
+                clipvalue=spec.clipvalue,
                 gradient_accumulation_steps=spec.gradient_accumulation_steps,
                 use_ema=spec.use_ema, ema_momentum=spec.ema_momentum,
                 ema_overwrite_frequency=spec.ema_overwrite_frequency)
@@ -188,7 +189,8 @@ def keras_optimizer(keras, spec, learning_rate, schedule=None):
     cls = keras.optimizers.AdamW if spec.name == 'adamw' else keras.optimizers.Adam
     if spec.name == 'adamw' and spec.weight_decay is None:
       common.pop('weight_decay')   # AdamW's own default
-    opt = cls(beta_1=spec.beta_1, beta_2=spec.beta_2, epsilon=spec.epsilon, **common)
+    opt = cls(beta_1=spec.beta_1, beta_2=spec.beta_2, epsilon=spec.epsilon,
+              amsgrad=spec.amsgrad, **common)
   if spec.weight_decay_exclude:
     opt.exclude_from_weight_decay(var_names=list(spec.weight_decay_exclude))
   return opt
