@@ -152,14 +152,20 @@ def get_config() -> ml_collections.ConfigDict:
   opt.nesterov = False                     # sgd
   opt.beta_1 = 0.9                         # adam, adamw
   opt.beta_2 = 0.999                       # adam, adamw
+  # adam, adamw: Keras's AMSGrad variant, the running maximum of the second moment.
+  opt.amsgrad = False
   # Decoupled weight decay, w -= w * weight_decay * lr before each update (every optimizer).
   # None: none, except adamw's Keras default 0.004.
   opt.weight_decay = ml_collections.FieldReference(None, field_type=float)
   # Regexes over '/'-joined parameter paths excluded from weight decay, e.g. ('bias', '/bn/')
   # (Keras's exclude_from_weight_decay(var_names=...), which matches variable names).
   opt.weight_decay_exclude = ()
-  # Clip the gradient to this global norm (None: no clipping).
+  # Gradient clipping, at most one of the three (as Keras), None: none. global_clipnorm: all
+  # gradients together to this norm; clipnorm: each parameter array's gradient to this norm on
+  # its own; clipvalue: each gradient element to [-clipvalue, clipvalue].
   opt.global_clipnorm = ml_collections.FieldReference(None, field_type=float)
+  opt.clipnorm = ml_collections.FieldReference(None, field_type=float)
+  opt.clipvalue = ml_collections.FieldReference(None, field_type=float)
   # Apply the mean gradient of this many batches every that many steps (None: every step):
   # an optimizer step on an N-times-larger batch (BatchNorm statistics aside).
   opt.gradient_accumulation_steps = ml_collections.FieldReference(None, field_type=int)

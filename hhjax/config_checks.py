@@ -158,7 +158,10 @@ RULES: dict[str, _Rule] = {
     'optimizer.beta_1': _number(0, 1),
     'optimizer.beta_2': _number(0, 1),
     'optimizer.weight_decay': _optional(_number(0)),
+    'optimizer.amsgrad': _BOOL,
     'optimizer.global_clipnorm': _optional(_number(0, low_open=True)),
+    'optimizer.clipnorm': _optional(_number(0, low_open=True)),
+    'optimizer.clipvalue': _optional(_number(0, low_open=True)),
     # Keras: None, or at least 2 micro-batches per update.
     'optimizer.gradient_accumulation_steps': _optional(_integer(2)),
     'optimizer.use_ema': _BOOL,
@@ -371,6 +374,20 @@ def _check_relations(config: Any, found: list[str]) -> None:
       n > 0 for n in given.values()):
     found.append(' and '.join(f'config.{phase}.epochs = {n!r}' for phase, n in given.items())
                  + ': nothing to train; at least one phase needs epochs > 0.')
+
+  # Keras's optimizers take one of the three clippings, and amsgrad in Adam and AdamW only.
+  clips = [name for name in ('global_clipnorm', 'clipnorm', 'clipvalue')
+           if _lookup(config, f'optimizer.{name}') not in (_MISSING, None)]
+  if len(clips) > 1:
+    found.append(' and '.join(f'config.optimizer.{name} = {_lookup(config, "optimizer." + name)!r}'
+                              for name in clips)
+                 + ': only one of global_clipnorm, clipnorm and clipvalue may be set (as in '
+                 'Keras); set the others to None.')
+  if _lookup(config, 'optimizer.amsgrad') is True and _lookup(
+      config, 'optimizer.name') not in ('adam', 'adamw', _MISSING):
+    found.append(_problem('optimizer.amsgrad', True,
+                          "False unless config.optimizer.name is 'adam' or 'adamw' (Keras's "
+                          'amsgrad is theirs)'))
 
   # Keras's ReduceLROnPlateau sets the optimizer's rate, which a schedule does not allow.
   monitor = _lookup(config, 'reduce_lr_on_plateau.monitor')

@@ -135,10 +135,11 @@ def optimizer(config: ml_collections.ConfigDict) -> optim.OptimizerSpec:
   return optim.OptimizerSpec(
       name=str(get('name')), rho=float(opt.rho), epsilon=float(opt.epsilon),
       momentum=float(get('momentum')), nesterov=bool(get('nesterov')),
-      beta_1=float(get('beta_1')), beta_2=float(get('beta_2')),
+      beta_1=float(get('beta_1')), beta_2=float(get('beta_2')), amsgrad=bool(get('amsgrad')),
       weight_decay=optional('weight_decay', float),
       weight_decay_exclude=tuple(str(p) for p in get('weight_decay_exclude') or ()),
       global_clipnorm=optional('global_clipnorm', float),
+      clipnorm=optional('clipnorm', float), clipvalue=optional('clipvalue', float),
       gradient_accumulation_steps=optional('gradient_accumulation_steps', int),
       use_ema=bool(get('use_ema')), ema_momentum=float(get('ema_momentum')),
       ema_overwrite_frequency=optional('ema_overwrite_frequency', int),

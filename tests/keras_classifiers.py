@@ -149,3 +149,116 @@ def fine_tune_losses(keras, tf, model, batches, *, cut: str, hidden: bool, unfre
     optimizer.apply_gradients(zip(grads, model.trainable_variables))
     losses.append(float(loss))
   return losses, untrained
+
+
+# ------------------------------------------------------------------------- Keras fit, phase by phase
+
+
+def keras_schedule(keras, learning_rate: float, schedule):
+  """The Keras 3 schedule of a `keras_optim.ScheduleSpec` (a float for 'constant')."""
+  s = keras.optimizers.schedules
+  if schedule.name == 'constant':
+    return learning_rate
+  if schedule.name == 'cosine':
+    return s.CosineDecay(learning_rate, schedule.decay_steps, alpha=schedule.alpha,
+                         warmup_target=schedule.warmup_target,
+                         warmup_steps=schedule.warmup_steps)
+  if schedule.name == 'exponential':
+    return s.ExponentialDecay(learning_rate, schedule.decay_steps, schedule.decay_rate,
+                              staircase=schedule.staircase)
+  return s.PiecewiseConstantDecay(list(schedule.boundaries), list(schedule.values))
+
+
+def keras_optimizer(keras, spec, learning_rate, schedule=None):
+  """The Keras 3 optimizer of a `keras_optim.OptimizerSpec`, its arguments named as Keras's.
+
+  `learning_rate` is a phase's rate, which `schedule` (a ScheduleSpec; None: constant) varies.
+  """
+  rate = learning_rate if schedule is None else keras_schedule(keras, learning_rate, schedule)
+  common = dict(learning_rate=rate, weight_decay=spec.weight_decay,
+                global_clipnorm=spec.global_clipnorm, clipnorm=spec.clipnorm,
+                clipvalue=spec.clipvalue,
+                gradient_accumulation_steps=spec.gradient_accumulation_steps,
+                use_ema=spec.use_ema, ema_momentum=spec.ema_momentum,
+                ema_overwrite_frequency=spec.ema_overwrite_frequency)
+  if spec.name == 'sgd':
+    opt = keras.optimizers.SGD(momentum=spec.momentum, nesterov=spec.nesterov, **common)
+  elif spec.name == 'rmsprop':
+    opt = keras.optimizers.RMSprop(rho=spec.rho, epsilon=spec.epsilon, **common)
+  else:
+    cls = keras.optimizers.AdamW if spec.name == 'adamw' else keras.optimizers.Adam
+    if spec.name == 'adamw' and spec.weight_decay is None:
+      common.pop('weight_decay')   # AdamW's own default
+    opt = cls(beta_1=spec.beta_1, beta_2=spec.beta_2, epsilon=spec.epsilon,
+              amsgrad=spec.amsgrad, **common)
+  if spec.weight_decay_exclude:
+    opt.exclude_from_weight_decay(var_names=list(spec.weight_decay_exclude))
+  return opt
+
+
+def keras_variables(model, spec) -> dict[tuple[str, ...], np.ndarray]:
+  """A Keras classifier's arrays by hhjax path: {(collection, *keys): array}."""
+  from hhjax.weights import keras_classifier  # pylint: disable=g-import-not-at-top
+  out = {}
+  for entry in keras_classifier.keras_layer_paths(model, spec):
+    for (collection, keys), value in zip(entry.targets, entry.layer.get_weights()):
+      out[(collection,) + tuple(keys)] = np.asarray(value)
+  return out
+
+
+def grouped_rates_model(keras, tf, model, groups):
+  """`model` (its layers shared) fitted with one Keras optimizer per group of variables.
+
+  `groups`: [(optimizer, variables)]. Keras has no per-layer learning rate within one
+  optimizer; a `train_step` that applies each group's optimizer to its variables (Keras's
+  documented way to customise `fit`, otherwise its own train step: the compiled loss with
+  `sample_weight`, the loss tracker) trains each group at its own rate.
+  """
+
+  class GroupedRates(keras.Model):
+
+    def train_step(self, data):
+      x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+      with tf.GradientTape() as tape:
+        y_pred = self(x, training=True)
+        loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                                 training=True)
+      variables = self.trainable_variables
+      by_path = dict(zip([v.path for v in variables], tape.gradient(loss, variables)))
+      for optimizer, group in groups:
+        optimizer.apply([by_path[v.path] for v in group], group)
+      for metric in self.metrics:
+        if metric.name == 'loss':
+          metric.update_state(loss, sample_weight=tf.shape(x)[0])
+        else:
+          metric.update_state(y, y_pred)
+      return {m.name: m.result() for m in self.metrics}
+
+  for optimizer, group in groups:
+    optimizer.build(group)
+  return GroupedRates(inputs=model.inputs, outputs=model.outputs)
+
+
+def fit_steps(keras, model, spec, x, y, *, batch_size: int, **fit_kwargs):
+  """Keras `fit` over (x, y) in order, one epoch: each step's loss and the arrays (by hhjax
+  path) after the last step, before fit's end swaps the EMA in (`finalize_variable_values`),
+  and after it.
+
+  Keras reports the running mean of the epoch's losses after each step; with batches of one
+  size, step k's own loss is k * mean_k - (k - 1) * mean_(k-1).
+  """
+  seen = {}
+
+  class Record(keras.callbacks.Callback):
+
+    def on_train_batch_end(self, batch, logs=None):
+      seen.setdefault('means', []).append(float(logs['loss']))
+
+    def on_epoch_end(self, epoch, logs=None):
+      seen['raw'] = keras_variables(model, spec)
+
+  model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0,
+            callbacks=[Record()], **fit_kwargs)
+  means = seen['means']
+  losses = [(k + 1) * m - k * (means[k - 1] if k else 0.0) for k, m in enumerate(means)]
+  return losses, seen['raw'], keras_variables(model, spec)

@@ -83,6 +83,9 @@ BAD_VALUES = [
     ('optimizer.weight_decay_exclude', 'bias', None),
     ('optimizer.weight_decay_exclude', ('(bias',), "'(bias'"),
     ('optimizer.global_clipnorm', 0.0, None),
+    ('optimizer.amsgrad', 'yes', None),
+    ('optimizer.clipnorm', 0.0, None),
+    ('optimizer.clipvalue', -1.0, None),
     ('optimizer.gradient_accumulation_steps', 1, None),
     ('optimizer.use_ema', 1, None),
     ('optimizer.ema_momentum', 1.1, None),
@@ -236,6 +239,19 @@ def test_reduce_lr_on_plateau_refuses_a_schedule():
   assert message.startswith("config.warmup.schedule.name = 'cosine': must be 'constant' while "
                             'config.reduce_lr_on_plateau.monitor is set')
   config_checks.validate(_config(reduce_lr_on_plateau__monitor='val_loss'))
+
+
+def test_one_clipping_and_amsgrad_with_adam_only_as_keras():
+  message = _message(_config(optimizer__clipnorm=1.0, optimizer__clipvalue=0.5))
+  assert message == ('config.optimizer.clipnorm = 1.0 and config.optimizer.clipvalue = 0.5: '
+                     'only one of global_clipnorm, clipnorm and clipvalue may be set (as in '
+                     'Keras); set the others to None.')
+  message = _message(_config(optimizer__amsgrad=True))   # the default rmsprop
+  assert message == ("config.optimizer.amsgrad = True: must be False unless "
+                     "config.optimizer.name is 'adam' or 'adamw' (Keras's amsgrad is theirs).")
+  for name in ('adam', 'adamw'):
+    config_checks.validate(_config(optimizer__name=name, optimizer__amsgrad=True,
+                                   optimizer__clipvalue=0.5))
 
 
 def test_the_message_lists_the_allowed_values():

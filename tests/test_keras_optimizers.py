@@ -6,6 +6,8 @@ same weights, and compares the weights after every step (and Keras's EMA variabl
 `optim.inference_params`).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,7 @@ import pytest
 from hhjax.training import keras_optim
 from hhjax.training import optim
 from hhjax.training import plateau
+import keras_classifiers
 
 keras = pytest.importorskip('keras')
 
@@ -36,44 +39,10 @@ def _initial():
   return {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
 
 
-def _keras_schedule(lr, schedule: keras_optim.ScheduleSpec):
-  s = keras.optimizers.schedules
-  if schedule.name == 'constant':
-    return lr
-  if schedule.name == 'cosine':
-    return s.CosineDecay(lr, schedule.decay_steps, alpha=schedule.alpha,
-                         warmup_target=schedule.warmup_target,
-                         warmup_steps=schedule.warmup_steps)
-  if schedule.name == 'exponential':
-    return s.ExponentialDecay(lr, schedule.decay_steps, schedule.decay_rate,
-                              staircase=schedule.staircase)
-  return s.PiecewiseConstantDecay(list(schedule.boundaries), list(schedule.values))
-
-
-def _keras_optimizer(spec: keras_optim.OptimizerSpec, lr, schedule):
-  common = dict(learning_rate=_keras_schedule(lr, schedule), weight_decay=spec.weight_decay,
-                global_clipnorm=spec.global_clipnorm,
-                gradient_accumulation_steps=spec.gradient_accumulation_steps,
-                use_ema=spec.use_ema, ema_momentum=spec.ema_momentum,
-                ema_overwrite_frequency=spec.ema_overwrite_frequency)
-  if spec.name == 'sgd':
-    opt = keras.optimizers.SGD(momentum=spec.momentum, nesterov=spec.nesterov, **common)
-  elif spec.name == 'rmsprop':
-    opt = keras.optimizers.RMSprop(rho=spec.rho, epsilon=spec.epsilon, **common)
-  else:
-    cls = keras.optimizers.AdamW if spec.name == 'adamw' else keras.optimizers.Adam
-    if spec.name == 'adamw' and spec.weight_decay is None:
-      common.pop('weight_decay')   # AdamW's own default
-    opt = cls(beta_1=spec.beta_1, beta_2=spec.beta_2, epsilon=spec.epsilon, **common)
-  if spec.weight_decay_exclude:
-    opt.exclude_from_weight_decay(var_names=list(spec.weight_decay_exclude))
-  return opt
-
-
 def _keras_run(spec, lr, schedule, grads_seq):
   init = _initial()
   variables = [keras.Variable(init[k].copy(), name=k) for k in SHAPES]
-  opt = _keras_optimizer(spec, lr, schedule)
+  opt = keras_classifiers.keras_optimizer(keras, spec, lr, schedule)
   trajectory = []
   for grads in grads_seq:
     opt.apply([grads[k].copy() for k in SHAPES], variables)
@@ -129,6 +98,15 @@ CASES = {
         1e-2, Sched()),
     'sgd_cosine_no_warmup_adamw_default_decay': (
         Opt('adamw'), 1e-2, Sched('cosine', decay_steps=6, alpha=0.2)),
+    'adam_amsgrad_clipnorm': (
+        Opt('adam', amsgrad=True, beta_2=0.8, clipnorm=1.0), 1e-2, Sched()),
+    'adamw_amsgrad_clipvalue_accumulation_ema': (
+        Opt('adamw', amsgrad=True, beta_2=0.9, clipvalue=0.5, gradient_accumulation_steps=2,
+            use_ema=True, ema_momentum=0.8), 1e-2, Sched()),
+    'sgd_momentum_clipnorm': (
+        Opt('sgd', momentum=0.9, clipnorm=0.5), 0.05, Sched()),
+    'rmsprop_clipvalue': (
+        Opt('rmsprop', clipvalue=0.01), 1e-2, Sched()),
 }
 
 
@@ -152,6 +130,27 @@ def test_optimizer_matches_keras_step_by_step(case):
   print(f'{case}: max relative error {worst:.2e}')
 
 
+@pytest.mark.parametrize('case, without', [
+    ('adam_amsgrad_clipnorm', dict(amsgrad=False)),
+    ('adam_amsgrad_clipnorm', dict(clipnorm=None)),
+    ('rmsprop_clipvalue', dict(clipvalue=None)),
+], ids=lambda v: v if isinstance(v, str) else '-'.join(f'{k}={x}' for k, x in v.items()))
+def test_each_option_changes_the_trajectory(case, without):
+  # Guards the cases above against being vacuous: on these gradients the option matters.
+  spec, lr, schedule = CASES[case]
+  grads_seq = _gradients()
+  got = _hhjax_run(spec, lr, schedule, grads_seq)[-1][0]
+  other = _hhjax_run(dataclasses.replace(spec, **without), lr, schedule, grads_seq)[-1][0]
+  assert not np.allclose(got['kernel'], other['kernel'], rtol=1e-3, atol=1e-5)
+
+
+def test_two_clippings_are_refused_as_keras_refuses_them():
+  with pytest.raises(ValueError, match='Only one of'):
+    keras.optimizers.SGD(clipnorm=1.0, clipvalue=1.0)
+  with pytest.raises(ValueError, match='Only one of config.optimizer.clipnorm'):
+    keras_optim.train_transform(Opt('sgd', clipnorm=1.0, clipvalue=1.0), 0.1)
+
+
 def test_accumulation_updates_only_every_n_micro_batches():
   spec, lr, schedule = CASES['rmsprop_decay_clipnorm_accumulation']
   ours = _hhjax_run(spec, lr, schedule, _gradients())
@@ -170,7 +169,7 @@ def test_accumulation_updates_only_every_n_micro_batches():
    + ('_staircase' if s.staircase else ''))
 def test_schedule_matches_keras_at_every_step(schedule):
   lr = 0.1
-  keras_schedule = _keras_schedule(lr, schedule)
+  keras_schedule = keras_classifiers.keras_schedule(keras, lr, schedule)
   ours = keras_optim.schedule(lr, schedule)
   steps = np.arange(0, 16)
   want = np.array([float(keras_schedule(int(s))) for s in steps])
@@ -277,6 +276,12 @@ def test_config_fields_reach_the_optimizer_and_the_phases():
   config.finetune.schedule.values = (0.1, 0.01)
   spec = entry.optimizer(config)
   assert {k: getattr(spec, k) for k in values} == values and spec.plateau
+  clipped = default.get_config()
+  clipped.optimizer.name, clipped.optimizer.amsgrad = 'adam', True
+  clipped.optimizer.clipnorm = 1.5
+  assert entry.optimizer(clipped) == Opt('adam', amsgrad=True, clipnorm=1.5)
+  clipped.optimizer.clipnorm, clipped.optimizer.clipvalue = None, 0.25
+  assert entry.optimizer(clipped) == Opt('adam', amsgrad=True, clipvalue=0.25)
   assert entry.plateau(config).monitor == 'val_accuracy'
   warmup, finetune = entry.phases(config)
   assert warmup.schedule == Sched()

@@ -7,7 +7,10 @@ partitions it from the frozen ones) as Keras 3's optimizer would apply it, in th
 
     1. gradient accumulation  optax.MultiSteps: the mean of `gradient_accumulation_steps`
                               micro-batches' gradients, one update every that many steps
-    2. global_clipnorm        optax.clip_by_global_norm, of the (accumulated) gradient
+    2. clipping               of the (accumulated) gradient, one of: global_clipnorm
+                              (optax.clip_by_global_norm), clipnorm (each array's gradient
+                              to that norm, `keras_clip_by_norm`), clipvalue (each element
+                              to [-v, v], optax.clip)
     3. the update rule        rmsprop / sgd / adam / adamw, times the learning rate
     4. weight decay           `w -= w * weight_decay * lr` (Keras applies it to the variable
                               before the update; the gradient is already computed, so adding
@@ -17,7 +20,8 @@ partitions it from the frozen ones) as Keras 3's optimizer would apply it, in th
 
 Where Keras and optax differ, the Keras form is used: RMSprop's epsilon inside the square root
 and no bias correction (`keras_rmsprop`), Adam's epsilon added to the uncorrected
-`sqrt(v)` with the bias correction folded into the step size (`scale_by_keras_adam`), and SGD's
+`sqrt(v)` with the bias correction folded into the step size (`scale_by_keras_adam`; with
+`amsgrad`, the running maximum of that uncorrected `v`, as Keras's), and SGD's
 momentum accumulating `-lr * g` (the learning rate of each past step stays in the velocity, so
 a schedule changes only new contributions) rather than optax's raw-gradient trace scaled by
 the current rate.
@@ -69,9 +73,12 @@ class OptimizerSpec:
   nesterov: bool = False              # sgd
   beta_1: float = 0.9                 # adam, adamw
   beta_2: float = 0.999               # adam, adamw
+  amsgrad: bool = False               # adam, adamw
   weight_decay: float | None = None
   weight_decay_exclude: tuple[str, ...] = ()
   global_clipnorm: float | None = None
+  clipnorm: float | None = None       # at most one of the three clippings, as in Keras
+  clipvalue: float | None = None
   gradient_accumulation_steps: int | None = None
   use_ema: bool = False
   ema_momentum: float = 0.99
@@ -182,8 +189,16 @@ class ScaleByKerasAdamState(NamedTuple):
   nu: PyTree
 
 
+class ScaleByKerasAmsgradState(NamedTuple):
+  count: jax.Array     # updates done
+  mu: PyTree
+  nu: PyTree
+  nu_max: PyTree       # the largest `nu` so far (Keras's velocity_hat)
+
+
 def scale_by_keras_adam(beta_1: float = 0.9, beta_2: float = 0.999,
-                        epsilon: float = 1e-7) -> optax.GradientTransformation:
+                        epsilon: float = 1e-7,
+                        amsgrad: bool = False) -> optax.GradientTransformation:
   """Adam's direction as `keras.optimizers.Adam` computes it (before the learning rate).
 
   Keras: `m += (g - m) * (1 - b1)`, `v += (g**2 - v) * (1 - b2)`, and
@@ -191,10 +206,17 @@ def scale_by_keras_adam(beta_1: float = 0.9, beta_2: float = 0.999,
   uncorrected `sqrt(v)`. optax's `scale_by_adam` adds it to the bias-corrected one
   (`m_hat / (sqrt(v_hat) + eps)`), which differs wherever `sqrt(v)` is near epsilon and has no
   option for the Keras form, hence this transform.
+
+  `amsgrad` (Keras's `amsgrad=True`): the denominator uses `v_hat = max(v_hat, v)`, the largest
+  uncorrected `v` so far (from 0), instead of `v`; optax's `scale_by_amsgrad` has the form of
+  its Adam (`m_hat / (sqrt(max v_hat) + eps)`), not Keras's. Without `amsgrad` the state is the
+  one of before (checkpoints keep their layout).
   """
 
   def init(params):
     zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+    if amsgrad:
+      return ScaleByKerasAmsgradState(jnp.zeros([], jnp.int32), zeros(), zeros(), zeros())
     return ScaleByKerasAdamState(jnp.zeros([], jnp.int32), zeros(), zeros())
 
   def update(updates, state, params=None):
@@ -205,6 +227,10 @@ def scale_by_keras_adam(beta_1: float = 0.9, beta_2: float = 0.999,
     t = count.astype(jnp.float32)
     alpha = jnp.sqrt(1 - jnp.power(jnp.float32(beta_2), t)) / (
         1 - jnp.power(jnp.float32(beta_1), t))
+    if amsgrad:
+      nu_max = jax.tree.map(jnp.maximum, state.nu_max, nu)
+      direction = jax.tree.map(lambda m, v: m * alpha / (jnp.sqrt(v) + epsilon), mu, nu_max)
+      return direction, ScaleByKerasAmsgradState(count, mu, nu, nu_max)
     direction = jax.tree.map(lambda m, v: m * alpha / (jnp.sqrt(v) + epsilon), mu, nu)
     return direction, ScaleByKerasAdamState(count, mu, nu)
 
@@ -223,6 +249,43 @@ def keras_sgd(learning_rate, momentum: float = 0.0,
     return optax.scale_by_learning_rate(learning_rate)
   return optax.chain(optax.scale_by_learning_rate(learning_rate),
                      optax.trace(decay=momentum, nesterov=nesterov))
+
+
+def keras_clip_by_norm(max_norm: float) -> optax.GradientTransformation:
+  """Keras's `clipnorm`: each array's gradient `g` becomes `g * c / max(||g||, c)`.
+
+  Keras clips every variable's gradient to the norm `c` on its own (`global_clipnorm` clips
+  them together, `optax.clip_by_global_norm`); optax has no per-array norm clip
+  (`clip_by_block_rms` bounds the root mean square, not the norm), hence this transform,
+  in Keras's order of operations.
+  """
+  c = float(max_norm)
+
+  def clip(updates, params=None):
+    del params
+
+    def one(g):
+      norm = jnp.sqrt(jnp.sum(jnp.square(g)))
+      return g * jnp.asarray(c, g.dtype) / jnp.maximum(norm, jnp.asarray(c, g.dtype))
+    return jax.tree.map(one, updates)
+
+  return optax.stateless(clip)
+
+
+def clipping(spec: OptimizerSpec) -> optax.GradientTransformation | None:
+  """The gradient clipping `spec` asks for, None for none; Keras allows one of the three."""
+  given = {name: getattr(spec, name) for name in ('clipnorm', 'global_clipnorm', 'clipvalue')
+           if getattr(spec, name) is not None}
+  if len(given) > 1:
+    raise ValueError(f'Only one of config.optimizer.clipnorm, global_clipnorm and clipvalue '
+                     f'can be set (as in Keras); found {given}.')
+  if spec.clipnorm is not None:
+    return keras_clip_by_norm(float(spec.clipnorm))
+  if spec.global_clipnorm is not None:
+    return optax.clip_by_global_norm(float(spec.global_clipnorm))
+  if spec.clipvalue is not None:
+    return optax.clip(float(spec.clipvalue))
+  return None
 
 
 def decay_mask(params: PyTree, exclude: Sequence[str]) -> PyTree:
@@ -245,14 +308,15 @@ def _update_rule(spec: OptimizerSpec) -> Callable[..., optax.GradientTransformat
 
   def rule(learning_rate):
     parts = []
-    if spec.global_clipnorm is not None:
-      parts.append(optax.clip_by_global_norm(float(spec.global_clipnorm)))
+    clip = clipping(spec)
+    if clip is not None:
+      parts.append(clip)
     if spec.name == 'rmsprop':
       parts.append(keras_rmsprop(learning_rate, spec.rho, spec.epsilon))
     elif spec.name == 'sgd':
       parts.append(keras_sgd(learning_rate, spec.momentum, spec.nesterov))
     elif spec.name in ('adam', 'adamw'):
-      parts += [scale_by_keras_adam(spec.beta_1, spec.beta_2, spec.epsilon),
+      parts += [scale_by_keras_adam(spec.beta_1, spec.beta_2, spec.epsilon, spec.amsgrad),
                 optax.scale_by_learning_rate(learning_rate)]
     else:
       raise ValueError(f'config.optimizer.name must be one of {OPTIMIZER_NAMES}, got '
