@@ -74,6 +74,7 @@ LONGEST_FILES = (
     'test_multihost_faults.py',
     'test_main.py',
     'test_train_sharding.py',
+    'test_keras_fit_parity.py',
     'test_train.py',
     'test_pictures.py',
     'test_feature_cache.py',
