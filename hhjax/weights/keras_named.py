@@ -1,5 +1,5 @@
-"""Keras weight files of the backbones whose layers Keras names (VGG, ResNet, Xception), read
-by layer name.
+"""Keras weight files of the backbones whose layers Keras names (VGG, ResNet, Xception,
+EfficientNet), read by layer name.
 
 Any file Keras writes for such a network loads: tf_keras's `save_weights('x.h5')` (the
 official ImageNet files' layout), `model.save('x.h5')` (tf_keras or Keras 3) and Keras 3's
@@ -33,6 +33,7 @@ FileLayer = keras_h5.FileLayer
 _CONV = ('kernel', 'bias')
 _SEPARABLE = ('depthwise_kernel', 'pointwise_kernel', 'bias')
 _BN = ('scale', 'bias', 'mean', 'var')   # gamma, beta, moving_mean, moving_variance
+_NORMALIZATION = ('mean', 'variance', 'count')   # Keras's Normalization layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +87,9 @@ def layers(backbone: backbones.Backbone, abstract: Variables) -> list[Layer]:
   rank = {block: i for i, block in enumerate(backbone.blocks + backbone.top)}
   out = []
   for path, arrays in sorted(found.items(), key=lambda item: rank[item[0][0]]):
-    if 'mean' in arrays:
+    if 'variance' in arrays:
+      names = _NORMALIZATION
+    elif 'mean' in arrays:
       names = _BN
     elif 'depthwise_kernel' in arrays:
       names = _SEPARABLE
