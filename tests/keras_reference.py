@@ -68,6 +68,10 @@ def randomize_flax(variables, seed: int = 0):
     key = getattr(path[-1], 'key', None)
     if key == 'var':
       return rng.uniform(0.5, 2.0, x.shape).astype(np.float32)
+    if key == 'variance':   # EfficientNet's input Normalization
+      return rng.uniform(0.03, 0.1, x.shape).astype(np.float32)
+    if key == 'count':
+      return np.zeros(x.shape, np.float32)
     if key == 'scale':
       return rng.uniform(0.5, 1.5, x.shape).astype(np.float32)
     if key in ('kernel', 'depthwise_kernel', 'pointwise_kernel'):

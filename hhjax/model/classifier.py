@@ -140,10 +140,18 @@ def backbone_module(model: Classifier, name: str | None = None) -> nn.Module:
   options = {} if name else {'parent': None}
   declared = backbones.get(model.backbone)
   if declared.drop_connect_rate is not None:
-    options['drop_connect_rate'] = (declared.drop_connect_rate if model.drop_connect_rate is None
-                                    else float(model.drop_connect_rate))
+    options['drop_connect_rate'] = drop_connect_rate(model)
   return declared.build(model.cut, lowering=model.lowering,
                                              dtype=model.dtype, name=name, **options)
+
+
+def drop_connect_rate(model: Classifier) -> float:
+  """The backbone's drop-connect rate in training steps (0: the family has none)."""
+  declared = backbones.get(model.backbone)
+  if declared.drop_connect_rate is None:
+    return 0.0
+  return float(declared.drop_connect_rate if model.drop_connect_rate is None
+               else model.drop_connect_rate)
 
 
 def check_cut(cut: str, backbone: str | None = None) -> None:

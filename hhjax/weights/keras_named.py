@@ -187,6 +187,55 @@ def read(path, pairs: list[tuple[Layer, FileLayer]]) -> Variables:
   return variables
 
 
+def _inbound(layer: dict) -> list[str]:
+  """The layer names a config layer reads (tf_keras's [name, i, j, kwargs] or Keras 3's
+  keras_history)."""
+  names = []
+
+  def walk(node):
+    if isinstance(node, dict):
+      history = node.get('config', {}).get('keras_history') if node.get(
+          'class_name') == '__keras_tensor__' else None
+      if history:
+        names.append(history[0])
+      else:
+        for value in node.values():
+          walk(value)
+    elif isinstance(node, list):
+      if len(node) >= 3 and isinstance(node[0], str) and isinstance(node[1], int):
+        names.append(node[0])
+      else:
+        for value in node:
+          walk(value)
+
+  walk(layer.get('inbound_nodes', []))
+  return names
+
+
+def fold_rescaling(model_config, variables: Variables) -> Variables:
+  """A Keras model whose Normalization layer is followed by a Rescaling (EfficientNet built
+  with weights='imagenet' has one, scale 1 / sqrt(stddev) per channel, offset 0) computes
+  (x - mean) / sqrt(variance) * scale: the same as a Normalization of variance / scale^2,
+  which is what our one Normalization layer takes. `variables` are the backbone's (blocks at
+  the top); a model without such a layer is returned as it is."""
+  from hhjax.weights import keras_files  # pylint: disable=g-import-not-at-top
+  layers = keras_files.config_layers(model_config) if model_config else []
+  norms = {l.get('name') for l in layers if l.get('class_name') == 'Normalization'}
+  for layer in layers:
+    if layer.get('class_name') != 'Rescaling' or not set(_inbound(layer)) & norms:
+      continue
+    config = layer.get('config') or {}
+    scale = np.asarray(config.get('scale', 1.0), np.float32)
+    if np.any(np.asarray(config.get('offset', 0.0)) != 0):
+      raise errors.KerasWeightsError(
+          f'The Rescaling layer {layer.get("name")!r} after the Normalization has an offset; '
+          f'hhjax folds only a scale into the Normalization.')
+    stats = variables['batch_stats']['stem']['normalization']
+    stats['variance'] = (np.asarray(stats['variance'], np.float32) / (scale * scale)).astype(
+        np.float32)
+  return variables
+
+
 def load(path: str | os.PathLike, backbone: backbones.Backbone):
   """Reads `backbone`'s weights from a Keras file, by layer name.
 
@@ -210,6 +259,6 @@ def load(path: str | os.PathLike, backbone: backbones.Backbone):
       final = final_endpoint(backbone, names)
     abstract = abstract_variables(backbone, final, top, num_classes)
     pairs = pair(path, backbone, file_layers, layers(backbone, abstract))
-    variables = read(path, pairs)
+    variables = fold_rescaling(keras_file.model_config, read(path, pairs))
   keras_h5.check_variables(variables, abstract, source=str(path))
   return backbone.build(final, include_top=top, num_classes=num_classes), variables
