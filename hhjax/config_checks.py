@@ -394,7 +394,7 @@ def _check_relations(config: Any, found: list[str]) -> None:
     found.append(_problem('data.image_size', size,
                           f'an integer >= {backbone.min_size} ({backbone.keras_name})'))
   rate = _lookup(config, 'model.drop_connect_rate')
-  if backbone.drop_connect_rate is None and rate not in (_MISSING, None):
+  if backbone.drop_connect_rate is None and _is_number(rate) and 0 <= rate < 1:
     found.append(_problem('model.drop_connect_rate', rate,
                           f'None ({backbone.keras_name} has no drop-connect)'))
   endpoints = ', '.join(repr(e) for e in backbone.endpoints)
