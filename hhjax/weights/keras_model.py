@@ -183,8 +183,13 @@ def _named_family(kf: KerasFile) -> tuple[backbones.Backbone, str] | None:
     named = {n for n in names if not any(keras_named.auto_named(n, p)
                                          for p in backbone.unnamed.values())}
     # Beside the backbone's layers, only the head's (auto-named Dense layers).
-    if keras_named.named_layers_to(backbone, endpoint) >= {
+    if not keras_named.named_layers_to(backbone, endpoint) >= {
         n for n in named if not keras_named.auto_named(n, 'dense')}:
+      continue
+    # Of the right widths too (EfficientNetB1 and B2 name their first blocks alike).
+    shapes = {l.name: tuple(l.shapes) for l in kf.layers}
+    ours = keras_named.layers(backbone, keras_named.abstract_variables(backbone, endpoint))
+    if all(shapes.get(l.keras_name, l.shapes) == l.shapes for l in ours if l.keras_name):
       return backbone, endpoint
   return None
 
