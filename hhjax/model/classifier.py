@@ -141,8 +141,8 @@ def backbone_module(model: Classifier, name: str | None = None) -> nn.Module:
   declared = backbones.get(model.backbone)
   if declared.drop_connect_rate is not None:
     options['drop_connect_rate'] = drop_connect_rate(model)
-  return declared.build(model.cut, lowering=model.lowering,
-                                             dtype=model.dtype, name=name, **options)
+  return declared.build(model.cut, lowering=model.lowering, dtype=model.dtype, name=name,
+                        **options)
 
 
 def drop_connect_rate(model: Classifier) -> float:
