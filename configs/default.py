@@ -76,7 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
   data.image_size = 150
   data.resize_method = 'bilinear'          # 'nearest' mimics Keras flow_from_directory.
   # 'inception': x/127.5 - 1 (Keras's 'tf' mode); 'caffe': RGB->BGR minus the ImageNet mean
-  # (Keras's VGG/ResNet preprocess_input); 'rescale': x/255 (the seed).
+  # (Keras's VGG/ResNet preprocess_input); 'rescale': x/255 (the seed); 'raw': the pixels as
+  # they are (EfficientNet, which normalises inside the model).
   data.preprocessing = 'inception'
   # 'float32': batches carry normalised images; 'uint8': pixels, normalised on the device
   # (a quarter of the bytes to move; rounds augmented pixels to whole grey levels).
@@ -108,9 +109,11 @@ def get_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- model
   config.model = model = ml_collections.ConfigDict()
   # The Keras application the classifier stands on (hhjax/model/backbones.py, README "Backbones"):
-  # 'inception_v3', 'vgg16', 'vgg19', 'resnet50', 'resnet101', 'resnet152' or 'xception'.
+  # 'inception_v3', 'vgg16', 'vgg19', 'resnet50', 'resnet101', 'resnet152', 'xception' or
+  # 'efficientnet_b0' ... 'efficientnet_b7'.
   # model.cut and finetune.unfreeze_from name its endpoints; VGG and ResNet's ImageNet weights
-  # expect data.preprocessing='caffe', InceptionV3 and Xception's 'inception'.
+  # expect data.preprocessing='caffe', InceptionV3 and Xception's 'inception', EfficientNet
+  # 'raw' (it normalises inside the model, as Keras's does).
   model.backbone = 'inception_v3'
   model.cut = 'mixed7'                     # An endpoint of the backbone (the last block kept).
   # 'imagenet', a path to a Keras .h5, a converted checkpoint folder, or None (random init).
@@ -118,6 +121,11 @@ def get_config() -> ml_collections.ConfigDict:
   model.head = 'flatten'                   # 'flatten' (the seed) or 'gap'.
   model.hidden = 1024
   model.dropout = 0.2
+  # EfficientNet's drop-connect (stochastic depth) rate, Keras's drop_connect_rate: the b-th of
+  # n blocks drops its residual branch per image at rate x b / n in training steps, in every
+  # block up to the cut, frozen or not, as in Keras's fit. None: Keras's default (0.2); 0 turns
+  # it off (and lets a frozen phase cache its features). Only for the families that have it.
+  model.drop_connect_rate = ml_collections.FieldReference(None, field_type=float)
 
   # ---------------------------------------------------------------- speed
   # Faster ways to compute the same model (benchmarks/README.md). 'auto' turns a rewrite on for

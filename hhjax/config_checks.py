@@ -148,6 +148,7 @@ RULES: dict[str, _Rule] = {
     'model.head': _one_of(classifier.HEADS),
     'model.hidden': _integer(0),
     'model.dropout': _number(0, 1),
+    'model.drop_connect_rate': _optional(_number(0, 1)),
     'speed.compute_dtype': _optional(_one_of(tuple(lowering.COMPUTE_DTYPES))),
     'speed.cache_features_max_mb': _number(0, low_open=True),
     'optimizer.name': _one_of(tuple(optim.OPTIMIZERS)),
@@ -409,6 +410,10 @@ def _check_relations(config: Any, found: list[str]) -> None:
   if _is_int(size) and not size >= backbone.min_size:
     found.append(_problem('data.image_size', size,
                           f'an integer >= {backbone.min_size} ({backbone.keras_name})'))
+  rate = _lookup(config, 'model.drop_connect_rate')
+  if backbone.drop_connect_rate is None and _is_number(rate) and 0 <= rate < 1:
+    found.append(_problem('model.drop_connect_rate', rate,
+                          f'None ({backbone.keras_name} has no drop-connect)'))
   endpoints = ', '.join(repr(e) for e in backbone.endpoints)
   cut = _lookup(config, 'model.cut')
   if cut is not _MISSING and cut not in backbone.endpoints:

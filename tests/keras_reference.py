@@ -33,6 +33,12 @@ def randomize(model, seed: int = 0) -> None:
              rng.normal(0.0, np.sqrt(2.0 / cin), weights[1].shape)]
       if len(weights) == 3:
         new.append(rng.normal(0.0, 0.1, weights[2].shape))
+    elif kind == 'DepthwiseConv2D':          # EfficientNet: [k, k, in, 1], no bias
+      kh, kw, _, _ = weights[0].shape
+      new = [rng.normal(0.0, np.sqrt(1.0 / (kh * kw)), weights[0].shape)]
+    elif kind == 'Normalization':            # EfficientNet's mean, variance, count
+      (c,) = weights[0].shape
+      new = [rng.uniform(0.3, 0.6, c), rng.uniform(0.03, 0.1, c), weights[2]]
     elif kind == 'BatchNormalization' and len(weights) == 4:   # with gamma (ResNet, Xception)
       (c,) = weights[0].shape
       new = [rng.uniform(0.5, 1.5, c),           # gamma
@@ -49,7 +55,8 @@ def randomize(model, seed: int = 0) -> None:
              rng.normal(0.0, 0.1, weights[1].shape)]
     else:
       raise AssertionError(f'unexpected layer with weights: {layer.name} ({kind})')
-    layer.set_weights([w.astype(np.float32) for w in new])
+    layer.set_weights([np.asarray(w).astype(np.asarray(old).dtype)
+                       for w, old in zip(new, weights)])
 
 
 def randomize_flax(variables, seed: int = 0):
@@ -61,6 +68,10 @@ def randomize_flax(variables, seed: int = 0):
     key = getattr(path[-1], 'key', None)
     if key == 'var':
       return rng.uniform(0.5, 2.0, x.shape).astype(np.float32)
+    if key == 'variance':   # EfficientNet's input Normalization
+      return rng.uniform(0.03, 0.1, x.shape).astype(np.float32)
+    if key == 'count':
+      return np.zeros(x.shape, np.float32)
     if key == 'scale':
       return rng.uniform(0.5, 1.5, x.shape).astype(np.float32)
     if key in ('kernel', 'depthwise_kernel', 'pointwise_kernel'):

@@ -5,7 +5,9 @@ statistics included) at the smallest input Keras allows, saved with `save_weight
 official files' layout), read back by our loader by layer name, and compared at each stage's
 endpoint and the last one in inference mode: max |flax - keras| / max |keras| <= 1e-4. The
 other members are checked structurally: VGG19's layers, names and shapes, against Keras's model
-built with weights=None; ResNet101's and 152's stages against those Keras's ResNet stacks.
+built with weights=None; ResNet101's and 152's stages against those Keras's ResNet stacks;
+EfficientNetB1 ... B7's blocks against those Keras's EfficientNet builds (and B1 numerically, at
+an odd size that takes Keras's other padding).
 """
 
 import functools
@@ -22,7 +24,8 @@ import keras_reference
 
 TOLERANCE = 1e-4
 # The smallest member of each family, and the smallest input Keras builds it at.
-FAMILIES = {'vgg16': 32, 'resnet50': 32, 'xception': 71}
+FAMILIES = {'vgg16': 32, 'resnet50': 32, 'xception': 71,
+            'efficientnet_b0': 32}
 # Where each family's Keras model has its endpoints: Xception's additions are unnamed.
 _KERAS_ADDS = 'xception'
 
@@ -51,7 +54,8 @@ def family(request, tmp_path_factory):
   keras_model.save_weights(str(path))
   model, variables = pretrained.load_file(path, name)
   return types.SimpleNamespace(name=name, size=size, backbone=backbone, path=path,
-                               keras_model=keras_model, model=model, variables=variables)
+                               keras_model=keras_model, model=model, variables=variables,
+                               apply=jax.jit(model.apply))
 
 
 def test_weights_file_loads_by_layer_name_as_the_whole_network_without_top(family):
@@ -61,11 +65,12 @@ def test_weights_file_loads_by_layer_name_as_the_whole_network_without_top(famil
   assert sum(np.size(v) for v in jax.tree.leaves(family.variables)) == count
 
 
-@pytest.mark.parametrize('family', ['xception'], indirect=True)
+@pytest.mark.parametrize('family', ['xception', 'efficientnet_b0'], indirect=True)
 def test_whole_model_h5_and_keras_archive_load_the_same_weights(family, tmp_path):
   """tf_keras's model.save('x.h5') and Keras 3's .keras archive of the same network load, by
   name, to the arrays of the save_weights file. Xception: its unnamed layers (Keras 3 numbers
-  them afresh) are paired in order; the families without any take the same path."""
+  them afresh) are paired in order; the families without any take the same path. EfficientNet:
+  its Normalization layer's arrays and depthwise kernels, in both formats."""
   import keras  # pylint: disable=g-import-not-at-top
   family.keras_model.save(str(tmp_path / 'whole.h5'))
   keras3 = getattr(keras.applications, family.backbone.keras_name)(
@@ -81,7 +86,8 @@ def test_whole_model_h5_and_keras_archive_load_the_same_weights(family, tmp_path
 
 def test_a_file_of_another_family_is_refused_naming_a_missing_layer(family):
   from hhjax import errors  # pylint: disable=g-import-not-at-top
-  other = {'vgg16': 'resnet50', 'resnet50': 'xception', 'xception': 'vgg16'}[family.name]
+  other = {'vgg16': 'resnet50', 'resnet50': 'xception', 'xception': 'vgg16',
+           'efficientnet_b0': 'efficientnet_b2'}[family.name]
   with pytest.raises(errors.KerasWeightsError,
                      match=rf'does not hold Keras {backbones.get(other).keras_name} weights'):
     pretrained.load_file(family.path, other)
@@ -120,6 +126,8 @@ def test_official_files_are_the_installed_keras_ones(name):
   backbone = backbones.get(name)
   source_module = {'inception_v3': 'inception_v3', 'vgg16': 'vgg16', 'vgg19': 'vgg19',
                    'xception': 'xception'}.get(name, 'resnet')
+  if name.startswith('efficientnet_'):
+    source_module = 'efficientnet'
   module = importlib.import_module(f'keras.src.applications.{source_module}')
   source = inspect.getsource(module)
   for key, weights in backbone.weights.items():
@@ -129,6 +137,12 @@ def test_official_files_are_the_installed_keras_ones(name):
       top, notop = module.WEIGHTS_HASHES[name]
       assert weights.md5 == (top if weights.include_top else notop)
       assert weights.url == module.BASE_WEIGHTS_PATH + weights.filename
+    elif source_module == 'efficientnet':   # name + ('.h5' or '_notop.h5'), as Keras builds it
+      variant = name[len('efficientnet_'):]
+      top, notop = module.WEIGHTS_HASHES[variant]
+      assert weights.md5 == (top if weights.include_top else notop)
+      suffix = '.h5' if weights.include_top else '_notop.h5'
+      assert weights.url == f'{module.BASE_WEIGHTS_PATH}efficientnet{variant}{suffix}'
     else:
       url = module.WEIGHTS_PATH if weights.include_top else module.WEIGHTS_PATH_NO_TOP
       assert weights.url == url
@@ -152,7 +166,7 @@ def test_endpoints_match_tf_keras_in_inference_mode(family):
   x = preprocessing.normalize_np(pixels, family.backbone.preprocessing)
   theirs = keras_endpoints(tf_keras, family.keras_model, family.backbone, names).predict(
       x, verbose=0)
-  ours = jax.jit(family.model.apply)(family.variables, x)
+  ours = family.apply(family.variables, x)
   errors = {}
   for name, reference in zip(names, theirs):
     assert ours[name].shape == reference.shape, name
@@ -165,7 +179,8 @@ def test_endpoints_match_tf_keras_in_inference_mode(family):
 def test_preprocessing_is_keras_preprocess_input(family):
   import tf_keras  # pylint: disable=g-import-not-at-top
   module = {'vgg16': tf_keras.applications.vgg16, 'resnet50': tf_keras.applications.resnet,
-            'xception': tf_keras.applications.xception}[family.name]
+            'xception': tf_keras.applications.xception,
+            'efficientnet_b0': tf_keras.applications.efficientnet}[family.name]
   pixels = np.random.default_rng(1).integers(0, 256, (2, 5, 5, 3)).astype(np.float32)
   theirs = module.preprocess_input(pixels.copy())
   ours = preprocessing.normalize_np(pixels, family.backbone.preprocessing)
@@ -214,7 +229,8 @@ def test_resnet_stages_are_the_ones_keras_stacks(name, monkeypatch):
 # Where the training smoke cuts each family, and the endpoint fine-tuning opens from.
 _CUTS = {'vgg16': ('block2_pool', 'block2_pool'),
          'resnet50': ('conv2_block3_out', 'conv2_block3_out'),
-         'xception': ('block3_add', 'block3_add')}
+         'xception': ('block3_add', 'block3_add'),
+         'efficientnet_b0': ('block2a_project_bn', 'block2a_project_bn')}
 
 
 @pytest.fixture(scope='module')
@@ -232,7 +248,9 @@ def cut_classifier(family):
   config.data.image_size = family.size
   config.data.preprocessing = family.backbone.preprocessing
   model = entry.model(config, 2)
-  variables = jax.jit(functools.partial(state_lib.init_variables, model, family.size, 0))()
+  # Random variables of the init's shapes: compiling the init takes longer than the steps.
+  variables = keras_reference.randomize_flax(jax.eval_shape(
+      functools.partial(state_lib.init_variables, model, family.size, 0)), seed=0)
   variables = pretrained.load_backbone(variables, str(family.path), cut, backbone=family.name)
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 256, (4, family.size, family.size, 3)).astype(np.uint8),
@@ -348,3 +366,160 @@ def test_keras_classifier_export_computes_ours_and_reads_back(name, tmp_path):
       name, cut, 'flatten', 8, 0.2, size)
   same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), again, variables)
   assert all(jax.tree.leaves(same))
+
+
+# ------------------------------------------------------------------------- EfficientNet
+
+
+@pytest.mark.parametrize('name', [f'efficientnet_b{i}' for i in range(8)])
+def test_efficientnet_blocks_are_the_ones_keras_builds(name, monkeypatch):
+  """B0 (compared with Keras above) scaled as Keras scales it: each variant's blocks (names,
+  kernel, channels in and out, expansion, stride, drop-connect rate) as Keras's own EfficientNet
+  calls its `block`, recorded without building them, and the stem's and top's widths as Keras's
+  layers have them."""
+  from keras.src.applications import efficientnet as keras_efficientnet  # pylint: disable=g-import-not-at-top
+  from hhjax.model import efficientnet  # pylint: disable=g-import-not-at-top
+  recorded = []
+
+  def record(x, activation, drop_rate, name, filters_in, filters_out, kernel_size, strides,
+             expand_ratio, se_ratio, id_skip):
+    assert (activation, se_ratio, id_skip) == ('swish', 0.25, True)
+    recorded.append((name, kernel_size, filters_in, filters_out, expand_ratio, strides,
+                     drop_rate))
+    return x
+
+  monkeypatch.setattr(keras_efficientnet, 'block', record)
+  backbone = backbones.get(name)
+  keras_model = getattr(keras_efficientnet, backbone.keras_name)(
+      weights=None, include_top=False, input_shape=(32, 32, 3))
+  variant = name[len('efficientnet_'):]
+  ours = [(b.prefix, b.kernel_size, b.filters_in, b.filters_out, b.expand_ratio, b.strides,
+           b.drop_rate) for b in efficientnet.blocks(variant)]
+  assert ours == recorded
+  width = efficientnet.VARIANTS[variant].width
+  assert keras_model.get_layer('stem_conv').kernel.shape[-1] == efficientnet.round_filters(
+      32, width)
+  assert keras_model.get_layer('top_conv').kernel.shape[-1] == efficientnet.round_filters(
+      1280, width)
+  assert backbone.endpoints == tuple(
+      f'{p}add' if f_in == f_out and s == 1 else f'{p}project_bn'
+      for p, _, f_in, f_out, _, s, _ in recorded) + ('top_activation',)
+
+
+def test_efficientnet_b1_matches_tf_keras_at_an_odd_size(tmp_path):
+  """B1 (two blocks a stage where B0 has one) at 33 px, where Keras's `correct_pad` pads
+  odd-sized maps otherwise than even ones: the ends of its first three stages."""
+  import tf_keras  # pylint: disable=g-import-not-at-top
+  backbone, size = backbones.get('efficientnet_b1'), 33
+  tf_keras.backend.clear_session()
+  keras_model = tf_keras.applications.EfficientNetB1(weights=None, include_top=False,
+                                                     input_shape=(size, size, 3))
+  keras_reference.randomize(keras_model, seed=4)
+  keras_model.save_weights(str(tmp_path / 'b1.h5'))
+  # Up to stage 3 (the 17, 9 and 5 px maps, both kernel sizes), for the suite's time.
+  names = list(backbone.parity_endpoints[:3])
+  model, variables = pretrained.load_pretrained(tmp_path / 'b1.h5', backbone=backbone.name,
+                                                final_endpoint=names[-1])
+  x = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype(np.float32)
+  theirs = keras_endpoints(tf_keras, keras_model, backbone, names).predict(x, verbose=0)
+  ours = jax.jit(model.apply)(variables, x)
+  errors = {n: float(np.max(np.abs(np.asarray(ours[n]) - t)) / np.max(np.abs(t)))
+            for n, t in zip(names, theirs)}
+  print(f'efficientnet_b1 (33 px) relative errors: {errors}')
+  assert max(errors.values()) <= TOLERANCE, errors
+
+
+@pytest.mark.parametrize('family', ['efficientnet_b0'], indirect=True)
+def test_efficientnet_imagenet_is_keras_weights_imagenet(family, monkeypatch, tmp_path):
+  """model.pretrained='imagenet' computes what Keras 3's EfficientNetB0(weights='imagenet')
+  computes from the same file, the extra Rescaling Keras adds for the official files (their
+  variance is the ImageNet stddev) included; that Keras model saved as .keras (the Rescaling in
+  its config) loads to the same network."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import keras  # pylint: disable=g-import-not-at-top
+  from keras.src.applications import efficientnet as keras_efficientnet  # pylint: disable=g-import-not-at-top
+  from hhjax.weights import official  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'efficientnetb0_notop.h5'
+  path.write_bytes(family.path.read_bytes())
+  monkeypatch.setattr(keras_efficientnet.file_utils, 'get_file', lambda *a, **k: str(path))
+  keras3 = keras.applications.EfficientNetB0(weights='imagenet', include_top=False,
+                                             input_shape=(family.size, family.size, 3))
+  assert [type(l).__name__ for l in keras3.layers[1:4]] == [
+      'Rescaling', 'Normalization', 'Rescaling']
+  monkeypatch.setenv(official.CACHE_DIR_ENV, str(tmp_path / 'cache'))
+  monkeypatch.setenv('KERAS_HOME', str(tmp_path / 'keras_home'))
+  local = official.WeightsFile(path.as_uri(), hashlib.md5(path.read_bytes()).hexdigest(), None,
+                               False)
+  monkeypatch.setitem(family.backbone.weights, 'imagenet', local)
+  model, variables = pretrained.load_pretrained('imagenet', backbone=family.name)
+  keras3.save(str(tmp_path / 'imagenet.keras'))
+  _, from_archive = pretrained.load_file(tmp_path / 'imagenet.keras', family.name)
+  x = np.random.default_rng(5).uniform(0, 255, (2, family.size, family.size, 3)).astype(
+      np.float32)
+  theirs = keras3.predict(x, verbose=0)
+  assert model.final_endpoint == family.model.final_endpoint
+  for ours in (variables, from_archive):   # the parity test's compiled network
+    out = np.asarray(family.apply(ours, x)['top_activation'])
+    error = float(np.max(np.abs(out - theirs)) / np.max(np.abs(theirs)))
+    print(f'efficientnet_b0 weights="imagenet" relative error: {error:.2e}')
+    assert error <= TOLERANCE
+
+
+def test_efficientnet_preprocessing_is_the_model_input_as_it_comes():
+  """'raw' hands the pixels over unchanged, in the pipeline and on the device (Keras's
+  efficientnet.preprocess_input is the identity; the model rescales and normalises)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from hhjax.data import decode  # pylint: disable=g-import-not-at-top
+  pixels = np.random.default_rng(2).integers(0, 256, (3, 4, 4, 3)).astype(np.float32)
+  np.testing.assert_array_equal(preprocessing.normalize_np(pixels, 'raw'), pixels)
+  np.testing.assert_array_equal(decode.normalize(tf.constant(pixels), 'raw').numpy(), pixels)
+  np.testing.assert_array_equal(
+      np.asarray(preprocessing.normalize_images(jax.numpy.asarray(pixels.astype(np.uint8)),
+                                                'raw')), pixels)
+  np.testing.assert_allclose(preprocessing.denormalize(pixels, 'raw'), pixels / 255.0)
+
+
+def test_efficientnet_drop_connect_is_on_in_training_steps_only_at_the_configured_rate():
+  """Training steps drop each image's residual branches at the configured rate (Keras's
+  per-block rates are checked against Keras above); evaluation does not; rate 0 turns it off
+  (training then computes the evaluation's logits: BatchNorm stays in inference mode in
+  both)."""
+  from hhjax.model import classifier  # pylint: disable=g-import-not-at-top
+  from hhjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  spec = {'backbone': 'efficientnet_b0', 'cut': 'block2b_add', 'head': 'gap', 'hidden': 0,
+          'dropout': 0.0}
+  models = {rate: classifier.create_model(dict(spec, drop_connect_rate=rate), 2,
+                                          preprocessing='raw') for rate in (None, 0.0, 0.5)}
+  assert {r: classifier.drop_connect_rate(m) for r, m in models.items()} == {
+      None: 0.2, 0.0: 0.0, 0.5: 0.5}
+  variables = keras_reference.randomize_flax(jax.eval_shape(
+      functools.partial(state_lib.init_variables, models[None], 32, 0)), seed=0)
+  images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype(np.uint8)
+
+  def logits(model, train, seed):
+    return np.asarray(jax.jit(functools.partial(model.apply, train=train))(
+        variables, images, rngs={'dropout': jax.random.key(seed)}))
+
+  assert {r: classifier.backbone_module(m).drop_connect_rate for r, m in models.items()} == {
+      None: 0.2, 0.0: 0.0, 0.5: 0.5}
+  evaluation = logits(models[None], False, 0)
+  np.testing.assert_array_equal(logits(models[0.0], True, 0), evaluation)
+  # Kept branches are scaled by 1 / (1 - rate), dropped ones gone: no image as in evaluation.
+  dropped = logits(models[0.5], True, 0)
+  assert np.all(np.abs(dropped - evaluation).max(axis=-1) > 1e-6)
+
+
+def test_drop_connect_rate_is_checked_against_the_family():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from hhjax import config_checks  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.model.drop_connect_rate = 0.1
+  assert any('config.model.drop_connect_rate = 0.1' in p and 'has no drop-connect' in p
+             for p in config_checks.problems(config))   # InceptionV3
+  config.model.backbone, config.model.cut = 'efficientnet_b0', 'block6d_add'
+  config.finetune.unfreeze_from = 'block6a_project_bn'
+  config.data.preprocessing = 'raw'
+  assert config_checks.problems(config) == []
+  config.model.drop_connect_rate = 1.0
+  assert any('config.model.drop_connect_rate = 1.0: must be None or a number in [0, 1)' in p
+             for p in config_checks.problems(config))

@@ -64,6 +64,7 @@ BAD_VALUES = [
     ('model.head', 'mlp', None),
     ('model.hidden', -1, None),
     ('model.dropout', 1.0, None),
+    ('model.drop_connect_rate', 1.0, None),
     ('speed.fast_convs', 'fast', None),
     ('speed.fold_bn', 'sometimes', None),
     ('speed.merge_1x1', 2, None),

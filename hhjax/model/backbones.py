@@ -6,6 +6,8 @@
     resnet50/101/152  ResNet50/101/152   conv2_block1_out ... conv5_block3_out     32  caffe
     xception      Xception               block2_add ... block13_add,               71  inception
                                          block14_sepconv2_act
+    efficientnet_b0 ... _b7              block1a_project_bn, ..., block2b_add,     32  raw
+                  EfficientNetB0 ... B7  ..., top_activation (every block's output)
 
 A `Backbone` says everything the rest of the code needs to know about a family, so that no
 other module names one: how to build its Flax module, its endpoints in order (where a
@@ -25,6 +27,7 @@ from typing import Any
 import flax.linen as nn
 
 from hhjax import errors
+from hhjax.model import efficientnet
 from hhjax.model import inception
 from hhjax.model import resnet
 from hhjax.model import vgg
@@ -82,6 +85,12 @@ class Backbone:
     parity_endpoints: the endpoints the parity tests compare (every stage's end, the last).
     unnamed_endpoints: the endpoints whose Keras layer is unnamed (Xception's Add layers,
       `add`, `add_1`, ...), in order: the k-th is the k-th Add layer of the Keras model.
+    drop_connect_rate: Keras's default drop-connect (stochastic depth) rate, for the families
+      that have it (config.model.drop_connect_rate; the module takes it and a `dropout` call
+      argument); None: the family has none.
+    imagenet_variables: what Keras does to the official files' arrays when it builds the
+      model with weights='imagenet' (EfficientNet's extra Rescaling), applied to them on load;
+      None: nothing.
   """
   name: str
   keras_name: str
@@ -97,6 +106,8 @@ class Backbone:
   lowerings: frozenset[str] = frozenset()
   parity_endpoints: tuple[str, ...] = ()
   unnamed_endpoints: tuple[str, ...] = ()
+  drop_connect_rate: float | None = None
+  imagenet_variables: Callable[[Any], Any] | None = None
 
   @property
   def blocks(self) -> tuple[str, ...]:
@@ -127,7 +138,10 @@ class Backbone:
             num_classes: int = 1000, lowering: Lowering = Lowering(), dtype: Any = None,
             name: str | None = None, **module_options) -> nn.Module:
     """The Flax module up to `final_endpoint` (default: the last), unverified rewrites off;
-    `module_options` (e.g. parent) go to the module."""
+    `module_options` (e.g. parent, drop_connect_rate) go to the module (drop_connect_rate
+    only to a family that has drop-connect)."""
+    if self.drop_connect_rate is None:
+      module_options.pop('drop_connect_rate', None)
     return self.module(final_endpoint=final_endpoint or self.endpoints[-1],
                        include_top=include_top, num_classes=num_classes,
                        lowering=self.lowering(lowering), dtype=dtype, name=name,
@@ -181,6 +195,34 @@ def _declared() -> tuple[Backbone, ...]:
                         'b0042744bf5b25fce3cb969f33bebb97', '0a58e3b7378bc2990ea3b43d5981f1f6'),
       unnamed={'residual_conv': 'conv2d', 'residual_bn': 'batch_normalization'},
       parity_endpoints=xception.ENDPOINTS, unnamed_endpoints=xception.ENDPOINTS[:-1]))
+  # Keras's efficientnet.py WEIGHTS_HASHES: (with top, without).
+  for variant, (top, notop) in (('b0', ('902e53a9f72be733fc0bcb005b3ebbac',
+                                        '50bc09e76180e00e4465e1a485ddc09d')),
+                                ('b1', ('1d254153d4ab51201f1646940f018540',
+                                        '74c4e6b3e1f6a1eea24c589628592432')),
+                                ('b2', ('b15cce36ff4dcbd00b6dd88e7857a6ad',
+                                        '111f8e2ac8aa800a7a99e3239f7bfb39')),
+                                ('b3', ('ffd1fdc53d0ce67064dc6a9c7960ede0',
+                                        'af6d107764bb5b1abb91932881670226')),
+                                ('b4', ('18c95ad55216b8f92d7e70b3a046e2fc',
+                                        'ebc24e6d6c33eaebbd558eafbeedf1ba')),
+                                ('b5', ('ace28f2a6363774853a83a0b21b9421a',
+                                        '38879255a25d3c92d5e44e04ae6cec6f')),
+                                ('b6', ('165f6e37dce68623721b423839de8be5',
+                                        '9ecce42647a20130c1f39a5d4cb75743')),
+                                ('b7', ('8c03f828fec3ef71311cd463b6759d99',
+                                        'cbcfe4450ddf6f3ad90b1b398090fe4a'))):
+    base = f'https://storage.googleapis.com/keras-applications/efficientnet{variant}'
+    families.append(Backbone(
+        f'efficientnet_{variant}', f'EfficientNet{variant.upper()}',
+        _partial(efficientnet.EfficientNet, variant=variant), efficientnet.endpoints(variant),
+        has_stem=True, min_size=efficientnet.MIN_SIZE, preprocessing='raw',
+        weights={'imagenet': WeightsFile(f'{base}_notop.h5', notop, None, False),
+                 'imagenet_top': WeightsFile(f'{base}.h5', top, None, True)},
+        unnamed={'normalization': 'normalization'},
+        parity_endpoints=efficientnet.stage_ends(variant),
+        drop_connect_rate=efficientnet.DROP_CONNECT_RATE,
+        imagenet_variables=efficientnet.imagenet_variance))
   return tuple(families)
 
 
@@ -201,8 +243,8 @@ def of_module(module: nn.Module) -> Backbone:
   """The declaration a backbone module (as `Backbone.build` makes it) was built from."""
   for backbone in BACKBONES.values():
     built = backbone.build()
-    if type(built) is type(module) and getattr(built, 'depth', None) == getattr(
-        module, 'depth', None):
+    if type(built) is type(module) and all(
+        getattr(built, a, None) == getattr(module, a, None) for a in ('depth', 'variant')):
       return backbone
   raise ValueError(f'{type(module).__name__} is not a declared backbone.')
 

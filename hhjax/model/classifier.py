@@ -90,6 +90,9 @@ class Classifier(nn.Module):
       (`hhjax.model.preprocessing`), bit-identical to the input pipeline's float32
       normalisation; float images are taken as already normalised.
     backbone: the backbone family member (`hhjax.model.backbones.NAMES`).
+    drop_connect_rate: the backbone's drop-connect (stochastic depth) rate, for the families
+      that have it (EfficientNet; None: Keras's default, 0.2), on in training steps as in
+      Keras's `fit`, in every block up to the cut, frozen or not.
   """
   cut: str = 'mixed7'
   num_classes: int = 2
@@ -100,6 +103,7 @@ class Classifier(nn.Module):
   dtype: Any = None
   preprocessing: str = 'inception'
   backbone: str = backbones.DEFAULT
+  drop_connect_rate: float | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, *,
@@ -122,8 +126,10 @@ class Classifier(nn.Module):
       features = x
     else:
       x = preprocessing_lib.normalize_images(x, self.preprocessing)
+      stochastic = backbones.get(self.backbone).drop_connect_rate is not None
       features = backbone_module(self, name='backbone')(
-          x, train=bn_train_from is not None, train_from=bn_train_from)[self.cut]
+          x, train=bn_train_from is not None, train_from=bn_train_from,
+          **({'dropout': train} if stochastic else {}))[self.cut]
     return Head(num_outputs(self.num_classes), self.head, self.hidden, self.dropout,
                 dtype=self.dtype, name='head')(features, train)
 
@@ -132,8 +138,20 @@ def backbone_module(model: Classifier, name: str | None = None) -> nn.Module:
   """The classifier's backbone up to its cut: inside the classifier as its submodule `name`,
   else on its own (the variables under 'backbone' fit it)."""
   options = {} if name else {'parent': None}
-  return backbones.get(model.backbone).build(model.cut, lowering=model.lowering,
-                                             dtype=model.dtype, name=name, **options)
+  declared = backbones.get(model.backbone)
+  if declared.drop_connect_rate is not None:
+    options['drop_connect_rate'] = drop_connect_rate(model)
+  return declared.build(model.cut, lowering=model.lowering, dtype=model.dtype, name=name,
+                        **options)
+
+
+def drop_connect_rate(model: Classifier) -> float:
+  """The backbone's drop-connect rate in training steps (0: the family has none)."""
+  declared = backbones.get(model.backbone)
+  if declared.drop_connect_rate is None:
+    return 0.0
+  return float(declared.drop_connect_rate if model.drop_connect_rate is None
+               else model.drop_connect_rate)
 
 
 def check_cut(cut: str, backbone: str | None = None) -> None:
@@ -154,7 +172,8 @@ def backbone_layers(cut: str, backbone: str | None = None) -> tuple[str, ...]:
 
 def create_model(model: Mapping[str, Any], num_classes: int, *, preprocessing: str,
                  speed: Mapping[str, Any] | None = None) -> Classifier:
-  """The classifier that `model` (config.model: backbone, cut, head, hidden, dropout) describes.
+  """The classifier that `model` (config.model: backbone, cut, head, hidden, dropout,
+  drop_connect_rate) describes.
 
   Args:
     model: config.model, or any mapping with its fields.
@@ -174,7 +193,8 @@ def create_model(model: Mapping[str, Any], num_classes: int, *, preprocessing: s
                     hidden=int(model['hidden']), dropout=float(model['dropout']),
                     lowering=lowering_lib.Lowering.from_config(speed),
                     dtype=lowering_lib.compute_dtype(speed.get('compute_dtype')),
-                    preprocessing=preprocessing, backbone=backbone)
+                    preprocessing=preprocessing, backbone=backbone,
+                    drop_connect_rate=model.get('drop_connect_rate'))
 
 
 def probabilities(logits: jax.Array) -> jax.Array:

@@ -1,4 +1,5 @@
-"""Keras's layers, as the Keras-built backbones (VGG, ResNet, Xception) use them, in Flax.
+"""Keras's layers, as the Keras-built backbones (VGG, ResNet, Xception, EfficientNet) use them,
+in Flax.
 
 Each module here is one Keras layer with weights and keeps that layer's name, so that a Keras
 weight file's layer `conv2_block1_1_conv` lands at the module `.../conv2_block1_1_conv`, and
@@ -8,6 +9,10 @@ stores its arrays in Keras's shapes:
     BatchNorm        BatchNormalization scale (gamma), bias (beta), mean, var
     SeparableConv    SeparableConv2D    depthwise_kernel [h, w, in, 1], pointwise_kernel
                                         [1, 1, in, out] (+ bias)
+    DepthwiseConv    DepthwiseConv2D    depthwise_kernel [h, w, in, 1] (Keras's layout: the
+                                        grouped convolution's [h, w, 1, in] is made on the fly)
+    Normalization    Normalization      mean [c], variance [c], count [] (in 'batch_stats':
+                                        Keras's non-trainable weights, never updated here)
     Dense            Dense              kernel [in, out], bias
 
 Keras's initialisers (glorot_uniform kernels, zero biases) and BatchNormalization defaults
@@ -27,10 +32,10 @@ BN_EPSILON = 1e-3
 
 
 def conv(features: int, kernel_size: int, *, name: str, strides: int = 1, padding: str = 'SAME',
-         use_bias: bool = True, dtype: Any = None) -> nn.Conv:
+         use_bias: bool = True, dtype: Any = None, kernel_init: Any = KERNEL_INIT) -> nn.Conv:
   """Keras's Conv2D(features, kernel_size, strides, padding) without its activation."""
   return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
-                 padding=padding, use_bias=use_bias, kernel_init=KERNEL_INIT,
+                 padding=padding, use_bias=use_bias, kernel_init=kernel_init,
                  bias_init=nn.initializers.zeros, dtype=dtype, name=name)
 
 
@@ -66,9 +71,56 @@ class SeparableConv(nn.Module):
     return y
 
 
-def dense(features: int, *, name: str, dtype: Any = None) -> nn.Dense:
+class DepthwiseConv(nn.Module):
+  """Keras's DepthwiseConv2D (depth_multiplier 1): one k x k filter per channel.
+
+  The kernel is stored as Keras stores it, [k, k, in, 1], so that Keras's arrays load and
+  export as they are; the grouped convolution reads it as [k, k, 1, in]."""
+  kernel_size: int = 3
+  strides: int = 1
+  padding: Any = 'SAME'
+  use_bias: bool = False
+  kernel_init: Any = KERNEL_INIT
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    k = self.kernel_size
+    kernel = self.param('depthwise_kernel', self.kernel_init, (k, k, channels, 1))
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    y = lax.conv_general_dilated(x, kernel.reshape(k, k, 1, channels),
+                                 (self.strides, self.strides), self.padding,
+                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                 feature_group_count=channels)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (channels,)).astype(y.dtype)
+    return y
+
+
+class Normalization(nn.Module):
+  """Keras's Normalization(axis=-1) as an adapted layer computes it:
+  (x - mean) / max(sqrt(variance), 1e-7).
+
+  Its arrays are Keras's non-trainable weights: they sit in 'batch_stats' (no optimizer sees
+  them) and nothing here updates them; `count` is kept only for Keras's files."""
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    mean = self.variable('batch_stats', 'mean', jnp.zeros, (channels,), jnp.float32).value
+    variance = self.variable('batch_stats', 'variance', jnp.ones, (channels,),
+                             jnp.float32).value
+    self.variable('batch_stats', 'count', jnp.zeros, (), jnp.float32)
+    x, mean, variance = nn.dtypes.promote_dtype(x, mean, variance, dtype=self.dtype)
+    return (x - mean) / jnp.maximum(jnp.sqrt(variance), jnp.asarray(1e-7, x.dtype))
+
+
+def dense(features: int, *, name: str, dtype: Any = None,
+          kernel_init: Any = KERNEL_INIT) -> nn.Dense:
   """Keras's Dense(features) without its activation."""
-  return nn.Dense(features, kernel_init=KERNEL_INIT, bias_init=nn.initializers.zeros,
+  return nn.Dense(features, kernel_init=kernel_init, bias_init=nn.initializers.zeros,
                   dtype=dtype, name=name)
 
 

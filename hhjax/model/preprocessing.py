@@ -6,6 +6,8 @@
                                  (103.939, 116.779, 123.68) subtracted per channel: what the
                                  ImageNet VGG and ResNet weights expect
     'rescale'    x / 255         what the seed notebook did (ImageDataGenerator(rescale=1/255))
+    'raw'        x               the pixels as they are: Keras's EfficientNet normalises inside
+                                 the model (its preprocess_input is the identity)
 
 Each is `x[..., channels] / divisor + offset` on float32 pixels in [0, 255], the offset one
 number or one per (reordered) channel. The input pipeline applies it in
@@ -27,7 +29,7 @@ _CAFFE_MEAN_BGR = np.asarray([103.939, 116.779, 123.68], np.float32)
 # name -> (divisor, offset): input = pixel / divisor + offset, the offset a float32 scalar or
 # one per channel (after CHANNEL_ORDERS' reordering).
 FORMULAS = {'inception': (127.5, -1.0), 'rescale': (255.0, 0.0),
-            'caffe': (1.0, -_CAFFE_MEAN_BGR)}
+            'caffe': (1.0, -_CAFFE_MEAN_BGR), 'raw': (1.0, 0.0)}
 # name -> the input channels in the order the model reads them; absent: as they come (RGB).
 CHANNEL_ORDERS = {'caffe': (2, 1, 0)}
 NAMES = tuple(FORMULAS)

@@ -202,6 +202,17 @@ def for_phase(model, setup: phases_lib.PhaseSetup, state: PyTree, data: data_spe
   """The phase's feature cache, or None when the phase trains on images as usual."""
   if not wanted(data, settings, setup):
     return None
+  rate = classifier.drop_connect_rate(model)
+  if rate > 0:
+    # Keras's fit drops connections in the frozen blocks too: no two epochs see the same
+    # features.
+    why = (f'backbone drops connections in training (config.model.drop_connect_rate = '
+           f'{rate:g}), so its features differ at every step')
+    if settings.mode == 'on':
+      raise errors.ConfigError(f'config.speed.cache_features="on", but the {why}. Set '
+                               f'config.model.drop_connect_rate=0 to cache them.')
+    logging.info('The %s: training on images.', why)
+    return None
   limit = settings.max_mb
   mb = estimated_mb(model, data.image_size, num_examples)
   if mb > limit:

@@ -162,7 +162,12 @@ def _not_a_classifier(path: pathlib.Path, expected: str, layers: list[FileLayer]
 
 
 # Layer classes of the keras.applications backbones whose layers Keras names.
-_NAMED_BACKBONE_CLASSES = _BACKBONE_CLASSES + ('ZeroPadding2D', 'Add', 'SeparableConv2D')
+_NAMED_BACKBONE_CLASSES = _BACKBONE_CLASSES + (
+    'ZeroPadding2D', 'Add', 'SeparableConv2D',
+    # EfficientNet: its input normalisation, MBConv blocks (squeeze-and-excitation with a
+    # GlobalAveragePooling2D, drop-connect with a Dropout, inside the backbone).
+    'Rescaling', 'Normalization', 'DepthwiseConv2D', 'Multiply', 'Reshape',
+    'GlobalAveragePooling2D', 'Dropout')
 
 
 def _named_family(kf: KerasFile) -> tuple[backbones.Backbone, str] | None:
@@ -178,8 +183,13 @@ def _named_family(kf: KerasFile) -> tuple[backbones.Backbone, str] | None:
     named = {n for n in names if not any(keras_named.auto_named(n, p)
                                          for p in backbone.unnamed.values())}
     # Beside the backbone's layers, only the head's (auto-named Dense layers).
-    if keras_named.named_layers_to(backbone, endpoint) >= {
+    if not keras_named.named_layers_to(backbone, endpoint) >= {
         n for n in named if not keras_named.auto_named(n, 'dense')}:
+      continue
+    # Of the right widths too (EfficientNetB1 and B2 name their first blocks alike).
+    shapes = {l.name: tuple(l.shapes) for l in kf.layers}
+    ours = keras_named.layers(backbone, keras_named.abstract_variables(backbone, endpoint))
+    if all(shapes.get(l.keras_name, l.shapes) == l.shapes for l in ours if l.keras_name):
       return backbone, endpoint
   return None
 
@@ -219,6 +229,9 @@ def _spec_from_model_config(kf: KerasFile) -> KerasClassifier:
           f'{path} is not an InceptionV3 classifier: {_words(layer)} is neither a layer of '
           f"InceptionV3 nor of a head hhjax represents. {_HEAD_GRAMMAR}.")
   start = next((i for i, l in enumerate(layers) if l.get('class_name') in _HEAD_CLASSES), None)
+  if named:   # the head's pool is the last one (EfficientNet has pools and dropouts inside)
+    start = next((i for i in reversed(range(len(layers)))
+                  if layers[i].get('class_name') in _POOLS), start)
   if start is None:
     raise errors.KerasWeightsError(
         f'{path} has no classification head (its last layer is {_words(layers[-1])}): a '
@@ -297,8 +310,8 @@ def _read_named(kf: KerasFile, spec: KerasClassifier, size: int) -> Variables:
       raise _not_a_classifier(
           kf.path, f'the classifier {spec.describe()}', kf.layers, len(kf.layers),
           f'Its {layer.describe()} does not fit the head\'s {path} ({want}).')
-  backbone = keras_named.read(kf.path, keras_named.pair(kf.path, spec.declared, base,
-                                                        spec.backbone_layers()))
+  backbone = keras_named.fold_rescaling(kf.model_config, keras_named.read(
+      kf.path, keras_named.pair(kf.path, spec.declared, base, spec.backbone_layers())))
   head = _read_head(kf, top, heads)
   variables = {'params': {'backbone': backbone['params'], 'head': head}, 'batch_stats': {}}
   if backbone.get('batch_stats'):

@@ -1,5 +1,5 @@
-"""Keras weight files of the backbones whose layers Keras names (VGG, ResNet, Xception), read
-by layer name.
+"""Keras weight files of the backbones whose layers Keras names (VGG, ResNet, Xception,
+EfficientNet), read by layer name.
 
 Any file Keras writes for such a network loads: tf_keras's `save_weights('x.h5')` (the
 official ImageNet files' layout), `model.save('x.h5')` (tf_keras or Keras 3) and Keras 3's
@@ -33,6 +33,7 @@ FileLayer = keras_h5.FileLayer
 _CONV = ('kernel', 'bias')
 _SEPARABLE = ('depthwise_kernel', 'pointwise_kernel', 'bias')
 _BN = ('scale', 'bias', 'mean', 'var')   # gamma, beta, moving_mean, moving_variance
+_NORMALIZATION = ('mean', 'variance', 'count')   # Keras's Normalization layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +87,9 @@ def layers(backbone: backbones.Backbone, abstract: Variables) -> list[Layer]:
   rank = {block: i for i, block in enumerate(backbone.blocks + backbone.top)}
   out = []
   for path, arrays in sorted(found.items(), key=lambda item: rank[item[0][0]]):
-    if 'mean' in arrays:
+    if 'variance' in arrays:
+      names = _NORMALIZATION
+    elif 'mean' in arrays:
       names = _BN
     elif 'depthwise_kernel' in arrays:
       names = _SEPARABLE
@@ -184,6 +187,55 @@ def read(path, pairs: list[tuple[Layer, FileLayer]]) -> Variables:
   return variables
 
 
+def _inbound(layer: dict) -> list[str]:
+  """The layer names a config layer reads (tf_keras's [name, i, j, kwargs] or Keras 3's
+  keras_history)."""
+  names = []
+
+  def walk(node):
+    if isinstance(node, dict):
+      history = node.get('config', {}).get('keras_history') if node.get(
+          'class_name') == '__keras_tensor__' else None
+      if history:
+        names.append(history[0])
+      else:
+        for value in node.values():
+          walk(value)
+    elif isinstance(node, list):
+      if len(node) >= 3 and isinstance(node[0], str) and isinstance(node[1], int):
+        names.append(node[0])
+      else:
+        for value in node:
+          walk(value)
+
+  walk(layer.get('inbound_nodes', []))
+  return names
+
+
+def fold_rescaling(model_config, variables: Variables) -> Variables:
+  """A Keras model whose Normalization layer is followed by a Rescaling (EfficientNet built
+  with weights='imagenet' has one, scale 1 / sqrt(stddev) per channel, offset 0) computes
+  (x - mean) / sqrt(variance) * scale: the same as a Normalization of variance / scale^2,
+  which is what our one Normalization layer takes. `variables` are the backbone's (blocks at
+  the top); a model without such a layer is returned as it is."""
+  from hhjax.weights import keras_files  # pylint: disable=g-import-not-at-top
+  layers = keras_files.config_layers(model_config) if model_config else []
+  norms = {l.get('name') for l in layers if l.get('class_name') == 'Normalization'}
+  for layer in layers:
+    if layer.get('class_name') != 'Rescaling' or not set(_inbound(layer)) & norms:
+      continue
+    config = layer.get('config') or {}
+    scale = np.asarray(config.get('scale', 1.0), np.float32)
+    if np.any(np.asarray(config.get('offset', 0.0)) != 0):
+      raise errors.KerasWeightsError(
+          f'The Rescaling layer {layer.get("name")!r} after the Normalization has an offset; '
+          f'hhjax folds only a scale into the Normalization.')
+    stats = variables['batch_stats']['stem']['normalization']
+    stats['variance'] = (np.asarray(stats['variance'], np.float32) / (scale * scale)).astype(
+        np.float32)
+  return variables
+
+
 def load(path: str | os.PathLike, backbone: backbones.Backbone):
   """Reads `backbone`'s weights from a Keras file, by layer name.
 
@@ -207,6 +259,6 @@ def load(path: str | os.PathLike, backbone: backbones.Backbone):
       final = final_endpoint(backbone, names)
     abstract = abstract_variables(backbone, final, top, num_classes)
     pairs = pair(path, backbone, file_layers, layers(backbone, abstract))
-    variables = read(path, pairs)
+    variables = fold_rescaling(keras_file.model_config, read(path, pairs))
   keras_h5.check_variables(variables, abstract, source=str(path))
   return backbone.build(final, include_top=top, num_classes=num_classes), variables

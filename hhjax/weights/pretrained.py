@@ -132,6 +132,9 @@ def load_converted(directory: str | os.PathLike):
 def _load_official(name: str, backbone: str | None = None):
   weights = official.official_weights(name, backbone)
   model, variables = load_file(official.fetch_official(name, backbone), backbone)
+  transform = backbones.get(backbone).imagenet_variables
+  if transform is not None:   # what Keras does to these files under weights='imagenet'
+    variables = transform(variables)
   if model.include_top != weights.include_top:
     raise errors.KerasWeightsError(
         f'The official file for {name!r} has include_top={model.include_top}, expected '
