@@ -188,13 +188,22 @@ def _train_examples(table: sources.Table, spec: data_spec.DataSpec, load, *,
   ds = streams.train_index_stream(table.size, seed, spec.batch_size, start_step=start_step,
                                   process_index=index, process_count=count)
   aug, preprocessing, image_dtype = spec.augment, spec.preprocessing, spec.image_dtype
+  size = spec.image_size
 
   @tf.autograph.experimental.do_not_convert  # plain TF ops; AutoGraph only warns here
   def example(position, i):
     image, label = load(i)
-    if aug.enabled:
+    if spec.augments_on_device:
+      # Pixels and what was drawn; hhjax.training.device_augment applies it in the step.
+      draws = augment.draws(spec, position, size, size)
+      draws.pop('box', None)
+      return {'image': decode.to_output(image, preprocessing, 'uint8'), 'label': label,
+              **draws}
+    if aug.enabled and not (spec.crop.random_resized_crop or spec.random_erasing.enabled):
       image = augment.random_augment(
           image, streams.stateless_seed(seed, streams.AUGMENT_SALT, position), aug)
+    elif spec.augments:   # with the crop or the erasing
+      image = augment.host_augment(image, spec, position)
     return {'image': decode.to_output(image, preprocessing, image_dtype), 'label': label}
   return batch, _map(ds, example, spec.num_parallel_calls)
 
@@ -212,6 +221,7 @@ def _eval_examples(table: sources.Table, spec: data_spec.DataSpec, load, *,
   @tf.autograph.experimental.do_not_convert
   def loaded(i):
     image, label = load(i)
+    image = augment.centre_crop(image, spec.crop.eval_fraction)
     return decode.to_output(image, preprocessing, image_dtype), label
 
   def padding():
@@ -278,7 +288,8 @@ def eval_pixels(table: sources.Table, spec: data_spec.DataSpec,
   For pictures of a few examples (hhjax.pictures): they are decoded again, one by one.
   """
   load = _loader(table, spec)
-  images = [load(tf.constant(i, tf.int64))[0].numpy() for i in indices]
+  images = [augment.centre_crop(load(tf.constant(i, tf.int64))[0],
+                                spec.crop.eval_fraction).numpy() for i in indices]
   size = spec.image_size
   return np.clip(np.round(np.reshape(images, (len(indices), size, size, 3))), 0,
                  255).astype(np.uint8)
