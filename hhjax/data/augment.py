@@ -130,7 +130,7 @@ def warp(image: tf.Tensor, m: tf.Tensor, *, fill_mode: str = 'nearest',
   """Resamples float32 image [H, W, C] through the float64 3x3 output -> input matrix `m`.
 
   Bilinear, with scipy.ndimage's fill modes (Keras's): the warp of `apply_transform`, which
-  the crops below use too (a crop resized back to the image's size is such a matrix).
+  what `apply_transform` resamples with.
   """
   if fill_mode not in FILL_MODES:
     raise ValueError(f'fill_mode must be one of {FILL_MODES}, got {fill_mode!r}.')
@@ -234,20 +234,21 @@ def random_augment(image: tf.Tensor, seed: tf.Tensor, aug: data_spec.AugmentSpec
 _ATTEMPTS = 10
 
 
-def crop_matrix(top, left, box_height, box_width, height, width) -> tf.Tensor:
-  """The float64 3x3 output -> input matrix that resizes the box to height x width.
+def crop_resize(image: tf.Tensor, box: tf.Tensor) -> tf.Tensor:
+  """The box (top, left, h, w) of float32 image [S, S, C], bilinearly resized to S x S.
 
-  Half-pixel centres, as tf.image.resize and PIL's resize: output pixel x reads the input at
-  left + (x + 0.5) * box_width / width - 0.5 (rows alike). With fill_mode='nearest' and a
-  bilinear warp this is a bilinear resize of the box (no antialiasing: the box is never larger
-  than the output).
+  Half-pixel centres with the coordinates clamped to the box, as tf.image.resize and PIL's
+  resize of the cropped box: output column x reads left + (x + 0.5) * w / S - 0.5 (rows
+  alike). No antialiasing: the box is never larger than the output.
   """
-  f64 = lambda v: tf.cast(v, tf.float64)
-  sx, sy = f64(box_width) / f64(width), f64(box_height) / f64(height)
-  one, zero = tf.ones_like(sx), tf.zeros_like(sx)
-  return tf.stack([tf.stack([sx, zero, f64(left) + 0.5 * sx - 0.5]),
-                   tf.stack([zero, sy, f64(top) + 0.5 * sy - 0.5]),
-                   tf.stack([zero, zero, one])])
+  height, width = int(image.shape[0]), int(image.shape[1])
+  box = tf.cast(box, tf.float64)
+
+  def axis(start, length, size):
+    at = start + (tf.range(size, dtype=tf.float64) + 0.5) * length / size - 0.5
+    return tf.clip_by_value(at, start, start + length - 1)
+  y, x = tf.meshgrid(axis(box[0], box[2], height), axis(box[1], box[3], width), indexing='ij')
+  return tf.ensure_shape(_bilinear_gather(image, x, y), image.shape)
 
 
 def _log_uniform(u: tf.Tensor, bounds) -> tf.Tensor:
@@ -309,9 +310,8 @@ def centre_crop(image: tf.Tensor, fraction: float | None) -> tf.Tensor:
   """float32 [S, S, C] -> its centre box of `fraction`, resized back to S x S (None: as is)."""
   if fraction is None:
     return image
-  height, width = int(image.shape[0]), int(image.shape[1])
-  m = crop_matrix(*centre_crop_box(fraction, height, width), height, width)
-  return warp(image, m, fill_mode='nearest')
+  box = centre_crop_box(fraction, int(image.shape[0]), int(image.shape[1]))
+  return crop_resize(image, tf.constant(box, tf.int32))
 
 
 # ----------------------------------------------------------------------------- random erasing
@@ -383,8 +383,7 @@ def draws(spec: data_spec.DataSpec, position: tf.Tensor, height: int,
           width: int) -> dict[str, tf.Tensor]:
   """What the training image at stream `position` has drawn, for every augmentation on.
 
-  The parameters both paths apply: 'crop' (float32 [6], the crop's matrix rows), 'box' (its
-  int32 (top, left, h, w)), 'warp' (float32 [6], ImageDataGenerator's matrix rows, as
+  The parameters both paths apply: 'crop' (int32 [4], the crop's (top, left, h, w)), 'warp' (float32 [6], ImageDataGenerator's matrix rows, as
   ImageProjectiveTransformV3 reads them), 'flip' (bool [2], horizontal, vertical), 'erase'
   (int32 [4], the erased box) and 'erase_seed' (int32 [2], for the 'random' fill). Each is
   drawn from (config.seed, its salt, position): the same draws on the host and on the device.
@@ -392,10 +391,7 @@ def draws(spec: data_spec.DataSpec, position: tf.Tensor, height: int,
   seeds = _seeds(spec.seed, position)
   out = {}
   if spec.crop.random_resized_crop:
-    box = random_resized_crop_box(seeds['crop'], spec.crop, height, width)
-    out['box'] = box
-    out['crop'] = tf.cast(tf.reshape(crop_matrix(box[0], box[1], box[2], box[3], height,
-                                                 width), [9])[:6], tf.float32)
+    out['crop'] = random_resized_crop_box(seeds['crop'], spec.crop, height, width)
   if spec.augment.enabled:
     params = random_transform_params(seeds['augment'], spec.augment, height, width)
     m, flip_h, flip_v = transform_and_flips(params, height, width)
@@ -417,9 +413,7 @@ def host_augment(image: tf.Tensor, spec: data_spec.DataSpec, position: tf.Tensor
   height, width = int(image.shape[0]), int(image.shape[1])
   seeds = _seeds(spec.seed, position)
   if spec.crop.random_resized_crop:
-    box = random_resized_crop_box(seeds['crop'], spec.crop, height, width)
-    image = warp(image, crop_matrix(box[0], box[1], box[2], box[3], height, width),
-                 fill_mode='nearest')
+    image = crop_resize(image, random_resized_crop_box(seeds['crop'], spec.crop, height, width))
   if spec.augment.enabled:
     image = random_augment(image, seeds['augment'], spec.augment)
   if spec.random_erasing.enabled:

@@ -196,7 +196,6 @@ def _train_examples(table: sources.Table, spec: data_spec.DataSpec, load, *,
     if spec.augments_on_device:
       # Pixels and what was drawn; hhjax.training.device_augment applies it in the step.
       draws = augment.draws(spec, position, size, size)
-      draws.pop('box', None)
       return {'image': decode.to_output(image, preprocessing, 'uint8'), 'label': label,
               **draws}
     if aug.enabled and not (spec.crop.random_resized_crop or spec.random_erasing.enabled):

@@ -89,6 +89,10 @@ class ErasingSpec:
   ratio: tuple[float, float] = (0.3, 3.3)
   value: float | str = 0.0
 
+  def __post_init__(self):   # the config holds a string: '0' or 'random'
+    if self.value != ERASE_RANDOM:
+      object.__setattr__(self, 'value', float(self.value))
+
   @property
   def enabled(self) -> bool:
     return self.probability > 0

@@ -115,6 +115,18 @@ def warp(image: jax.Array, m6: jax.Array, fill_mode: str = 'nearest',
   return out
 
 
+def crop_resize(image: jax.Array, box: jax.Array) -> jax.Array:
+  """hhjax.data.augment.crop_resize in JAX: the box (top, left, h, w), resized to S x S."""
+  height, width = image.shape[0], image.shape[1]
+  box = box.astype(jnp.float32)
+
+  def axis(start, length, size):
+    at = start + (jnp.arange(size, dtype=jnp.float32) + 0.5) * length / size - 0.5
+    return jnp.clip(at, start, start + length - 1)
+  y, x = jnp.meshgrid(axis(box[0], box[2], height), axis(box[1], box[3], width), indexing='ij')
+  return _scipy_bilinear(image, x, y)
+
+
 def _flip(image: jax.Array, flip: jax.Array) -> jax.Array:
   image = jnp.where(flip[0], image[:, ::-1], image)
   return jnp.where(flip[1], image[::-1], image)
@@ -145,7 +157,7 @@ def augment_pixels(batch: dict[str, jax.Array], data: data_spec.DataSpec) -> jax
   def one(example):
     image = example['image'].astype(jnp.float32)
     if 'crop' in example:
-      image = warp(image, example['crop'], 'nearest')
+      image = crop_resize(image, example['crop'])
     if 'warp' in example:
       image = _flip(warp(image, example['warp'], aug.fill_mode, float(aug.cval)),
                     example['flip'])
