@@ -15,6 +15,7 @@ import tensorflow as tf
 from configs import default
 from hhjax import config_checks
 from hhjax import errors
+from hhjax import preview
 from hhjax.data import augment
 from hhjax.data import pipeline
 from hhjax.data import spec as data_spec
@@ -155,6 +156,22 @@ def test_feature_cache_is_refused_when_any_augmentation_is_on():
                  {'augment.on': 'device'}):
     assert 'augmentation is on' in feature_cache._why_not(_spec(_config(**fields)))
   assert feature_cache._why_not(_spec(_config(**{'augment.enabled': False}))) is None
+
+
+def test_preview_shows_the_device_augmentation_and_what_each_cell_had_applied(tmp_path):
+  config = _config(**{'augment.on': 'device', 'crop.random_resized_crop': True,
+                      'random_erasing.probability': 1.0})
+  spec = _spec(config)
+  shipped = _first_batch(spec)
+  for k in range(2):
+    lines = preview.applied(spec, k)
+    top, left, h, w = shipped['crop'][k]
+    assert lines[0] == f'crop {w}x{h} at ({left},{top})'
+    assert lines[1].startswith('rot ') and lines[2].startswith('shift ')
+    top, left, h, w = shipped['erase'][k]
+    assert lines[3] == (f'erased {w}x{h} at ({left},{top})' if h else 'not erased')
+  path = preview.preview_data(config, str(tmp_path), num_images=4, columns=2)
+  assert np.asarray(Image.open(path)).shape[0] > 100
 
 
 # ----------------------------------------------------------------------------- crops
