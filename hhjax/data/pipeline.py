@@ -16,7 +16,12 @@ How the stream is built, and why:
   * Only then is a row decoded and resized (decode.py), augmented with parameters drawn from
     (config.seed, position) (augment.py), normalised and batched: the same (seed, step) gives
     the same batch with any number of threads or processes, in any run.
-  * Evaluation is one pass in table order, padded to whole batches, with a 'mask'.
+  * With config.data.augment.on='device' the training examples carry uint8 pixels and what was
+    drawn for them (augment.draws) instead; the train step augments
+    (hhjax.training.device_augment). config.data.crop and config.data.random_erasing add a
+    random-resized crop before the warp and an erased box after it, on either path.
+  * Evaluation is one pass in table order, padded to whole batches, with a 'mask' (and the
+    centre crop of config.data.crop.eval_fraction, when set).
 
 With config.data.cache_decoded, each split is decoded and resized once and held in memory
 (float32, N x S x S x 3: 277 MB for the 1,027 training images at 150 px); every epoch then
@@ -256,7 +261,8 @@ def create_dataset(spec: data_spec.DataSpec, split: str, *, start_step: int = 0,
 
   Returns:
     Training: an infinite, per-epoch reshuffled, augmented stream of
-    {'image': float32 [b, S, S, 3], 'label': int32 [b]}, b = spec.batch_size / processes.
+    {'image': float32 [b, S, S, 3], 'label': int32 [b]}, b = spec.batch_size / processes;
+    with spec.augments_on_device, 'image' is uint8 and augment.draws's keys come along.
     Otherwise: one pass over the split in a fixed order, every example exactly once, the last
     batch padded; batches add 'mask' (bool [b]), False on padding.
   """
