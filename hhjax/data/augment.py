@@ -21,6 +21,12 @@ Conventions copied from Keras, on purpose:
 
 `apply_transform` matches `ImageDataGenerator.apply_transform` to float32 rounding (about 1e-3
 grey levels) for every `fill_mode` Keras accepts; tests/test_augment.py checks it against Keras.
+
+Beyond Keras's generator: torchvision's (timm's, Keras 3's) random-resized crop
+(`random_resized_crop_box`, `crop_resize`) and a centre crop for evaluation (`centre_crop`),
+and timm's random erasing (`random_erasing_box`, `erase`). `host_augment` applies them in
+order on the host; `draws` gives the same parameters for the train step to apply on the
+device (hhjax.training.device_augment); tests/test_device_augment.py checks both.
 """
 
 from collections.abc import Mapping
