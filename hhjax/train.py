@@ -50,8 +50,8 @@ from hhjax.data import pipeline
 from hhjax.data import sources
 from hhjax.data import spec as data_spec
 from hhjax.model import classifier
-from hhjax.training import evaluation
 from hhjax.training import device_augment
+from hhjax.training import evaluation
 from hhjax.training import feature_cache
 from hhjax.training import losses
 from hhjax.training import keras_optim
