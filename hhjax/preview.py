@@ -46,28 +46,43 @@ def _describe_others(data: data_spec.DataSpec) -> str:
   return ('; ' + ', '.join(parts)) if parts else ''
 
 
-def applied(data: data_spec.DataSpec, position: int) -> list[str]:
-  """What the training image at stream `position` had applied, one short line each.
+def _drawn(data: data_spec.DataSpec):
+  """position -> what the image there drew: the crop and erased boxes, Keras's parameters."""
+  size = data.image_size
+
+  @tf.function
+  def drawn(position):
+    out = augment.draws(data, position, size, size)
+    if data.augment.enabled:
+      seed = streams.stateless_seed(data.seed, streams.AUGMENT_SALT, position)
+      out['params'] = augment.random_transform_params(seed, data.augment, size, size)
+    return out
+  return drawn
+
+
+def applied(data: data_spec.DataSpec, positions: list[int]) -> list[list[str]]:
+  """What the training images at stream `positions` had applied, short lines for each.
 
   Drawn again from (seed, position) by the functions both augmentation paths use.
   """
-  size, at = data.image_size, tf.constant(position, tf.int64)
-  draws = augment.draws(data, at, size, size)
-  lines = []
-  if 'crop' in draws:
-    top, left, h, w = (int(v) for v in draws['crop'])
-    lines.append(f'crop {w}x{h} at ({left},{top})')
-  if data.augment.enabled:
-    seed = streams.stateless_seed(data.seed, streams.AUGMENT_SALT, at)
-    p = {k: float(v) for k, v in augment.random_transform_params(seed, data.augment, size,
-                                                                 size).items()}
-    flips = ''.join(n for n, k in (('h', 'flip_horizontal'), ('v', 'flip_vertical')) if p[k])
-    lines.append(f'rot {p["theta"]:.0f} sh {p["shear"]:.0f} z {p["zx"]:.2f}/{p["zy"]:.2f}')
-    lines.append(f'shift {p["tx"]:.0f},{p["ty"]:.0f} flip {flips or "-"}')
-  if 'erase' in draws:
-    top, left, h, w = (int(v) for v in draws['erase'])
-    lines.append(f'erased {w}x{h} at ({left},{top})' if h else 'not erased')
-  return lines
+  drawn = _drawn(data)
+  out = []
+  for position in positions:
+    draws = drawn(tf.constant(position, tf.int64))
+    lines = []
+    if 'crop' in draws:
+      top, left, h, w = (int(v) for v in draws['crop'])
+      lines.append(f'crop {w}x{h} at ({left},{top})')
+    if 'params' in draws:
+      p = {k: float(v) for k, v in draws['params'].items()}
+      flips = ''.join(n for n, k in (('h', 'flip_horizontal'), ('v', 'flip_vertical')) if p[k])
+      lines.append(f'rot {p["theta"]:.0f} sh {p["shear"]:.0f} z {p["zx"]:.2f}/{p["zy"]:.2f}')
+      lines.append(f'shift {p["tx"]:.0f},{p["ty"]:.0f} flip {flips or "-"}')
+    if 'erase' in draws:
+      top, left, h, w = (int(v) for v in draws['erase'])
+      lines.append(f'erased {w}x{h} at ({left},{top})' if h else 'not erased')
+    out.append(lines)
+  return out
 
 
 def preview_data(config: ml_collections.ConfigDict, workdir: str, *, num_images: int = 24,
@@ -101,12 +116,13 @@ def preview_data(config: ml_collections.ConfigDict, workdir: str, *, num_images:
   images, labels = images[:num_images], labels[:num_images]
 
   rows = -(-len(images) // columns)
-  lines = len(applied(data, 0))   # each cell's title: its class, then what it had applied
+  cells = applied(data, list(range(len(images))))   # each cell's title: its class, then
+  lines = len(cells[0]) if cells else 0            # what it had applied
   fig = Figure(figsize=(2.0 * columns, (2.2 + 0.25 * lines) * rows + 0.6))
   for k, (image, label) in enumerate(zip(images, labels)):
     ax = fig.add_subplot(rows, columns, k + 1)
     ax.imshow(preprocessing.denormalize(image, config.data.preprocessing))
-    ax.set_title('\n'.join([info.class_names[int(label)]] + applied(data, k)),
+    ax.set_title('\n'.join([info.class_names[int(label)]] + cells[k]),
                  fontsize=10 if not data.augments else 7)
     ax.axis('off')
   source = config.data.dir if config.data.source == 'folder' else config.data.source

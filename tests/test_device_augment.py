@@ -161,8 +161,7 @@ def test_preview_shows_the_device_augmentation_and_what_each_cell_had_applied(tm
                       'random_erasing.probability': 1.0})
   spec = _spec(config)
   shipped = _first_batch(spec)
-  for k in range(2):
-    lines = preview.applied(spec, k)
+  for k, lines in enumerate(preview.applied(spec, [0, 1])):
     top, left, h, w = shipped['crop'][k]
     assert lines[0] == f'crop {w}x{h} at ({left},{top})'
     assert lines[1].startswith('rot ') and lines[2].startswith('shift ')
