@@ -15,6 +15,7 @@ import tensorflow as tf
 from configs import default
 from hhjax import preview
 from hhjax.data import augment
+from hhjax.data import decode
 from hhjax.data import pipeline
 from hhjax.data import spec as data_spec
 from hhjax.data import streams
@@ -253,12 +254,22 @@ def test_centre_crop_equals_pils_crop_and_resize(real_data_dir, fraction):
   theirs = np.asarray(Image.fromarray(pixels).crop((left, top, left + w, top + h)).resize(
       (SIZE, SIZE), Image.BILINEAR), np.float64)
   assert np.abs(ours - theirs).max() <= 1.0
-  # The evaluation pass and predict see that crop.
-  spec = _spec(_config(real_data_dir, **{'crop.eval_fraction': fraction}))
-  from hhjax.data import decode  # pylint: disable=g-import-not-at-top
+  # Predict (and Grad-CAM) see that crop of the file.
   loaded = decode.load_image(str(path), SIZE, 'nearest', 'inception', fraction)
   np.testing.assert_allclose(loaded, ours / 127.5 - 1.0, atol=1e-6)
-  assert spec.crop.eval_fraction == fraction
+
+
+def test_the_evaluation_pass_sees_the_centre_crop():
+  def first_eval_batch(**fields):
+    spec = _spec(_config(**fields))
+    return next(pipeline.create_dataset(spec, spec.validation, process_index=0,
+                                        process_count=1).as_numpy_iterator())
+  whole = first_eval_batch()
+  cropped = first_eval_batch(**{'crop.eval_fraction': 0.875})
+  expected = np.stack([augment.centre_crop(tf.constant((image + 1.0) * 127.5), 0.875).numpy()
+                       for image in whole['image']]) / 127.5 - 1.0
+  np.testing.assert_allclose(cropped['image'], expected, atol=1e-5)
+  np.testing.assert_array_equal(cropped['mask'], whole['mask'])
 
 
 # ----------------------------------------------------------------------------- random erasing
