@@ -105,6 +105,26 @@ def get_config() -> ml_collections.ConfigDict:
   aug.vertical_flip = True
   aug.fill_mode = 'nearest'                # 'nearest', 'reflect', 'wrap' or 'constant'.
   aug.cval = 0.0                           # Fill value for fill_mode='constant' (Keras cval).
+  # Where the training images are augmented (this block, data.crop, data.random_erasing):
+  # 'host' in tf.data; 'device' in the jitted train step, the host shipping uint8 pixels and
+  # the few numbers it drew per image (the same draws: the paths agree to 0.05 grey levels).
+  aug.on = 'host'
+  # Inception-style random-resized crop of the training images (torchvision's, timm's, Keras
+  # 3's sampling, fallback included), applied to the image_size x image_size image first.
+  data.crop = crop = ml_collections.ConfigDict()
+  crop.random_resized_crop = False
+  crop.scale = (0.08, 1.0)                 # The box's area, a fraction of the image's.
+  crop.ratio = (3 / 4, 4 / 3)              # The box's width / height (log-uniform).
+  # Evaluation and predict see the centre box of this fraction of each side, resized back
+  # to image_size (e.g. 0.875); None: the whole image.
+  crop.eval_fraction = ml_collections.FieldReference(None, field_type=float)
+  # Random erasing (Zhong et al. 2017; timm's RandomErasing, --reprob), after the warp.
+  data.random_erasing = erasing = ml_collections.ConfigDict()
+  erasing.probability = 0.0                # The chance an image has a box erased; 0: off.
+  erasing.scale = (0.02, 1 / 3)            # The box's area, a fraction of the image's.
+  erasing.ratio = (0.3, 3.3)               # The box's height / width (log-uniform).
+  # The box's grey level in [0, 255] (e.g. '0'), or 'random': uniform noise in [0, 255].
+  erasing.value = '0'
 
   # ---------------------------------------------------------------- model
   config.model = model = ml_collections.ConfigDict()

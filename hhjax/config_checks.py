@@ -96,6 +96,26 @@ def _zoom_ok(value: Any) -> bool:
           and all(_is_number(z) for z in value) and 0 < value[0] <= value[1])
 
 
+def _pair(low: float, high: float | None, words: str) -> _Rule:
+  """A pair [lower, upper] of numbers with low < lower <= upper (<= high if given)."""
+  def test(value: Any) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(_is_number(v) for v in value) and low < value[0] <= value[1]
+            and (high is None or value[1] <= high))
+  bound = f'<= {high}' if high is not None else ''
+  return _Rule(test, f'a pair [lower, upper] with {low} < lower <= upper {bound} ({words})'
+               .replace('  ', ' '))
+
+
+def _erase_value_ok(value: Any) -> bool:
+  if value == data_spec.ERASE_RANDOM:
+    return True
+  try:
+    return 0 <= float(value) <= 255
+  except (TypeError, ValueError):
+    return False
+
+
 def _class_weight_ok(value: Any) -> bool:
   if value is None or value in ('', losses.BALANCED):
     return True
@@ -144,6 +164,18 @@ RULES: dict[str, _Rule] = {
     'data.augment.vertical_flip': _BOOL,
     'data.augment.fill_mode': _one_of(data_spec.FILL_MODES),
     'data.augment.cval': _NUMBER,
+    'data.augment.on': _one_of(data_spec.AUGMENT_ON),
+    'data.crop.random_resized_crop': _BOOL,
+    'data.crop.scale': _pair(0, 1, "the box's area over the image's"),
+    'data.crop.ratio': _pair(0, None, "the box's width over its height"),
+    'data.crop.eval_fraction': _optional(_Rule(lambda v: _is_number(v) and 0 < v <= 1,
+                                               'a number in (0, 1]')),
+    'data.random_erasing.probability': _Rule(lambda v: _is_number(v) and 0 <= v <= 1,
+                                             'a number in [0, 1]'),
+    'data.random_erasing.scale': _pair(0, 1, "the box's area over the image's"),
+    'data.random_erasing.ratio': _pair(0, None, "the box's height over its width"),
+    'data.random_erasing.value': _Rule(
+        _erase_value_ok, f'a grey level in [0, 255] or {data_spec.ERASE_RANDOM!r}'),
     'model.backbone': _one_of(backbones.NAMES),
     'model.head': _one_of(classifier.HEADS),
     'model.hidden': _integer(0),

@@ -54,6 +54,11 @@ def model(config: ml_collections.ConfigDict, num_classes: int) -> classifier.Cla
                                  speed=config.get('speed'))
 
 
+def eval_fraction(config: ml_collections.ConfigDict) -> float | None:
+  """config.data.crop.eval_fraction: the centre crop evaluation and predict see (None: none)."""
+  return data(config).crop.eval_fraction
+
+
 def image_size(config: ml_collections.ConfigDict) -> int:
   return int(config.data.image_size)
 

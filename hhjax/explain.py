@@ -241,7 +241,7 @@ def explain(config: ml_collections.ConfigDict, workdir: str, images: Sequence[st
   for start in range(0, len(paths), batch_size):
     progress.done(start)
     chunk = np.stack([decode.load_image(p, config.data.image_size, config.data.resize_method,
-                                        config.data.preprocessing)
+                                        config.data.preprocessing, entry.eval_fraction(config))
                       for p in paths[start:start + batch_size]])
     padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:],
                                              chunk.dtype)])

@@ -134,7 +134,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: Sequence[st
   for start in range(0, len(files), batch_size):
     chunk = files[start:start + batch_size]
     arrays = np.stack([decode.load_image(path, config.data.image_size, config.data.resize_method,
-                                         config.data.preprocessing) for path in chunk])
+                                         config.data.preprocessing, entry.eval_fraction(config))
+                        for path in chunk])
     padded = np.concatenate([arrays, np.zeros((batch_size - len(chunk),) + arrays.shape[1:],
                                               arrays.dtype)])
     probs = np.asarray(jax.device_get(predict_step(

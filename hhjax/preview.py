@@ -3,13 +3,22 @@
     python main.py --mode=preview_data --config=configs/default.py --workdir=/tmp/hhjax/preview
 """
 
+import textwrap
+
 from etils import epath
+import jax
 import ml_collections
+import numpy as np
+import tensorflow as tf
 
 from hhjax import entry
 from hhjax import files
+from hhjax.data import augment
 from hhjax.data import pipeline
+from hhjax.data import spec as data_spec
+from hhjax.data import streams
 from hhjax.model import preprocessing
+from hhjax.training import device_augment
 
 
 def _describe_augmentation(config: ml_collections.ConfigDict) -> str:
@@ -21,6 +30,59 @@ def _describe_augmentation(config: ml_collections.ConfigDict) -> str:
   return (f'rotation {aug.rotation_range:g} deg, shift w {aug.width_shift_range:g} '
           f'h {aug.height_shift_range:g}, shear {aug.shear_range:g} deg, zoom '
           f'{aug.zoom_range}, flips {"+".join(flips) or "none"}, fill {aug.fill_mode}')
+
+
+def _describe_others(data: data_spec.DataSpec) -> str:
+  """The crop, erasing and where augmentation runs, for the figure's title ('' when off)."""
+  parts = []
+  if data.crop.random_resized_crop:
+    parts.append(f'random-resized crop scale {tuple(data.crop.scale)} ratio '
+                 f'({data.crop.ratio[0]:.3g}, {data.crop.ratio[1]:.3g})')
+  if data.random_erasing.enabled:
+    parts.append(f'random erasing p {data.random_erasing.probability:g} '
+                 f'value {data.random_erasing.value}')
+  if parts or data.augment.enabled:
+    parts.append(f'on the {data.augment.on}')
+  return ('; ' + ', '.join(parts)) if parts else ''
+
+
+def _drawn(data: data_spec.DataSpec):
+  """position -> what the image there drew: the crop and erased boxes, Keras's parameters."""
+  size = data.image_size
+
+  @tf.function
+  def drawn(position):
+    out = augment.draws(data, position, size, size)
+    if data.augment.enabled:
+      seed = streams.stateless_seed(data.seed, streams.AUGMENT_SALT, position)
+      out['params'] = augment.random_transform_params(seed, data.augment, size, size)
+    return out
+  return drawn
+
+
+def applied(data: data_spec.DataSpec, positions: list[int]) -> list[list[str]]:
+  """What the training images at stream `positions` had applied, short lines for each.
+
+  Drawn again from (seed, position) by the functions both augmentation paths use.
+  """
+  drawn = _drawn(data)
+  out = []
+  for position in positions:
+    draws = drawn(tf.constant(position, tf.int64))
+    lines = []
+    if 'crop' in draws:
+      top, left, h, w = (int(v) for v in draws['crop'])
+      lines.append(f'crop {w}x{h} at ({left},{top})')
+    if 'params' in draws:
+      p = {k: float(v) for k, v in draws['params'].items()}
+      flips = ''.join(n for n, k in (('h', 'flip_horizontal'), ('v', 'flip_vertical')) if p[k])
+      lines.append(f'rot {p["theta"]:.0f} sh {p["shear"]:.0f} z {p["zx"]:.2f}/{p["zy"]:.2f}')
+      lines.append(f'shift {p["tx"]:.0f},{p["ty"]:.0f} flip {flips or "-"}')
+    if 'erase' in draws:
+      top, left, h, w = (int(v) for v in draws['erase'])
+      lines.append(f'erased {w}x{h} at ({left},{top})' if h else 'not erased')
+    out.append(lines)
+  return out
 
 
 def preview_data(config: ml_collections.ConfigDict, workdir: str, *, num_images: int = 24,
@@ -42,7 +104,11 @@ def preview_data(config: ml_collections.ConfigDict, workdir: str, *, num_images:
   info = pipeline.dataset_info(data)
   ds = pipeline.create_dataset(data, config.data.train_split, process_index=0, process_count=1)
   images, labels = [], []
+  on_device = jax.jit(lambda b: device_augment.augment_pixels(b, data))
   for batch in ds.as_numpy_iterator():
+    if data.augments_on_device:   # what the train step makes of the shipped pixels
+      pixels = np.asarray(on_device(batch))
+      batch['image'] = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
     images.extend(batch['image'])
     labels.extend(batch['label'])
     if len(images) >= num_images:
@@ -50,15 +116,19 @@ def preview_data(config: ml_collections.ConfigDict, workdir: str, *, num_images:
   images, labels = images[:num_images], labels[:num_images]
 
   rows = -(-len(images) // columns)
-  fig = Figure(figsize=(2.0 * columns, 2.2 * rows + 0.6))
+  cells = applied(data, list(range(len(images))))   # each cell's title: its class, then
+  lines = len(cells[0]) if cells else 0            # what it had applied
+  fig = Figure(figsize=(2.0 * columns, (2.2 + 0.25 * lines) * rows + 0.6))
   for k, (image, label) in enumerate(zip(images, labels)):
     ax = fig.add_subplot(rows, columns, k + 1)
     ax.imshow(preprocessing.denormalize(image, config.data.preprocessing))
-    ax.set_title(info.class_names[int(label)], fontsize=10)
+    ax.set_title('\n'.join([info.class_names[int(label)]] + cells[k]),
+                 fontsize=10 if not data.augments else 7)
     ax.axis('off')
   source = config.data.dir if config.data.source == 'folder' else config.data.source
-  fig.suptitle(f'{source} / {config.data.train_split}, seed {config.seed}, step 0: '
-               f'{_describe_augmentation(config)}', fontsize=9)
+  title = (f'{source} / {config.data.train_split}, seed {config.seed}, step 0: '
+           f'{_describe_augmentation(config)}{_describe_others(data)}')
+  fig.suptitle('\n'.join(textwrap.wrap(title, 22 * columns)), fontsize=9)
   fig.tight_layout()
   path = epath.Path(workdir) / 'preview_data.png'   # local or gs://
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,7 @@ from hhjax.data import pipeline
 from hhjax.data import sources
 from hhjax.data import spec as data_spec
 from hhjax.model import classifier
+from hhjax.training import device_augment
 from hhjax.training import evaluation
 from hhjax.training import feature_cache
 from hhjax.training import losses
@@ -441,7 +442,9 @@ def _phase_inputs(run: _Run, setup: phases_lib.PhaseSetup, state: PyTree, step: 
     run.train_iter = pipeline.create_dataset(run.data, run.data.train_split,
                                              start_step=step).as_numpy_iterator()
   repl, data = sharding.replicated(run.mesh), sharding.data_sharded(run.mesh)
-  train_step = jax.jit(steps.make_train_step(run.model, setup), in_shardings=(repl, data),
+  prepare = device_augment.for_data(run.data)   # None: the host augments
+  train_step = jax.jit(steps.make_train_step(run.model, setup, prepare),
+                       in_shardings=(repl, data),
                        out_shardings=repl, donate_argnums=0)
   return train_step, run.train_iter, run.evaluator
 

@@ -76,3 +76,15 @@ def test_benchmarks_use_only_public_names_of_the_library():
     modules |= names
     private += [f'{name}: {m}' for m in re.findall(r'\b(\w+)\._\w+', text) if m in names]
   assert 'feature_cache' in modules and not private, private
+
+
+def test_input_pipeline_measures_host_and_device_augmentation(capsys):
+  import input_pipeline  # pylint: disable=g-import-not-at-top
+  input_pipeline.main(['--sources=fake', '--threads=1', '--steps=1', '--warmup_steps=1',
+                       '--batch_size=2', '--image_size=75', '--augment_on=host,device'])
+  rows = [line.split() for line in capsys.readouterr().out.splitlines()
+          if line.startswith('fake ')]
+  assert [row[:5] for row in rows] == [['fake', 'on', 'host', 'off', '1'],
+                                       ['fake', 'on', 'device', 'off', '1']]
+  for row in rows:
+    assert float(row[5]) > 0 and float(row[6]) >= 0   # images/s, CPU ms per image

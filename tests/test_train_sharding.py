@@ -1,4 +1,5 @@
-"""One device and eight (fake CPU) devices train to the same parameters."""
+"""One device and eight (fake CPU) devices train to the same parameters, with the augmentation
+applied on the devices, inside the sharded train step."""
 
 import json
 import os
@@ -31,6 +32,7 @@ config.finetune.learning_rate = 1e-3
 config.finetune.unfreeze_from = 'mixed0'
 config.finetune.train_bn = True          # batch statistics over the global, sharded batch
 config.data.fake.num_eval_examples = 8
+config.data.augment.on = 'device'        # each device augments its shard of the batch
 
 errors = []
 if jax.device_count() > 1:

@@ -21,6 +21,12 @@ Conventions copied from Keras, on purpose:
 
 `apply_transform` matches `ImageDataGenerator.apply_transform` to float32 rounding (about 1e-3
 grey levels) for every `fill_mode` Keras accepts; tests/test_augment.py checks it against Keras.
+
+Beyond Keras's generator: torchvision's (timm's, Keras 3's) random-resized crop
+(`random_resized_crop_box`, `crop_resize`) and a centre crop for evaluation (`centre_crop`),
+and timm's random erasing (`random_erasing_box`, `erase`). `host_augment` applies them in
+order on the host; `draws` gives the same parameters for the train step to apply on the
+device (hhjax.training.device_augment); tests/test_device_augment.py checks both.
 """
 
 from collections.abc import Mapping
@@ -31,6 +37,7 @@ import tensorflow as tf
 
 from hhjax import errors
 from hhjax.data import spec as data_spec
+from hhjax.data import streams
 
 # config.data.augment.fill_mode: what `apply_transform` accepts, as Keras does.
 FILL_MODES = data_spec.FILL_MODES
@@ -124,6 +131,37 @@ def _bilinear_gather(image: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
   return top * (1 - wy) + bottom * wy
 
 
+def warp(image: tf.Tensor, m: tf.Tensor, *, fill_mode: str = 'nearest',
+         cval: float = 0.0) -> tf.Tensor:
+  """Resamples float32 image [H, W, C] through the float64 3x3 output -> input matrix `m`.
+
+  Bilinear, with scipy.ndimage's fill modes (Keras's): the warp of `apply_transform`, which
+  what `apply_transform` resamples with.
+  """
+  if fill_mode not in FILL_MODES:
+    raise ValueError(f'fill_mode must be one of {FILL_MODES}, got {fill_mode!r}.')
+  image = tf.convert_to_tensor(image, tf.float32)
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  if fill_mode == 'wrap':
+    # ImageProjectiveTransformV3's WRAP repeats with period n, scipy's 'wrap' with period n - 1.
+    x, y = _source_coordinates(m, height, width)
+    out = _bilinear_gather(image, _scipy_wrap(x, width), _scipy_wrap(y, height))
+  else:
+    transform = tf.cast(tf.reshape(m, [9])[:8], tf.float32)
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=transform[None], output_shape=tf.stack([height, width]),
+        fill_value=tf.constant(cval, tf.float32), interpolation='BILINEAR',
+        fill_mode=fill_mode.upper())[0]
+    if fill_mode == 'constant':
+      # scipy fills every pixel whose source lies outside the image; V3 would still blend a
+      # border band between the edge pixels and cval.
+      x, y = _source_coordinates(m, height, width)
+      inside = ((x >= -_EDGE_EPS) & (x <= tf.cast(width - 1, tf.float64) + _EDGE_EPS) &
+                (y >= -_EDGE_EPS) & (y <= tf.cast(height - 1, tf.float64) + _EDGE_EPS))
+      out = tf.where(inside[..., None], out, tf.constant(cval, tf.float32))
+  return tf.ensure_shape(out, image.shape)
+
+
 def apply_transform(image: tf.Tensor, params: Mapping[str, Any], *, fill_mode: str = 'nearest',
                     cval: float = 0.0) -> tf.Tensor:
   """Keras's `ImageDataGenerator.apply_transform`, in TensorFlow ops.
@@ -144,23 +182,7 @@ def apply_transform(image: tf.Tensor, params: Mapping[str, Any], *, fill_mode: s
   m = keras_transform_matrix(
       params.get('theta', 0.0), params.get('tx', 0.0), params.get('ty', 0.0),
       params.get('shear', 0.0), params.get('zx', 1.0), params.get('zy', 1.0), height, width)
-  if fill_mode == 'wrap':
-    # ImageProjectiveTransformV3's WRAP repeats with period n, scipy's 'wrap' with period n - 1.
-    x, y = _source_coordinates(m, height, width)
-    out = _bilinear_gather(image, _scipy_wrap(x, width), _scipy_wrap(y, height))
-  else:
-    transform = tf.cast(tf.reshape(m, [9])[:8], tf.float32)
-    out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[None], transforms=transform[None], output_shape=tf.stack([height, width]),
-        fill_value=tf.constant(cval, tf.float32), interpolation='BILINEAR',
-        fill_mode=fill_mode.upper())[0]
-    if fill_mode == 'constant':
-      # scipy fills every pixel whose source lies outside the image; V3 would still blend a
-      # border band between the edge pixels and cval.
-      x, y = _source_coordinates(m, height, width)
-      inside = ((x >= -_EDGE_EPS) & (x <= tf.cast(width - 1, tf.float64) + _EDGE_EPS) &
-                (y >= -_EDGE_EPS) & (y <= tf.cast(height - 1, tf.float64) + _EDGE_EPS))
-      out = tf.where(inside[..., None], out, tf.constant(cval, tf.float32))
+  out = warp(image, m, fill_mode=fill_mode, cval=cval)
   flip_h = tf.cast(params.get('flip_horizontal', False), tf.bool)
   flip_v = tf.cast(params.get('flip_vertical', False), tf.bool)
   out = tf.cond(flip_h, lambda: tf.reverse(out, axis=[1]), lambda: out)
@@ -210,3 +232,198 @@ def random_augment(image: tf.Tensor, seed: tf.Tensor, aug: data_spec.AugmentSpec
   height, width = tf.shape(image)[0], tf.shape(image)[1]
   params = random_transform_params(seed, aug, height, width)
   return apply_transform(image, params, fill_mode=aug.fill_mode, cval=aug.cval)
+
+
+# ----------------------------------------------------------------------------- crops
+
+# torchvision's, timm's and Keras 3's number of tries before the fallback.
+_ATTEMPTS = 10
+
+
+def crop_resize(image: tf.Tensor, box: tf.Tensor) -> tf.Tensor:
+  """The box (top, left, h, w) of float32 image [S, S, C], bilinearly resized to S x S.
+
+  Half-pixel centres with the coordinates clamped to the box, as tf.image.resize and PIL's
+  resize of the cropped box: output column x reads left + (x + 0.5) * w / S - 0.5 (rows
+  alike). No antialiasing: the box is never larger than the output.
+  """
+  height, width = int(image.shape[0]), int(image.shape[1])
+  box = tf.cast(box, tf.float64)
+
+  def axis(start, length, size):
+    at = start + (tf.range(size, dtype=tf.float64) + 0.5) * length / size - 0.5
+    return tf.clip_by_value(at, start, start + length - 1)
+  y, x = tf.meshgrid(axis(box[0], box[2], height), axis(box[1], box[3], width), indexing='ij')
+  return tf.ensure_shape(_bilinear_gather(image, x, y), image.shape)
+
+
+def _log_uniform(u: tf.Tensor, bounds) -> tf.Tensor:
+  lo, hi = math.log(bounds[0]), math.log(bounds[1])
+  return tf.exp(lo + tf.cast(u, tf.float64) * (hi - lo))
+
+
+def _first_valid(valid: tf.Tensor, values: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """(whether any attempt is valid, the values [k] of the first valid attempt of [n, k])."""
+  first = tf.argmax(tf.cast(valid, tf.int32))
+  return tf.reduce_any(valid), tf.gather(values, first)
+
+
+def random_resized_crop_box(seed: tf.Tensor, crop: data_spec.CropSpec, height: int,
+                            width: int) -> tf.Tensor:
+  """torchvision's RandomResizedCrop.get_params (timm's, Keras 3's), drawn from `seed`.
+
+  Up to 10 tries: an area fraction uniform in crop.scale and an aspect ratio (width / height)
+  log-uniform in crop.ratio give w = round(sqrt(area * ratio)), h = round(sqrt(area / ratio));
+  the first box that fits is placed uniformly at random. If none fits, the fallback: the
+  largest centred box whose aspect ratio is clipped into crop.ratio.
+
+  Returns:
+    int32 [4]: (top, left, box height, box width), in pixels.
+  """
+  u = tf.cast(tf.random.stateless_uniform([_ATTEMPTS, 4], seed=seed, dtype=tf.float32),
+              tf.float64)
+  area = float(height * width)
+  target = area * (crop.scale[0] + u[:, 0] * (crop.scale[1] - crop.scale[0]))
+  aspect = _log_uniform(u[:, 1], crop.ratio)
+  w = tf.round(tf.sqrt(target * aspect))   # round half to even, as Python's round
+  h = tf.round(tf.sqrt(target / aspect))
+  valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+  # randint(0, height - h) inclusive: floor(u * (height - h + 1)).
+  top = tf.minimum(tf.floor(u[:, 2] * (height - h + 1)), height - h)
+  left = tf.minimum(tf.floor(u[:, 3] * (width - w + 1)), width - w)
+  found, box = _first_valid(valid, tf.stack([top, left, h, w], axis=1))
+  in_ratio = width / height
+  if in_ratio < min(crop.ratio):
+    fw, fh = width, int(round(width / min(crop.ratio)))
+  elif in_ratio > max(crop.ratio):
+    fw, fh = int(round(height * max(crop.ratio))), height
+  else:
+    fw, fh = width, height
+  fallback = tf.constant([(height - fh) // 2, (width - fw) // 2, fh, fw], tf.float64)
+  return tf.cast(tf.where(found, box, fallback), tf.int32)
+
+
+def centre_crop_box(fraction: float, height: int, width: int) -> tuple[int, int, int, int]:
+  """The centred box of `fraction` of each side: (top, left, box height, box width).
+
+  Sides round to whole pixels and the box's corner as torchvision's CenterCrop places it.
+  """
+  box_h, box_w = max(1, int(round(fraction * height))), max(1, int(round(fraction * width)))
+  return (int(round((height - box_h) / 2)), int(round((width - box_w) / 2)), box_h, box_w)
+
+
+def centre_crop(image: tf.Tensor, fraction: float | None) -> tf.Tensor:
+  """float32 [S, S, C] -> its centre box of `fraction`, resized back to S x S (None: as is)."""
+  if fraction is None:
+    return image
+  box = centre_crop_box(fraction, int(image.shape[0]), int(image.shape[1]))
+  return crop_resize(image, tf.constant(box, tf.int32))
+
+
+# ----------------------------------------------------------------------------- random erasing
+
+
+def random_erasing_box(seed: tf.Tensor, erasing: data_spec.ErasingSpec, height: int,
+                       width: int) -> tf.Tensor:
+  """timm's RandomErasing (Zhong et al. 2017, Algorithm 1) box, drawn from `seed`.
+
+  With probability erasing.probability, up to 10 tries: an area fraction uniform in
+  erasing.scale and an aspect ratio (height / width) log-uniform in erasing.ratio give
+  h = round(sqrt(area * ratio)), w = round(sqrt(area / ratio)); the first box with h < height
+  and w < width is placed uniformly at random. No box fits, or the coin says no: nothing erased.
+
+  Returns:
+    int32 [4]: (top, left, box height, box width); height and width 0 when nothing is erased.
+  """
+  u = tf.cast(tf.random.stateless_uniform([_ATTEMPTS * 4 + 1], seed=seed, dtype=tf.float32),
+              tf.float64)
+  coin, u = u[0], tf.reshape(u[1:], [_ATTEMPTS, 4])
+  area = float(height * width)
+  target = area * (erasing.scale[0] + u[:, 0] * (erasing.scale[1] - erasing.scale[0]))
+  aspect = _log_uniform(u[:, 1], erasing.ratio)
+  h = tf.round(tf.sqrt(target * aspect))
+  w = tf.round(tf.sqrt(target / aspect))
+  valid = (w < width) & (h < height)
+  top = tf.minimum(tf.floor(u[:, 2] * (height - h + 1)), height - h)
+  left = tf.minimum(tf.floor(u[:, 3] * (width - w + 1)), width - w)
+  found, box = _first_valid(valid, tf.stack([top, left, h, w], axis=1))
+  erase = found & (coin < erasing.probability)
+  return tf.cast(tf.where(erase, box, tf.zeros([4], tf.float64)), tf.int32)
+
+
+def erase(image: tf.Tensor, box: tf.Tensor, fill: tf.Tensor) -> tf.Tensor:
+  """image [H, W, C] with the box (top, left, h, w) replaced by `fill` (broadcast to it)."""
+  height, width = image.shape[0], image.shape[1]
+  rows = tf.range(height)[:, None]
+  cols = tf.range(width)[None, :]
+  inside = ((rows >= box[0]) & (rows < box[0] + box[2]) &
+            (cols >= box[1]) & (cols < box[1] + box[3]))
+  return tf.where(inside[..., None], tf.broadcast_to(tf.cast(fill, image.dtype), image.shape),
+                  image)
+
+
+def erase_fill(erasing: data_spec.ErasingSpec, noise_seed: tf.Tensor, shape) -> tf.Tensor:
+  """What the erased box holds: erasing.value, or uniform noise in [0, 255] ('random')."""
+  if erasing.value == data_spec.ERASE_RANDOM:
+    return tf.random.stateless_uniform(shape, seed=noise_seed, maxval=255.0)
+  return tf.constant(float(erasing.value), tf.float32)
+
+
+# ----------------------------------------------------------------------------- per position
+
+
+def transform_and_flips(params: Mapping[str, Any], height, width):
+  """(float64 3x3 matrix, flip_horizontal, flip_vertical) of Keras's transform_parameters."""
+  m = keras_transform_matrix(params['theta'], params['tx'], params['ty'], params['shear'],
+                             params['zx'], params['zy'], height, width)
+  return m, params['flip_horizontal'], params['flip_vertical']
+
+
+def _seeds(seed: int, position: tf.Tensor) -> dict[str, tf.Tensor]:
+  return {name: streams.stateless_seed(seed, salt, position)
+          for name, salt in (('crop', streams.CROP_SALT), ('augment', streams.AUGMENT_SALT),
+                             ('erase', streams.ERASE_SALT))}
+
+
+def draws(spec: data_spec.DataSpec, position: tf.Tensor, height: int,
+          width: int) -> dict[str, tf.Tensor]:
+  """What the training image at stream `position` has drawn, for every augmentation on.
+
+  The parameters both paths apply: 'crop' (int32 [4], the crop's (top, left, h, w)), 'warp' (float32 [6], ImageDataGenerator's matrix rows, as
+  ImageProjectiveTransformV3 reads them), 'flip' (bool [2], horizontal, vertical), 'erase'
+  (int32 [4], the erased box) and 'erase_seed' (int32 [2], for the 'random' fill). Each is
+  drawn from (config.seed, its salt, position): the same draws on the host and on the device.
+  """
+  seeds = _seeds(spec.seed, position)
+  out = {}
+  if spec.crop.random_resized_crop:
+    out['crop'] = random_resized_crop_box(seeds['crop'], spec.crop, height, width)
+  if spec.augment.enabled:
+    params = random_transform_params(seeds['augment'], spec.augment, height, width)
+    m, flip_h, flip_v = transform_and_flips(params, height, width)
+    out['warp'] = tf.cast(tf.reshape(m, [9])[:6], tf.float32)
+    out['flip'] = tf.stack([flip_h, flip_v])
+  if spec.random_erasing.enabled:
+    out['erase'] = random_erasing_box(seeds['erase'], spec.random_erasing, height, width)
+    out['erase_seed'] = tf.cast(
+        tf.random.experimental.stateless_fold_in(seeds['erase'], 1), tf.int32)
+  return out
+
+
+def host_augment(image: tf.Tensor, spec: data_spec.DataSpec, position: tf.Tensor) -> tf.Tensor:
+  """The training image at `position`, float32 [S, S, C] in [0, 255], augmented on the host.
+
+  In this order: the random-resized crop, ImageDataGenerator's warp and flips (Keras's
+  `random_augment`, unchanged when it is the only one on), random erasing.
+  """
+  height, width = int(image.shape[0]), int(image.shape[1])
+  seeds = _seeds(spec.seed, position)
+  if spec.crop.random_resized_crop:
+    image = crop_resize(image, random_resized_crop_box(seeds['crop'], spec.crop, height, width))
+  if spec.augment.enabled:
+    image = random_augment(image, seeds['augment'], spec.augment)
+  if spec.random_erasing.enabled:
+    box = random_erasing_box(seeds['erase'], spec.random_erasing, height, width)
+    noise_seed = tf.random.experimental.stateless_fold_in(seeds['erase'], 1)
+    image = erase(image, box, erase_fill(spec.random_erasing, noise_seed, image.shape))
+  return image

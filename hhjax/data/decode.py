@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from hhjax import errors
+from hhjax.data import augment
 from hhjax.data import spec as data_spec
 from hhjax.model import preprocessing as preprocessing_lib
 
@@ -141,16 +142,20 @@ def to_output(image: tf.Tensor, preprocessing: str, image_dtype: str = 'float32'
 
 
 def preprocess_image(contents: tf.Tensor, image_size: int, resize_method: str,
-                     preprocessing: str) -> tf.Tensor:
+                     preprocessing: str, eval_fraction: float | None = None) -> tf.Tensor:
   """Encoded image bytes -> the float32 [S, S, 3] model input of evaluation (no augmentation).
 
-  The arguments are config.data's fields of the same names.
+  The arguments are config.data's fields of the same names (eval_fraction: config.data.crop's,
+  the centre crop evaluation sees).
   """
   image = resize(decode_image(contents), image_size, resize_method)
+  if eval_fraction is not None:
+    image = augment.centre_crop(image, eval_fraction)
   return normalize(image, preprocessing)
 
 
-def load_image(path: str, image_size: int, resize_method: str, preprocessing: str) -> np.ndarray:
+def load_image(path: str, image_size: int, resize_method: str, preprocessing: str,
+               eval_fraction: float | None = None) -> np.ndarray:
   """One image file -> its float32 [S, S, 3] model input, as the eval split would give it.
 
   A missing file raises DataNotFoundError and an unreadable one DataError, each naming the path
@@ -158,7 +163,7 @@ def load_image(path: str, image_size: int, resize_method: str, preprocessing: st
   """
   try:
     return preprocess_image(tf.io.read_file(path), image_size, resize_method,
-                            preprocessing).numpy()
+                            preprocessing, eval_fraction).numpy()
   except tf.errors.NotFoundError as e:
     raise errors.DataNotFoundError(f'{path}: no such file ({error_reason(e)}).') from None
   except tf.errors.OpError as e:

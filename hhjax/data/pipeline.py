@@ -16,7 +16,12 @@ How the stream is built, and why:
   * Only then is a row decoded and resized (decode.py), augmented with parameters drawn from
     (config.seed, position) (augment.py), normalised and batched: the same (seed, step) gives
     the same batch with any number of threads or processes, in any run.
-  * Evaluation is one pass in table order, padded to whole batches, with a 'mask'.
+  * With config.data.augment.on='device' the training examples carry uint8 pixels and what was
+    drawn for them (augment.draws) instead; the train step augments
+    (hhjax.training.device_augment). config.data.crop and config.data.random_erasing add a
+    random-resized crop before the warp and an erased box after it, on either path.
+  * Evaluation is one pass in table order, padded to whole batches, with a 'mask' (and the
+    centre crop of config.data.crop.eval_fraction, when set).
 
 With config.data.cache_decoded, each split is decoded and resized once and held in memory
 (float32, N x S x S x 3: 277 MB for the 1,027 training images at 150 px); every epoch then
@@ -188,13 +193,21 @@ def _train_examples(table: sources.Table, spec: data_spec.DataSpec, load, *,
   ds = streams.train_index_stream(table.size, seed, spec.batch_size, start_step=start_step,
                                   process_index=index, process_count=count)
   aug, preprocessing, image_dtype = spec.augment, spec.preprocessing, spec.image_dtype
+  size = spec.image_size
 
   @tf.autograph.experimental.do_not_convert  # plain TF ops; AutoGraph only warns here
   def example(position, i):
     image, label = load(i)
-    if aug.enabled:
+    if spec.augments_on_device:
+      # Pixels and what was drawn; hhjax.training.device_augment applies it in the step.
+      draws = augment.draws(spec, position, size, size)
+      return {'image': decode.to_output(image, preprocessing, 'uint8'), 'label': label,
+              **draws}
+    if aug.enabled and not (spec.crop.random_resized_crop or spec.random_erasing.enabled):
       image = augment.random_augment(
           image, streams.stateless_seed(seed, streams.AUGMENT_SALT, position), aug)
+    elif spec.augments:   # with the crop or the erasing
+      image = augment.host_augment(image, spec, position)
     return {'image': decode.to_output(image, preprocessing, image_dtype), 'label': label}
   return batch, _map(ds, example, spec.num_parallel_calls)
 
@@ -212,6 +225,7 @@ def _eval_examples(table: sources.Table, spec: data_spec.DataSpec, load, *,
   @tf.autograph.experimental.do_not_convert
   def loaded(i):
     image, label = load(i)
+    image = augment.centre_crop(image, spec.crop.eval_fraction)
     return decode.to_output(image, preprocessing, image_dtype), label
 
   def padding():
@@ -247,7 +261,8 @@ def create_dataset(spec: data_spec.DataSpec, split: str, *, start_step: int = 0,
 
   Returns:
     Training: an infinite, per-epoch reshuffled, augmented stream of
-    {'image': float32 [b, S, S, 3], 'label': int32 [b]}, b = spec.batch_size / processes.
+    {'image': float32 [b, S, S, 3], 'label': int32 [b]}, b = spec.batch_size / processes;
+    with spec.augments_on_device, 'image' is uint8 and augment.draws's keys come along.
     Otherwise: one pass over the split in a fixed order, every example exactly once, the last
     batch padded; batches add 'mask' (bool [b]), False on padding.
   """
@@ -278,7 +293,8 @@ def eval_pixels(table: sources.Table, spec: data_spec.DataSpec,
   For pictures of a few examples (hhjax.pictures): they are decoded again, one by one.
   """
   load = _loader(table, spec)
-  images = [load(tf.constant(i, tf.int64))[0].numpy() for i in indices]
+  images = [augment.centre_crop(load(tf.constant(i, tf.int64))[0],
+                                spec.crop.eval_fraction).numpy() for i in indices]
   size = spec.image_size
   return np.clip(np.round(np.reshape(images, (len(indices), size, size, 3))), 0,
                  255).astype(np.uint8)

@@ -26,6 +26,11 @@ IMAGE_DTYPES = ('float32', 'uint8')
 BAD_FILES = ('error', 'skip')
 # config.data.augment.fill_mode: the modes of Keras's ImageDataGenerator (augment.py).
 FILL_MODES = ('nearest', 'reflect', 'wrap', 'constant')
+# config.data.augment.on: where the training images are augmented (augment.py on the host in
+# tf.data, hhjax.training.device_augment in the jitted train step).
+AUGMENT_ON = ('host', 'device')
+# config.data.random_erasing.value: a number (the erased box's grey level) or this word.
+ERASE_RANDOM = 'random'
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,6 +54,48 @@ class AugmentSpec:
   vertical_flip: bool
   fill_mode: str
   cval: float = 0.0   # absent from configs written before it existed
+  on: str = 'host'    # one of AUGMENT_ON; covers the crop and the erasing too
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CropSpec:
+  """config.data.crop: Inception-style random-resized crops, and a centre crop to evaluate.
+
+  Attributes:
+    random_resized_crop: crop each training image to a random box, resized back to image_size.
+    scale: the box's area, a fraction of the image's, drawn uniformly from [lower, upper].
+    ratio: the box's width / height, drawn log-uniformly from [lower, upper].
+    eval_fraction: evaluation and predict see the centre box of this fraction of each side,
+      resized back to image_size (e.g. 0.875); None: the whole image.
+  """
+  random_resized_crop: bool = False
+  scale: tuple[float, float] = (0.08, 1.0)
+  ratio: tuple[float, float] = (3 / 4, 4 / 3)
+  eval_fraction: float | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ErasingSpec:
+  """config.data.random_erasing: Zhong et al. 2017's random erasing, as timm's RandomErasing.
+
+  Attributes:
+    probability: the chance that a training image has one box erased (timm's --reprob); 0: off.
+    scale: the box's area, a fraction of the image's, drawn uniformly from [lower, upper].
+    ratio: the box's height / width, drawn log-uniformly from [lower, upper].
+    value: the grey level the box is filled with, or ERASE_RANDOM: uniform noise in [0, 255].
+  """
+  probability: float = 0.0
+  scale: tuple[float, float] = (0.02, 1 / 3)
+  ratio: tuple[float, float] = (0.3, 3.3)
+  value: float | str = 0.0
+
+  def __post_init__(self):   # the config holds a string: '0' or 'random'
+    if self.value != ERASE_RANDOM:
+      object.__setattr__(self, 'value', float(self.value))
+
+  @property
+  def enabled(self) -> bool:
+    return self.probability > 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,7 +120,9 @@ class DataSpec:
     cache_decoded: decode and resize every image once and keep it in memory.
     num_parallel_calls: tf.data's threads (None: streams.num_threads's default).
     fake: the synthetic images of source='fake'.
-    augment: the training stream's augmentation.
+    augment: the training stream's augmentation (and where it runs: augment.on).
+    crop: random-resized crops for training, a centre crop for evaluation.
+    random_erasing: the training stream's random erasing.
     seed: seeds the shuffling, the augmentation and the synthetic images.
     batch_size: the global training batch.
     eval_batch_size: the global evaluation batch (config.eval_batch_size or batch_size).
@@ -94,9 +143,22 @@ class DataSpec:
   num_parallel_calls: int | None
   fake: FakeSpec
   augment: AugmentSpec
+  crop: CropSpec = CropSpec()
+  random_erasing: ErasingSpec = ErasingSpec()
   seed: int
   batch_size: int
   eval_batch_size: int
+
+  @property
+  def augments(self) -> bool:
+    """Whether training images are augmented per image (each epoch sees new images)."""
+    return (self.augment.enabled or self.crop.random_resized_crop
+            or self.random_erasing.enabled)
+
+  @property
+  def augments_on_device(self) -> bool:
+    """Whether the train step augments (the training stream ships pixels and parameters)."""
+    return self.augments and self.augment.on == 'device'
 
   @property
   def holds_out(self) -> bool:
@@ -134,7 +196,8 @@ class DataSpec:
     reported on eval_split: that split validates, nothing is held out and there is no test.
     """
     data = config['data']
-    names = _field_names(cls) - {'fake', 'augment', 'seed', 'batch_size', 'eval_batch_size'}
+    names = _field_names(cls) - {'fake', 'augment', 'crop', 'random_erasing', 'seed',
+                                 'batch_size', 'eval_batch_size'}
     values = _present(data, names)
     if 'validation_split' not in data:   # written before validation and test were apart
       values.update(validation_split=data['eval_split'], validation_fraction=0.0,
@@ -149,6 +212,8 @@ class DataSpec:
         **values,
         fake=FakeSpec(**_present(data['fake'], _field_names(FakeSpec))),
         augment=_augment(data['augment']),
+        crop=_with_pairs(CropSpec, data.get('crop', {})),
+        random_erasing=_with_pairs(ErasingSpec, data.get('random_erasing', {})),
         seed=int(config['seed']),
         batch_size=int(config['batch_size']),
         eval_batch_size=int(config.get('eval_batch_size') or config['batch_size']))
@@ -186,3 +251,13 @@ def _augment(node: Any) -> AugmentSpec:
   if isinstance(values.get('zoom_range'), (list, tuple)):   # config.json stores a pair as a list
     values['zoom_range'] = tuple(values['zoom_range'])
   return AugmentSpec(**values)
+
+
+def _with_pairs(cls, node: Any):
+  """cls from `node`'s fields; absent ones take their defaults, lists (config.json) become
+  pairs."""
+  values = _present(node, _field_names(cls))
+  for name, value in values.items():
+    if isinstance(value, list):
+      values[name] = tuple(value)
+  return cls(**values)

@@ -28,6 +28,8 @@ from hhjax import errors
 SHUFFLE_SALT = 1
 AUGMENT_SALT = 2
 FAKE_SALT = 3
+CROP_SALT = 4
+ERASE_SALT = 5
 
 
 def num_threads(num_parallel_calls: int | None) -> int | None:

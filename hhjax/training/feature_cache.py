@@ -64,8 +64,9 @@ class Settings:
 
 def _why_not(data: data_spec.DataSpec) -> str | None:
   """Why no phase of this run can train on cached features (None: frozen phases can)."""
-  if data.augment.enabled:
-    return 'augmentation is on (config.data.augment.enabled): every epoch sees new images'
+  if data.augments:
+    return ('augmentation is on (config.data.augment.enabled, crop.random_resized_crop or '
+            'random_erasing.probability): every epoch sees new images')
   if jax.process_count() > 1:
     return 'the cache is single-process only'
   return None

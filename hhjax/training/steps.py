@@ -64,13 +64,17 @@ def _loss_fn(model, phase: phases_lib.Phase, loss: losses.LossSpec):
   return loss_fn
 
 
-def make_train_step(model, setup: phases_lib.PhaseSetup
+def make_train_step(model, setup: phases_lib.PhaseSetup,
+                    prepare: Callable[[PyTree], jax.Array] | None = None
                     ) -> Callable[[PyTree, PyTree], PyTree]:
   """The phase's train step `(state, batch) -> state`, not yet jitted.
 
   Only the parameters labelled 'train' are differentiated: the frozen ones are closed over as
   constants, so XLA builds no backward pass through them (a warm-up step costs about one
   backbone forward plus the head) and they come out bit-identical.
+
+  `prepare` (batch -> images), when given, makes the step's images from the batch: the
+  augmentation on the device (hhjax.training.device_augment.for_data).
   """
   loss_fn = _loss_fn(model, setup.phase, setup.loss)
   labels, tx = setup.labels, setup.tx
@@ -79,6 +83,8 @@ def make_train_step(model, setup: phases_lib.PhaseSetup
     step = state['step']
     rng = jax.random.fold_in(state['rng'], step)
     images, labels_ = batch['image'], batch['label']
+    if prepare is not None:
+      images = prepare(batch)
     trainable, frozen = optim.split(state['params'], labels)
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         trainable, frozen, state['batch_stats'], images, labels_, rng)
