@@ -64,7 +64,7 @@ def load_file(path: str | os.PathLike, backbone: str | None = None):
   """(module, variables) from a Keras weights file of `backbone` (default InceptionV3)."""
   declared = backbones.get(backbone)
   if declared.keras_names == 'position':
-    return keras_h5.load_h5(path)
+    return keras_h5.load_h5(path, declared.name)
   return keras_named.load(path, declared)
 
 
