@@ -81,7 +81,8 @@ class Backbone:
       batch_normalization) for layers Keras leaves unnamed.
     top: the top-level modules of the classification top, in order.
     lowerings: the `Lowering` switches verified on this family; the others stay off.
-    parity_endpoints: the endpoints the parity tests compare (every stage's end, the last).
+    parity_endpoints: the endpoints compared with Keras (tests/test_backbones.py compares every
+      endpoint).
     unnamed_endpoints: the endpoints whose Keras layer is unnamed (Xception's Add layers,
       `add`, `add_1`, ...), in order: the k-th is the k-th Add layer of the Keras model.
   """
@@ -184,7 +185,7 @@ def _declared() -> tuple[Backbone, ...]:
         preprocessing='caffe',
         weights=_official('resnet', f'resnet{depth}_weights_tf_dim_ordering_tf_kernels',
                           notop, top),
-        parity_endpoints=resnet.stage_ends(depth)))
+        parity_endpoints=resnet.endpoints(depth)))
   families.append(Backbone(
       'xception', 'Xception', xception.Xception, xception.ENDPOINTS, has_stem=True,
       min_size=xception.MIN_SIZE, preprocessing='inception',
