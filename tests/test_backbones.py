@@ -222,27 +222,28 @@ def test_every_endpoint_of_the_other_members_matches_keras(member):
   assert max(errors.values()) <= TOLERANCE, errors
 
 
+@pytest.mark.parametrize('family', ['resnet50'], indirect=True)
 def test_imagenet_top_reads_the_official_file_with_its_top_and_computes_keras_logits(
-    monkeypatch, tmp_path):
-  """'imagenet_top' (ResNet50): a random tf_keras file with the top, served as the official
-  file through the download cache, reads as the network with its 1000-class top, whose
-  probabilities and logits (up to Keras's softmax's shift) are Keras's."""
+    family, monkeypatch, tmp_path):
+  """'imagenet_top' (ResNet50): the random tf_keras network with Keras's top on it (avg_pool,
+  predictions, as ResNet50(include_top=True) builds it), saved with save_weights and served
+  as the official file through the download cache, reads as the network with its 1000-class
+  top, whose probabilities and logits (up to the softmax's shift) are Keras's."""
   import hashlib  # pylint: disable=g-import-not-at-top
   import tf_keras  # pylint: disable=g-import-not-at-top
   from hhjax.weights import official  # pylint: disable=g-import-not-at-top
-  name, size = 'resnet50', FAMILIES['resnet50']
-  backbone = backbones.get(name)
+  name, size, backbone = family.name, family.size, family.backbone
   monkeypatch.setenv(official.CACHE_DIR_ENV, str(tmp_path / 'cache'))
   monkeypatch.setenv('KERAS_HOME', str(tmp_path / 'keras_home'))
-  tf_keras.backend.clear_session()
-  keras_model = tf_keras.applications.ResNet50(weights=None, include_top=True,
-                                               input_shape=(size, size, 3),
-                                               classifier_activation=None)
-  keras_reference.randomize(keras_model, seed=4)
-  pixels = np.random.default_rng(5).uniform(0, 255, (2, size, size, 3)).astype(np.float32)
+  top = tf_keras.layers.Dense(1000, name='predictions')   # logits: no softmax
+  keras_model = tf_keras.Model(family.keras_model.input, top(
+      tf_keras.layers.GlobalAveragePooling2D(name='avg_pool')(family.keras_model.output)))
+  rng = np.random.default_rng(4)
+  pixels = rng.uniform(0, 255, (2, size, size, 3)).astype(np.float32)
   x = preprocessing.normalize_np(pixels, backbone.preprocessing)
+  top.set_weights([rng.normal(0.0, 1.0, (2048, 1000)).astype(np.float32),
+                   rng.normal(0.0, 1.0, 1000).astype(np.float32)])
   # Logits of spread 3, so that no probability underflows in float32.
-  top = keras_model.get_layer('predictions')
   scale = 3.0 / np.std(np.asarray(keras_model(x, training=False)))
   top.set_weights([w * scale for w in top.get_weights()])
   official_file = backbone.weights['imagenet_top']
