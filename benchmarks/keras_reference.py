@@ -15,6 +15,10 @@ Backends: Keras 3 with TensorFlow and with JAX. A Keras backend is fixed at impo
 
     python benchmarks/keras_reference.py                   # both backends, both cases
     python benchmarks/keras_reference.py --backends=jax --cases=warmup --repeats=3
+    python benchmarks/keras_reference.py --application=ResNet50 --cut= --head=gap \
+        --image_size=224                                   # another backbone, all of it
+
+`benchmarks/train_step.py --families=...` runs this script's cases beside its own, per family.
 
 Prints one JSON line per case (images/s median over repeats, first-step seconds = trace +
 compile + one step, peak memory) and one for the machine's float32 matmul rate.
@@ -32,15 +36,20 @@ BACKENDS = ('tensorflow', 'jax')
 CASES = ('warmup', 'finetune_all')
 
 
-def build_seed_model(image_size: int, case: str, jit_compile: str | bool = 'auto'):
-  """The seed's model, compiled with its optimizer and loss."""
+def build_seed_model(image_size: int, case: str, jit_compile: str | bool = 'auto',
+                     application: str = 'InceptionV3', cut: str = 'mixed7',
+                     head: str = 'flatten'):
+  """The seed's model (or `application` cut at the layer `cut`, '' for all of it, with the
+  seed's head on `head` pooling), compiled with its optimizer and loss."""
   import keras
-  base = keras.applications.InceptionV3(
+  base = getattr(keras.applications, application)(
       include_top=False, weights=None, input_shape=(image_size, image_size, 3))
   if case == 'warmup':
     for layer in base.layers:
       layer.trainable = False
-  x = keras.layers.Flatten()(base.get_layer('mixed7').output)
+  features = base.get_layer(cut).output if cut else base.output
+  pool = keras.layers.Flatten() if head == 'flatten' else keras.layers.GlobalAveragePooling2D()
+  x = pool(features)
   x = keras.layers.Dense(1024, activation='relu')(x)
   x = keras.layers.Dropout(0.2)(x)
   x = keras.layers.Dense(1, activation='sigmoid')(x)
@@ -48,6 +57,30 @@ def build_seed_model(image_size: int, case: str, jit_compile: str | bool = 'auto
   model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=1e-4),
                 loss='binary_crossentropy', metrics=['accuracy'], jit_compile=jit_compile)
   return model
+
+
+def add_model_flags(parser) -> None:
+  parser.add_argument('--application', default='InceptionV3',
+                      help='the keras.applications model (the seed: InceptionV3)')
+  parser.add_argument('--cut', default='mixed7',
+                      help="the layer the head reads ('' : the whole backbone)")
+  parser.add_argument('--head', default='flatten', choices=('flatten', 'gap'))
+
+
+def child_argv(backend: str, case: str, args: argparse.Namespace, *, application: str,
+               cut: str, head: str, image_size: int) -> list[str]:
+  """The command line of one (backend, case) child."""
+  return [os.path.abspath(__file__), '--child', f'--backend={backend}', f'--case={case}',
+          f'--batch_size={args.batch_size}', f'--image_size={image_size}',
+          f'--repeats={args.repeats}', f'--warmup_steps={args.warmup_steps}',
+          f'--jit_compile={getattr(args, "jit_compile", "auto")}',
+          f'--application={application}', f'--cut={cut}', f'--head={head}']
+
+
+def child_env(backend: str, malloc_tuning: str) -> dict[str, str]:
+  # TF_CPP_MIN_LOG_LEVEL keeps TensorFlow's start-up chatter off stderr.
+  return {'KERAS_BACKEND': backend, 'TF_CPP_MIN_LOG_LEVEL': '2',
+          **common.malloc_env(malloc_tuning)}
 
 
 def _device_and_peak(backend: str) -> tuple[str, float | None]:
@@ -72,7 +105,8 @@ def child(args: argparse.Namespace) -> None:
                      'KERAS_BACKEND before importing keras.')
   keras.utils.set_random_seed(0)
   jit_compile = {'auto': 'auto', 'true': True, 'false': False}[args.jit_compile]
-  model = build_seed_model(args.image_size, args.case, jit_compile)
+  model = build_seed_model(args.image_size, args.case, jit_compile, args.application,
+                           args.cut, args.head)
   rng = np.random.default_rng(0)
   b, s = args.batch_size, args.image_size
   x = keras.ops.convert_to_tensor(rng.uniform(-1, 1, (b, s, s, 3)).astype(np.float32))
@@ -97,6 +131,9 @@ def child(args: argparse.Namespace) -> None:
       'image_size': s,
       'trainable_params': int(sum(np.prod(w.shape) for w in model.trainable_weights)),
       'jit_compile': bool(model.jit_compile),
+      'application': args.application,
+      'cut': args.cut,
+      'head': args.head,
       'device': device,
       'keras': keras.__version__,
       backend: backend_module.__version__,
@@ -113,6 +150,7 @@ def main() -> None:
   parser.add_argument('--jit_compile', default='auto', choices=('auto', 'true', 'false'),
                       help="model.compile(jit_compile=...); 'auto' is Keras's default, "
                       'what the seed ran')
+  add_model_flags(parser)
   parser.add_argument('--no_matmul', action='store_true', help='skip the matmul rate')
   parser.add_argument('--backend', help=argparse.SUPPRESS)
   parser.add_argument('--case', help=argparse.SUPPRESS)
@@ -127,14 +165,9 @@ def main() -> None:
     common.emit(common.measure_matmul_in_child(common.malloc_env(args.malloc_tuning)))
   for backend in backends:
     for case in cases:
-      argv = [os.path.abspath(__file__), '--child', f'--backend={backend}', f'--case={case}',
-              f'--batch_size={args.batch_size}', f'--image_size={args.image_size}',
-              f'--repeats={args.repeats}', f'--warmup_steps={args.warmup_steps}',
-              f'--jit_compile={args.jit_compile}']
-      # TF_CPP_MIN_LOG_LEVEL keeps TensorFlow's start-up chatter off stderr.
-      env = {'KERAS_BACKEND': backend, 'TF_CPP_MIN_LOG_LEVEL': '2',
-             **common.malloc_env(args.malloc_tuning)}
-      for record in common.run_child(argv, env=env):
+      argv = child_argv(backend, case, args, application=args.application, cut=args.cut,
+                        head=args.head, image_size=args.image_size)
+      for record in common.run_child(argv, env=child_env(backend, args.malloc_tuning)):
         record.setdefault('framework', f'keras-{backend}')
         record.setdefault('case', case)
         common.emit(record)

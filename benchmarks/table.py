@@ -3,6 +3,9 @@
     python benchmarks/train_step.py > /tmp/ours.jsonl
     python benchmarks/keras_reference.py > /tmp/keras.jsonl
     python benchmarks/table.py /tmp/ours.jsonl /tmp/keras.jsonl
+    python benchmarks/train_step.py --families=vgg16,resnet50 | python benchmarks/table.py
+
+A record's 'row' (train_step.py --families: '<family> <case>') names its row, else its case.
 
 The fraction of the matmul rate is images/s x GFLOP per image (XLA's count for the case's
 step on the plain model, from train_step.py; the Keras model does the same arithmetic)
@@ -46,7 +49,7 @@ def table(records) -> str:
   runs = {}
   for r in records:
     if r.get('bench') in ('train_step', 'keras_reference') and 'images_per_s' in r:
-      runs[(r['case'], r['framework'])] = r
+      runs[(r.get('row') or r['case'], r['framework'])] = r
   cases = []
   for case, _ in runs:
     if case not in cases:

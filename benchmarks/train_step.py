@@ -19,6 +19,14 @@ same shardings and donation), timed after compilation. Cases:
 
     python benchmarks/train_step.py                       # default cases
     python benchmarks/train_step.py --cases=warmup --set speed.fold_bn=off
+    python benchmarks/train_step.py --families=vgg16,resnet50,xception,inception_v3
+
+--families: per backbone family, the whole backbone (cut at its last endpoint) with the seed's
+head on global average pooling (GAP -> Dense(1024, relu) -> Dropout(0.2) -> Dense(1)) at a
+real size (Keras's default input: 224 px, Xception and InceptionV3 299 px; or
+--family_image_size), cases warmup and finetune_all, each timed here and, in the same run, in
+Keras 3 with its TensorFlow and JAX backends (benchmarks/keras_reference.py's children on the
+same model); each record's 'row' is '<family> <case>', which table.py shows.
 
 Each case runs in its own process (its compile time and peak memory are its own) and prints
 one JSON line: images/s (median over repeats), compile seconds (trace + lower + compile of the
@@ -56,6 +64,11 @@ CASES = {
 }
 DEFAULT_CASES = ('warmup', 'finetune_mixed6', 'finetune_all', 'warmup_cached')
 CACHED = ('warmup_cached',)
+
+# --families: the cases timed against both Kerases, and each family's real input size.
+FAMILY_CASES = ('warmup', 'finetune_all')
+DEFAULT_FAMILY_SIZE = 224
+FAMILY_SIZES = {'xception': 299, 'inception_v3': 299}
 
 
 def _parse_value(text: str):
@@ -101,13 +114,72 @@ def make_config(case: str, batch_size: int, image_size: int, overrides: list[str
   return config
 
 
-def _flops_per_image(case: str, config, state, batch, extra) -> float | None:
+def family_overrides(name: str) -> list[str]:
+  """--set overrides for a family's whole backbone with the seed's head on GAP (fine-tuning
+  from 'stem': every block, whichever the family's first)."""
+  from hhjax.model import backbones  # pylint: disable=g-import-not-at-top
+  declared = backbones.get(name)
+  return [f'model.backbone={name}', f'model.cut={declared.endpoints[-1]}', 'model.head=gap',
+          f'data.preprocessing={declared.preprocessing}', 'finetune.unfreeze_from=stem']
+
+
+def _keras_reference():
+  """benchmarks/keras_reference.py, loaded by its path (tests have a module of that name)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'keras_reference.py')
+  spec = importlib.util.spec_from_file_location('benchmarks_keras_reference', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def child_argv(case: str, args: argparse.Namespace, image_size: int,
+               overrides: list[str]) -> list[str]:
+  """The command line of one of our cases' child."""
+  argv = [os.path.abspath(__file__), '--child', f'--case={case}',
+          f'--batch_size={args.batch_size}', f'--image_size={image_size}',
+          f'--repeats={args.repeats}', f'--warmup_steps={args.warmup_steps}',
+          f'--image_dtype={args.image_dtype}', f'--cache_examples={args.cache_examples}']
+  argv += [f'--set={s}' for s in overrides]
+  if args.no_flops:
+    argv.append('--no_flops')
+  return argv
+
+
+def child_env(args: argparse.Namespace) -> dict[str, str]:
+  return {'TF_CPP_MIN_LOG_LEVEL': '2', **common.malloc_env(args.malloc_tuning)}
+
+
+def family_children(args: argparse.Namespace, families: list[str]
+                    ) -> list[tuple[str, str, list[str], dict[str, str]]]:
+  """(row, framework, argv, env) of every child a --families run starts, in order: per
+  family and case, ours, then Keras-TF and Keras-JAX on the same model."""
+  from hhjax.model import backbones  # pylint: disable=g-import-not-at-top
+  keras_reference = _keras_reference()
+  children = []
+  for name in families:
+    declared = backbones.get(name)
+    size = args.family_image_size or FAMILY_SIZES.get(name, DEFAULT_FAMILY_SIZE)
+    for case in FAMILY_CASES:
+      row = f'{name} {case}'
+      children.append((row, 'hhjax', child_argv(case, args, size, family_overrides(name) +
+                                                (args.set or [])), child_env(args)))
+      for backend in keras_reference.BACKENDS:
+        argv = keras_reference.child_argv(backend, case, args, application=declared.keras_name,
+                                          cut='', head='gap', image_size=size)
+        children.append((row, f'keras-{backend}', argv,
+                         keras_reference.child_env(backend, args.malloc_tuning)))
+  return children
+
+
+def _flops_per_image(case: str, config, state, batch, extra,
+                     overrides: list[str]) -> float | None:
   """XLA's float op count of the case's step for the plain model (speed rewrites off).
 
   The speed rewrites keep the parameter tree, so the plain step lowers on the same state.
   """
   import jax
-  plain = make_config(case, int(config.batch_size), int(config.data.image_size), [])
+  plain = make_config(case, int(config.batch_size), int(config.data.image_size), overrides)
   for key in ('fast_convs', 'fold_bn', 'merge_1x1', 'fast_pools'):
     if key in plain.get('speed', {}):
       plain.speed[key] = 'off'
@@ -248,7 +320,7 @@ def child(args: argparse.Namespace) -> None:
       **common.machine(),
   }
   if not args.no_flops:
-    flops = _flops_per_image(args.case, config, holder['state'], batch, extra)
+    flops = _flops_per_image(args.case, config, holder['state'], batch, extra, overrides)
     record['gflop_per_image'] = None if flops is None else flops / 1e9
   common.emit(record)
 
@@ -267,27 +339,34 @@ def main() -> None:
                       help='config override, e.g. speed.fold_bn=off (repeatable)')
   parser.add_argument('--no_matmul', action='store_true', help='skip the matmul rate')
   parser.add_argument('--no_flops', action='store_true', help='skip the op count')
+  parser.add_argument('--families', default='',
+                      help='comma-separated config.model.backbone names: time each whole '
+                      'backbone here and in both Kerases (see above) instead of --cases')
+  parser.add_argument('--family_image_size', type=int, default=0,
+                      help='--families input size (0: each family\'s real size)')
   parser.add_argument('--case', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     child(args)
     return
 
-  cases = common.choose(parser, args.cases, list(CASES), 'case')
+  if args.families:
+    from hhjax.model import backbones  # pylint: disable=g-import-not-at-top
+    children = family_children(
+        args, common.choose(parser, args.families, backbones.NAMES, 'family'))
+  else:
+    children = [(case, 'hhjax', child_argv(case, args, args.image_size, args.set or []),
+                 child_env(args))
+                for case in common.choose(parser, args.cases, list(CASES), 'case')]
   if not args.no_matmul:
     common.emit(common.measure_matmul_in_child(common.malloc_env(args.malloc_tuning)))
-  for case in cases:
-    argv = [os.path.abspath(__file__), '--child', f'--case={case}',
-            f'--batch_size={args.batch_size}', f'--image_size={args.image_size}',
-            f'--repeats={args.repeats}', f'--warmup_steps={args.warmup_steps}',
-            f'--image_dtype={args.image_dtype}', f'--cache_examples={args.cache_examples}']
-    argv += [f'--set={s}' for s in args.set or []]
-    if args.no_flops:
-      argv.append('--no_flops')
-    env = {'TF_CPP_MIN_LOG_LEVEL': '2', **common.malloc_env(args.malloc_tuning)}
+  for row, framework, argv, env in children:
+    case = next(a for a in argv if a.startswith('--case=')).split('=', 1)[1]
     for record in common.run_child(argv, env=env):
-      record.setdefault('framework', 'hhjax')
+      record.setdefault('framework', framework)
       record.setdefault('case', case)
+      if args.families:
+        record['row'] = row
       common.emit(record)
 
 

@@ -88,3 +88,94 @@ def test_input_pipeline_measures_host_and_device_augmentation(capsys):
                                        ['fake', 'on', 'device', 'off', '1']]
   for row in rows:
     assert float(row[5]) > 0 and float(row[6]) >= 0   # images/s, CPU ms per image
+
+
+def _benchmark(name):
+  """benchmarks/<name>.py loaded by its path (tests/ has a keras_reference module too)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      f'benchmarks_{name}', os.path.join(ROOT, 'benchmarks', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _family_args(**changes):
+  import argparse  # pylint: disable=g-import-not-at-top
+  values = dict(batch_size=20, repeats=7, warmup_steps=2, image_dtype='float32',
+                cache_examples=1027, no_flops=False, set=None, family_image_size=0,
+                malloc_tuning='on')
+  return argparse.Namespace(**{**values, **changes})
+
+
+def _flags(argv):
+  flags = {}
+  for a in argv[1:]:
+    key, _, value = a.partition('=')
+    flags.setdefault(key, []).append(value)
+  return flags
+
+
+def test_family_run_times_each_whole_backbone_here_and_in_both_kerases_at_its_size():
+  train_step = _benchmark('train_step')
+  children = train_step.family_children(_family_args(), ['vgg16', 'xception'])
+  assert [(row, fw) for row, fw, _, _ in children] == [
+      (f'{name} {case}', fw) for name in ('vgg16', 'xception')
+      for case in ('warmup', 'finetune_all')
+      for fw in ('hhjax', 'keras-tensorflow', 'keras-jax')]
+  for row, framework, argv, env in children:
+    flags = _flags(argv)
+    name, case = row.split()
+    assert flags['--case'] == [case] and flags['--batch_size'] == ['20']
+    assert flags['--image_size'] == [{'vgg16': '224', 'xception': '299'}[name]]
+    if framework == 'hhjax':
+      assert argv[0].endswith('train_step.py')
+      cut = {'vgg16': 'block5_pool', 'xception': 'block14_sepconv2_act'}[name]
+      assert {f'model.backbone={name}', f'model.cut={cut}', 'model.head=gap'} <= set(
+          flags['--set'])
+    else:
+      assert argv[0].endswith('keras_reference.py')
+      assert env['KERAS_BACKEND'] == framework.split('-')[1]
+      assert flags['--application'] == [{'vgg16': 'VGG16', 'xception': 'Xception'}[name]]
+      assert flags['--cut'] == [''] and flags['--head'] == ['gap']
+  records = [_run('hhjax', 'warmup', 9.0, 8.0, 10.0, row='vgg16 warmup'),
+             _run('keras-tensorflow', 'warmup', 6.0, 5.0, 7.0, row='vgg16 warmup'),
+             _run('hhjax', 'warmup', 20.0, 19.0, 21.0, row='xception warmup')]
+  text = table.table(records)
+  assert '| vgg16 warmup | 9.0 (8–10) | 6.0 (5–7) | – | 1.50×' in text
+  assert '| xception warmup | 20.0 (19–21) |' in text
+
+
+def test_family_cases_train_what_keras_trains():
+  """The family run's two cases, ours and Keras's, built from the children's command lines at
+  a tiny size (VGG16, which has no stem, at 32 px): the same parameters trainable, and our
+  whole-backbone fine-tuning step traces (every block on batch statistics from the first)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from hhjax import entry  # pylint: disable=g-import-not-at-top
+  from hhjax.training import optim  # pylint: disable=g-import-not-at-top
+  from hhjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  train_step, keras_reference = _benchmark('train_step'), _benchmark('keras_reference')
+  children = train_step.family_children(
+      _family_args(batch_size=2, family_image_size=32), ['vgg16'])
+  for case in train_step.FAMILY_CASES:
+    ours = next(_flags(a) for r, fw, a, _ in children if r.endswith(case) and fw == 'hhjax')
+    theirs = next(_flags(a) for r, fw, a, _ in children
+                  if r.endswith(case) and fw == 'keras-tensorflow')
+    config = train_step.make_config(case, 2, 32, ours['--set'])
+    step, model, labels, tx = train_step.build_step(config, case)
+    abstract = state_lib.abstract_variables(model, 32)
+    trainable = optim.count(optim.split(abstract['params'], labels)[0])
+    keras_model = keras_reference.build_seed_model(
+        32, case, application=theirs['--application'][0], cut=theirs['--cut'][0],
+        head=theirs['--head'][0])
+    assert trainable == sum(int(np.prod(w.shape)) for w in keras_model.trainable_weights), case
+    if case == 'finetune_all':
+      phase = next(p for p in entry.phases(config) if p.name == 'finetune')
+      assert phase.bn_train_from == 'block1_pool'
+      state = jax.eval_shape(
+          lambda: state_lib.build_state(state_lib.init_variables(model, 32, 0), tx, 0))
+      batch = {'image': jax.ShapeDtypeStruct((2, 32, 32, 3), np.float32),
+               'label': jax.ShapeDtypeStruct((2,), np.int32)}
+      after = jax.eval_shape(step, state, batch)   # VGG16 refused 'stem' as train_from
+      assert jax.tree.structure(after) == jax.tree.structure(state)

@@ -76,13 +76,16 @@ class Backbone:
       `hhjax.model.preprocessing.NAMES` ('inception' is Keras's 'tf' mode).
     weights: Keras's official ImageNet files, 'imagenet' (no top) and 'imagenet_top'.
     keras_names: how Keras's weight files name the layers: 'position' (auto-numbered names,
-      paired by position: InceptionV3) or 'name' (each layer by the name of its module; those
-      in `unnamed` paired in order among the file's auto-named layers).
+      paired by position, in `keras_order`'s order) or 'name' (each layer by the name of its
+      module; those in `unnamed` paired in order among the file's auto-named layers).
+    keras_order: for keras_names='position': (final_endpoint, include_top) -> the module
+      paths ('stem/conv_1a_3x3/conv', ...) of the layers with weights, in Keras's file order.
     unnamed: module name -> the class prefix of Keras's automatic name (conv2d,
       batch_normalization) for layers Keras leaves unnamed.
     top: the top-level modules of the classification top, in order.
     lowerings: the `Lowering` switches verified on this family; the others stay off.
-    parity_endpoints: the endpoints the parity tests compare (every stage's end, the last).
+    parity_endpoints: the endpoints compared with Keras (tests/test_backbones.py compares every
+      endpoint).
     unnamed_endpoints: the endpoints whose Keras layer is unnamed (Xception's Add layers,
       `add`, `add_1`, ...), in order: the k-th is the k-th Add layer of the Keras model.
     drop_connect_rate: Keras's default drop-connect (stochastic depth) rate, for the families
@@ -101,6 +104,7 @@ class Backbone:
   preprocessing: str
   weights: Mapping[str, WeightsFile]
   keras_names: str = 'name'
+  keras_order: Callable[[str, bool], list[str]] | None = None
   unnamed: Mapping[str, str] = dataclasses.field(default_factory=dict)
   top: tuple[str, ...] = ('predictions',)
   lowerings: frozenset[str] = frozenset()
@@ -128,6 +132,14 @@ class Backbone:
     """The blocks (stem included) up to and including `cut`: what a cut network holds."""
     self.check_endpoint(cut)
     return self.blocks[:self.blocks.index(cut) + 1]
+
+  def keras_layer_order(self, final_endpoint: str | None = None,
+                        include_top: bool = False) -> list[str]:
+    """Module paths of the layers with weights up to `final_endpoint` (default: the last),
+    in Keras's file order: entry k takes the k-th layer with weights of a Keras file."""
+    if self.keras_order is None:
+      raise ValueError(f'{self.keras_name} files pair layers by name, not by position.')
+    return list(self.keras_order(final_endpoint or self.endpoints[-1], include_top))
 
   def lowering(self, lowering: Lowering) -> Lowering:
     """`lowering` with the rewrites not verified on this family turned off."""
@@ -160,7 +172,7 @@ def _declared() -> tuple[Backbone, ...]:
           weights=_official('inception_v3', 'inception_v3_weights_tf_dim_ordering_tf_kernels',
                             'bcbd6486424b2319ff4ef7d526e38f63',
                             '9a0d58056eeedaa3f26cb7ebd46da564', notop_size=87_910_968),
-          keras_names='position',
+          keras_names='position', keras_order=inception.keras_layer_order,
           lowerings=frozenset({'fast_convs', 'fold_bn', 'merge_1x1', 'fast_pools'}),
           parity_endpoints=inception.ENDPOINTS),
   ]
@@ -187,7 +199,7 @@ def _declared() -> tuple[Backbone, ...]:
         preprocessing='caffe',
         weights=_official('resnet', f'resnet{depth}_weights_tf_dim_ordering_tf_kernels',
                           notop, top),
-        parity_endpoints=resnet.stage_ends(depth)))
+        parity_endpoints=resnet.endpoints(depth)))
   families.append(Backbone(
       'xception', 'Xception', xception.Xception, xception.ENDPOINTS, has_stem=True,
       min_size=xception.MIN_SIZE, preprocessing='inception',

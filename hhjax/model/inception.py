@@ -399,3 +399,61 @@ def conv_bn_paths(final_endpoint: str = 'mixed10') -> list[str]:
   with nn.intercept_methods(record):
     jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, MIN_SIZE, MIN_SIZE, 3)))
   return paths
+
+
+# ------------------------------------------------------------------------------------------
+# Keras's file order.
+#
+# The layers with weights inside each kind of block, in the order Keras's `model.layers` (and
+# so every Keras HDF5 file) lists them: sorted by depth in the graph. `conv` is the Conv2D of a
+# conv2d_bn unit, `bn` its BatchNormalization. tests/test_parity_keras.py checks this table
+# against tf_keras's and Keras 3's models. Keras's InceptionV3 files pair layers by position
+# (`hhjax.weights.keras_h5`), in this order.
+
+_STEM_ORDER = (
+    'conv_1a_3x3/conv', 'conv_1a_3x3/bn', 'conv_2a_3x3/conv', 'conv_2a_3x3/bn',
+    'conv_2b_3x3/conv', 'conv_2b_3x3/bn', 'conv_3b_1x1/conv', 'conv_3b_1x1/bn',
+    'conv_4a_3x3/conv', 'conv_4a_3x3/bn')
+_A_ORDER = (  # mixed0-mixed2
+    'branch3x3dbl_1/conv', 'branch3x3dbl_1/bn', 'branch5x5_1/conv', 'branch3x3dbl_2/conv',
+    'branch5x5_1/bn', 'branch3x3dbl_2/bn', 'branch1x1/conv', 'branch5x5_2/conv',
+    'branch3x3dbl_3/conv', 'branch_pool/conv', 'branch1x1/bn', 'branch5x5_2/bn',
+    'branch3x3dbl_3/bn', 'branch_pool/bn')
+_B_ORDER = (  # mixed3
+    'branch3x3dbl_1/conv', 'branch3x3dbl_1/bn', 'branch3x3dbl_2/conv', 'branch3x3dbl_2/bn',
+    'branch3x3/conv', 'branch3x3dbl_3/conv', 'branch3x3/bn', 'branch3x3dbl_3/bn')
+_C_ORDER = (  # mixed4-mixed7
+    'branch7x7dbl_1/conv', 'branch7x7dbl_1/bn', 'branch7x7dbl_2/conv', 'branch7x7dbl_2/bn',
+    'branch7x7_1/conv', 'branch7x7dbl_3/conv', 'branch7x7_1/bn', 'branch7x7dbl_3/bn',
+    'branch7x7_2/conv', 'branch7x7dbl_4/conv', 'branch7x7_2/bn', 'branch7x7dbl_4/bn',
+    'branch1x1/conv', 'branch7x7_3/conv', 'branch7x7dbl_5/conv', 'branch_pool/conv',
+    'branch1x1/bn', 'branch7x7_3/bn', 'branch7x7dbl_5/bn', 'branch_pool/bn')
+_D_ORDER = (  # mixed8
+    'branch7x7x3_1/conv', 'branch7x7x3_1/bn', 'branch7x7x3_2/conv', 'branch7x7x3_2/bn',
+    'branch3x3_1/conv', 'branch7x7x3_3/conv', 'branch3x3_1/bn', 'branch7x7x3_3/bn',
+    'branch3x3_2/conv', 'branch7x7x3_4/conv', 'branch3x3_2/bn', 'branch7x7x3_4/bn')
+_E_ORDER = (  # mixed9, mixed10
+    'branch3x3dbl_1/conv', 'branch3x3dbl_1/bn', 'branch3x3_1/conv', 'branch3x3dbl_2/conv',
+    'branch3x3_1/bn', 'branch3x3dbl_2/bn', 'branch3x3_2a/conv', 'branch3x3_2b/conv',
+    'branch3x3dbl_3a/conv', 'branch3x3dbl_3b/conv', 'branch1x1/conv', 'branch3x3_2a/bn',
+    'branch3x3_2b/bn', 'branch3x3dbl_3a/bn', 'branch3x3dbl_3b/bn', 'branch_pool/conv',
+    'branch1x1/bn', 'branch_pool/bn')
+_BLOCK_ORDER = {'stem': _STEM_ORDER, 'mixed0': _A_ORDER, 'mixed1': _A_ORDER, 'mixed2': _A_ORDER,
+                'mixed3': _B_ORDER, 'mixed4': _C_ORDER, 'mixed5': _C_ORDER, 'mixed6': _C_ORDER,
+                'mixed7': _C_ORDER, 'mixed8': _D_ORDER, 'mixed9': _E_ORDER, 'mixed10': _E_ORDER}
+
+
+def keras_layer_order(final_endpoint: str = 'mixed10', include_top: bool = False) -> list[str]:
+  """Module paths of our layers with weights, in Keras's file order.
+
+  E.g. ['stem/conv_1a_3x3/conv', 'stem/conv_1a_3x3/bn', ..., 'mixed10/branch_pool/bn',
+  'predictions']: entry k receives the k-th layer with weights of a Keras file. A network cut
+  at an endpoint (a Keras model built up to `mixed7`, say) has a prefix of the full order.
+  """
+  if final_endpoint not in ENDPOINTS:
+    raise ValueError(f'final_endpoint must be one of {ENDPOINTS}, got {final_endpoint!r}.')
+  blocks = ('stem',) + ENDPOINTS[:ENDPOINTS.index(final_endpoint) + 1]
+  order = [f'{block}/{layer}' for block in blocks for layer in _BLOCK_ORDER[block]]
+  if include_top:
+    order.append('predictions')
+  return order

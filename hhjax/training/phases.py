@@ -92,9 +92,11 @@ def make_phases(warmup: Mapping[str, Any], finetune: Mapping[str, Any],
     ft = finetune
     default_rules = tuple(optim.finetune_rules(ft['unfreeze_from'], blocks))  # checks the name
     rules = _rules(ft.get('param_labels')) or default_rules
+    bn_train_from = ft['unfreeze_from'] if ft['train_bn'] else None
+    if bn_train_from == 'stem':   # every block: the first one (VGG has no stem)
+      bn_train_from = layers[0]
     phases.append(Phase('finetune', int(ft['epochs']), float(ft['learning_rate']), rules,
-                        ft['unfreeze_from'] if ft['train_bn'] else None,
-                        **_phase_options(ft, layers)))
+                        bn_train_from, **_phase_options(ft, layers)))
   if not phases:
     raise errors.ConfigError(
         'Nothing to train: config.warmup.epochs and config.finetune.epochs are 0.')

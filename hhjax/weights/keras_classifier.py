@@ -12,7 +12,7 @@ here; `KerasClassifier.backbone` names the keras.applications model of any decla
 
 `KerasClassifier` says which one (cut, head, class count, image size); `layer_paths` pairs its
 Keras layers with weights, in `model.layers` order, with our parameter paths (InceptionV3's
-backbone by position, `hhjax.weights.keras_h5.keras_layer_order`; the other families' by
+backbone by position, `Backbone.keras_layer_order`; the other families' by
 name, `keras_layer_paths`); `build_keras_classifier` builds it in Keras 3
 or tf_keras holding our variables. `hhjax.weights.keras_model` reads such models from files.
 """
@@ -93,7 +93,7 @@ class KerasClassifier:
     InceptionV3 only: the other families' layers are paired by name (`keras_layer_paths`)."""
     if self.by_name:
       raise ValueError(f'{self.declared.keras_name} layers are paired by name, not position.')
-    backbone = [f'backbone/{p}' for p in keras_h5.keras_layer_order(self.cut)]
+    backbone = [f'backbone/{p}' for p in self.declared.keras_layer_order(self.cut)]
     return backbone + self.head_paths()
 
   def flax_model(self) -> classifier.Classifier:

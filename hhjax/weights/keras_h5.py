@@ -1,23 +1,29 @@
-"""Keras's InceptionV3 .h5 files read into `hhjax.model.inception.InceptionV3` variables.
+"""Keras's legacy .h5 files read with h5py alone (no TensorFlow or Keras at run time), and the
+backbones whose files pair layers by position loaded from them.
 
-Reads Keras's legacy HDF5 files with h5py alone (no TensorFlow or Keras at run time):
+Two layouts:
 
 * the weights-only file, with the attribute `layer_names` at its root: what
   `model.save_weights('x.h5')` writes, and what the official ImageNet files are;
 * the whole-model file, with the group `model_weights`: what `model.save('x.h5')` writes.
 
-Layers are paired **by position**, as Keras's own loader pairs them: the file's layers with
-weights, in the file's order, against the model's layers with weights in Keras's `model.layers`
-order. That order is sorted by depth in the graph, not by creation, so inside a mixed block the
-branches interleave; `keras_layer_order()` spells it out for this module's parameter paths.
-Names are not trusted (the official files, written by Keras 2.0, call the first convolution
-`conv2d_1`, newer Keras calls it `conv2d`); every shape is checked instead.
+Shared by every Keras file reader: the file's layers with weights (`file_layers`), our layers
+with weights and where each Keras array goes (`Layer`, `layer`), and the reading of a paired
+file layer into our variables (`read_pairs`), every array checked.
+
+A backbone whose Keras layers are auto-numbered (`Backbone.keras_names == 'position'`) is
+paired **by position**, as Keras's own loader pairs them: the file's layers with weights, in
+the file's order, against the declaration's `keras_layer_order` (Keras's `model.layers` order,
+sorted by depth in the graph, not by creation). Names are not trusted (files written by Keras
+2.0 call the first convolution `conv2d_1`, newer Keras calls it `conv2d`); every shape is
+checked instead. `hhjax.weights.keras_named` pairs the others by name.
 
 Official weights are fetched by `hhjax.weights.official`; `hhjax.weights.pretrained` loads any
 source (a name, an .h5 file, a converted folder) and converts files for offline machines.
 """
 
 import dataclasses
+import functools
 import os
 import pathlib
 from typing import Any
@@ -30,112 +36,117 @@ import numpy as np
 from hhjax import errors
 from hhjax import trees
 from hhjax.model import backbones
-from hhjax.model.inception import ENDPOINTS, InceptionV3
 from hhjax.weights import official
 
 Variables = dict[str, Any]
 
 # ------------------------------------------------------------------------------------------
-# Keras's file order.
-#
-# The layers with weights inside each kind of block, in the order Keras's `model.layers` (and
-# so every Keras HDF5 file) lists them: sorted by depth in the graph. `conv` is the Conv2D of a
-# conv2d_bn unit, `bn` its BatchNormalization. tests/test_parity_keras.py checks this table
-# against tf_keras's and Keras 3's models.
+# Our layers with weights.
 
-_STEM_ORDER = (
-    'conv_1a_3x3/conv', 'conv_1a_3x3/bn', 'conv_2a_3x3/conv', 'conv_2a_3x3/bn',
-    'conv_2b_3x3/conv', 'conv_2b_3x3/bn', 'conv_3b_1x1/conv', 'conv_3b_1x1/bn',
-    'conv_4a_3x3/conv', 'conv_4a_3x3/bn')
-_A_ORDER = (  # mixed0-mixed2
-    'branch3x3dbl_1/conv', 'branch3x3dbl_1/bn', 'branch5x5_1/conv', 'branch3x3dbl_2/conv',
-    'branch5x5_1/bn', 'branch3x3dbl_2/bn', 'branch1x1/conv', 'branch5x5_2/conv',
-    'branch3x3dbl_3/conv', 'branch_pool/conv', 'branch1x1/bn', 'branch5x5_2/bn',
-    'branch3x3dbl_3/bn', 'branch_pool/bn')
-_B_ORDER = (  # mixed3
-    'branch3x3dbl_1/conv', 'branch3x3dbl_1/bn', 'branch3x3dbl_2/conv', 'branch3x3dbl_2/bn',
-    'branch3x3/conv', 'branch3x3dbl_3/conv', 'branch3x3/bn', 'branch3x3dbl_3/bn')
-_C_ORDER = (  # mixed4-mixed7
-    'branch7x7dbl_1/conv', 'branch7x7dbl_1/bn', 'branch7x7dbl_2/conv', 'branch7x7dbl_2/bn',
-    'branch7x7_1/conv', 'branch7x7dbl_3/conv', 'branch7x7_1/bn', 'branch7x7dbl_3/bn',
-    'branch7x7_2/conv', 'branch7x7dbl_4/conv', 'branch7x7_2/bn', 'branch7x7dbl_4/bn',
-    'branch1x1/conv', 'branch7x7_3/conv', 'branch7x7dbl_5/conv', 'branch_pool/conv',
-    'branch1x1/bn', 'branch7x7_3/bn', 'branch7x7dbl_5/bn', 'branch_pool/bn')
-_D_ORDER = (  # mixed8
-    'branch7x7x3_1/conv', 'branch7x7x3_1/bn', 'branch7x7x3_2/conv', 'branch7x7x3_2/bn',
-    'branch3x3_1/conv', 'branch7x7x3_3/conv', 'branch3x3_1/bn', 'branch7x7x3_3/bn',
-    'branch3x3_2/conv', 'branch7x7x3_4/conv', 'branch3x3_2/bn', 'branch7x7x3_4/bn')
-_E_ORDER = (  # mixed9, mixed10
-    'branch3x3dbl_1/conv', 'branch3x3dbl_1/bn', 'branch3x3_1/conv', 'branch3x3dbl_2/conv',
-    'branch3x3_1/bn', 'branch3x3dbl_2/bn', 'branch3x3_2a/conv', 'branch3x3_2b/conv',
-    'branch3x3dbl_3a/conv', 'branch3x3dbl_3b/conv', 'branch1x1/conv', 'branch3x3_2a/bn',
-    'branch3x3_2b/bn', 'branch3x3dbl_3a/bn', 'branch3x3dbl_3b/bn', 'branch_pool/conv',
-    'branch1x1/bn', 'branch_pool/bn')
-_BLOCK_ORDER = {'stem': _STEM_ORDER, 'mixed0': _A_ORDER, 'mixed1': _A_ORDER, 'mixed2': _A_ORDER,
-                'mixed3': _B_ORDER, 'mixed4': _C_ORDER, 'mixed5': _C_ORDER, 'mixed6': _C_ORDER,
-                'mixed7': _C_ORDER, 'mixed8': _D_ORDER, 'mixed9': _E_ORDER, 'mixed10': _E_ORDER}
+# Our array names, in the order Keras stores a layer's arrays (Conv2D kernel, bias;
+# SeparableConv2D depthwise_kernel, pointwise_kernel, bias; BatchNormalization gamma, beta,
+# moving_mean, moving_variance; Dense kernel, bias): a layer has a subsequence of them.
+_KERAS_ORDER = ('depthwise_kernel', 'pointwise_kernel', 'kernel', 'scale', 'bias', 'mean', 'var')
+# Keras's names of our arrays where they differ (BatchNormalization's; bias is beta there).
+_KERAS_NAMES = {'scale': 'gamma', 'mean': 'moving_mean', 'var': 'moving_variance'}
+# Keras's Normalization layer (inside EfficientNet): its arrays under Keras's own names.
+_NORMALIZATION_ORDER = ('mean', 'variance', 'count')
 
 
-def keras_layer_order(final_endpoint: str = 'mixed10', include_top: bool = False) -> list[str]:
-  """Module paths of our layers with weights, in Keras's file order.
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """One of our layers with weights and where Keras's arrays of it go."""
+  path: tuple[str, ...]                                   # module keys under the backbone
+  targets: tuple[tuple[str, tuple[str, ...]], ...]        # (collection, key path), Keras order
+  shapes: tuple[tuple[int, ...], ...]
+  keras_name: str | None = None                           # None: Keras leaves it unnamed
+  unnamed_prefix: str | None = None                       # e.g. 'conv2d'
 
-  E.g. ['stem/conv_1a_3x3/conv', 'stem/conv_1a_3x3/bn', ..., 'mixed10/branch_pool/bn',
-  'predictions']: entry k receives the k-th layer with weights of a Keras file. A network cut
-  at an endpoint (a Keras model built up to `mixed7`, say) has a prefix of the full order.
-  """
-  if final_endpoint not in ENDPOINTS:
-    raise ValueError(f'final_endpoint must be one of {ENDPOINTS}, got {final_endpoint!r}.')
-  blocks = ('stem',) + ENDPOINTS[:ENDPOINTS.index(final_endpoint) + 1]
-  order = [f'{block}/{layer}' for block in blocks for layer in _BLOCK_ORDER[block]]
-  if include_top:
-    order.append('predictions')
-  return order
+  @property
+  def is_batch_norm(self) -> bool:
+    return any(c == 'batch_stats' for c, _ in self.targets)
 
+  def keras_weight_names(self) -> list[str]:
+    """Keras's names of the arrays, in order: ['beta', 'moving_mean', 'moving_variance']."""
+    names = [k[-1] for _, k in self.targets]
+    if 'variance' in names:   # a Normalization layer's, named as Keras names them
+      return names
+    return [('beta' if self.is_batch_norm else 'bias') if n == 'bias' else
+            _KERAS_NAMES.get(n, n) for n in names]
 
-# ------------------------------------------------------------------------------------------
-# Reading an HDF5 file.
+  def describe(self) -> str:
+    name = self.keras_name or f'an unnamed {self.unnamed_prefix}'
+    shapes = ', '.join(str(s) for s in self.shapes)
+    return f'"{name}" ({"/".join(self.path)}: {shapes})'
 
-
-# Keras's names for the arrays of each kind of layer, in the order Keras stores them.
-_KERAS_WEIGHTS = {
-    'conv': ('kernel',),
-    'bn': ('beta', 'moving_mean', 'moving_variance'),
-    'predictions': ('kernel', 'bias'),
-}
-
-
-def _targets(path: str) -> list[tuple[str, tuple[str, ...]]]:
-  """(collection, key path) in our variables for each array of the Keras layer at `path`."""
-  keys = tuple(path.split('/'))
-  kind = keys[-1]
-  if kind == 'conv':
-    return [('params', keys + ('kernel',))]
-  if kind == 'bn':
-    return [('params', keys + ('bias',)), ('batch_stats', keys + ('mean',)),
-            ('batch_stats', keys + ('var',))]
-  if kind == 'predictions':
-    return [('params', keys + ('kernel',)), ('params', keys + ('bias',))]
-  raise AssertionError(f'unknown layer kind in {path!r}')
+  def describe_keras(self, index: int) -> str:
+    """'layer #i, stem/conv_1a_3x3/conv (kernel (3, 3, 3, 32))': what position i expects."""
+    weights = ', '.join(f'{n} {s}' for n, s in zip(self.keras_weight_names(), self.shapes))
+    return f'layer #{index}, {"/".join(self.path)} ({weights})'
 
 
-def _kind(path: str) -> str:
-  return path.rsplit('/', 1)[-1]
+def layer(path: tuple[str, ...], arrays: dict[str, tuple[str, tuple[int, ...]]],
+          keras_name: str | None = None, unnamed_prefix: str | None = None) -> Layer:
+  """Our layer at `path` whose arrays are {name: (collection, shape)}."""
+  names = [n for n in (_NORMALIZATION_ORDER if 'variance' in arrays else _KERAS_ORDER)
+           if n in arrays]
+  if set(names) != set(arrays):
+    raise AssertionError(f'unexpected arrays {sorted(arrays)} at {path}')
+  return Layer(path, tuple((arrays[n][0], path + (n,)) for n in names),
+               tuple(arrays[n][1] for n in names), keras_name, unnamed_prefix)
+
+
+def layer_arrays(abstract: Variables) -> dict[tuple[str, ...], dict[str, tuple[str, tuple]]]:
+  """{module path: {array name: (collection, shape)}} of every layer with weights."""
+  found: dict[tuple[str, ...], dict[str, tuple[str, tuple[int, ...]]]] = {}
+
+  def walk(tree, keys, collection):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        walk(value, keys + (key,), collection)
+      else:
+        found.setdefault(keys, {})[key] = (collection, tuple(value.shape))
+
+  walk(abstract['params'], (), 'params')
+  walk(abstract.get('batch_stats', {}), (), 'batch_stats')
+  return found
+
+
+def ordered_layers(abstract: Variables, order: list[str]) -> list[Layer]:
+  """Our layers at the '/'-joined module paths `order` (a `keras_layer_order`), in order."""
+  arrays = layer_arrays(abstract)
+  return [layer(tuple(p.split('/')), arrays[tuple(p.split('/'))]) for p in order]
+
+
+@functools.lru_cache(maxsize=32)
+def backbone_abstract_variables(backbone: backbones.Backbone, final_endpoint: str | None = None,
+                                include_top: bool = False,
+                                num_classes: int = 1000) -> Variables:
+  """Shapes of the backbone's variables (a top needs Keras's 224 px for VGG's Flatten).
+
+  Cached: tracing ResNet152 takes seconds, and a load asks for the same shapes again."""
+  module = backbone.build(final_endpoint, include_top=include_top, num_classes=num_classes)
+  size = 224 if include_top else backbone.min_size
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  return jax.eval_shape(module.init, jax.random.key(0), x)
 
 
 def abstract_variables(model) -> Variables:
   """Shapes and dtypes of `model`'s (any declared backbone's) variables, computing nothing."""
-  size = backbones.of_module(model).min_size
-  if model.include_top and not isinstance(model, InceptionV3):
-    size = 224   # VGG's top flattens Keras's 7x7 grid.
-  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-  return jax.eval_shape(model.init, jax.random.key(0), x)
+  return backbone_abstract_variables(backbones.of_module(model), model.final_endpoint,
+                                     model.include_top, model.num_classes)
 
 
-def _get(tree: Variables, collection: str, keys: tuple[str, ...]):
-  node = tree[collection]
-  for key in keys:
-    node = node[key]
-  return node
+def keras_layer_order(final_endpoint: str | None = None, include_top: bool = False,
+                      backbone: str | None = None) -> list[str]:
+  """Module paths of our layers with weights, in Keras's file order, for a backbone whose
+  files pair by position (default: the default backbone); see `Backbone.keras_layer_order`.
+
+  E.g. ['stem/conv_1a_3x3/conv', 'stem/conv_1a_3x3/bn', ..., 'predictions']: entry k
+  receives the k-th layer with weights of a Keras file. A network cut at an endpoint has a
+  prefix of the full order.
+  """
+  return backbones.get(backbone).keras_layer_order(final_endpoint, include_top)
 
 
 def _set(tree: Variables, collection: str, keys: tuple[str, ...], value) -> None:
@@ -143,6 +154,10 @@ def _set(tree: Variables, collection: str, keys: tuple[str, ...], value) -> None
   for key in keys[:-1]:
     node = node.setdefault(key, {})
   node[keys[-1]] = value
+
+
+# ------------------------------------------------------------------------------------------
+# Reading an HDF5 file.
 
 
 def _attribute_list(group: h5py.Group, name: str) -> list[str]:
@@ -171,10 +186,9 @@ class FileLayer:
     return f'layer #{self.index} "{self.name}" ({weights})'
 
 
-def _describe_expected(index: int, path: str, shapes: list[tuple[int, ...]]) -> str:
-  names = _KERAS_WEIGHTS[_kind(path)]
-  weights = ', '.join(f'{n} {s}' for n, s in zip(names, shapes))
-  return f'layer #{index}, {path} ({weights})'
+def describe(self) -> str:
+    weights = ', '.join(f'{w} {s}' for w, s in zip(self.weight_names, self.shapes))
+    return f'layer #{self.index} "{self.name}" ({weights})'
 
 
 def open_weights_group(f: h5py.File, path: pathlib.Path) -> h5py.Group:
@@ -223,75 +237,84 @@ def file_layers(group: h5py.Group, path: pathlib.Path) -> list[FileLayer]:
   return layers
 
 
-def _expected_shapes(order: list[str], abstract: Variables) -> list[list[tuple[int, ...]]]:
-  return [[tuple(_get(abstract, c, k).shape) for c, k in _targets(p)] for p in order]
+def read_pairs(path, pairs: list[tuple[Layer, FileLayer]]) -> Variables:
+  """Our variables from each file layer's arrays, read into the paired layer of ours.
+
+  Every array must be finite, a BatchNormalization's moving variance non-negative (else the
+  arrays are not in the order the pairing assumes)."""
+  variables: Variables = {'params': {}, 'batch_stats': {}}
+  for ours, theirs in pairs:
+    try:
+      arrays = [np.asarray(theirs.group[w], dtype=np.float32) for w in theirs.weight_names]
+    except (OSError, KeyError, ValueError) as e:
+      raise errors.KerasWeightsError(
+          f'{path} is corrupt: reading {theirs.describe()} failed ({e}). Get a fresh copy of '
+          f'the file.') from e
+    for array, (collection, keys) in zip(arrays, ours.targets):
+      if not np.all(np.isfinite(array)):
+        raise errors.KerasWeightsError(
+            f'{path} is corrupt: {theirs.describe()} holds NaN or infinite values. Get a fresh '
+            f'copy of the file.')
+      if keys[-1] == 'var' and np.any(array < 0):
+        raise errors.KerasWeightsError(
+            f'{path}: {theirs.describe()} has a negative moving variance, so its arrays are '
+            f'not [{", ".join(ours.keras_weight_names())}] as a BatchNormalization stores '
+            f'them. Is it a file of another architecture?')
+      _set(variables, collection, keys, array)
+  return variables
 
 
-def _model_for_file(layers: list[FileLayer]) -> InceptionV3:
-  """The InceptionV3 configuration the file's layer count and last layer point to."""
+def read_variables(path: pathlib.Path, layers: list[FileLayer],
+                   ours: list[Layer]) -> Variables:
+  """The file's layers read, by position, into `ours` (e.g. `ordered_layers`)."""
+  return read_pairs(path, list(zip(ours, layers)))
+
+
+def _configuration_for_file(backbone: backbones.Backbone, layers: list[FileLayer]
+                            ) -> tuple[str, bool, int]:
+  """(final endpoint, include_top, num_classes) the file's layer count and last layer point
+  to."""
   last = layers[-1] if layers else None
   if last and len(last.shapes) == 2 and len(last.shapes[0]) == 2 and len(last.shapes[1]) == 1:
     # A Dense layer at the end: the classification top.
-    return InceptionV3(include_top=True, num_classes=last.shapes[1][0])
-  for endpoint in ENDPOINTS:
-    if len(keras_layer_order(endpoint)) == len(layers):
-      return InceptionV3(final_endpoint=endpoint)
-  return InceptionV3()
+    return backbone.endpoints[-1], True, last.shapes[1][0]
+  for endpoint in backbone.endpoints:
+    if len(backbone.keras_layer_order(endpoint)) == len(layers):
+      return endpoint, False, 1000
+  return backbone.endpoints[-1], False, 1000
 
 
-def _count_summary() -> str:
-  notop = len(keras_layer_order())
-  return (f'InceptionV3 has {notop} layers with weights without its top, {notop + 1} with it '
-          f'(fewer for a network cut at an endpoint: '
-          f'{len(keras_layer_order("mixed7"))} up to mixed7)')
+def _count_summary(backbone: backbones.Backbone) -> str:
+  notop = len(backbone.keras_layer_order())
+  top = len(backbone.keras_layer_order(include_top=True))
+  example = backbone.endpoints[len(backbone.endpoints) * 2 // 3]
+  return (f'{backbone.keras_name} has {notop} layers with weights without its top, {top} with '
+          f'it (fewer for a network cut at an endpoint: '
+          f'{len(backbone.keras_layer_order(example))} up to {example})')
 
 
-def _check_layers(path: pathlib.Path, layers: list[FileLayer], order: list[str],
-                  expected: list[list[tuple[int, ...]]]) -> None:
+def _check_layers(path: pathlib.Path, backbone: backbones.Backbone, layers: list[FileLayer],
+                  ours: list[Layer]) -> None:
   """Raises KerasWeightsError naming the first layer of the file that does not fit."""
-  mismatches = [i for i, (layer, shapes) in enumerate(zip(layers, expected))
-                if layer.shapes != shapes]
-  if not mismatches and len(layers) == len(order):
+  mismatches = [i for i, (theirs, layer_) in enumerate(zip(layers, ours))
+                if tuple(theirs.shapes) != layer_.shapes]
+  if not mismatches and len(layers) == len(ours):
     return
-  problem = (f'{path} does not hold Keras InceptionV3 weights: {_count_summary()}; '
+  name = backbone.keras_name
+  problem = (f'{path} does not hold Keras {name} weights: {_count_summary(backbone)}; '
              f'the file has {len(layers)}.')
   if mismatches:
     i = mismatches[0]
     problem += (f' The first layer that does not fit is {layers[i].describe()}, where '
-                f'InceptionV3 expects its {_describe_expected(i, order[i], expected[i])}'
+                f'{name} expects its {ours[i].describe_keras(i)}'
                 f' ({len(mismatches)} layers differ in all).')
-  elif len(layers) < len(order):
+  elif len(layers) < len(ours):
     i = len(layers)
-    expected_layer = _describe_expected(i, order[i], expected[i])
-    problem += f" The file ends before InceptionV3's {expected_layer}."
+    problem += f" The file ends before {name}'s {ours[i].describe_keras(i)}."
   else:
-    problem += (f' It has more layers after the last one InceptionV3 expects, from '
-                f'{layers[len(order)].describe()}.')
+    problem += (f' It has more layers after the last one {name} expects, from '
+                f'{layers[len(ours)].describe()}.')
   raise errors.KerasWeightsError(problem + ' Is it a file of another architecture?')
-
-
-def read_variables(path: pathlib.Path, layers: list[FileLayer],
-                    order: list[str]) -> Variables:
-  variables: Variables = {'params': {}, 'batch_stats': {}}
-  for layer, target in zip(layers, order):
-    try:
-      arrays = [np.asarray(layer.group[w], dtype=np.float32) for w in layer.weight_names]
-    except (OSError, KeyError, ValueError) as e:
-      raise errors.KerasWeightsError(
-          f'{path} is corrupt: reading {layer.describe()} failed ({e}). Get a fresh copy of '
-          f'the file.') from e
-    for array, (collection, keys) in zip(arrays, _targets(target)):
-      if not np.all(np.isfinite(array)):
-        raise errors.KerasWeightsError(
-            f'{path} is corrupt: {layer.describe()} holds NaN or infinite values. Get a fresh '
-            f'copy of the file.')
-      _set(variables, collection, keys, array)
-    if _kind(target) == 'bn' and np.any(arrays[2] < 0):
-      raise errors.KerasWeightsError(
-          f'{path}: {layer.describe()} has a negative moving variance, so its arrays are not '
-          f'[beta, moving_mean, moving_variance] as a BatchNormalization(scale=False) stores '
-          f'them. Is it a file of another architecture?')
-  return variables
 
 
 def open_h5(path: pathlib.Path) -> h5py.File:
@@ -315,34 +338,37 @@ def open_h5(path: pathlib.Path) -> h5py.File:
         f'(the official notop file is {official_size:,} bytes).') from e
 
 
-def load_h5(path: str | os.PathLike) -> tuple[InceptionV3, Variables]:
-  """Reads Keras InceptionV3 weights from a legacy HDF5 file.
+def load_h5(path: str | os.PathLike, backbone: str | None = None):
+  """Reads the weights of a backbone whose Keras files pair layers by position (default: the
+  default backbone) from a legacy HDF5 file.
 
   Args:
     path: a weights-only file (`save_weights('x.h5')`, the official ImageNet files) or a
       whole-model file (`model.save('x.h5')`), with or without the top, or of a Keras model
       cut at one of the endpoints.
+    backbone: config.model.backbone.
 
   Returns:
-    (model, variables): an `InceptionV3` configured as the file is (`include_top`,
+    (model, variables): the backbone's module configured as the file is (`include_top`,
     `num_classes`, `final_endpoint`) and its variables `{'params': ..., 'batch_stats': ...}`,
     nested dicts of float32 numpy arrays.
 
   Raises:
     DataNotFoundError: no file at `path`.
-    KerasWeightsError: not an HDF5 file, truncated or corrupt, or not InceptionV3's weights.
+    KerasWeightsError: not an HDF5 file, truncated or corrupt, or not the backbone's weights.
   """
+  declared = backbones.get(backbone)
   path = pathlib.Path(path).expanduser()
   with open_h5(path) as f:
     group = open_weights_group(f, path)
     layers = file_layers(group, path)
-    model = _model_for_file(layers)
-    order = keras_layer_order(model.final_endpoint, model.include_top)
-    abstract = abstract_variables(model)
-    _check_layers(path, layers, order, _expected_shapes(order, abstract))
-    variables = read_variables(path, layers, order)
+    final, top, num_classes = _configuration_for_file(declared, layers)
+    abstract = backbone_abstract_variables(declared, final, top, num_classes)
+    ours = ordered_layers(abstract, declared.keras_layer_order(final, top))
+    _check_layers(path, declared, layers, ours)
+    variables = read_variables(path, layers, ours)
   check_variables(variables, abstract, source=str(path))
-  return model, variables
+  return declared.build(final, include_top=top, num_classes=num_classes), variables
 
 
 def check_variables(variables: Variables, abstract: Variables, source: str) -> None:

@@ -20,7 +20,6 @@ import numpy as np
 
 from hhjax import errors
 from hhjax.model import backbones
-from hhjax.model import inception
 from hhjax.weights import keras_classifier
 from hhjax.weights import keras_files
 from hhjax.weights import keras_h5
@@ -141,17 +140,18 @@ def _parse_head(path: pathlib.Path, head: list[dict[str, Any]]) -> tuple[str, in
   return _POOLS[head[0]['class_name']], hidden, dropout, units
 
 
-def _cut(head_input: list[str], backbone: list[FileLayer]) -> str:
+def _cut(head_input: list[str], backbone: list[FileLayer], declared: backbones.Backbone) -> str:
   """The block the head reads: by name, else by the backbone's layer count.
 
-  When neither tells, mixed10: the shape check then names the first layer that differs.
+  When neither tells, the last endpoint: the shape check then names the first layer that
+  differs.
   """
-  if len(head_input) == 1 and head_input[0] in inception.ENDPOINTS:
+  if len(head_input) == 1 and head_input[0] in declared.endpoints:
     return head_input[0]
-  for endpoint in inception.ENDPOINTS:
-    if len(keras_h5.keras_layer_order(endpoint)) == len(backbone):
+  for endpoint in declared.endpoints:
+    if len(declared.keras_layer_order(endpoint)) == len(backbone):
       return endpoint
-  return inception.ENDPOINTS[-1]
+  return declared.endpoints[-1]
 
 
 def _not_a_classifier(path: pathlib.Path, expected: str, layers: list[FileLayer],
@@ -252,9 +252,10 @@ def _spec_from_model_config(kf: KerasFile) -> KerasClassifier:
     kind, hidden, dropout, outputs = _parse_head(path, head)
     return KerasClassifier(cut, kind, hidden, dropout, 2 if outputs == 1 else outputs,
                            image_size, backbone=family.name)
-  cut = _cut(_inbound_names(head[0]), backbone)
+  declared = backbones.get(None)   # the default backbone, whose files pair by position
+  cut = _cut(_inbound_names(head[0]), backbone, declared)
   bare = KerasClassifier(cut, 'gap', 0, 0.0, 2, None)   # the head's layers are left out
-  order = keras_classifier.expected_layers(bare, inception.MIN_SIZE)[:-1]
+  order = keras_classifier.expected_layers(bare, declared.min_size)[:-1]
   misfit = _misfit(backbone, order)
   if misfit:
     raise _not_a_classifier(path, f'an InceptionV3 classifier (InceptionV3 cut at {cut} and '
@@ -320,8 +321,10 @@ def _read_named(kf: KerasFile, spec: KerasClassifier, size: int) -> Variables:
 
 
 def _read(kf: KerasFile, spec: KerasClassifier) -> Variables:
-  order = keras_h5.keras_layer_order(spec.cut)
-  backbone = keras_h5.read_variables(kf.path, kf.layers[:len(order)], order)
+  order = spec.declared.keras_layer_order(spec.cut)
+  ours = keras_h5.ordered_layers(keras_h5.backbone_abstract_variables(spec.declared, spec.cut),
+                                 order)
+  backbone = keras_h5.read_variables(kf.path, kf.layers[:len(order)], ours)
   head = _read_head(kf, kf.layers[len(order):], spec.layer_paths()[len(order):])
   return {'params': {'backbone': backbone['params'], 'head': head},
           'batch_stats': {'backbone': backbone['batch_stats']}}

@@ -12,15 +12,9 @@ their class, as Keras's own loader pairs layers. A file with a layer that the ne
 refused: it is of another architecture.
 """
 
-import dataclasses
-import functools
 import os
 import pathlib
 import re
-
-import jax
-import jax.numpy as jnp
-import numpy as np
 
 from hhjax import errors
 from hhjax.model import backbones
@@ -29,79 +23,20 @@ from hhjax.weights import keras_h5
 Variables = keras_h5.Variables
 FileLayer = keras_h5.FileLayer
 
-# Our array names for each Keras layer kind, in the order Keras stores its arrays.
-_CONV = ('kernel', 'bias')
-_SEPARABLE = ('depthwise_kernel', 'pointwise_kernel', 'bias')
-_BN = ('scale', 'bias', 'mean', 'var')   # gamma, beta, moving_mean, moving_variance
-_NORMALIZATION = ('mean', 'variance', 'count')   # Keras's Normalization layer
-
-
-@dataclasses.dataclass(frozen=True)
-class Layer:
-  """One of our layers with weights and where Keras's arrays of it go."""
-  path: tuple[str, ...]                                   # module keys under the backbone
-  targets: tuple[tuple[str, tuple[str, ...]], ...]        # (collection, key path), Keras order
-  shapes: tuple[tuple[int, ...], ...]
-  keras_name: str | None                                  # None: Keras leaves it unnamed
-  unnamed_prefix: str | None = None                       # e.g. 'conv2d'
-
-  def describe(self) -> str:
-    name = self.keras_name or f'an unnamed {self.unnamed_prefix}'
-    shapes = ', '.join(str(s) for s in self.shapes)
-    return f'"{name}" ({"/".join(self.path)}: {shapes})'
-
-
-def _get(tree, keys):
-  for key in keys:
-    tree = tree[key]
-  return tree
-
-
-@functools.lru_cache(maxsize=32)
-def abstract_variables(backbone: backbones.Backbone, final_endpoint: str | None = None,
-                       include_top: bool = False, num_classes: int = 1000) -> Variables:
-  """Shapes of the backbone's variables (a top needs Keras's 224 px for VGG's Flatten).
-
-  Cached: tracing ResNet152 takes seconds, and a load asks for the same shapes again."""
-  module = backbone.build(final_endpoint, include_top=include_top, num_classes=num_classes)
-  size = 224 if include_top else backbone.min_size
-  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-  return jax.eval_shape(module.init, jax.random.key(0), x)
+Layer = keras_h5.Layer
+abstract_variables = keras_h5.backbone_abstract_variables
 
 
 def layers(backbone: backbones.Backbone, abstract: Variables) -> list[Layer]:
   """Our layers with weights, block by block in network order."""
-  found: dict[tuple[str, ...], dict[str, tuple[int, ...]]] = {}
-
-  def walk(tree, keys, collection):
-    for key, value in tree.items():
-      if isinstance(value, dict):
-        walk(value, keys + (key,), collection)
-      else:
-        found.setdefault(keys, {})[key] = (collection, tuple(value.shape))
-
-  walk(abstract['params'], (), 'params')
-  walk(abstract.get('batch_stats', {}), (), 'batch_stats')
+  found = keras_h5.layer_arrays(abstract)
   # jax sorts dict keys; the blocks' order is the network's (the unnamed layers, one of each
   # kind per block, are paired in it).
   rank = {block: i for i, block in enumerate(backbone.blocks + backbone.top)}
   out = []
   for path, arrays in sorted(found.items(), key=lambda item: rank[item[0][0]]):
-    if 'variance' in arrays:
-      names = _NORMALIZATION
-    elif 'mean' in arrays:
-      names = _BN
-    elif 'depthwise_kernel' in arrays:
-      names = _SEPARABLE
-    else:
-      names = _CONV
-    names = tuple(n for n in names if n in arrays)
-    if set(names) != set(arrays):
-      raise AssertionError(f'unexpected arrays {sorted(arrays)} at {path}')
     prefix = backbone.unnamed.get(path[-1])
-    out.append(Layer(path, tuple((arrays[n][0], path + (n,)) for n in names),
-                     tuple(arrays[n][1] for n in names),
-                     None if prefix else path[-1], prefix))
+    out.append(keras_h5.layer(path, arrays, None if prefix else path[-1], prefix))
   return out
 
 
@@ -168,20 +103,7 @@ def pair(path, backbone: backbones.Backbone, file_layers: list[FileLayer],
 
 
 def read(path, pairs: list[tuple[Layer, FileLayer]]) -> Variables:
-  variables: Variables = {'params': {}, 'batch_stats': {}}
-  for layer, theirs in pairs:
-    try:
-      arrays = [np.asarray(theirs.group[w], dtype=np.float32) for w in theirs.weight_names]
-    except (OSError, KeyError, ValueError) as e:
-      raise errors.KerasWeightsError(
-          f'{path} is corrupt: reading {theirs.describe()} failed ({e}). Get a fresh copy of '
-          f'the file.') from e
-    for array, (collection, keys) in zip(arrays, layer.targets):
-      if not np.all(np.isfinite(array)):
-        raise errors.KerasWeightsError(
-            f'{path} is corrupt: {theirs.describe()} holds NaN or infinite values. Get a '
-            f'fresh copy of the file.')
-      keras_h5._set(variables, collection, keys, array)  # pylint: disable=protected-access
+  variables = keras_h5.read_pairs(path, pairs)
   if not variables['batch_stats']:
     del variables['batch_stats']
   return variables

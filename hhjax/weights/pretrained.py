@@ -3,7 +3,7 @@
 `load_pretrained(spec, backbone=...)` takes what `config.model.pretrained` holds: 'imagenet'
 (Keras's ImageNet weights of config.model.backbone without the top) or 'imagenet_top' (with
 it), fetched and verified by `hhjax.weights.official`; the path of a Keras file, read by
-`hhjax.weights.keras_h5` (InceptionV3, whose layers Keras numbers: paired by position) or
+`hhjax.weights.keras_h5` (the families whose layers Keras numbers: paired by position) or
 `hhjax.weights.keras_named` (the families whose layers Keras names: by name, .keras archives
 too); or a converted folder. `load_backbone` puts them into the classifier's backbone.
 
@@ -64,7 +64,7 @@ def load_file(path: str | os.PathLike, backbone: str | None = None):
   """(module, variables) from a Keras weights file of `backbone` (default InceptionV3)."""
   declared = backbones.get(backbone)
   if declared.keras_names == 'position':
-    return keras_h5.load_h5(path)
+    return keras_h5.load_h5(path, declared.name)
   return keras_named.load(path, declared)
 
 
