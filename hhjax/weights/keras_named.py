@@ -16,6 +16,8 @@ import os
 import pathlib
 import re
 
+import numpy as np
+
 from hhjax import errors
 from hhjax.model import backbones
 from hhjax.weights import keras_h5
