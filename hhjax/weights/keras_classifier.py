@@ -201,6 +201,10 @@ def set_keras_weights(model, spec: KerasClassifier, variables: Variables) -> Non
   for entry in keras_layer_paths(model, spec):
     entry.layer.set_weights([np.asarray(leaf(variables, c, k), np.float32)
                              for c, k in entry.targets])
+    if hasattr(entry.layer, 'finalize_state'):
+      # A Normalization layer (EfficientNet's) computes with a copy of its arrays that only
+      # finalize_state refreshes: without it the model would compute with the old ones.
+      entry.layer.finalize_state()
 
 
 def keras_endpoint(base, backbone: backbones.Backbone, endpoint: str):
