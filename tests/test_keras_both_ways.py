@@ -466,7 +466,9 @@ def test_another_architecture_is_refused_by_main_naming_its_first_layer(refused_
   proc, workdir = refused_by_main
   _, stderr = proc.communicate(timeout=300)
   assert proc.returncode == errors.EXIT_USER_ERROR, stderr[-3000:]
-  assert ('not an InceptionV3 classifier (InceptionV3 cut at mixed10 and a head): it has 2 '
+  assert ('not an InceptionV3 classifier (InceptionV3 cut at mixed10 and a head; its layers name '
+          'none of VGG16, VGG19, ResNet50, ') in stderr
+  assert ('): it has 2 '
           'layers with weights, that model 188. The first layer that does not fit is layer #0 '
           '"my_conv" (my_conv/kernel:0 (3, 3, 3, 16)), where the classifier expects its layer '
           '#0, backbone/stem/conv_1a_3x3/conv (kernel (3, 3, 3, 32))') in stderr
@@ -489,7 +491,8 @@ def _save(tf_keras, inputs, outputs, path):
     (lambda L, x: L.Dense(1, activation='sigmoid')(L.BatchNormalization()(L.Flatten()(x))),
      r'layer "batch_normalization_\d+" \(BatchNormalization\) follows the head'),
     (lambda L, x: L.Dense(1, activation='sigmoid')(L.GlobalMaxPooling2D()(x)),
-     r'layer "global_max_pooling2d\w*" \(GlobalMaxPooling2D\) is neither a layer of InceptionV3'),
+     r'layer "global_max_pooling2d\w*" \(GlobalMaxPooling2D\) is neither a layer of '
+     r'InceptionV3 \(its layers name none of VGG16, .*\) nor of a head'),
 ], ids=['two hidden layers', 'two-unit softmax', 'tanh', 'batchnorm in the head', 'max pooling'])
 def test_heads_hhjax_cannot_represent_are_refused_naming_the_layer(tf_keras_base, tmp_path,
                                                                    head, message):

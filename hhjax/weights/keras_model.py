@@ -30,7 +30,8 @@ FileLayer = keras_h5.FileLayer
 KerasClassifier = keras_classifier.KerasClassifier
 KerasFile = keras_files.KerasFile
 
-# Layer classes of keras.applications.InceptionV3, and of the heads hhjax represents.
+# Layer classes of the default backbone's keras.applications model (InceptionV3), and of the
+# heads hhjax represents.
 _BACKBONE_CLASSES = ('InputLayer', 'Conv2D', 'BatchNormalization', 'Activation',
                      'MaxPooling2D', 'AveragePooling2D', 'Concatenate')
 _HEAD_CLASSES = ('Flatten', 'GlobalAveragePooling2D', 'Dense', 'Dropout')
@@ -170,6 +171,11 @@ _NAMED_BACKBONE_CLASSES = _BACKBONE_CLASSES + (
     'GlobalAveragePooling2D', 'Dropout')
 
 
+def _named_families() -> str:
+  """'VGG16, VGG19, ...': the families whose files name their layers, for messages."""
+  return ', '.join(b.keras_name for b in backbones.BACKBONES.values() if b.keras_names == 'name')
+
+
 def _named_family(kf: KerasFile) -> tuple[backbones.Backbone, str] | None:
   """(family, last endpoint) of a backbone whose layers Keras names, from the file's layer
   names; None when no such family's first block is there (InceptionV3 then)."""
@@ -219,15 +225,17 @@ def _spec_from_model_config(kf: KerasFile) -> KerasClassifier:
     raise errors.KerasWeightsError(
         f'{path} holds a Keras {kind} model; hhjax reads the functional model the Keras tutorial '
         f"builds, keras.Model(base.input, head(base.get_layer('mixed7').output)), with "
-        f"InceptionV3's layers at its top level (not nested as one layer).")
+        f"the backbone's layers at its top level (not nested as one layer).")
   layers = keras_files.config_layers(kf.model_config)
   if not layers:
     raise keras_files.corrupt(path, 'its model config lists no layers')
+  default = backbones.get(None)   # the family whose files pair by position
   for layer in layers:
     if layer.get('class_name') not in allowed + _HEAD_CLASSES:
       raise errors.KerasWeightsError(
-          f'{path} is not an InceptionV3 classifier: {_words(layer)} is neither a layer of '
-          f"InceptionV3 nor of a head hhjax represents. {_HEAD_GRAMMAR}.")
+          f'{path} is not a classifier hhjax reads: {_words(layer)} is neither a layer of '
+          f'{default.keras_name} (its layers name none of {_named_families()}) nor of a head '
+          f'hhjax represents. {_HEAD_GRAMMAR}.')
   start = next((i for i, l in enumerate(layers) if l.get('class_name') in _HEAD_CLASSES), None)
   if named:   # the head's pool is the last one (EfficientNet has pools and dropouts inside)
     start = next((i for i in reversed(range(len(layers)))
@@ -252,14 +260,15 @@ def _spec_from_model_config(kf: KerasFile) -> KerasClassifier:
     kind, hidden, dropout, outputs = _parse_head(path, head)
     return KerasClassifier(cut, kind, hidden, dropout, 2 if outputs == 1 else outputs,
                            image_size, backbone=family.name)
-  declared = backbones.get(None)   # the default backbone, whose files pair by position
-  cut = _cut(_inbound_names(head[0]), backbone, declared)
+  cut = _cut(_inbound_names(head[0]), backbone, default)
   bare = KerasClassifier(cut, 'gap', 0, 0.0, 2, None)   # the head's layers are left out
-  order = keras_classifier.expected_layers(bare, declared.min_size)[:-1]
+  order = keras_classifier.expected_layers(bare, default.min_size)[:-1]
   misfit = _misfit(backbone, order)
   if misfit:
-    raise _not_a_classifier(path, f'an InceptionV3 classifier (InceptionV3 cut at {cut} and '
-                            f'a head)', backbone, len(order), misfit)
+    name = default.keras_name
+    raise _not_a_classifier(path, f'an {name} classifier ({name} cut at {cut} and a head; its '
+                            f'layers name none of {_named_families()})', backbone, len(order),
+                            misfit)
   kind, hidden, dropout, outputs = _parse_head(path, head)
   return KerasClassifier(cut, kind, hidden, dropout, 2 if outputs == 1 else outputs, image_size)
 
