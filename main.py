@@ -44,9 +44,14 @@ def _sigterm_outside_training(signum, frame) -> None:
 
 
 if __name__ == '__main__':
-  # First, before seconds of imports. A SIGTERM that came while the parent main.py re-executed
-  # itself (hhjax/host_malloc.py blocks it across the exec) is delivered here, once unblocked.
+  # First, before seconds of imports. glibc reads the malloc settings that spare XLA:CPU a page
+  # fault per page of every step's buffers (hhjax/host_malloc.py; HHJAX_MALLOC_TUNING=off to
+  # skip) only when a process starts, so main.py re-executes itself with them, before it
+  # imports anything the second process would import again. A SIGTERM that comes while it
+  # does (host_malloc blocks it across the exec) is delivered here, once unblocked.
   signal.signal(signal.SIGTERM, _sigterm_outside_training)
+  from hhjax import host_malloc  # pylint: disable=g-import-not-at-top
+  host_malloc.reexec_with_tunables()
   signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 # TensorFlow feeds the input pipeline on the host only: keep it off the accelerators.
@@ -374,10 +379,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  # Before anything runs: glibc malloc settings that spare XLA:CPU a page fault per page of
-  # every step's buffers (hhjax/host_malloc.py; HHJAX_MALLOC_TUNING=off to skip).
-  from hhjax import host_malloc  # pylint: disable=g-import-not-at-top
-  host_malloc.reexec_with_tunables()
   sys.argv, NONE_OVERRIDES = split_none_overrides(sys.argv)
   flags.mark_flags_as_required(['workdir'])
   try:

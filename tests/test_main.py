@@ -293,8 +293,8 @@ def _sigterm_caught_or_blocked(pid) -> bool:
 def test_a_sigterm_during_start_up_exits_3_in_one_line(tmp_path, env):
   # Status 3 is what the runbooks relaunch (tools/slurm_train.sbatch requeues 3 and 4); a
   # process killed by the signal (143) would end the job. Two moments: as soon as main.py
-  # handles the signal (it then loads the light modules and re-executes itself with glibc's
-  # settings), and once main() has started (the library loads next).
+  # handles the signal (it then re-executes itself with glibc's settings and loads the light
+  # modules), and once main() has started (the library loads next).
   env = dict(env)
   env.pop('HHJAX_MALLOC_TUNING', None)   # with the re-execution
   for moment in ('handler', 'main'):
