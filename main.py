@@ -151,8 +151,9 @@ def _run(mode: str, config: ml_collections.ConfigDict) -> None:
     compat.quiet_libraries()
   with compat.quiet_native_start_up() if quiet else contextlib.nullcontext():
     # TensorFlow feeds the input pipeline on the host only: hidden from the accelerators
-    # before anything uses it.
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    # before anything uses it. Without the Keras its import would load (seconds).
+    with compat.without_keras_preload():
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.set_visible_devices([], 'GPU')
   # Before anything compiles: executables an earlier run compiled are read from disk.
   from hhjax import compilation  # pylint: disable=g-import-not-at-top

@@ -11,6 +11,8 @@ called, a message or an error text worded otherwise. Upgrading a pin means runni
 - TensorStore's errors read as text: `storage_error`, `one_line` (hhjax.checkpointing).
 - Orbax's logging quieted: `quiet_orbax`.
 - The events jax.monitoring records as JAX compiles (hhjax.compilation): `JAX_*_EVENT*`.
+- TensorFlow's import without the Keras it loads for nothing hhjax uses:
+  `without_keras_preload`.
 - The libraries' start-up lines that are not about the run: `quiet_native_start_up` (the C++
   lines TensorFlow prints as it loads), `quiet_libraries` (JAX's backend search, TFDS's
   'Variant folder' warning, TensorFlow's 'Sharding callback duration').
@@ -231,6 +233,33 @@ JAX_COMPILE_DURATION_EVENTS = (   # tracing, lowering, XLA (or the cache read): 
     '/jax/core/compile/jaxpr_to_mlir_module_duration',
     '/jax/core/compile/backend_compile_duration',
 )
+
+
+# --- TensorFlow's import (written for tensorflow 2.21) ---------------------------------------
+
+# What `import tensorflow` imports eagerly "so that any function/method that needs to happen at
+# load time will trigger, eg registration of optimizers in the SavedModel registry", inside a
+# try that passes over an ImportError: with it, the whole of Keras (seconds here).
+KERAS_PRELOADS = ('keras.src.optimizers', 'tf_keras.src.optimizers')
+
+
+@contextlib.contextmanager
+def without_keras_preload() -> Iterator[None]:
+  """`import tensorflow` in the block skips the Keras import it does for Keras's own
+  optimizers' SavedModel registrations (tf.data and tf.summary, all hhjax uses of TensorFlow,
+  need no Keras): the module is marked absent for the block, which TensorFlow passes over.
+  A later `import keras` (export, import_keras) loads it as usual. Nothing changes when
+  TensorFlow is already loaded."""
+  marked = [] if 'tensorflow' in sys.modules else [
+      name for name in KERAS_PRELOADS if name not in sys.modules]
+  for name in marked:
+    sys.modules[name] = None   # importing it raises ModuleNotFoundError, parents untouched
+  try:
+    yield
+  finally:
+    for name in marked:
+      if name in sys.modules and sys.modules[name] is None:
+        del sys.modules[name]
 
 
 # --- the libraries' start-up lines (tensorflow 2.21, jax 0.10.2, tensorflow-datasets 4.9.10) --

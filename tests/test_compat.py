@@ -202,6 +202,36 @@ def test_jax_still_records_the_compilation_events_hhjax_counts():
   assert set(compat.JAX_COMPILE_DURATION_EVENTS) <= set(seen)
 
 
+# --- TensorFlow's import ----------------------------------------------------------------------
+
+def test_tensorflow_still_preloads_keras_in_the_try_without_keras_preload_relies_on():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  source = pathlib.Path(importlib.util.find_spec('tensorflow').origin).read_text()
+  block = source[source.index('try:\n  if _tf_uses_legacy_keras:'):][:400]
+  for name in compat.KERAS_PRELOADS:
+    assert f'importlib.import_module("{name}")' in block, block
+  assert 'except (ImportError, AttributeError):\n  pass' in block, block
+
+
+def test_tensorflow_loads_without_keras_in_the_context_and_keras_loads_after_it():
+  script = textwrap.dedent('''
+      import sys
+      from hhjax import compat
+      with compat.without_keras_preload():
+        import tensorflow as tf
+      assert 'keras' not in sys.modules and 'tf_keras' not in sys.modules, 'keras loaded'
+      assert [int(x) for x in tf.data.Dataset.range(3).map(lambda x: 2 * x)] == [0, 2, 4]
+      import keras
+      assert keras.optimizers.RMSprop.__module__ == 'keras.src.optimizers.rmsprop'
+      with compat.without_keras_preload():   # TensorFlow already loaded: nothing to do
+        assert sys.modules['keras.src.optimizers'] is not None
+      print('ok')
+  ''')
+  proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+  assert proc.returncode == 0 and proc.stdout.strip() == 'ok', proc.stderr[-2000:]
+
+
 # --- the libraries' start-up lines -----------------------------------------------------------
 
 def test_tensorflow_prints_only_the_lines_quiet_native_start_up_drops():
