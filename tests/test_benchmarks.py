@@ -179,3 +179,26 @@ def test_family_cases_train_what_keras_trains():
                'label': jax.ShapeDtypeStruct((2,), np.int32)}
       after = jax.eval_shape(step, state, batch)   # VGG16 refused 'stem' as train_from
       assert jax.tree.structure(after) == jax.tree.structure(state)
+
+
+def test_recipe_run_alternates_valid_recipes_over_rounds_and_tables_their_ratio():
+  from hhjax import config_checks  # pylint: disable=g-import-not-at-top
+  recipes, train_step = _benchmark('recipes'), _benchmark('train_step')
+  args = _family_args(case='finetune_mixed6', rounds=2, image_size=150)
+  names = list(recipes.RECIPES)
+  children = recipes.children(args, names)
+  assert [(name, round_) for name, round_, _, _ in children] == [
+      (name, round_) for round_ in range(2) for name in names]
+  for name, _, argv, _ in children:
+    flags = _flags(argv)
+    assert argv[0].endswith('train_step.py') and flags['--case'] == ['finetune_mixed6']
+    assert flags.get('--set', []) == recipes.RECIPES[name]
+    # Each recipe is a configuration training accepts, and it changes what it says.
+    config = train_step.make_config('finetune_mixed6', 20, 150, recipes.RECIPES[name])
+    config_checks.validate(config)
+  records = [_run('hhjax', 'finetune_mixed6', rate, rate, rate, row=row)
+             for row, rate in (('rmsprop', 10.0), ('adamw', 9.0), ('rmsprop', 12.0),
+                               ('adamw', 9.9))]
+  text = recipes.table(records)
+  assert '| rmsprop | 10.0, 12.0 | 11.0 | 1.00× |' in text
+  assert '| adamw | 9.0, 9.9 | 9.4 | 0.86× |' in text

@@ -1,0 +1,97 @@
+"""What each training-recipe option costs per train step (README "Training", config.optimizer).
+
+    python benchmarks/recipes.py > /tmp/recipes.jsonl          # ~15 min on 2 cores
+    python benchmarks/recipes.py --table=/tmp/recipes.jsonl
+
+Times benchmarks/train_step.py's child (the step training runs, jitted with its shardings and
+donation, the seed's model at batch 20 and 150x150 on synthetic data) in one case,
+`finetune_mixed6` by default (the optimizer then updates the 9 blocks from mixed6 on: where
+an option's cost shows), under each recipe's overrides. Every recipe runs in its own process;
+the recipes alternate over --rounds, so that a drift of the shared machine falls on all of them.
+The table gives, per recipe, the median images/s of each round and its ratio to the baseline's
+median (rmsprop at a constant rate, the seed's recipe).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # pylint: disable=g-import-not-at-top
+import train_step  # pylint: disable=g-import-not-at-top
+
+BASELINE = 'rmsprop'
+# recipe -> config overrides (train_step.py --set syntax).
+RECIPES = {
+    BASELINE: [],
+    'sgd_nesterov': ['optimizer.name=sgd', 'optimizer.momentum=0.9', 'optimizer.nesterov=True'],
+    'adam': ['optimizer.name=adam'],
+    'adamw': ['optimizer.name=adamw'],           # Keras's default weight_decay 0.004
+    'rmsprop_global_clipnorm': ['optimizer.global_clipnorm=1.0'],
+    'rmsprop_cosine': ['finetune.schedule.name=cosine', 'finetune.schedule.decay_steps=1000',
+                       'finetune.schedule.warmup_steps=100'],
+    'rmsprop_ema': ['optimizer.use_ema=True'],
+    'rmsprop_accumulation_4': ['optimizer.gradient_accumulation_steps=4'],
+    'rmsprop_label_smoothing': ['loss.label_smoothing=0.1'],
+}
+
+
+def children(args: argparse.Namespace, recipes: list[str]):
+  """(recipe, round, argv, env) of every child, the recipes alternating within each round."""
+  runs = []
+  for round_ in range(args.rounds):
+    for recipe in recipes:
+      argv = train_step.child_argv(args.case, args, args.image_size,
+                                   RECIPES[recipe] + (args.set or []))
+      runs.append((recipe, round_, argv, train_step.child_env(args)))
+  return runs
+
+
+def table(records: list[dict]) -> str:
+  rates: dict[str, list[float]] = {}
+  for r in records:
+    if r.get('bench') == 'train_step' and r.get('images_per_s') is not None:
+      rates.setdefault(r['row'], []).append(r['images_per_s'])
+  base = statistics.median(rates[BASELINE]) if BASELINE in rates else None
+  lines = ['| recipe | images/s, each round | median | vs rmsprop |', '|---|---|---:|---:|']
+  for recipe, values in rates.items():
+    median = statistics.median(values)
+    ratio = '–' if base is None else f'{median / base:.2f}×'
+    lines.append(f'| {recipe} | {", ".join(f"{v:.1f}" for v in values)} | {median:.1f} '
+                 f'| {ratio} |')
+  failed = [r for r in records if 'error' in r]
+  for r in failed:
+    lines.append(f'\nfailed: {r.get("row")}: {r["error"]}')
+  return '\n'.join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--recipes', default=','.join(RECIPES),
+                      help=f'comma-separated, from {list(RECIPES)}')
+  parser.add_argument('--case', default='finetune_mixed6', choices=list(train_step.CASES))
+  parser.add_argument('--rounds', type=int, default=2)
+  common.add_run_flags(parser)
+  parser.add_argument('--warmup_steps', type=int, default=2)
+  parser.add_argument('--set', action='append', metavar='KEY=VALUE',
+                      help='a config override for every recipe (repeatable)')
+  parser.add_argument('--table', metavar='JSONL', help='print the table of an earlier run')
+  args = parser.parse_args()
+  if args.table:
+    with open(args.table) as f:
+      print(table([json.loads(line) for line in f if line.startswith('{')]))
+    return
+  args.image_dtype, args.cache_examples, args.no_flops = 'float32', 0, True
+  recipes = common.choose(parser, args.recipes, list(RECIPES), 'recipe')
+  if BASELINE not in recipes:
+    recipes.insert(0, BASELINE)
+  for recipe, round_, argv, env in children(args, recipes):
+    for record in common.run_child(argv, env=env):
+      record.update(row=recipe, round=round_, recipe_overrides=RECIPES[recipe])
+      common.emit(record)
+
+
+if __name__ == '__main__':
+  main()
