@@ -129,11 +129,12 @@ def get_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- model
   config.model = model = ml_collections.ConfigDict()
   # The Keras application the classifier stands on (hhjax/model/backbones.py, README "Backbones"):
-  # 'inception_v3', 'vgg16', 'vgg19', 'resnet50', 'resnet101', 'resnet152', 'xception' or
-  # 'efficientnet_b0' ... 'efficientnet_b7'.
+  # 'inception_v3', 'vgg16', 'vgg19', 'resnet50', 'resnet101', 'resnet152', 'xception',
+  # 'efficientnet_b0' ... 'efficientnet_b7', or 'mobilenet_v2' (alpha 1.0), 'mobilenet_v2_0.35',
+  # '_0.5', '_0.75', '_1.3', '_1.4' (Keras's MobileNetV2 at that alpha).
   # model.cut and finetune.unfreeze_from name its endpoints; VGG and ResNet's ImageNet weights
-  # expect data.preprocessing='caffe', InceptionV3 and Xception's 'inception', EfficientNet
-  # 'raw' (it normalises inside the model, as Keras's does).
+  # expect data.preprocessing='caffe', InceptionV3, Xception and MobileNetV2's 'inception',
+  # EfficientNet 'raw' (it normalises inside the model, as Keras's does).
   model.backbone = 'inception_v3'
   model.cut = 'mixed7'                     # An endpoint of the backbone (the last block kept).
   # 'imagenet', a path to a Keras .h5, a converted checkpoint folder, or None (random init).

@@ -1,4 +1,5 @@
-"""The backbone families beside InceptionV3 (VGG, ResNet, Xception, EfficientNet) against Keras.
+"""The backbone families beside InceptionV3 (VGG, ResNet, Xception, EfficientNet, MobileNetV2)
+against Keras.
 
 Every member, from random weights (BatchNorm statistics included) in a Keras's own file
 format, read back by our loader by layer name and compared at every endpoint in inference
@@ -7,7 +8,8 @@ from tf_keras's `save_weights` file (the official files' layout) at the smallest
 allows, and at a real size (224 px, Xception 299 px); the other members (`member`) at the
 smallest size, ResNet101 and ResNet152 from tf_keras's `.h5`, VGG19 from Keras 3's `.keras`
 archive. EfficientNetB1 ... B7's blocks are checked against those Keras's EfficientNet builds
-(and B1 numerically, at an odd size that takes Keras's other padding).
+(and B1 numerically, at an odd size that takes Keras's other padding). MobileNetV2: alpha 0.35
+as a family, the five other alphas at an odd size (Keras's other padding).
 """
 
 import functools
@@ -25,7 +27,7 @@ import keras_reference
 TOLERANCE = 1e-4
 # The smallest member of each family, and the smallest input Keras builds it at.
 FAMILIES = {'vgg16': 32, 'resnet50': 32, 'xception': 71,
-            'efficientnet_b0': 32}
+            'efficientnet_b0': 32, 'mobilenet_v2_0.35': 32}
 # Where each family's Keras model has its endpoints: Xception's additions are unnamed.
 _KERAS_ADDS = 'xception'
 
@@ -48,8 +50,8 @@ def family(request, tmp_path_factory):
   backbone = backbones.get(name)
   tf_keras.backend.clear_session()   # Keras's automatic names as in a fresh session.
   # Any input size: the same network is compared at the smallest and at a real one.
-  keras_model = getattr(tf_keras.applications, backbone.keras_name)(
-      weights=None, include_top=False, input_shape=(None, None, 3))
+  keras_model = backbone.keras_application(
+      tf_keras, weights=None, include_top=False, input_shape=(None, None, 3))
   keras_reference.randomize(keras_model, seed=1)
   path = tmp_path_factory.mktemp(name) / f'{name}_notop.h5'
   keras_model.save_weights(str(path))
@@ -74,8 +76,8 @@ def test_whole_model_h5_and_keras_archive_load_the_same_weights(family, tmp_path
   its Normalization layer's arrays and depthwise kernels, in both formats."""
   import keras  # pylint: disable=g-import-not-at-top
   family.keras_model.save(str(tmp_path / 'whole.h5'))
-  keras3 = getattr(keras.applications, family.backbone.keras_name)(
-      weights=None, include_top=False, input_shape=(family.size, family.size, 3))
+  keras3 = family.backbone.keras_application(
+      keras, weights=None, include_top=False, input_shape=(family.size, family.size, 3))
   keras3.set_weights(family.keras_model.get_weights())
   keras3.save(str(tmp_path / 'model.keras'))
   for name in ('whole.h5', 'model.keras'):
@@ -88,7 +90,7 @@ def test_whole_model_h5_and_keras_archive_load_the_same_weights(family, tmp_path
 def test_a_file_of_another_family_is_refused_naming_a_missing_layer(family):
   from hhjax import errors  # pylint: disable=g-import-not-at-top
   other = {'vgg16': 'resnet50', 'resnet50': 'xception', 'xception': 'vgg16',
-           'efficientnet_b0': 'efficientnet_b2'}[family.name]
+           'efficientnet_b0': 'efficientnet_b2', 'mobilenet_v2_0.35': 'mobilenet_v2'}[family.name]
   with pytest.raises(errors.KerasWeightsError,
                      match=rf'does not hold Keras {backbones.get(other).keras_name} weights'):
     pretrained.load_file(family.path, other)
@@ -129,10 +131,20 @@ def test_official_files_are_the_installed_keras_ones(name):
                    'xception': 'xception'}.get(name, 'resnet')
   if name.startswith('efficientnet_'):
     source_module = 'efficientnet'
+  if name.startswith('mobilenet_v2'):
+    source_module = 'mobilenet_v2'
   module = importlib.import_module(f'keras.src.applications.{source_module}')
   source = inspect.getsource(module)
   for key, weights in backbone.weights.items():
     assert weights.include_top == (key == 'imagenet_top')
+    if source_module == 'mobilenet_v2':   # no MD5 in Keras's source; named by alpha and rows
+      alpha = backbone.keras_args['alpha']
+      assert weights.md5 is None and 'file_hash' not in source
+      assert name == ('mobilenet_v2' if alpha == 1.0 else f'mobilenet_v2_{alpha}')
+      suffix = '.h5' if weights.include_top else '_no_top.h5'
+      assert weights.url == (f'{module.BASE_WEIGHT_PATH}mobilenet_v2_weights_tf_dim_ordering_'
+                             f'tf_kernels_{float(alpha)}_224{suffix}')
+      continue
     assert f'"{weights.md5}"' in source, (key, weights.md5)
     if source_module == 'resnet':
       top, notop = module.WEIGHTS_HASHES[name]
@@ -216,8 +228,8 @@ def member(request, tmp_path_factory):
   keras_module = importlib.import_module(which)
   backbone = backbones.get(name)
   keras_module.backend.clear_session()
-  keras_model = getattr(keras_module.applications, backbone.keras_name)(
-      weights=None, include_top=False, input_shape=(size, size, 3))
+  keras_model = backbone.keras_application(
+      keras_module, weights=None, include_top=False, input_shape=(size, size, 3))
   keras_reference.randomize(keras_model, seed=2)
   path = tmp_path_factory.mktemp(name) / filename
   if filename.endswith('.keras'):
@@ -285,7 +297,8 @@ def test_preprocessing_is_keras_preprocess_input(family):
   import tf_keras  # pylint: disable=g-import-not-at-top
   module = {'vgg16': tf_keras.applications.vgg16, 'resnet50': tf_keras.applications.resnet,
             'xception': tf_keras.applications.xception,
-            'efficientnet_b0': tf_keras.applications.efficientnet}[family.name]
+            'efficientnet_b0': tf_keras.applications.efficientnet,
+            'mobilenet_v2_0.35': tf_keras.applications.mobilenet_v2}[family.name]
   pixels = np.random.default_rng(1).integers(0, 256, (2, 5, 5, 3)).astype(np.float32)
   theirs = module.preprocess_input(pixels.copy())
   ours = preprocessing.normalize_np(pixels, family.backbone.preprocessing)
@@ -321,7 +334,8 @@ def test_resnet_stages_are_the_ones_keras_stacks(name, monkeypatch):
 _CUTS = {'vgg16': ('block2_pool', 'block2_pool'),
          'resnet50': ('conv2_block3_out', 'conv2_block3_out'),
          'xception': ('block3_add', 'block3_add'),
-         'efficientnet_b0': ('block2a_project_bn', 'block2a_project_bn')}
+         'efficientnet_b0': ('block2a_project_bn', 'block2a_project_bn'),
+         'mobilenet_v2_0.35': ('block_2_add', 'block_2_add')}
 
 
 @pytest.fixture(scope='module')
@@ -613,3 +627,61 @@ def test_drop_connect_rate_is_checked_against_the_family():
   config.model.drop_connect_rate = 1.0
   assert any('config.model.drop_connect_rate = 1.0: must be None or a number in [0, 1)' in p
              for p in config_checks.problems(config))
+
+
+# ------------------------------------------------------------------------- MobileNetV2
+
+
+@pytest.mark.parametrize('name', [n for n in backbones.NAMES
+                                  if n.startswith('mobilenet_v2') and n not in FAMILIES])
+def test_mobilenet_v2_every_alpha_matches_tf_keras_at_an_odd_size(name, tmp_path):
+  """The alphas beside the family's 0.35 (compared above at 32 px): each from its tf_keras
+  save_weights file, at 33 px, where Keras's `correct_pad` pads the odd maps (17, 9, 5, 3 px)
+  otherwise than even ones, every endpoint."""
+  import tf_keras  # pylint: disable=g-import-not-at-top
+  backbone, size = backbones.get(name), 33
+  tf_keras.backend.clear_session()
+  keras_model = backbone.keras_application(tf_keras, weights=None, include_top=False,
+                                           input_shape=(size, size, 3))
+  keras_reference.randomize(keras_model, seed=5)
+  keras_model.save_weights(str(tmp_path / 'notop.h5'))
+  model, variables = pretrained.load_file(tmp_path / 'notop.h5', name)
+  assert backbones.of_module(model) is backbone
+  errors = relative_errors(tf_keras, keras_model, backbone, model, variables, size)
+  assert max(errors.values()) <= TOLERANCE, errors
+
+
+@pytest.mark.parametrize('family', ['mobilenet_v2_0.35'], indirect=True)
+def test_mobilenet_v2_imagenet_is_fetched_without_an_md5_and_kept(family, monkeypatch, tmp_path):
+  """Keras's source gives MobileNetV2's files no MD5: 'imagenet' downloads the file (served
+  here from a file:// URL) unchecked, reads it, and the next fetch takes the cached copy."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from hhjax.weights import official  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv(official.CACHE_DIR_ENV, str(tmp_path / 'cache'))
+  monkeypatch.setenv('KERAS_HOME', str(tmp_path / 'keras_home'))
+  official_file = family.backbone.weights['imagenet']
+  assert official_file.md5 is None
+  served = tmp_path / 'served' / official_file.filename
+  served.parent.mkdir()
+  served.write_bytes(family.path.read_bytes())
+  monkeypatch.setitem(family.backbone.weights, 'imagenet',
+                      dataclasses.replace(official_file, url=served.as_uri()))
+  model, variables = pretrained.load_pretrained('imagenet', backbone=family.name)
+  cached = tmp_path / 'cache' / 'keras' / official_file.filename
+  assert cached.is_file() and official.download_needed('imagenet', family.name) is None
+  served.unlink()
+  assert official.fetch_official('imagenet', family.name) == cached
+  same = jax.tree.map(np.array_equal, variables, family.variables)
+  assert all(jax.tree.leaves(same)) and backbones.of_module(model) is family.backbone
+
+
+def test_mobilenet_v2_converted_folder_keeps_the_alpha(tmp_path):
+  """A converted folder names the member, not only Keras's MobileNetV2: it reads back at its
+  alpha."""
+  model = backbones.get('mobilenet_v2_0.5').build('block_2_add')
+  variables = jax.device_get(jax.jit(model.init)(jax.random.key(0),
+                                                 np.zeros((1, 32, 32, 3), np.float32)))
+  pretrained.save_converted(tmp_path / 'converted', model, variables)
+  again, _ = pretrained.load_converted(tmp_path / 'converted')
+  assert backbones.of_module(again).name == 'mobilenet_v2_0.5'
+  assert again.final_endpoint == 'block_2_add'

@@ -8,14 +8,17 @@
                                          block14_sepconv2_act
     efficientnet_b0 ... _b7              block1a_project_bn, ..., block2b_add,     32  raw
                   EfficientNetB0 ... B7  ..., top_activation (every block's output)
+    mobilenet_v2, mobilenet_v2_0.35, _0.5,   expanded_conv_project_BN,                 32  inception
+      _0.75, _1.3, _1.4                      block_1_project_BN, block_2_add, ...,
+                  MobileNetV2(alpha=...)     out_relu (every block's output)
 
 A `Backbone` says everything the rest of the code needs to know about a family, so that no
 other module names one: how to build its Flax module, its endpoints in order (where a
 classifier may cut and where fine-tuning may start; the module's top-level submodules are
 'stem' (when it has one) and one per endpoint, so parameter paths read
 `backbone/<endpoint>/...`), its minimum input size, Keras's `preprocess_input` for it, Keras's
-official ImageNet files, how Keras's weight files name its layers, and which of the speed
-rewrites (`hhjax.model.lowering.Lowering`) it has been verified with.
+official ImageNet files, the arguments Keras builds it with (MobileNetV2's alpha), how Keras's
+weight files name its layers, and which of the speed rewrites (`hhjax.model.lowering.Lowering`) it has been verified with.
 
 Adding a family: its Flax module, then one `Backbone(...)` in `_DECLARED` below.
 """
@@ -29,6 +32,7 @@ import flax.linen as nn
 from hhjax import errors
 from hhjax.model import efficientnet
 from hhjax.model import inception
+from hhjax.model import mobilenet_v2
 from hhjax.model import resnet
 from hhjax.model import vgg
 from hhjax.model import xception
@@ -40,9 +44,10 @@ _KERAS_APPLICATIONS = 'https://storage.googleapis.com/tensorflow/keras-applicati
 
 @dataclasses.dataclass(frozen=True)
 class WeightsFile:
-  """An official Keras weights file: where it is, its MD5 (Keras's `file_hash`)."""
+  """An official Keras weights file: where it is, its MD5 (Keras's `file_hash`; None where
+  Keras's source gives none, as for MobileNetV2's files: such a file is taken unchecked)."""
   url: str
-  md5: str
+  md5: str | None
   size: int | None
   include_top: bool
 
@@ -66,6 +71,8 @@ class Backbone:
   Attributes:
     name: config.model.backbone's value, e.g. 'resnet50'.
     keras_name: the `keras.applications` function that builds it, e.g. 'ResNet50'.
+    keras_args: what that function is called with beside the input and weights arguments
+      (MobileNetV2's {'alpha': 0.35}); `keras_application` builds it so.
     module: (final_endpoint, include_top, num_classes, lowering, dtype, name) -> the Flax
       module; calling it on images returns {endpoint: features} up to final_endpoint (plus
       'predictions' with the top).
@@ -112,6 +119,13 @@ class Backbone:
   unnamed_endpoints: tuple[str, ...] = ()
   drop_connect_rate: float | None = None
   imagenet_variables: Callable[[Any], Any] | None = None
+  keras_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def keras_application(self, keras_module, **kwargs):
+    """`keras_module.applications.<keras_name>(**keras_args, **kwargs)`: the Keras model of
+    this member, in Keras 3 or tf_keras (e.g. include_top=False, weights=None,
+    input_shape=(S, S, 3))."""
+    return getattr(keras_module.applications, self.keras_name)(**self.keras_args, **kwargs)
 
   @property
   def blocks(self) -> tuple[str, ...]:
@@ -235,6 +249,19 @@ def _declared() -> tuple[Backbone, ...]:
         parity_endpoints=efficientnet.stage_ends(variant),
         drop_connect_rate=efficientnet.DROP_CONNECT_RATE,
         imagenet_variables=efficientnet.imagenet_variance))
+  # Keras's mobilenet_v2.py names the files by alpha and input rows, and gives no MD5. The
+  # 224-row files: Keras loads them for any input size other than 96, 128, 160 and 192 (square),
+  # and the weights are the same network at any size. Alpha 1.0 first: `of_keras_name`'s.
+  for alpha in sorted(mobilenet_v2.ALPHAS, key=lambda a: a != 1.0):
+    stem = (f'{_KERAS_APPLICATIONS}mobilenet_v2/mobilenet_v2_weights_tf_dim_ordering_tf_kernels'
+            f'_{float(alpha)}_224')
+    families.append(Backbone(
+        'mobilenet_v2' if alpha == 1.0 else f'mobilenet_v2_{alpha}', 'MobileNetV2',
+        _partial(mobilenet_v2.MobileNetV2, alpha=alpha), mobilenet_v2.endpoints(alpha),
+        has_stem=True, min_size=mobilenet_v2.MIN_SIZE, preprocessing='inception',
+        weights={'imagenet': WeightsFile(f'{stem}_no_top.h5', None, None, False),
+                 'imagenet_top': WeightsFile(f'{stem}.h5', None, None, True)},
+        parity_endpoints=mobilenet_v2.endpoints(alpha), keras_args={'alpha': alpha}))
   return tuple(families)
 
 
@@ -256,11 +283,13 @@ def of_module(module: nn.Module) -> Backbone:
   for backbone in BACKBONES.values():
     built = backbone.build()
     if type(built) is type(module) and all(
-        getattr(built, a, None) == getattr(module, a, None) for a in ('depth', 'variant')):
+        getattr(built, a, None) == getattr(module, a, None)
+        for a in ('depth', 'variant', 'alpha')):
       return backbone
   raise ValueError(f'{type(module).__name__} is not a declared backbone.')
 
 
 def of_keras_name(keras_name: str) -> Backbone | None:
-  """The declaration of `keras.applications.<keras_name>`, or None."""
+  """The declaration of `keras.applications.<keras_name>`, or None (MobileNetV2: its first
+  member, alpha 1.0; the members differ in `keras_args`)."""
   return next((b for b in BACKBONES.values() if b.keras_name == keras_name), None)

@@ -1,5 +1,5 @@
-"""Keras's layers, as the Keras-built backbones (VGG, ResNet, Xception, EfficientNet) use them,
-in Flax.
+"""Keras's layers, as the Keras-built backbones (VGG, ResNet, Xception, EfficientNet,
+MobileNetV2) use them, in Flax.
 
 Each module here is one Keras layer with weights and keeps that layer's name, so that a Keras
 weight file's layer `conv2_block1_1_conv` lands at the module `.../conv2_block1_1_conv`, and
@@ -16,7 +16,8 @@ stores its arrays in Keras's shapes:
     Dense            Dense              kernel [in, out], bias
 
 Keras's initialisers (glorot_uniform kernels, zero biases) and BatchNormalization defaults
-(momentum 0.99; the epsilon is the caller's: 1e-3 by default, 1.001e-5 in ResNet) are kept.
+(momentum 0.99, MobileNetV2's 0.999; the epsilon is the caller's: 1e-3 by default, 1.001e-5 in
+ResNet) are kept.
 """
 
 from typing import Any
@@ -39,10 +40,12 @@ def conv(features: int, kernel_size: int, *, name: str, strides: int = 1, paddin
                  bias_init=nn.initializers.zeros, dtype=dtype, name=name)
 
 
-def batch_norm(*, name: str, epsilon: float = BN_EPSILON, dtype: Any = None) -> nn.BatchNorm:
-  """Keras's BatchNormalization (with gamma and beta), running as `train` says when called."""
+def batch_norm(*, name: str, epsilon: float = BN_EPSILON, momentum: float = BN_MOMENTUM,
+               dtype: Any = None) -> nn.BatchNorm:
+  """Keras's BatchNormalization (with gamma and beta), running as `train` says when called;
+  the moving statistics move as Keras's: new = momentum * old + (1 - momentum) * batch."""
   # use_fast_variance=False: E[(x - mean)^2] as Keras computes it.
-  return nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=epsilon, use_fast_variance=False,
+  return nn.BatchNorm(momentum=momentum, epsilon=epsilon, use_fast_variance=False,
                       dtype=dtype, name=name)
 
 

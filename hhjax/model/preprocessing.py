@@ -1,7 +1,7 @@
 """How pixels become model inputs: the one definition of config.data.preprocessing.
 
     'inception'  x / 127.5 - 1   Keras's preprocess_input in 'tf' mode: what the ImageNet
-                                 InceptionV3 and Xception weights expect
+                                 InceptionV3, Xception and MobileNetV2 weights expect
     'caffe'      BGR - mean      Keras's 'caffe' mode: RGB -> BGR, then the ImageNet mean
                                  (103.939, 116.779, 123.68) subtracted per channel: what the
                                  ImageNet VGG and ResNet weights expect

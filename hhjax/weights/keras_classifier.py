@@ -229,8 +229,9 @@ def build_keras_classifier(keras_module, spec: KerasClassifier,
   if spec.image_size is None:
     raise ValueError('build_keras_classifier needs spec.image_size.')
   layers = keras_module.layers
-  base = getattr(keras_module.applications, spec.declared.keras_name)(
-      include_top=False, weights=None, input_shape=(spec.image_size, spec.image_size, 3))
+  base = spec.declared.keras_application(
+      keras_module, include_top=False, weights=None,
+      input_shape=(spec.image_size, spec.image_size, 3))
   pool = layers.Flatten() if spec.head == 'flatten' else layers.GlobalAveragePooling2D()
   x = pool(keras_endpoint(base, spec.declared, spec.cut).output)
   if spec.hidden:

@@ -168,12 +168,15 @@ _NAMED_BACKBONE_CLASSES = _BACKBONE_CLASSES + (
     # EfficientNet: its input normalisation, MBConv blocks (squeeze-and-excitation with a
     # GlobalAveragePooling2D, drop-connect with a Dropout, inside the backbone).
     'Rescaling', 'Normalization', 'DepthwiseConv2D', 'Multiply', 'Reshape',
-    'GlobalAveragePooling2D', 'Dropout')
+    'GlobalAveragePooling2D', 'Dropout',
+    # MobileNetV2: its ReLU(6.) activations.
+    'ReLU')
 
 
 def _named_families() -> str:
   """'VGG16, VGG19, ...': the families whose files name their layers, for messages."""
-  return ', '.join(b.keras_name for b in backbones.BACKBONES.values() if b.keras_names == 'name')
+  return ', '.join(dict.fromkeys(b.keras_name for b in backbones.BACKBONES.values()
+                                 if b.keras_names == 'name'))
 
 
 def _named_family(kf: KerasFile) -> tuple[backbones.Backbone, str] | None:
@@ -192,7 +195,8 @@ def _named_family(kf: KerasFile) -> tuple[backbones.Backbone, str] | None:
     if not keras_named.named_layers_to(backbone, endpoint) >= {
         n for n in named if not keras_named.auto_named(n, 'dense')}:
       continue
-    # Of the right widths too (EfficientNetB1 and B2 name their first blocks alike).
+    # Of the right widths too (EfficientNetB1 and B2 name their first blocks alike, and
+    # MobileNetV2's alphas all their layers).
     shapes = {l.name: tuple(l.shapes) for l in kf.layers}
     ours = keras_named.layers(backbone, keras_named.abstract_variables(backbone, endpoint))
     if all(shapes.get(l.keras_name, l.shapes) == l.shapes for l in ours if l.keras_name):

@@ -1,5 +1,5 @@
 """Keras weight files of the backbones whose layers Keras names (VGG, ResNet, Xception,
-EfficientNet), read by layer name.
+EfficientNet, MobileNetV2), read by layer name.
 
 Any file Keras writes for such a network loads: tf_keras's `save_weights('x.h5')` (the
 official ImageNet files' layout), `model.save('x.h5')` (tf_keras or Keras 3) and Keras 3's

@@ -1,11 +1,12 @@
 """Keras's official ImageNet weights files: where they are, and getting them verified.
 
 Each backbone declares its files (`hhjax.model.backbones`: URL and MD5 as the installed Keras
-has them). `fetch_official('imagenet', backbone)` (no top) or `fetch_official('imagenet_top',
-backbone)` returns the path of
-the official .h5 file, verified by its MD5: the copy in `$HHJAX_CACHE_DIR/keras/` (default
-`~/.cache/hhjax`), else Keras's own copy in `~/.keras/models/`, else a fresh download into the
-former. Without network access the error says where to put a copy fetched elsewhere.
+has them; MobileNetV2's have no MD5 in Keras's source, and are taken as they come).
+`fetch_official('imagenet', backbone)` (no top) or `fetch_official('imagenet_top', backbone)`
+returns the path of the official .h5 file, verified by its MD5 where it has one: the copy in
+`$HHJAX_CACHE_DIR/keras/` (default `~/.cache/hhjax`), else Keras's own copy in
+`~/.keras/models/`, else a fresh download into the former. Without network access the error
+says where to put a copy fetched elsewhere.
 """
 
 import hashlib
@@ -73,6 +74,8 @@ def fetch_official(name: str, backbone: str | None = None) -> pathlib.Path:
   """
   weights = official_weights(name, backbone)
   dest = cache_dir() / 'keras' / weights.filename
+  if dest.is_file() and weights.md5 is None:   # nothing to check it against
+    return dest
   if dest.is_file():
     got = _md5(dest)
     if got != weights.md5:
@@ -81,7 +84,7 @@ def fetch_official(name: str, backbone: str | None = None) -> pathlib.Path:
           f'Delete it to download it again, or replace it with a copy from {weights.url}.')
     return dest
   keras_copy = _keras_cache_file(weights)
-  if keras_copy.is_file() and _md5(keras_copy) == weights.md5:
+  if keras_copy.is_file() and (weights.md5 is None or _md5(keras_copy) == weights.md5):
     return keras_copy
   return _download(weights, dest)
 
@@ -124,7 +127,7 @@ def _download(weights: WeightsFile, dest: pathlib.Path) -> pathlib.Path:
       raise errors.WeightsDownloadError(
           f'Could not download the official weights from {weights.url} '
           f'({reason}). Without network access, {offline_advice(weights)}.') from e
-    if digest.hexdigest() != weights.md5:
+    if weights.md5 is not None and digest.hexdigest() != weights.md5:
       raise errors.WeightsDownloadError(
           f'The file downloaded from {weights.url} has MD5 {digest.hexdigest()}, expected '
           f'{weights.md5}: the download was corrupted or the file changed. Try again.')

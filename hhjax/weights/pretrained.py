@@ -46,13 +46,17 @@ Variables = keras_h5.Variables
 
 
 def _model_metadata(model) -> dict[str, Any]:
-  return {'architecture': backbones.of_module(model).keras_name,
+  # The member's name too: MobileNetV2's alphas share one Keras name.
+  declared = backbones.of_module(model)
+  return {'architecture': declared.keras_name, 'backbone': declared.name,
           'final_endpoint': model.final_endpoint, 'include_top': model.include_top,
           'num_classes': model.num_classes}
 
 
 def _model_from_metadata(meta: dict[str, Any], source: str):
-  backbone = backbones.of_keras_name(str(meta.get('architecture')))
+  # Folders written before the member's name was stored name the Keras architecture only.
+  backbone = backbones.BACKBONES.get(str(meta.get('backbone'))) or backbones.of_keras_name(
+      str(meta.get('architecture')))
   if backbone is None:
     raise errors.KerasWeightsError(
         f'{source} does not hold the weights of a known backbone (metadata: {meta}).')
