@@ -196,9 +196,9 @@ def test_recipe_run_alternates_valid_recipes_over_rounds_and_tables_their_ratio(
     # Each recipe is a configuration training accepts, and it changes what it says.
     config = train_step.make_config('finetune_mixed6', 20, 150, recipes.RECIPES[name])
     config_checks.validate(config)
-  records = [_run('hhjax', 'finetune_mixed6', rate, rate, rate, row=row)
-             for row, rate in (('rmsprop', 10.0), ('adamw', 9.0), ('rmsprop', 12.0),
-                               ('adamw', 9.9))]
+  records = [_run('hhjax', 'finetune_mixed6', rate, rate - 1, top, row=row)
+             for row, rate, top in (('rmsprop', 10.0, 10.5), ('adamw', 9.0, 9.1),
+                                    ('rmsprop', 12.0, 12.5), ('adamw', 9.9, 10.0))]
   text = recipes.table(records)
-  assert '| rmsprop | 10.0, 12.0 | 11.0 | 1.00× |' in text
-  assert '| adamw | 9.0, 9.9 | 9.4 | 0.86× |' in text
+  assert '| rmsprop | 10.0, 12.0 | 12.5 | 1.00× |' in text
+  assert '| adamw | 9.0, 9.9 | 10.0 | 0.80× |' in text
