@@ -2,6 +2,7 @@
 in 'batch' mode, Beta(alpha, alpha) by scipy) and, for the soft-target loss, against Keras."""
 
 import json
+import os
 
 import flax.linen as nn
 import jax
@@ -328,3 +329,15 @@ def test_a_training_with_mixup_and_cutmix_trains_on_images_and_resumes_exactly(
   for a, b in zip(*rows):
     assert np.isfinite(a['train_loss'])
     assert (a['train_loss'], a['train_accuracy']) == (b['train_loss'], b['train_accuracy'])
+
+
+def test_preview_shows_each_batch_mixed_and_how(tmp_path):
+  from hhjax import preview  # pylint: disable=g-import-not-at-top
+  drawn = {'lam': np.float32(0.734), 'cutmix': np.bool_(True)}
+  assert preview._mix_line(drawn, 'class_1') == 'CutMix λ 0.73 with class_1'
+  drawn = {'lam': np.float32(0.25), 'cutmix': np.bool_(False)}
+  assert preview._mix_line(drawn, 'class_0') == 'mixup λ 0.25 with class_0'
+  assert preview._mix_line({'lam': np.float32(1), 'cutmix': False}, 'x') == 'not mixed'
+  # The mixing is the train step's own (mix.draw, mix_images): the figure only shows it.
+  path = preview.preview_data(_tiny_config(), str(tmp_path), num_images=4, columns=2)
+  assert os.path.getsize(path) > 0
