@@ -3,6 +3,9 @@ in 'batch' mode, Beta(alpha, alpha) by scipy) and, for the soft-target loss, aga
 
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -283,6 +286,51 @@ def test_old_configs_without_the_block_read_as_off():
   del config['data']['mix']
   assert not data_spec.DataSpec.from_config(config).mix.enabled
   config_checks.validate(config)
+
+
+# A fresh interpreter with 4 CPU devices (XLA_FLAGS before JAX starts): the batch sharded over
+# them mixes as on one device, the partners and the draws being those of the global batch.
+SHARDED = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import jax, jax.numpy as jnp, numpy as np
+from configs import default
+from hhjax import sharding
+from hhjax.data import spec as data_spec
+from hhjax.training import mix
+assert jax.device_count() == 4
+config = default.get_config()
+config.data.mix.mixup_alpha, config.data.mix.cutmix_alpha = 0.4, 1.0
+spec = data_spec.DataSpec.from_config(config)
+mixer = mix.for_data(spec, 3)
+rng = np.random.default_rng(0)
+images = rng.uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32)
+labels = rng.integers(0, 3, 8).astype(np.int32)
+mesh = sharding.make_mesh()
+data, repl = sharding.data_sharded(mesh), sharding.replicated(mesh)
+one = jax.jit(mixer)
+split = jax.jit(mixer, in_shardings=(data, data, repl), out_shardings=(data, data))
+kinds = set()
+for step in range(6):
+  a = one(images, labels, jnp.int32(step))
+  b = split(jax.device_put(images, data), jax.device_put(labels, data), jnp.int32(step))
+  assert len(b[0].sharding.device_set) == 4
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  kinds.add(bool(mix.draw(mix.key(spec.seed, step), spec.mix, 16, 16)['cutmix']))
+assert kinds == {True, False}, kinds   # both kinds were compared
+print('ok')
+"""
+
+
+def test_four_devices_mix_the_global_batch_as_one():
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  root = str(pathlib.Path(__file__).resolve().parents[1])
+  proc = subprocess.run([sys.executable, '-c', SHARDED, root], env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().endswith('ok')
 
 
 # ------------------------------------------------------------------ a training
