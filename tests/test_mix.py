@@ -204,6 +204,37 @@ def test_soft_target_loss_equals_keras(num_classes, smoothing):
   assert ours == pytest.approx(theirs, rel=1e-5)
 
 
+def test_the_mixing_equals_keras_mixup_and_cutmix_layers_given_the_same_draws(shared):
+  """Keras 3's keras.layers.MixUp and CutMix draw otherwise (a random permutation, a lambda
+  per example; CutMix's box placed inside the image, its alpha uniform in `factor`): given
+  timm's draws (the reversed batch, one lambda, our box), their arithmetic is ours."""
+  images, labels = _batch()
+  onehot = np.eye(3, dtype=np.float32)[np.asarray(labels)]
+  reverse = np.arange(len(labels))[::-1].copy()
+  mixed = shared['beta'] < 1
+  step = np.flatnonzero(mixed & ~shared['cutmix'])[0]
+  drawn = _at(shared, step)
+  layer = keras.layers.MixUp(alpha=1.0)
+  given = {'mix_weight': np.full(len(labels), float(drawn['lam']), np.float32),
+           'permutation_order': reverse}
+  np.testing.assert_allclose(np.asarray(layer.transform_images(np.asarray(images), given)),
+                             mix.mix_images(images, drawn), rtol=0, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(layer.transform_labels(onehot, given)),
+                             mix.mix_targets(labels, drawn['lam'], 3), rtol=0, atol=1e-6)
+  layer = keras.layers.CutMix(factor=1.0)
+  for step in np.flatnonzero(shared['cutmix'])[:5]:
+    drawn = _at(shared, step)
+    top, bottom, left, right = (np.full(len(labels), float(v), np.float32)
+                                for v in drawn['box'])
+    masks, weight = layer._generate_batch_mask(images.shape, (left, right, top, bottom))
+    given = {'permutation_order': reverse, 'batch_masks': masks, 'mix_weight': weight}
+    np.testing.assert_array_equal(np.asarray(layer.transform_images(np.asarray(images), given)),
+                                  mix.mix_images(images, drawn))
+    np.testing.assert_allclose(np.asarray(weight), float(drawn['lam']), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(layer.transform_labels(onehot, given)),
+                               mix.mix_targets(labels, drawn['lam'], 3), rtol=0, atol=1e-6)
+
+
 # ------------------------------------------------------------------ the train step
 
 
