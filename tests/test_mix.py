@@ -32,9 +32,9 @@ N = 4000
 SHARED = data_spec.MixSpec(mixup_alpha=1.0, cutmix_alpha=1.0, prob=0.6, switch_prob=0.25)
 
 
-def _draws(spec, n, seed=0):
+def _draws(spec, n, seed=0, height=HEIGHT, width=WIDTH):
   """The draws of steps 0 .. n-1, as numpy."""
-  drawn = jax.jit(jax.vmap(lambda s: mix.draw(mix.key(seed, s), spec, HEIGHT, WIDTH)))(
+  drawn = jax.jit(jax.vmap(lambda s: mix.draw(mix.key(seed, s), spec, height, width)))(
       jnp.arange(n))
   return {k: np.asarray(v) for k, v in drawn.items()}
 
@@ -66,6 +66,14 @@ def test_lambda_follows_beta_alpha_alpha(shared):
   assert _ks_pvalue(small['beta'], 0.3) < 1e-6   # the test tells alphas apart
   mixup = ~small['cutmix']
   np.testing.assert_array_equal(small['lam'][mixup], small['beta'][mixup])
+
+
+def test_a_whole_image_box_leaves_lambda_zero_not_below():
+  # Tiny alpha: lambda near 0 often, boxes of the whole image now and then (12 x 12, where
+  # 1 - 144 * (1 / 144), XLA's way to divide by a constant, falls below 0).
+  tiny = _draws(data_spec.MixSpec(cutmix_alpha=0.01), 2000, height=12, width=12)
+  assert np.any(tiny['lam'] == 0)
+  assert np.all((tiny['lam'] >= 0) & (tiny['lam'] <= 1))
 
 
 def test_prob_and_switch_prob_as_timm(shared):

@@ -64,7 +64,9 @@ def draw(rng: jax.Array, mix: data_spec.MixSpec, height: int, width: int
   lam = jnp.where(apply, jnp.where(cutmix, lam_cutmix, lam_mixup), 1.0).astype(jnp.float32)
   box = cutmix_box(k_cy, k_cx, lam, height, width)
   box_area = (box[1] - box[0]) * (box[3] - box[2])
-  corrected = 1.0 - box_area.astype(jnp.float32) / jnp.float32(height * width)
+  # The share not pasted over; clipped, as XLA divides by a constant as a multiplication.
+  corrected = jnp.clip((height * width - box_area).astype(jnp.float32)
+                       / jnp.float32(height * width), 0.0, 1.0)
   cutmix = apply & cutmix
   return {'lam': jnp.where(cutmix, corrected, lam), 'cutmix': cutmix, 'box': box,
           'beta': lam}
