@@ -125,6 +125,19 @@ def get_config() -> ml_collections.ConfigDict:
   erasing.ratio = (0.3, 3.3)               # The box's height / width (log-uniform).
   # The box's grey level in [0, 255] (e.g. '0'), or 'random': uniform noise in [0, 255].
   erasing.value = '0'
+  # mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019) of whole batches, in the jitted train
+  # step after the augmentation above, as timm's Mixup: each example is mixed with the one at
+  # the mirrored place of the global batch (the batch reversed), and its target becomes
+  # lam onehot(y) + (1 - lam) onehot(y'), label smoothing applied on top. mixup: the images
+  # lam x + (1 - lam) x'; CutMix: a box of x' of area about (1 - lam) pasted in, lam set to
+  # the share left. lam ~ Beta(alpha, alpha). The training accuracy is then counted against
+  # each example's larger share. Needs the train step to see images: no feature cache.
+  data.mix = mix = ml_collections.ConfigDict()
+  mix.mixup_alpha = 0.0                    # mixup's Beta(alpha, alpha); 0: no mixup (e.g. 0.2)
+  mix.cutmix_alpha = 0.0                   # CutMix's Beta(alpha, alpha); 0: no CutMix (e.g. 1.0)
+  mix.prob = 1.0                           # The chance that a batch is mixed (timm's mixup_prob).
+  # With both alphas > 0: the chance that a mixed batch gets CutMix instead of mixup.
+  mix.switch_prob = 0.5
 
   # ---------------------------------------------------------------- model
   config.model = model = ml_collections.ConfigDict()

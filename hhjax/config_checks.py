@@ -130,6 +130,9 @@ _BOOL = _Rule(lambda v: isinstance(v, bool), 'True or False')
 _NUMBER = _Rule(_is_number, 'a number')
 _RANGE = _number(0)
 _LEARNING_RATE = _number(0, low_open=True)
+_PROBABILITY = _Rule(lambda v: _is_number(v) and 0 <= v <= 1, 'a number in [0, 1]')
+# Beta(alpha, alpha)'s parameter, or 0 for off.
+_ALPHA = _Rule(lambda v: _is_number(v) and 0 <= v < math.inf, 'a finite number >= 0 (0: off)')
 
 # The fields whose value alone decides; cross-field rules are in `_check_relations`.
 RULES: dict[str, _Rule] = {
@@ -176,6 +179,10 @@ RULES: dict[str, _Rule] = {
     'data.random_erasing.ratio': _pair(0, None, "the box's height over its width"),
     'data.random_erasing.value': _Rule(
         _erase_value_ok, f'a grey level in [0, 255] or {data_spec.ERASE_RANDOM!r}'),
+    'data.mix.mixup_alpha': _ALPHA,
+    'data.mix.cutmix_alpha': _ALPHA,
+    'data.mix.prob': _PROBABILITY,
+    'data.mix.switch_prob': _PROBABILITY,
     'model.backbone': _one_of(backbones.NAMES),
     'model.head': _one_of(classifier.HEADS),
     'model.hidden': _integer(0),
@@ -432,6 +439,8 @@ def _check_relations(config: Any, found: list[str]) -> None:
                               "'constant' while config.reduce_lr_on_plateau.monitor is set "
                               '(the plateau rule sets the rate a schedule would)'))
 
+  _check_mix(config, found)
+
   # The cut, the image size and where fine-tuning starts are the backbone's.
   name = _lookup(config, 'model.backbone')
   name = backbones.DEFAULT if name is _MISSING else name
@@ -467,6 +476,25 @@ def _check_relations(config: Any, found: list[str]) -> None:
           'finetune.unfreeze_from', start,
           f"'stem' or a block up to config.model.cut = {cut!r}: "
           + ', '.join(repr(b) for b in blocks)))
+
+
+def _check_mix(config: Any, found: list[str]) -> None:
+  """Mixing happens in the train step, on images: a cache of features cannot be mixed."""
+  alphas = [_lookup(config, f'data.mix.{name}') for name in ('mixup_alpha', 'cutmix_alpha')]
+  prob = _lookup(config, 'data.mix.prob')
+  if not (any(_is_number(a) and a > 0 for a in alphas)
+          and (prob is _MISSING or (_is_number(prob) and prob > 0))):
+    return
+  switch = _lookup(config, 'speed.cache_features')
+  try:
+    mode = lowering.parse_switch(switch) if switch is not _MISSING else 'off'
+  except errors.ConfigError:
+    return   # named by the rule of speed.cache_features
+  if mode == 'on':
+    found.append(_problem('speed.cache_features', switch,
+                          "'auto' or 'off' while config.data.mix mixes batches (mixup_alpha or "
+                          'cutmix_alpha > 0): the train step mixes images, and cached features '
+                          'cannot be mixed'))
 
 
 def problems(config: Config) -> list[str]:

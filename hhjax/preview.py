@@ -19,6 +19,7 @@ from hhjax.data import spec as data_spec
 from hhjax.data import streams
 from hhjax.model import preprocessing
 from hhjax.training import device_augment
+from hhjax.training import mix as mix_lib
 
 
 def _describe_augmentation(config: ml_collections.ConfigDict) -> str:
@@ -43,7 +44,36 @@ def _describe_others(data: data_spec.DataSpec) -> str:
                  f'value {data.random_erasing.value}')
   if parts or data.augment.enabled:
     parts.append(f'on the {data.augment.on}')
+  if data.mix.enabled:
+    m = data.mix
+    kinds = [f'{name} alpha {alpha:g}' for name, alpha in (('mixup', m.mixup_alpha),
+                                                           ('CutMix', m.cutmix_alpha)) if alpha]
+    switch = f' (CutMix {m.switch_prob:g})' if len(kinds) == 2 else ''
+    parts.append(f'{" + ".join(kinds)}, a batch mixed with p {m.prob:g}{switch}')
   return ('; ' + ', '.join(parts)) if parts else ''
+
+
+def _mixer(data: data_spec.DataSpec, num_classes: int):
+  """(images, labels, step) -> (mixed images, soft targets, the batch's draws), as the train
+  step mixes the global batch at `step`; None when config.data.mix is off."""
+  if not data.mix.enabled:
+    return None
+
+  def mixed(images, labels, step):
+    images = preprocessing.normalize_images(images, data.preprocessing)
+    drawn = mix_lib.draw(mix_lib.key(data.seed, step), data.mix, images.shape[1],
+                         images.shape[2])
+    return (mix_lib.mix_images(images, drawn),
+            mix_lib.mix_targets(labels, drawn['lam'], num_classes), drawn)
+  return jax.jit(mixed)
+
+
+def _mix_line(drawn: dict[str, np.ndarray], partner: str) -> str:
+  """A cell's mixing: the kind, the weight of its own label and its partner's class."""
+  lam = float(drawn['lam'])
+  if lam == 1.0:
+    return 'not mixed'
+  return f'{"CutMix" if drawn["cutmix"] else "mixup"} λ {lam:.2f} with {partner}'
 
 
 def _drawn(data: data_spec.DataSpec):
@@ -87,7 +117,10 @@ def applied(data: data_spec.DataSpec, positions: list[int]) -> list[list[str]]:
 
 def preview_data(config: ml_collections.ConfigDict, workdir: str, *, num_images: int = 24,
                  columns: int = 6) -> str:
-  """Writes `workdir/preview_data.png`: the first training images of step 0, as augmented.
+  """Writes `workdir/preview_data.png`: the first training images, as augmented (and mixed).
+
+  With config.data.mix on, each batch is mixed as the train step at its step mixes it, and
+  each cell says how: the kind, λ (the weight of its own label) and its partner's class.
 
   Args:
     config: the training configuration (its data, batch size and seed).
@@ -103,12 +136,17 @@ def preview_data(config: ml_collections.ConfigDict, workdir: str, *, num_images:
   data = entry.data(config)
   info = pipeline.dataset_info(data)
   ds = pipeline.create_dataset(data, config.data.train_split, process_index=0, process_count=1)
-  images, labels = [], []
+  images, labels, mixed = [], [], []
   on_device = jax.jit(lambda b: device_augment.augment_pixels(b, data))
-  for batch in ds.as_numpy_iterator():
+  mixer = _mixer(data, len(info.class_names))
+  for step, batch in enumerate(ds.as_numpy_iterator()):
     if data.augments_on_device:   # what the train step makes of the shipped pixels
       pixels = np.asarray(on_device(batch))
       batch['image'] = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+    if mixer is not None:   # the whole batch, as the train step at this step mixes it
+      batch['image'], _, drawn = jax.device_get(mixer(batch['image'], batch['label'], step))
+      partners = batch['label'][::-1]
+      mixed.extend(_mix_line(drawn, info.class_names[int(p)]) for p in partners)
     images.extend(batch['image'])
     labels.extend(batch['label'])
     if len(images) >= num_images:
@@ -117,13 +155,15 @@ def preview_data(config: ml_collections.ConfigDict, workdir: str, *, num_images:
 
   rows = -(-len(images) // columns)
   cells = applied(data, list(range(len(images))))   # each cell's title: its class, then
-  lines = len(cells[0]) if cells else 0            # what it had applied
+  if mixer is not None:                            # what it had applied
+    cells = [lines + [line] for lines, line in zip(cells, mixed)]
+  lines = len(cells[0]) if cells else 0
   fig = Figure(figsize=(2.0 * columns, (2.2 + 0.25 * lines) * rows + 0.6))
   for k, (image, label) in enumerate(zip(images, labels)):
     ax = fig.add_subplot(rows, columns, k + 1)
     ax.imshow(preprocessing.denormalize(image, config.data.preprocessing))
     ax.set_title('\n'.join([info.class_names[int(label)]] + cells[k]),
-                 fontsize=10 if not data.augments else 7)
+                 fontsize=10 if not (data.augments or data.mix.enabled) else 7)
     ax.axis('off')
   source = config.data.dir if config.data.source == 'folder' else config.data.source
   title = (f'{source} / {config.data.train_split}, seed {config.seed}, step 0: '

@@ -55,6 +55,7 @@ from hhjax.training import evaluation
 from hhjax.training import feature_cache
 from hhjax.training import losses
 from hhjax.training import keras_optim
+from hhjax.training import mix
 from hhjax.training import optim
 from hhjax.training import patience
 from hhjax.training import phases as phases_lib
@@ -443,7 +444,8 @@ def _phase_inputs(run: _Run, setup: phases_lib.PhaseSetup, state: PyTree, step: 
                                              start_step=step).as_numpy_iterator()
   repl, data = sharding.replicated(run.mesh), sharding.data_sharded(run.mesh)
   prepare = device_augment.for_data(run.data)   # None: the host augments
-  train_step = jax.jit(steps.make_train_step(run.model, setup, prepare),
+  mixer = mix.for_data(run.data, len(run.class_names))   # None: config.data.mix is off
+  train_step = jax.jit(steps.make_train_step(run.model, setup, prepare, mixer),
                        in_shardings=(repl, data),
                        out_shardings=repl, donate_argnums=0)
   return train_step, run.train_iter, run.evaluator

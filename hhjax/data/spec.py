@@ -99,6 +99,29 @@ class ErasingSpec:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class MixSpec:
+  """config.data.mix: mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019) of whole batches,
+  in the train step (hhjax.training.mix), with timm's Mixup semantics ('batch' mode).
+
+  Attributes:
+    mixup_alpha: mixup's lambda ~ Beta(alpha, alpha); 0: no mixup (timm's --mixup).
+    cutmix_alpha: CutMix's lambda ~ Beta(alpha, alpha); 0: no CutMix (timm's --cutmix).
+    prob: the chance that a batch is mixed at all (timm's mixup_prob).
+    switch_prob: with both on, the chance that a mixed batch uses CutMix, not mixup (timm's
+      switch_prob).
+  """
+  mixup_alpha: float = 0.0
+  cutmix_alpha: float = 0.0
+  prob: float = 1.0
+  switch_prob: float = 0.5
+
+  @property
+  def enabled(self) -> bool:
+    """Whether any batch can be mixed (with prob 0 the train step is the one without)."""
+    return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DataSpec:
   """Every value the input pipeline reads (config.data, plus seed and batch sizes).
 
@@ -123,6 +146,7 @@ class DataSpec:
     augment: the training stream's augmentation (and where it runs: augment.on).
     crop: random-resized crops for training, a centre crop for evaluation.
     random_erasing: the training stream's random erasing.
+    mix: mixup and CutMix of the training batches, in the train step.
     seed: seeds the shuffling, the augmentation and the synthetic images.
     batch_size: the global training batch.
     eval_batch_size: the global evaluation batch (config.eval_batch_size or batch_size).
@@ -145,6 +169,7 @@ class DataSpec:
   augment: AugmentSpec
   crop: CropSpec = CropSpec()
   random_erasing: ErasingSpec = ErasingSpec()
+  mix: MixSpec = MixSpec()
   seed: int
   batch_size: int
   eval_batch_size: int
@@ -196,7 +221,7 @@ class DataSpec:
     reported on eval_split: that split validates, nothing is held out and there is no test.
     """
     data = config['data']
-    names = _field_names(cls) - {'fake', 'augment', 'crop', 'random_erasing', 'seed',
+    names = _field_names(cls) - {'fake', 'augment', 'crop', 'random_erasing', 'mix', 'seed',
                                  'batch_size', 'eval_batch_size'}
     values = _present(data, names)
     if 'validation_split' not in data:   # written before validation and test were apart
@@ -214,6 +239,7 @@ class DataSpec:
         augment=_augment(data['augment']),
         crop=_with_pairs(CropSpec, data.get('crop', {})),
         random_erasing=_with_pairs(ErasingSpec, data.get('random_erasing', {})),
+        mix=_with_pairs(MixSpec, data.get('mix', {})),
         seed=int(config['seed']),
         batch_size=int(config['batch_size']),
         eval_batch_size=int(config.get('eval_batch_size') or config['batch_size']))

@@ -67,6 +67,9 @@ def _why_not(data: data_spec.DataSpec) -> str | None:
   if data.augments:
     return ('augmentation is on (config.data.augment.enabled, crop.random_resized_crop or '
             'random_erasing.probability): every epoch sees new images')
+  if data.mix.enabled:
+    return ('mixup or CutMix is on (config.data.mix): the train step mixes the images of each '
+            'batch, which cached features cannot')
   if jax.process_count() > 1:
     return 'the cache is single-process only'
   return None
@@ -82,8 +85,8 @@ def wanted(data: data_spec.DataSpec, settings: Settings, setup: phases_lib.Phase
 
   Only phases whose backbone is wholly frozen (BatchNorm included) can. 'auto' (the default)
   caches in those whenever the run allows it; 'on' is the same, except that a run that does
-  not allow it at all (augmentation on, several processes) is an error that says why; 'off'
-  never caches.
+  not allow it at all (augmentation or mixing on, several processes) is an error that says
+  why; 'off' never caches.
   """
   if settings.mode == 'off':
     return False

@@ -15,6 +15,10 @@ The head has one sigmoid logit for two classes, else one softmax logit per class
     of weight-2 examples thus has twice the loss (and gradient) of the unweighted batch.
   * The evaluation loss (val_loss) is the compiled loss without class weights, smoothing
     included, as Keras's `fit` reports `val_loss` (its validation pass gets no class weights).
+  * Targets may also be probabilities [b, k] (mixup and CutMix, hhjax.training.mix): the
+    cross-entropy takes them as Keras's losses take soft y_true, smoothing included, and a
+    class-weighted example weighs sum_c target_c * weight_c (Keras's class_weight has no rule
+    for soft targets; for a one-hot target this is weight[label]).
 
 `balanced_weights` gives config.loss.class_weight='balanced': n / (k * count) per class, from the
 training split's class counts (scikit-learn's `compute_class_weight('balanced')`).
@@ -46,20 +50,28 @@ def per_example_loss(logits: jax.Array, labels: jax.Array,
                      label_smoothing: float = 0.0) -> jax.Array:
   """Binary cross-entropy on one sigmoid logit, or softmax cross-entropy over the classes.
 
-  `labels` are class indices; with `label_smoothing` > 0 the targets are smoothed as Keras
-  smooths them (see the module docstring). Without it this is the unsmoothed loss as it always
-  was, the same operations.
+  `labels` are class indices [b], or target probabilities [b, k] over the k classes (the soft
+  targets of mixup and CutMix, hhjax.training.mix; k = 2 for the sigmoid head, whose target is
+  then the second class's probability). With `label_smoothing` > 0 the targets are smoothed
+  as Keras smooths them (see the module docstring), soft ones too, as Keras smooths any y_true.
+  For class indices without smoothing this is the unsmoothed loss as it always was, the same
+  operations.
   """
   s = float(label_smoothing)
+  soft = labels.ndim == 2
   if logits.shape[-1] == 1:
-    logit, targets = logits[:, 0], labels.astype(logits.dtype)
+    logit = logits[:, 0]
+    targets = (labels[:, 1] if soft else labels).astype(logits.dtype)
     if s:
       targets = targets * (1.0 - s) + 0.5 * s
     return optax.sigmoid_binary_cross_entropy(logit, targets)
-  if not s:
+  if not s and not soft:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   num_classes = logits.shape[-1]
-  targets = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype) * (1.0 - s) + s / num_classes
+  targets = (labels.astype(logits.dtype) if soft
+             else jax.nn.one_hot(labels, num_classes, dtype=logits.dtype))
+  if s:
+    targets = targets * (1.0 - s) + s / num_classes
   return optax.softmax_cross_entropy(logits, targets)
 
 
@@ -67,12 +79,18 @@ def batch_loss(logits: jax.Array, labels: jax.Array, spec: LossSpec = LossSpec()
   """The loss a train step minimises: the mean over the batch of the (weighted) losses.
 
   With class weights, `sum(weight[label] * loss) / batch size`, as Keras's fit with
-  `class_weight` and its 'sum_over_batch_size' reduction.
+  `class_weight` and its 'sum_over_batch_size' reduction. With soft targets [b, k] an example
+  weighs the sum over the classes of its (unsmoothed) target probability times the class's
+  weight: lam w[y] + (1 - lam) w[y'] for a mixed pair, w[y] again for a one-hot target.
   """
   losses = per_example_loss(logits, labels, spec.label_smoothing)
   if spec.class_weights is None:
     return jnp.mean(losses)
-  weights = jnp.asarray(spec.class_weights, losses.dtype)[labels]
+  class_weights = jnp.asarray(spec.class_weights, losses.dtype)
+  if labels.ndim == 2:
+    weights = labels.astype(losses.dtype) @ class_weights
+  else:
+    weights = class_weights[labels]
   return jnp.sum(losses * weights) / losses.shape[0]
 
 

@@ -25,6 +25,7 @@ import optax
 
 from hhjax.model import classifier
 from hhjax.training import losses
+from hhjax.training import mix as mix_lib
 from hhjax.training import optim
 from hhjax.training import phases as phases_lib
 
@@ -65,7 +66,9 @@ def _loss_fn(model, phase: phases_lib.Phase, loss: losses.LossSpec):
 
 
 def make_train_step(model, setup: phases_lib.PhaseSetup,
-                    prepare: Callable[[PyTree], jax.Array] | None = None
+                    prepare: Callable[[PyTree], jax.Array] | None = None,
+                    mix: Callable[[jax.Array, jax.Array, jax.Array],
+                                  tuple[jax.Array, jax.Array]] | None = None
                     ) -> Callable[[PyTree, PyTree], PyTree]:
   """The phase's train step `(state, batch) -> state`, not yet jitted.
 
@@ -75,6 +78,11 @@ def make_train_step(model, setup: phases_lib.PhaseSetup,
 
   `prepare` (batch -> images), when given, makes the step's images from the batch: the
   augmentation on the device (hhjax.training.device_augment.for_data).
+
+  `mix` (images, labels, step -> images, soft targets), when given, mixes the batch after
+  that (hhjax.training.mix.for_data: mixup and CutMix); the loss then reads the soft targets,
+  and the training accuracy scores each example against its dominant label (the largest
+  share of its target). None: the step is the one without mixing, the same operations.
   """
   loss_fn = _loss_fn(model, setup.phase, setup.loss)
   labels, tx = setup.labels, setup.tx
@@ -85,9 +93,13 @@ def make_train_step(model, setup: phases_lib.PhaseSetup,
     images, labels_ = batch['image'], batch['label']
     if prepare is not None:
       images = prepare(batch)
+    targets = labels_
+    if mix is not None:
+      images, targets = mix(images, labels_, step)
+      labels_ = mix_lib.dominant_label(targets)   # what the accuracy scores against
     trainable, frozen = optim.split(state['params'], labels)
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        trainable, frozen, state['batch_stats'], images, labels_, rng)
+        trainable, frozen, state['batch_stats'], images, targets, rng)
     # The optimizer is an optax.partition over the full tree; the frozen part's "gradients"
     # are zeros its 'freeze' transform discards, and its output is dropped below, so XLA
     # removes both.
