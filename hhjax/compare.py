@@ -101,6 +101,14 @@ def used(config: Mapping[str, Any], field: str) -> bool:
     if config.get('data.augment.enabled') is False:
       return False
     return field != 'data.augment.cval' or config.get('data.augment.fill_mode') == 'constant'
+  if field.startswith('data.mix.') and field not in ('data.mix.mixup_alpha',
+                                                      'data.mix.cutmix_alpha'):
+    alphas = [not _false(config.get(f'data.mix.{k}_alpha')) for k in ('mixup', 'cutmix')]
+    return all(alphas) if field == 'data.mix.switch_prob' else any(alphas)
+  if field.startswith('data.random_erasing.') and field != 'data.random_erasing.probability':
+    return not _false(config.get('data.random_erasing.probability'))
+  if field in ('data.crop.scale', 'data.crop.ratio'):
+    return config.get('data.crop.random_resized_crop') is True
   for phase in ('warmup', 'finetune'):
     if field.startswith(f'{phase}.') and field != f'{phase}.epochs':
       return config.get(f'{phase}.epochs') != 0

@@ -194,6 +194,22 @@ def test_explain_draws_a_heat_map_over_each_image(trained, predictions, real_dat
   assert _has_heat_colours(_png(out / 'overview.png'), 0.1)
 
 
+def test_compare_counts_an_augmentation_field_only_where_it_acts():
+  off = {'data.mix.mixup_alpha': 0.0, 'data.mix.cutmix_alpha': 0.0,
+         'data.random_erasing.probability': 0.0, 'data.crop.random_resized_crop': False}
+  fields = ('data.mix.prob', 'data.mix.switch_prob', 'data.random_erasing.scale',
+            'data.crop.ratio')
+  assert [compare.used(off, f) for f in fields] == [False] * 4
+  assert compare.used(off, 'data.mix.mixup_alpha')        # its own switch always counts
+  mixup = dict(off, **{'data.mix.mixup_alpha': 0.2})
+  assert compare.used(mixup, 'data.mix.prob') and not compare.used(mixup, 'data.mix.switch_prob')
+  both = dict(mixup, **{'data.mix.cutmix_alpha': 1.0})
+  assert compare.used(both, 'data.mix.switch_prob')
+  on = dict(off, **{'data.random_erasing.probability': 0.25,
+                    'data.crop.random_resized_crop': True})
+  assert compare.used(on, 'data.random_erasing.scale') and compare.used(on, 'data.crop.ratio')
+
+
 def test_compare_draws_runs_side_by_side(trained, tmp_path, env):
   rows = [json.loads(line) for line in (trained / 'metrics.jsonl').read_text().splitlines()]
   assert len(rows) == 2 and 0 < rows[0]['time'] < rows[1]['time']
