@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import pathlib
 import platform
 import resource
 import statistics
@@ -147,6 +148,19 @@ def matmul_rate(n: int = 4096, repeats: int = 7, precision: str | None = None) -
       'gflops_max': flops * timing['images_per_s_max'] / 1e9,
       'device': jax_device(),
   }
+
+
+def checkout(root: pathlib.Path, label: str, where: str) -> pathlib.Path:
+  """The code a comparison runs as LABEL: `where` if it is a folder, else that commit of this
+  repository checked out (once, under root/code_LABEL) with `git worktree`."""
+  if pathlib.Path(where).is_dir():
+    return pathlib.Path(where).resolve()
+  path = pathlib.Path(root) / f'code_{label}'
+  if not path.is_dir():
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    subprocess.run(['git', '-C', str(repo), 'worktree', 'add', '--detach', str(path), where],
+                   check=True, capture_output=True)
+  return path
 
 
 def emit(record: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
     python benchmarks/recipes.py > /tmp/recipes.jsonl          # ~15 min on 2 cores
     python benchmarks/recipes.py --table=/tmp/recipes.jsonl
+    python benchmarks/recipes.py --code=before=584ea29^,after=. --cases=warmup,finetune_mixed6
 
 Times benchmarks/train_step.py's child (the step training runs, jitted with its shardings and
 donation, the seed's model at batch 20 and 150x150 on synthetic data) in one case,
@@ -10,6 +11,8 @@ an option's cost shows), under each recipe's overrides. Every recipe runs in its
 the recipes alternate over --rounds, so that a drift of the shared machine falls on all of them.
 The table gives, per recipe, the median images/s of each round and the fastest repeat over the
 rounds, with its ratio to the baseline's (rmsprop at a constant rate, the seed's recipe).
+With --code, the baseline alone, in each of the given checkouts of the code: whether newer code
+slowed the seed's recipe.
 """
 import argparse
 import json
@@ -37,35 +40,47 @@ RECIPES = {
 }
 
 
-def children(args: argparse.Namespace, recipes: list[str]):
-  """(recipe, round, argv, env) of every child, the recipes alternating within each round."""
+def children(args: argparse.Namespace, recipes: list[str],
+             codes: list[tuple[str, str]] | None = None):
+  """(row, round, argv, env) of every child: per round, per case, the recipes (or, with
+  codes, the baseline in each checkout) alternating."""
   runs = []
   for round_ in range(args.rounds):
-    for recipe in recipes:
-      argv = train_step.child_argv(args.case, args, args.image_size,
-                                   RECIPES[recipe] + (args.set or []))
-      runs.append((recipe, round_, argv, train_step.child_env(args)))
+    for case in args.cases:
+      for recipe in recipes:
+        for label, repo in codes or [(None, None)]:
+          argv = train_step.child_argv(case, args, args.image_size,
+                                       RECIPES[recipe] + (args.set or []))
+          if repo is not None:
+            argv[0] = os.path.join(repo, 'benchmarks', 'train_step.py')
+          row = recipe if len(args.cases) == 1 else f'{recipe} {case}'
+          runs.append((row if label is None else f'{row} @{label}', round_, argv,
+                       train_step.child_env(args)))
   return runs
 
 
 def table(records: list[dict]) -> str:
-  """Per recipe: each round's median images/s, and the fastest repeat over the rounds with its
-  ratio to the baseline's (on a shared machine the fastest repeat is the one least slowed by
-  others' work: the steadier comparison)."""
+  """Per row: each round's median images/s, and the fastest repeat over the rounds with its
+  ratio to that of the first row of the same case (the baseline, or the first checkout). On a
+  shared machine the fastest repeat is the one least slowed by others' work: the steadier
+  comparison."""
   rates: dict[str, list[float]] = {}
   fastest: dict[str, float] = {}
+  first_of_case: dict[str, str] = {}
+  case_of: dict[str, str] = {}
   for r in records:
     if r.get('bench') == 'train_step' and r.get('images_per_s') is not None:
       rates.setdefault(r['row'], []).append(r['images_per_s'])
       top = r.get('images_per_s_max', r['images_per_s'])
       fastest[r['row']] = max(fastest.get(r['row'], 0.0), top)
-  base = fastest.get(BASELINE)
-  lines = ['| recipe | median images/s, each round | fastest repeat | fastest vs rmsprop |',
+      case_of[r['row']] = r.get('case')
+      first_of_case.setdefault(r.get('case'), r['row'])
+  lines = ['| row | median images/s, each round | fastest repeat | fastest vs first of its case |',
            '|---|---|---:|---:|']
-  for recipe, values in rates.items():
-    ratio = '–' if base is None else f'{fastest[recipe] / base:.2f}×'
-    lines.append(f'| {recipe} | {", ".join(f"{v:.1f}" for v in values)} '
-                 f'| {fastest[recipe]:.1f} | {ratio} |')
+  for row, values in rates.items():
+    base = fastest[first_of_case[case_of[row]]]
+    lines.append(f'| {row} | {", ".join(f"{v:.1f}" for v in values)} '
+                 f'| {fastest[row]:.1f} | {fastest[row] / base:.2f}× |')
   for r in records:
     if 'error' in r:
       lines.append(f'\nfailed: {r.get("row")}: {r["error"]}')
@@ -76,7 +91,12 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--recipes', default=','.join(RECIPES),
                       help=f'comma-separated, from {list(RECIPES)}')
-  parser.add_argument('--case', default='finetune_mixed6', choices=list(train_step.CASES))
+  parser.add_argument('--cases', default='finetune_mixed6',
+                      help=f'comma-separated, from {list(train_step.CASES)}')
+  parser.add_argument('--code', default='',
+                      help='LABEL=PATH_OR_COMMIT,...: time the baseline recipe in each of these '
+                      'checkouts of the code instead (a commit is checked out under --root)')
+  parser.add_argument('--root', default='/tmp/hhjax-recipes')
   parser.add_argument('--rounds', type=int, default=2)
   common.add_run_flags(parser)
   parser.add_argument('--warmup_steps', type=int, default=2)
@@ -89,12 +109,19 @@ def main() -> None:
       print(table([json.loads(line) for line in f if line.startswith('{')]))
     return
   args.image_dtype, args.cache_examples, args.no_flops = 'float32', 0, True
-  recipes = common.choose(parser, args.recipes, list(RECIPES), 'recipe')
-  if BASELINE not in recipes:
-    recipes.insert(0, BASELINE)
-  for recipe, round_, argv, env in children(args, recipes):
+  args.cases = common.choose(parser, args.cases, list(train_step.CASES), 'case')
+  codes = None
+  if args.code:
+    recipes = [BASELINE]
+    codes = [(label, str(common.checkout(args.root, label, where)))
+             for label, where in (c.split('=', 1) for c in args.code.split(',') if c)]
+  else:
+    recipes = common.choose(parser, args.recipes, list(RECIPES), 'recipe')
+    if BASELINE not in recipes:
+      recipes.insert(0, BASELINE)
+  for row, round_, argv, env in children(args, recipes, codes):
     for record in common.run_child(argv, env=env):
-      record.update(row=recipe, round=round_, recipe_overrides=RECIPES[recipe])
+      record.update(row=row, round=round_)
       common.emit(record)
 
 

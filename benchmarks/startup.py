@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import time
 
+import common  # pylint: disable=g-import-not-at-top
 import data_scale  # pylint: disable=g-import-not-at-top  # the _Child reader, the CPU name
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -53,16 +54,6 @@ def _parse_args(argv=None):
   args = parser.parse_args(argv)
   args.code = [tuple(c.split('=', 1)) for c in args.code.split(',') if c]
   return args
-
-
-def _checkout(root: pathlib.Path, label: str, where: str) -> pathlib.Path:
-  if pathlib.Path(where).is_dir():
-    return pathlib.Path(where).resolve()
-  path = root / f'code_{label}'
-  if not path.is_dir():
-    subprocess.run(['git', '-C', str(ROOT), 'worktree', 'add', '--detach', str(path), where],
-                   check=True, capture_output=True)
-  return path
 
 
 def _train_argv(repo: pathlib.Path, workdir: pathlib.Path, data_dir: str) -> list[str]:
@@ -156,7 +147,7 @@ def main(argv=None) -> None:
     return
   root = pathlib.Path(args.root)
   root.mkdir(parents=True, exist_ok=True)
-  codes = [(label, _checkout(root, label, where)) for label, where in args.code]
+  codes = [(label, common.checkout(root, label, where)) for label, where in args.code]
   for label, repo in codes:   # untimed: the image check of the folder, once per checkout
     print(json.dumps({'prime': label, **_measure('fresh', label, repo, args)}), flush=True)
   records = []

@@ -181,10 +181,10 @@ def test_family_cases_train_what_keras_trains():
       assert jax.tree.structure(after) == jax.tree.structure(state)
 
 
-def test_recipe_run_alternates_valid_recipes_over_rounds_and_tables_their_ratio():
+def test_recipe_run_alternates_valid_recipes_over_rounds_and_tables_their_ratio(tmp_path):
   from hhjax import config_checks  # pylint: disable=g-import-not-at-top
   recipes, train_step = _benchmark('recipes'), _benchmark('train_step')
-  args = _family_args(case='finetune_mixed6', rounds=2, image_size=150)
+  args = _family_args(cases=['finetune_mixed6'], rounds=2, image_size=150)
   names = list(recipes.RECIPES)
   children = recipes.children(args, names)
   assert [(name, round_) for name, round_, _, _ in children] == [
@@ -193,12 +193,21 @@ def test_recipe_run_alternates_valid_recipes_over_rounds_and_tables_their_ratio(
     flags = _flags(argv)
     assert argv[0].endswith('train_step.py') and flags['--case'] == ['finetune_mixed6']
     assert flags.get('--set', []) == recipes.RECIPES[name]
-    # Each recipe is a configuration training accepts, and it changes what it says.
+    # Each recipe is a configuration training accepts.
     config = train_step.make_config('finetune_mixed6', 20, 150, recipes.RECIPES[name])
     config_checks.validate(config)
-  records = [_run('hhjax', 'finetune_mixed6', rate, rate - 1, top, row=row)
-             for row, rate, top in (('rmsprop', 10.0, 10.5), ('adamw', 9.0, 9.1),
-                                    ('rmsprop', 12.0, 12.5), ('adamw', 9.9, 10.0))]
+  # --code: the baseline from each checkout's own train_step.py, the checkouts alternating.
+  args = _family_args(cases=['warmup', 'finetune_mixed6'], rounds=1, image_size=150)
+  codes = [('before', str(tmp_path / 'old')), ('after', ROOT)]
+  rows = [(row, argv[0]) for row, _, argv, _ in recipes.children(args, ['rmsprop'], codes)]
+  assert rows == [(f'rmsprop {case} @{label}', os.path.join(repo, 'benchmarks', 'train_step.py'))
+                  for case in ('warmup', 'finetune_mixed6') for label, repo in codes]
+  records = [_run('hhjax', case, rate, rate - 1, top, row=row)
+             for row, case, rate, top in (
+                 ('rmsprop', 'finetune_mixed6', 10.0, 10.5), ('adamw', 'finetune_mixed6', 9.0, 9.1),
+                 ('rmsprop', 'finetune_mixed6', 12.0, 12.5), ('adamw', 'finetune_mixed6', 9.9, 10.0),
+                 ('rmsprop warmup', 'warmup', 30.0, 40.0))]
   text = recipes.table(records)
   assert '| rmsprop | 10.0, 12.0 | 12.5 | 1.00× |' in text
   assert '| adamw | 9.0, 9.9 | 10.0 | 0.80× |' in text
+  assert '| rmsprop warmup | 30.0 | 40.0 | 1.00× |' in text     # its own case's first row
