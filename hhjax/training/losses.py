@@ -17,8 +17,8 @@ The head has one sigmoid logit for two classes, else one softmax logit per class
     included, as Keras's `fit` reports `val_loss` (its validation pass gets no class weights).
   * Targets may also be probabilities [b, k] (mixup and CutMix, hhjax.training.mix): the
     cross-entropy takes them as Keras's losses take soft y_true, smoothing included, and a
-    class-weighted example weighs sum_c target_c * weight_c (Keras's class_weight has no rule
-    for soft targets; for a one-hot target this is weight[label]).
+    class-weighted example weighs sum_c target_c * weight_c (for a one-hot target, weight[label];
+    our rule: Keras's fit weighs a soft target by its argmax class alone).
 
 `balanced_weights` gives config.loss.class_weight='balanced': n / (k * count) per class, from the
 training split's class counts (scikit-learn's `compute_class_weight('balanced')`).
